@@ -1,0 +1,327 @@
+"""One typed configuration, read from one TOML file.
+
+Every key is checked on start; a wrong one stops start-up with a message that
+names it (``customers[1].max_connections: must be an integer >= 1``), never a
+stack trace.  Unknown keys are errors too: a typo must not silently fall back
+to a default.  Times are in seconds unless the name says minutes.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from proxy.bbb.checksum import SUPPORTED_ALGORITHMS
+from proxy.errors import ConfigError
+
+SECONDS = 1.0
+MINUTES = 60 * SECONDS
+KIB = 1024
+MIB = 1024 * KIB
+
+_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+_NO_STRINGS: list[str] = []
+
+DEFAULT_WELCOME = (
+    "<br>To join this meeting by phone, dial:<br>  %%DIALNUM%%<br>"
+    "Then enter %%CONFNUM%% as the conference PIN number.<br>"
+    "This conference is hosted on a shared BigBlueButton platform."
+)
+DEFAULT_MODERATOR_ONLY_MESSAGE = (
+    "To invite someone by phone, ask them to dial %%DIALNUM%% and enter %%CONFNUM%%."
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """Per-phase limits for every call to a BBB server."""
+
+    connect: float = 2 * SECONDS
+    read: float = 10 * SECONDS
+    write: float = 5 * SECONDS
+    pool: float = 2 * SECONDS
+    get_meetings: float = 5 * SECONDS  # deadline for the whole getMeetings fan-out
+
+
+@dataclass(frozen=True, slots=True)
+class Texts:
+    """The platform's default chat texts (SPEC §5); BBB fills %%DIALNUM%% etc."""
+
+    welcome: str = DEFAULT_WELCOME
+    moderator_only_message: str = DEFAULT_MODERATOR_ONLY_MESSAGE
+
+
+@dataclass(frozen=True, slots=True)
+class ProxySettings:
+    bind: str = "127.0.0.1:8080"
+    public_url: str = "http://127.0.0.1:8080"
+    state_dir: Path = Path("state")
+    disabled_calls: frozenset[str] = frozenset()
+    logout_url: str = ""  # where failed joins are sent; default: public_url
+    max_query_bytes: int = 64 * KIB
+    max_body_bytes: int = 4 * MIB
+    backend_connections: int = 16  # pooled connections per BBB server
+    timeouts: Timeouts = field(default_factory=Timeouts)
+
+    @property
+    def join_error_url(self) -> str:
+        return self.logout_url or self.public_url
+
+
+@dataclass(frozen=True, slots=True)
+class Backend:
+    id: str
+    url: str
+    secret: str = field(repr=False)
+    capacity: int
+    checksum_algorithm: str = "sha256"
+
+    def __repr__(self) -> str:
+        return f"Backend(id={self.id!r}, url={self.url!r}, capacity={self.capacity})"
+
+
+@dataclass(frozen=True, slots=True)
+class Customer:
+    id: str
+    secrets: tuple[str, ...] = field(repr=False)
+    max_connections: int
+    default_max_participants: int
+    default_duration: int  # minutes
+    enabled: bool = True
+    hosts: tuple[str, ...] = ()
+
+    def __repr__(self) -> str:
+        return f"Customer(id={self.id!r}, max_connections={self.max_connections})"
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    proxy: ProxySettings
+    backends: tuple[Backend, ...]
+    customers: tuple[Customer, ...]
+    texts: Texts = field(default_factory=Texts)
+    _by_id: dict[str, Customer] = field(init=False, repr=False, compare=False)
+    _by_host: dict[str, Customer] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_by_id", {c.id: c for c in self.customers})
+        by_host = {h: c for c in self.customers for h in c.hosts}
+        object.__setattr__(self, "_by_host", by_host)
+
+    def customer(self, customer_id: str) -> Customer | None:
+        return self._by_id.get(customer_id)
+
+    def customer_for_host(self, host: str) -> Customer | None:
+        host = host.lower()
+        if not host.startswith("["):
+            host = host.rsplit(":", 1)[0]
+        return self._by_host.get(host)
+
+
+def load(path: str | Path) -> Config:
+    """Read and check the TOML file at ``path``."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    return from_mapping(data)
+
+
+def from_mapping(data: Mapping[str, Any]) -> Config:
+    _only(data, "", {"proxy", "backends", "customers", "texts"})
+    proxy = _proxy(_table(data, "proxy", "proxy"))
+    backends = tuple(_backend(b, f"backends[{i}]") for i, b in enumerate(_array(data, "backends")))
+    customers = tuple(
+        _customer(c, f"customers[{i}]") for i, c in enumerate(_array(data, "customers"))
+    )
+    texts = _texts(_table(data, "texts", "texts"))
+    _unique([b.id for b in backends], "backends", "id")
+    _unique([c.id for c in customers], "customers", "id")
+    _unique([h for c in customers for h in c.hosts], "customers", "hosts")
+    if not backends:
+        raise ConfigError("backends: at least one [[backends]] entry is required")
+    return Config(proxy=proxy, backends=backends, customers=customers, texts=texts)
+
+
+def _proxy(t: Mapping[str, Any]) -> ProxySettings:
+    _only(t, "proxy", set(ProxySettings.__dataclass_fields__))
+    d = ProxySettings()
+    timeouts = _timeouts(_table(t, "timeouts", "proxy.timeouts"))
+    return ProxySettings(
+        bind=_get(t, "proxy", "bind", str, d.bind),
+        public_url=_get(t, "proxy", "public_url", str, d.public_url).rstrip("/"),
+        state_dir=Path(_get(t, "proxy", "state_dir", str, str(d.state_dir))),
+        disabled_calls=frozenset(_get(t, "proxy", "disabled_calls", _str_list, _NO_STRINGS)),
+        logout_url=_get(t, "proxy", "logout_url", str, d.logout_url),
+        max_query_bytes=_get(t, "proxy", "max_query_bytes", _positive, d.max_query_bytes),
+        max_body_bytes=_get(t, "proxy", "max_body_bytes", _positive, d.max_body_bytes),
+        backend_connections=_get(
+            t, "proxy", "backend_connections", _positive, d.backend_connections
+        ),
+        timeouts=timeouts,
+    )
+
+
+def _timeouts(t: Mapping[str, Any]) -> Timeouts:
+    names = set(Timeouts.__dataclass_fields__)
+    _only(t, "proxy.timeouts", names)
+    d = Timeouts()
+    values = {n: _get(t, "proxy.timeouts", n, _seconds, getattr(d, n)) for n in names}
+    return Timeouts(**values)
+
+
+def _backend(t: Any, where: str) -> Backend:
+    t = _as_table(t, where)
+    _only(t, where, set(Backend.__dataclass_fields__))
+    algorithm = _get(t, where, "checksum_algorithm", str, "sha256")
+    if algorithm not in SUPPORTED_ALGORITHMS:
+        raise ConfigError(f"{where}.checksum_algorithm: one of {sorted(SUPPORTED_ALGORITHMS)}")
+    return Backend(
+        id=_get(t, where, "id", _identifier),
+        url=_get(t, where, "url", _http_url).rstrip("/"),
+        secret=_get(t, where, "secret", _nonempty),
+        capacity=_get(t, where, "capacity", _positive),
+        checksum_algorithm=algorithm,
+    )
+
+
+def _customer(t: Any, where: str) -> Customer:
+    t = _as_table(t, where)
+    allowed = set(Customer.__dataclass_fields__) - {"secrets"} | {"secret", "secrets"}
+    _only(t, where, allowed)
+    secrets = _customer_secrets(t, where)
+    return Customer(
+        id=_get(t, where, "id", _identifier),
+        secrets=secrets,
+        max_connections=_get(t, where, "max_connections", _positive),
+        default_max_participants=_get(t, where, "default_max_participants", _positive),
+        default_duration=_get(t, where, "default_duration", _positive),
+        enabled=_get(t, where, "enabled", _bool, True),
+        hosts=tuple(h.lower() for h in _get(t, where, "hosts", _str_list, _NO_STRINGS)),
+    )
+
+
+def _customer_secrets(t: Mapping[str, Any], where: str) -> tuple[str, ...]:
+    """``secret = "..."`` or, while rotating, ``secrets = ["new", "old"]``."""
+    if ("secret" in t) == ("secrets" in t):
+        raise ConfigError(f"{where}: give exactly one of 'secret' or 'secrets'")
+    if "secret" in t:
+        return (_get(t, where, "secret", _nonempty),)
+    secrets = _get(t, where, "secrets", _str_list)
+    if not secrets or not all(secrets):
+        raise ConfigError(f"{where}.secrets: a non-empty list of non-empty strings")
+    return tuple(secrets)
+
+
+def _texts(t: Mapping[str, Any]) -> Texts:
+    _only(t, "texts", set(Texts.__dataclass_fields__))
+    d = Texts()
+    return Texts(
+        welcome=_get(t, "texts", "welcome", str, d.welcome),
+        moderator_only_message=_get(
+            t, "texts", "moderator_only_message", str, d.moderator_only_message
+        ),
+    )
+
+
+# -- checking helpers ---------------------------------------------------------------------------
+
+_MISSING: Any = object()
+
+
+def _get[T](
+    t: Mapping[str, Any], where: str, key: str, check: Callable[[Any], T], default: T = _MISSING
+) -> T:
+    name = f"{where}.{key}" if where else key
+    if key not in t:
+        if default is _MISSING:
+            raise ConfigError(f"{name}: required")
+        return default
+    try:
+        return check(t[key])
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{name}: {exc}") from None
+
+
+def _only(t: Mapping[str, Any], where: str, allowed: set[str]) -> None:
+    for key in t:
+        if key not in allowed:
+            name = f"{where}.{key}" if where else key
+            raise ConfigError(f"{name}: unknown key (allowed: {', '.join(sorted(allowed))})")
+
+
+def _table(t: Mapping[str, Any], key: str, where: str) -> Mapping[str, Any]:
+    return _as_table(t.get(key, {}), where)
+
+
+def _as_table(value: Any, where: str) -> Mapping[str, Any]:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: must be a table")
+    return value
+
+
+def _array(t: Mapping[str, Any], key: str) -> list[Any]:
+    value = t.get(key, [])
+    if not isinstance(value, list):
+        raise ConfigError(f"{key}: must be an array of tables ([[{key}]])")
+    return value
+
+
+def _unique(values: list[str], where: str, key: str) -> None:
+    seen: set[str] = set()
+    for value in values:
+        if value in seen:
+            raise ConfigError(f"{where}: {key} {value!r} appears twice")
+        seen.add(value)
+
+
+def _bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError("must be true or false")
+    return value
+
+
+def _positive(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError("must be an integer >= 1")
+    return value
+
+
+def _seconds(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise ValueError("must be a number of seconds > 0")
+    return float(value)
+
+
+def _nonempty(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError("must be a non-empty string")
+    return value
+
+
+def _identifier(value: Any) -> str:
+    if not isinstance(value, str) or not _ID.match(value):
+        raise ValueError(
+            "must be 1-63 characters of a-z, 0-9 and '-', starting with a letter/digit"
+        )
+    return value
+
+
+def _http_url(value: Any) -> str:
+    if not isinstance(value, str) or not re.match(r"^https?://[^/\s]+", value):
+        raise ValueError("must be an http:// or https:// URL")
+    return value
+
+
+def _str_list(value: Any) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise TypeError("must be a list of strings")
+    return value

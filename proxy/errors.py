@@ -1,0 +1,114 @@
+"""The gateway's exception tree.
+
+Every failure a request can meet is one of these, and each knows how a BBB
+client must see it (a ``messageKey`` and a ``message`` in BBB's envelope)::
+
+    ProxyError
+    ├── ApiError                    the customer's request cannot be served
+    │   ├── ChecksumError           checksumError (also: unknown customer)
+    │   ├── ApiNotEnabled           apiNotEnabled
+    │   ├── UnsupportedRequest      unsupportedRequest
+    │   ├── ValidationError         validationError, missingParam*, ...
+    │   ├── NotFound                notFound
+    │   ├── SubscriptionExhausted   subscriptionExhausted
+    │   └── NoServerCapacity        noServerCapacity
+    └── BackendError                a BBB server failed us (never the customer's fault)
+        ├── BackendTimeout          no answer within the configured phase timeout
+        ├── BackendUnavailable      connection refused, reset, DNS, TLS
+        └── BackendBadResponse      an answer that is not BBB's XML (HTML, 5xx, garbage)
+
+``BackendError`` is raised only by :mod:`proxy.backends`, which translates
+httpx and lxml exceptions at exactly one boundary.  Callers that talk to the
+customer turn any ``ProxyError`` into BBB's envelope with :func:`as_envelope`
+in :mod:`proxy.bbb.envelope`.
+
+``ConfigError`` stands apart: it stops start-up with a message naming the key.
+"""
+
+from __future__ import annotations
+
+
+class ProxyError(Exception):
+    """Base of every error the gateway turns into a BBB answer."""
+
+    message_key = "internalError"
+    message = "An internal error occurred"
+
+    def __init__(self, message: str | None = None, *, message_key: str | None = None) -> None:
+        if message is not None:
+            self.message = message
+        if message_key is not None:
+            self.message_key = message_key
+        super().__init__(self.message)
+
+
+class ApiError(ProxyError):
+    """The customer's request cannot be served as asked."""
+
+
+class ChecksumError(ApiError):
+    message_key = "checksumError"
+    message = "Checksums do not match"
+
+
+class ApiNotEnabled(ApiError):
+    message_key = "apiNotEnabled"
+    message = "The API is not enabled for this customer"
+
+
+class UnsupportedRequest(ApiError):
+    message_key = "unsupportedRequest"
+    message = "This request is not supported."
+
+
+class ValidationError(ApiError):
+    message_key = "validationError"
+    message = "The request is invalid"
+
+
+class NotFound(ApiError):
+    message_key = "notFound"
+    message = "A meeting with that ID does not exist"
+
+
+class SubscriptionExhausted(ApiError):
+    message_key = "subscriptionExhausted"
+    message = "The subscription has no free connections for a meeting of this size"
+
+
+class NoServerCapacity(ApiError):
+    message_key = "noServerCapacity"
+    message = "No server has room for a meeting of this size"
+
+
+class BackendError(ProxyError):
+    """A BBB server did not answer as a BBB server must."""
+
+    message_key = "internalError"
+
+    def __init__(self, backend_id: str, detail: str) -> None:
+        super().__init__(self.message)
+        self.backend_id = backend_id
+        self.detail = detail
+
+    def __str__(self) -> str:
+        return f"{type(self).__name__}({self.backend_id}): {self.detail}"
+
+
+class BackendTimeout(BackendError):
+    message_key = "serverUnavailable"
+    message = "The server hosting this meeting did not answer in time"
+
+
+class BackendUnavailable(BackendError):
+    message_key = "serverUnavailable"
+    message = "The server hosting this meeting cannot be reached"
+
+
+class BackendBadResponse(BackendError):
+    message_key = "internalError"
+    message = "The server hosting this meeting gave an invalid answer"
+
+
+class ConfigError(Exception):
+    """The configuration file is missing, unreadable or wrong; names the key."""
