@@ -1,0 +1,120 @@
+"""The web layer: routes only, each a few lines; everything else is in :mod:`proxy.calls`.
+
+Request sizes are bounded here: a query longer than ``max_query_bytes`` and a
+body longer than ``max_body_bytes`` are refused with BBB's envelope before
+anything is parsed.  Any error escaping a route still answers BBB's envelope
+(HTTP 200), never a stack trace or an HTML page.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from urllib.parse import parse_qsl
+
+from quart import Response, request
+from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
+
+from proxy.bbb import envelope
+from proxy.calls import Incoming, handle, version_document
+from proxy.errors import ValidationError
+from proxy.gateway import Gateway
+from proxy.metrics import Metrics
+from proxy.request import Answer
+
+log = logging.getLogger(__name__)
+FORM_TYPES = ("application/x-www-form-urlencoded",)
+
+
+def create_app(gw: Gateway) -> QuartTrio:
+    app = QuartTrio(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = gw.config.proxy.max_body_bytes
+    metrics = Metrics(gw.ledger.statistics)
+    app.extensions["metrics"] = metrics
+
+    @app.route("/<customer>/bigbluebutton/api", methods=["GET", "POST"])
+    @app.route("/<customer>/bigbluebutton/api/", methods=["GET", "POST"])
+    async def version(customer: str) -> Response:
+        return _response(version_document())
+
+    @app.route("/bigbluebutton/api", methods=["GET", "POST"])
+    @app.route("/bigbluebutton/api/", methods=["GET", "POST"])
+    async def host_version() -> Response:
+        return _response(version_document())
+
+    @app.route("/<customer>/bigbluebutton/api/<path:call>", methods=["GET", "POST"])
+    async def api(customer: str, call: str) -> Response:
+        return await _api(gw, metrics, customer, call)
+
+    @app.route("/bigbluebutton/api/<path:call>", methods=["GET", "POST"])
+    async def host_api(call: str) -> Response:
+        return await _api(gw, metrics, None, call)
+
+    @app.route("/healthz")
+    async def healthz() -> Response:
+        return Response("ok\n", content_type="text/plain")
+
+    @app.route("/readyz")
+    async def readyz() -> Response:
+        ready = any(gw.available.get(b.id, True) for b in gw.config.backends)
+        return Response("ready\n" if ready else "no backend available\n", 200 if ready else 503)
+
+    @app.route("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.exposition(), content_type="text/plain; version=0.0.4")
+
+    @app.errorhandler(HTTPException)
+    async def http_error(error: HTTPException) -> Response:
+        if error.code == 413:
+            return _response(Answer.xml(envelope.from_error(_too_large())))
+        if "/bigbluebutton/" in request.path:
+            return _response(Answer.xml(envelope.failure("unsupportedRequest", "Not found")))
+        return Response(f"{error.code} {error.name}\n", error.code or 500)
+
+    @app.errorhandler(Exception)
+    async def unexpected(error: Exception) -> Response:
+        log.exception("unexpected error answering %s", request.path)
+        return _response(
+            Answer.xml(envelope.failure("internalError", "An internal error occurred"))
+        )
+
+    return app
+
+
+async def _api(gw: Gateway, metrics: Metrics, customer: str | None, call: str) -> Response:
+    started = time.perf_counter()
+    incoming = await _incoming(customer, call)
+    result, answer = await handle(gw, incoming)
+    metrics.observe(call, result, time.perf_counter() - started)
+    return _response(answer)
+
+
+async def _incoming(customer: str | None, call: str) -> Incoming:
+    content_type = request.headers.get("Content-Type")
+    media = (content_type or "").split(";")[0].strip().lower()
+    form: list[tuple[str, str]] = []
+    body: bytes | None = None
+    if request.method == "POST":
+        data = await request.get_data(cache=False, as_text=False, parse_form_data=False)
+        if media in FORM_TYPES:
+            form = parse_qsl(data.decode("utf-8", "replace"), keep_blank_values=True)
+        elif data:
+            body = data
+    return Incoming(
+        customer_id=customer,
+        host=request.headers.get("Host", ""),
+        call=call,
+        raw_query=request.query_string.decode("utf-8", "replace"),
+        form=form,
+        body=body,
+        content_type=content_type,
+    )
+
+
+def _too_large() -> ValidationError:
+    return ValidationError("The request body is too large")
+
+
+def _response(answer: Answer) -> Response:
+    return Response(answer.body, answer.status, headers=dict(answer.headers))

@@ -1,0 +1,114 @@
+"""What the gateway changes between customer and backend, and how it is undone.
+
+On the way to a backend each customer's meetingID is namespaced
+(``acme~room-1``) and the meeting is tagged with metadata of the gateway's own
+(``meta_bbb-proxy-customer``, ``-meeting``, ``-duration``).  On the way back,
+every answer is rewritten so that the customer sees exactly what one BBB
+server would have shown it: its own meetingID, the duration it asked for, and
+none of the gateway's metadata or callback URLs.  Customers may not set the
+gateway's metadata themselves (:func:`is_reserved_param`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+
+from lxml import etree
+
+SEPARATOR = "~"
+MAX_MEETING_ID = 256
+TAG_PREFIX = "bbb-proxy-"  # metadata keys of the gateway's own, as BBB stores them
+CUSTOMER_TAG = TAG_PREFIX + "customer"
+MEETING_TAG = TAG_PREFIX + "meeting"
+DURATION_TAG = TAG_PREFIX + "duration"
+
+
+def backend_meeting_id(customer: str, meeting_id: str) -> str:
+    """The namespaced meetingID the backend sees; hashed when it would be too long."""
+    namespaced = f"{customer}{SEPARATOR}{meeting_id}"
+    if len(namespaced) <= MAX_MEETING_ID:
+        return namespaced
+    digest = hashlib.sha256(meeting_id.encode("utf-8")).hexdigest()
+    return f"{customer}{SEPARATOR}sha256-{digest}"
+
+
+def owned_by(customer: str, backend_id: str) -> bool:
+    return backend_id.startswith(customer + SEPARATOR)
+
+
+def tags(customer: str, meeting_id: str, asked_duration: int) -> list[tuple[str, str]]:
+    return [
+        (f"meta_{CUSTOMER_TAG}", customer),
+        (f"meta_{MEETING_TAG}", meeting_id),
+        (f"meta_{DURATION_TAG}", str(asked_duration)),
+    ]
+
+
+def is_reserved_param(name: str) -> bool:
+    """Parameters a customer may not pass through: the gateway's own metadata."""
+    return name.lower().startswith("meta_" + TAG_PREFIX)
+
+
+def without(params: Iterable[tuple[str, str]], names: Iterable[str]) -> list[tuple[str, str]]:
+    drop = {n.lower() for n in names}
+    return [(k, v) for k, v in params if k.lower() not in drop and not is_reserved_param(k)]
+
+
+def replace_param(
+    params: Iterable[tuple[str, str]], name: str, value: str
+) -> list[tuple[str, str]]:
+    """``params`` with every ``name`` removed and one ``name=value`` in the first's place."""
+    out: list[tuple[str, str]] = []
+    placed = False
+    for key, current in params:
+        if key != name:
+            out.append((key, current))
+        elif not placed:
+            out.append((key, value))
+            placed = True
+    if not placed:
+        out.append((name, value))
+    return out
+
+
+# -- answers -----------------------------------------------------------------------------------
+
+
+def meeting_owner(meeting: etree._Element) -> tuple[str, str, int] | None:
+    """(customer, customer's meetingID, asked duration) from a tagged meeting, if tagged."""
+    metadata = meeting.find("metadata")
+    if metadata is None:
+        return None
+    customer = metadata.findtext(CUSTOMER_TAG)
+    meeting_id = metadata.findtext(MEETING_TAG)
+    if not customer or meeting_id is None:
+        return None
+    duration = metadata.findtext(DURATION_TAG) or "0"
+    return customer, meeting_id, int(duration) if duration.isdigit() else 0
+
+
+def restore_meeting(
+    meeting: etree._Element, meeting_id: str, asked_duration: int, hidden: Iterable[str] = ()
+) -> None:
+    """Rewrite one ``<meeting>``/``<response>`` in place for the customer's eyes."""
+    _set_text(meeting, "meetingID", meeting_id)
+    _set_text(meeting, "duration", str(asked_duration))
+    metadata = meeting.find("metadata")
+    if metadata is None:
+        return
+    hide = {h.lower() for h in hidden}
+    for child in list(metadata):
+        tag = child.tag if isinstance(child.tag, str) else ""
+        if tag.startswith(TAG_PREFIX) or tag in hide:
+            metadata.remove(child)
+
+
+def _set_text(parent: etree._Element, tag: str, text: str) -> None:
+    child = parent.find(tag)
+    if child is not None:
+        child.text = text
+
+
+def serialise(root: etree._Element) -> str:
+    return etree.tostring(root, encoding="unicode")

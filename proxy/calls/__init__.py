@@ -1,0 +1,118 @@
+"""Every API call a customer can make, verified and dispatched.
+
+:func:`handle` is the whole pipeline for one request, free of the web
+framework: find the customer, verify the checksum as bbb-web does, refuse what
+is disabled, dispatch, and turn every :class:`~proxy.errors.ProxyError` into
+BBB's answer (an XML envelope; for join, a redirect).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from urllib.parse import parse_qsl
+
+from proxy.bbb import checksum, envelope
+from proxy.calls import meetings
+from proxy.calls.create import create
+from proxy.config import Customer
+from proxy.errors import (
+    ApiNotEnabled,
+    BackendError,
+    ChecksumError,
+    ProxyError,
+    UnsupportedRequest,
+    ValidationError,
+)
+from proxy.gateway import Gateway
+from proxy.request import Answer, ApiRequest
+
+log = logging.getLogger(__name__)
+
+type Handler = Callable[[Gateway, ApiRequest], Awaitable[Answer]]
+
+
+async def _join(gw: Gateway, req: ApiRequest) -> Answer:
+    return meetings.join(gw, req)
+
+
+CALLS: dict[str, Handler] = {
+    "create": create,
+    "join": _join,
+    "end": meetings.end,
+    "isMeetingRunning": meetings.is_meeting_running,
+    "getMeetingInfo": meetings.get_meeting_info,
+    "getMeetings": meetings.get_meetings,
+    "insertDocument": meetings.insert_document,
+    "sendChatMessage": meetings.send_chat_message,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Incoming:
+    """One request as the web layer received it."""
+
+    customer_id: str | None  # from the path, or None when bound by host name
+    host: str
+    call: str
+    raw_query: str
+    form: list[tuple[str, str]]  # decoded form-body parameters (urlencoded/multipart)
+    body: bytes | None  # XML body, when the content type is XML
+    content_type: str | None
+
+
+def version_document() -> Answer:
+    return Answer.xml(
+        envelope.success([("version", "2.0"), ("apiVersion", "2.0"), ("bbbVersion", "")])
+    )
+
+
+async def handle(gw: Gateway, incoming: Incoming) -> tuple[str, Answer]:
+    """Answer one API request; returns (result label for metrics, answer)."""
+    params = [(k, v) for k, v in parse_qsl(incoming.raw_query, keep_blank_values=True)]
+    params += incoming.form
+    try:
+        req = _verified(gw, incoming, params)
+        handler = _handler(gw, req)
+        answer = await handler(gw, req)
+    except ProxyError as error:
+        if isinstance(error, BackendError):
+            log.warning("%s failed: %s", incoming.call, error)
+        return error.message_key, _error_answer(gw, incoming.call, params, error)
+    return "success", answer
+
+
+def _verified(gw: Gateway, incoming: Incoming, params: list[tuple[str, str]]) -> ApiRequest:
+    customer = _customer(gw, incoming)
+    if len(incoming.raw_query) > gw.config.proxy.max_query_bytes:
+        raise ValidationError("The request is too large")
+    if customer is None or not checksum.verify(
+        incoming.call, incoming.raw_query, customer.secrets, incoming.form
+    ):
+        raise ChecksumError()
+    if not customer.enabled:
+        raise ApiNotEnabled()
+    clean = [(k, v) for k, v in params if k != "checksum"]
+    return ApiRequest(customer, incoming.call, clean, incoming.body, incoming.content_type)
+
+
+def _customer(gw: Gateway, incoming: Incoming) -> Customer | None:
+    if incoming.customer_id is None:
+        return gw.config.customer_for_host(incoming.host)
+    return gw.config.customer(incoming.customer_id)
+
+
+def _handler(gw: Gateway, req: ApiRequest) -> Handler:
+    handler = CALLS.get(req.call)
+    if handler is None or req.call in gw.config.proxy.disabled_calls:
+        raise UnsupportedRequest()
+    return handler
+
+
+def _error_answer(
+    gw: Gateway, call: str, params: list[tuple[str, str]], error: ProxyError
+) -> Answer:
+    if call == "join":
+        return meetings.join_error(gw, params, error)
+    return Answer.xml(envelope.from_error(error))

@@ -1,0 +1,156 @@
+"""create: admission (SPEC §4), placement, default texts, and the call to the backend.
+
+The flow, one arrow a function call::
+
+    request -> resolve size and duration -> ledger.admit (atomic, reserves)
+            -> end preempted overtime meetings -> backend create
+            -> confirm (or release and maybe try another backend) -> answer
+
+A backend that refuses (answers FAILED for a reason that is not the
+customer's) or cannot be reached before anything was sent is skipped for the
+next backend on the ring.  A backend that timed out or broke mid-answer may
+have created the meeting, so no other backend is tried: the reservation is
+released and the customer gets an error it can retry.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import trio
+
+from proxy.backends.client import Reply
+from proxy.bbb import rewrite
+from proxy.errors import BackendError, BackendUnavailable, ValidationError
+from proxy.gateway import Gateway
+from proxy.ledger.model import Admit, CreateRequest, Duplicate, Refuse, Reservation
+from proxy.request import Answer, ApiRequest
+from proxy.texts import apply_default_texts
+
+log = logging.getLogger(__name__)
+
+# FAILED answers that are about the request, not the server: never retried elsewhere.
+CUSTOMER_ERRORS = frozenset({"validationError", "idNotUnique", "nonUniqueVoiceBridge"})
+MAX_ATTEMPTS = 3
+
+
+async def create(gw: Gateway, req: ApiRequest) -> Answer:
+    request = _create_request(req)
+    excluded: set[str] = set()
+    while True:
+        decision = gw.ledger.admit(
+            request,
+            req.customer.max_connections,
+            gw.backend_specs(),
+            lambda loads: gw.ring.choose(
+                request.backend_meeting_id, request.connections, loads, exclude=excluded
+            ),
+        )
+        match decision:
+            case Refuse(error):
+                raise error
+            case Duplicate(reservation) if not reservation.confirmed:
+                await gw.ledger.wait_settled(reservation.key)
+            case Duplicate(reservation):
+                return await _forward(gw, req, reservation)
+            case Admit(reservation, victims):
+                _end_victims(gw, victims)
+                try:
+                    return await _first_create(gw, req, reservation)
+                except BackendUnavailable:
+                    excluded.add(reservation.backend_id)
+                    if len(excluded) >= MAX_ATTEMPTS:
+                        raise
+
+
+def _create_request(req: ApiRequest) -> CreateRequest:
+    meeting_id = req.meeting_id()
+    name = req.first("name")
+    if name is None or not name.strip():
+        raise ValidationError("You must provide a meeting name")
+    customer = req.customer
+    asked_size = req.integer("maxParticipants") or 0
+    asked_duration = req.integer("duration") or 0
+    return CreateRequest(
+        customer=customer.id,
+        meeting_id=meeting_id,
+        backend_meeting_id=rewrite.backend_meeting_id(customer.id, meeting_id),
+        connections=asked_size or customer.default_max_participants,
+        duration=asked_duration or customer.default_duration,
+        asked_duration=asked_duration,
+    )
+
+
+async def _first_create(gw: Gateway, req: ApiRequest, reservation: Reservation) -> Answer:
+    """Send the admitted create; confirm on success, release on anything else."""
+    try:
+        reply = await _send(gw, req, reservation)
+    except BaseException:
+        with trio.CancelScope(shield=True):
+            await gw.ledger.release(reservation.key, "failed")
+        raise
+    if not reply.ok:
+        await gw.ledger.release(reservation.key, "failed")
+        if not _customers_fault(reply.message_key):
+            log.warning(
+                "backend %s refused a create: %s", reservation.backend_id, reply.message_key
+            )
+            raise BackendUnavailable(reservation.backend_id, f"refused: {reply.message_key}")
+        return Answer.xml(rewrite.serialise(reply.root))
+    await gw.ledger.confirm(reservation.key)
+    return _answer(reply, reservation)
+
+
+async def _forward(gw: Gateway, req: ApiRequest, reservation: Reservation) -> Answer:
+    """A repeated create: same backend, BBB answers duplicateWarning; nothing reserved."""
+    reply = await _send(gw, req, reservation)
+    if not reply.ok:
+        return Answer.xml(rewrite.serialise(reply.root))
+    return _answer(reply, reservation)
+
+
+async def _send(gw: Gateway, req: ApiRequest, reservation: Reservation) -> Reply:
+    params = backend_params(gw, req, reservation)
+    client = gw.client(reservation.backend_id)
+    if req.body:
+        return await client.call("create", params, body=req.body, content_type=req.content_type)
+    return await client.call("create", params)
+
+
+def backend_params(gw: Gateway, req: ApiRequest, reservation: Reservation) -> list[tuple[str, str]]:
+    """What the backend is sent: namespaced id, resolved size, duration 0, texts, tags."""
+    params = rewrite.without(req.params, ["meetingID", "maxParticipants", "duration"])
+    params = apply_default_texts(params, gw.config.texts)
+    return [
+        ("meetingID", reservation.backend_meeting_id),
+        *params,
+        ("maxParticipants", str(reservation.connections)),
+        ("duration", "0"),  # the gateway never ends a meeting for its duration (SPEC §4)
+        *rewrite.tags(reservation.customer, reservation.meeting_id, reservation.asked_duration),
+    ]
+
+
+def _customers_fault(message_key: str) -> bool:
+    return message_key in CUSTOMER_ERRORS or message_key.startswith("missingParam")
+
+
+def _answer(reply: Reply, reservation: Reservation) -> Answer:
+    rewrite.restore_meeting(reply.root, reservation.meeting_id, reservation.asked_duration)
+    return Answer.xml(rewrite.serialise(reply.root))
+
+
+def _end_victims(gw: Gateway, victims: tuple[Reservation, ...]) -> None:
+    """End preempted overtime meetings; their connections are already free in the ledger."""
+    for victim in victims:
+        gw.nursery.start_soon(_end_one, gw, victim)
+
+
+async def _end_one(gw: Gateway, victim: Reservation) -> None:
+    try:
+        reply = await gw.client(victim.backend_id).call(
+            "end", [("meetingID", victim.backend_meeting_id)]
+        )
+    except BackendError as exc:
+        log.warning("could not end preempted meeting on %s: %s", victim.backend_id, exc)
+        return
+    log.info("ended overtime meeting %s on %s: %s", victim.key, victim.backend_id, reply.ok)

@@ -1,0 +1,65 @@
+"""The gateway's parts, owned together: config, ledger, placement, backend clients.
+
+:func:`open_gateway` owns the lifetime of every backend client; the call
+handlers in :mod:`proxy.calls` receive the :class:`Gateway` and nothing else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import httpx
+import trio
+
+from proxy.backends.client import BackendClient
+from proxy.config import Config
+from proxy.ledger.model import BackendSpec
+from proxy.ledger.service import Ledger
+from proxy.placement import Ring
+
+
+@dataclass
+class Gateway:
+    config: Config
+    ledger: Ledger
+    clients: Mapping[str, BackendClient]
+    ring: Ring
+    nursery: trio.Nursery  # background work (ending preempted meetings, callbacks)
+    available: dict[str, bool] = field(default_factory=dict)  # set by health checks
+
+    def client(self, backend_id: str) -> BackendClient:
+        return self.clients[backend_id]
+
+    def backend_specs(self) -> list[BackendSpec]:
+        return [
+            BackendSpec(b.id, b.capacity, self.available.get(b.id, True))
+            for b in self.config.backends
+        ]
+
+
+@asynccontextmanager
+async def open_gateway(
+    config: Config,
+    ledger: Ledger | None = None,
+    transport_factory: Callable[[str], httpx.AsyncBaseTransport | None] = lambda _id: None,
+) -> AsyncIterator[Gateway]:
+    """A running gateway; its backend clients close when the block exits."""
+    clients = {
+        b.id: BackendClient(b, config.proxy, transport_factory(b.id)) for b in config.backends
+    }
+    try:
+        async with trio.open_nursery() as nursery:
+            yield Gateway(
+                config=config,
+                ledger=ledger if ledger is not None else Ledger(),
+                clients=clients,
+                ring=Ring(b.id for b in config.backends),
+                nursery=nursery,
+            )
+            nursery.cancel_scope.cancel()
+    finally:
+        with trio.CancelScope(shield=True):
+            for client in clients.values():
+                await client.aclose()

@@ -1,0 +1,291 @@
+"""The reservation ledger's state and its admission decision (SPEC §4), without I/O.
+
+A meeting created with ``maxParticipants=N`` and ``duration=D`` holds N of its
+customer's ``max_connections`` and N of its backend's ``capacity`` from create
+until it ends.  For D minutes it is *reserved*; after that it is *overtime*:
+still running and still counted, but a new meeting of the same customer that
+does not fit may end it.  Overtime meetings are ended oldest-overtime-first
+(the one whose reserved window closed earliest), and only as many as make the
+new meeting fit; when even all of them would not, nothing is ended.
+
+State changes only through :meth:`LedgerState.apply` with a :data:`Record`, so
+that a journal of records replays to the same state.  :meth:`LedgerState.admit`
+decides and changes nothing; the caller applies the decision in the same step
+(no ``await`` in between), which is what makes admission atomic under trio.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
+
+from proxy.errors import ApiError, NoServerCapacity, SubscriptionExhausted
+from proxy.placement import BackendLoad
+
+MINUTE = 60.0
+
+type MeetingKey = tuple[str, str]  # (customer id, customer's meetingID)
+type Chooser = Callable[[Mapping[str, BackendLoad]], str | None]
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    customer: str
+    meeting_id: str  # as the customer sent it
+    backend_id: str
+    backend_meeting_id: str  # the namespaced id the backend knows
+    connections: int  # maxParticipants as resolved (customer's, else the default)
+    duration: int  # minutes reserved (customer's, else the default)
+    asked_duration: int  # what the customer sent, shown back to it
+    created_at: float  # epoch seconds
+    confirmed: bool = False  # the backend has answered the create
+
+    @property
+    def key(self) -> MeetingKey:
+        return (self.customer, self.meeting_id)
+
+    @property
+    def reserved_until(self) -> float:
+        return self.created_at + self.duration * MINUTE
+
+    def overtime(self, now: float) -> bool:
+        return now >= self.reserved_until
+
+
+@dataclass(frozen=True, slots=True)
+class BackendSpec:
+    id: str
+    capacity: int
+    available: bool
+
+
+@dataclass(frozen=True, slots=True)
+class CreateRequest:
+    customer: str
+    meeting_id: str
+    backend_meeting_id: str
+    connections: int
+    duration: int
+    asked_duration: int
+
+
+# -- records: the only way state changes -------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Reserve:
+    reservation: Reservation
+
+
+@dataclass(frozen=True, slots=True)
+class Confirm:
+    key: MeetingKey
+
+
+@dataclass(frozen=True, slots=True)
+class Release:
+    key: MeetingKey
+    reason: str  # "end", "ended", "preempted", "failed", "gone", "backend-down"
+
+
+type Record = Reserve | Confirm | Release
+
+
+# -- decisions ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Admit:
+    reservation: Reservation
+    victims: tuple[Reservation, ...]  # overtime meetings to end first
+
+
+@dataclass(frozen=True, slots=True)
+class Duplicate:
+    reservation: Reservation  # the running (or still pending) meeting
+
+
+@dataclass(frozen=True, slots=True)
+class Refuse:
+    error: ApiError
+
+
+type Decision = Admit | Duplicate | Refuse
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerStatistics:
+    meetings: int
+    pending: int
+    connections_by_customer: Mapping[str, int]
+    connections_by_backend: Mapping[str, int]
+
+
+class LedgerState:
+    """Every reservation, indexed for admission and for mapping backend answers back."""
+
+    def __init__(self) -> None:
+        self._meetings: dict[MeetingKey, Reservation] = {}
+        self._by_backend_meeting: dict[tuple[str, str], MeetingKey] = {}
+        self._by_customer: dict[str, dict[str, Reservation]] = {}
+        self._customer_used: dict[str, int] = {}
+        self._backend_used: dict[str, int] = {}
+
+    # -- reading --
+
+    def get(self, key: MeetingKey) -> Reservation | None:
+        return self._meetings.get(key)
+
+    def by_backend_meeting(self, backend_id: str, backend_meeting_id: str) -> Reservation | None:
+        key = self._by_backend_meeting.get((backend_id, backend_meeting_id))
+        return None if key is None else self._meetings[key]
+
+    def customer_meetings(self, customer: str) -> Sequence[Reservation]:
+        return list(self._by_customer.get(customer, {}).values())
+
+    def backend_meetings(self, backend_id: str) -> list[Reservation]:
+        return [r for r in self._meetings.values() if r.backend_id == backend_id]
+
+    def customer_used(self, customer: str) -> int:
+        return self._customer_used.get(customer, 0)
+
+    def backend_used(self, backend_id: str) -> int:
+        return self._backend_used.get(backend_id, 0)
+
+    def __iter__(self) -> Iterator[Reservation]:
+        return iter(list(self._meetings.values()))
+
+    def __len__(self) -> int:
+        return len(self._meetings)
+
+    def statistics(self) -> LedgerStatistics:
+        return LedgerStatistics(
+            meetings=len(self._meetings),
+            pending=sum(not r.confirmed for r in self._meetings.values()),
+            connections_by_customer=dict(self._customer_used),
+            connections_by_backend=dict(self._backend_used),
+        )
+
+    # -- deciding --
+
+    def admit(
+        self,
+        request: CreateRequest,
+        limit: int,
+        backends: Sequence[BackendSpec],
+        choose: Chooser,
+        now: float,
+    ) -> Decision:
+        """Decide a create (SPEC §4); changes nothing."""
+        existing = self._meetings.get((request.customer, request.meeting_id))
+        if existing is not None:
+            return Duplicate(existing)
+        overtime = self._overtime(request.customer, now)
+        needed = _victims_needed(
+            request.connections, limit - self.customer_used(request.customer), overtime
+        )
+        if needed is None:
+            return Refuse(SubscriptionExhausted())
+        for extra in range(needed, len(overtime) + 1):
+            backend_id = choose(self._loads(backends, overtime[:extra]))
+            if backend_id is not None:
+                victims = overtime[:needed] + tuple(
+                    v for v in overtime[needed:extra] if v.backend_id == backend_id
+                )
+                return Admit(_reservation(request, backend_id, now), victims)
+        return Refuse(NoServerCapacity())
+
+    def _overtime(self, customer: str, now: float) -> tuple[Reservation, ...]:
+        mine = self._by_customer.get(customer, {}).values()
+        late = [r for r in mine if r.confirmed and r.overtime(now)]
+        return tuple(sorted(late, key=lambda r: (r.reserved_until, r.created_at)))
+
+    def _loads(
+        self, backends: Sequence[BackendSpec], victims: Sequence[Reservation]
+    ) -> dict[str, BackendLoad]:
+        freed: dict[str, int] = {}
+        for victim in victims:
+            freed[victim.backend_id] = freed.get(victim.backend_id, 0) + victim.connections
+        return {
+            b.id: BackendLoad(
+                id=b.id,
+                capacity=b.capacity,
+                used=self.backend_used(b.id) - freed.get(b.id, 0),
+                available=b.available,
+            )
+            for b in backends
+        }
+
+    # -- changing --
+
+    def apply(self, record: Record) -> Reservation | None:
+        """Apply one record; returns the reservation it concerned (None if unknown)."""
+        match record:
+            case Reserve(reservation):
+                self._add(reservation)
+                return reservation
+            case Confirm(key):
+                current = self._meetings.get(key)
+                if current is not None and not current.confirmed:
+                    current = replace(current, confirmed=True)
+                    self._store(current)
+                return current
+            case Release(key, _reason):
+                return self._remove(key)
+
+    def _add(self, r: Reservation) -> None:
+        if r.key in self._meetings:
+            self._remove(r.key)
+        self._store(r)
+        self._customer_used[r.customer] = self.customer_used(r.customer) + r.connections
+        self._backend_used[r.backend_id] = self.backend_used(r.backend_id) + r.connections
+
+    def _store(self, r: Reservation) -> None:
+        self._meetings[r.key] = r
+        self._by_backend_meeting[(r.backend_id, r.backend_meeting_id)] = r.key
+        self._by_customer.setdefault(r.customer, {})[r.meeting_id] = r
+
+    def _remove(self, key: MeetingKey) -> Reservation | None:
+        r = self._meetings.pop(key, None)
+        if r is None:
+            return None
+        del self._by_backend_meeting[(r.backend_id, r.backend_meeting_id)]
+        mine = self._by_customer[r.customer]
+        del mine[r.meeting_id]
+        if not mine:
+            del self._by_customer[r.customer]
+        _subtract(self._customer_used, r.customer, r.connections)
+        _subtract(self._backend_used, r.backend_id, r.connections)
+        return r
+
+
+def _victims_needed(size: int, free: int, overtime: Sequence[Reservation]) -> int | None:
+    """How many of ``overtime`` (in order) must end for ``size`` to fit; None if never."""
+    count = 0
+    while free < size:
+        if count == len(overtime):
+            return None
+        free += overtime[count].connections
+        count += 1
+    return count
+
+
+def _reservation(request: CreateRequest, backend_id: str, now: float) -> Reservation:
+    return Reservation(
+        customer=request.customer,
+        meeting_id=request.meeting_id,
+        backend_id=backend_id,
+        backend_meeting_id=request.backend_meeting_id,
+        connections=request.connections,
+        duration=request.duration,
+        asked_duration=request.asked_duration,
+        created_at=now,
+    )
+
+
+def _subtract(counts: dict[str, int], key: str, amount: int) -> None:
+    left = counts[key] - amount
+    if left:
+        counts[key] = left
+    else:
+        del counts[key]

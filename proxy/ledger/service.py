@@ -1,0 +1,126 @@
+"""The ledger as the request handlers use it: atomic admission, settling, durability.
+
+Admission is atomic because deciding and applying happen in one synchronous
+step (trio switches tasks only at ``await``).  The records are then made
+durable (:class:`Journal`) before the caller tells the customer anything.
+
+A create that is admitted stays *pending* until its backend has answered.
+A concurrent create of the same meetingID sees the pending reservation as a
+duplicate and waits for it to settle (:meth:`Ledger.wait_settled`): if the
+first create succeeded, the second is sent to the same backend and gets BBB's
+``duplicateWarning``; if it failed, the second is admitted afresh.  So
+concurrent creates of one meetingID make exactly one backend meeting.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+import trio
+
+from proxy.ledger.model import (
+    Admit,
+    BackendSpec,
+    Chooser,
+    Confirm,
+    CreateRequest,
+    Decision,
+    LedgerState,
+    LedgerStatistics,
+    MeetingKey,
+    Record,
+    Release,
+    Reservation,
+    Reserve,
+)
+
+
+class Journal(Protocol):
+    """Where records go before an answer leaves (see :mod:`proxy.ledger.journal`)."""
+
+    def append(self, record: Record) -> None: ...
+
+    async def flush(self) -> None: ...
+
+
+class NullJournal:
+    """No durability: for tests of the decision logic and for benchmarks' baselines."""
+
+    def append(self, record: Record) -> None:
+        pass
+
+    async def flush(self) -> None:
+        pass
+
+
+class Ledger:
+    """Reservations held by this gateway process."""
+
+    def __init__(
+        self,
+        state: LedgerState | None = None,
+        journal: Journal | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.state = state if state is not None else LedgerState()
+        self.journal: Journal = journal if journal is not None else NullJournal()
+        self.clock = clock
+        self._settled: dict[MeetingKey, trio.Event] = {}
+
+    def get(self, key: MeetingKey) -> Reservation | None:
+        return self.state.get(key)
+
+    def statistics(self) -> LedgerStatistics:
+        return self.state.statistics()
+
+    def admit(
+        self,
+        request: CreateRequest,
+        limit: int,
+        backends: Sequence[BackendSpec],
+        choose: Chooser,
+    ) -> Decision:
+        """Decide a create and, if admitted, reserve it (and release its victims) at once."""
+        decision = self.state.admit(request, limit, backends, choose, self.clock())
+        if isinstance(decision, Admit):
+            for victim in decision.victims:
+                self._record(Release(victim.key, "preempted"))
+            self._record(Reserve(decision.reservation))
+            self._settled[decision.reservation.key] = trio.Event()
+        return decision
+
+    async def wait_settled(self, key: MeetingKey) -> None:
+        """Wait until a pending create of ``key`` has been confirmed or released."""
+        event = self._settled.get(key)
+        if event is not None:
+            await event.wait()
+
+    async def confirm(self, key: MeetingKey) -> None:
+        self._record(Confirm(key))
+        self._settle(key)
+        await self.journal.flush()
+
+    async def release(self, key: MeetingKey, reason: str) -> Reservation | None:
+        """Free a meeting's connections; returns what was released, if it was held."""
+        if self.state.get(key) is None:
+            self._settle(key)
+            return None
+        released = self._record(Release(key, reason))
+        self._settle(key)
+        await self.journal.flush()
+        return released
+
+    async def durable(self) -> None:
+        """Return once every record applied so far is on stable storage."""
+        await self.journal.flush()
+
+    def _record(self, record: Record) -> Reservation | None:
+        self.journal.append(record)
+        return self.state.apply(record)
+
+    def _settle(self, key: MeetingKey) -> None:
+        event = self._settled.pop(key, None)
+        if event is not None:
+            event.set()

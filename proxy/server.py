@@ -1,0 +1,75 @@
+"""Serving the gateway with hypercorn's trio worker, and stopping it cleanly.
+
+``serve_gateway`` never returns until cancelled or until SIGTERM/SIGINT asks it
+to stop; it reports the bound URLs through ``task_status`` (port 0 binds a
+free port, which the tests use).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from collections.abc import Callable
+
+import httpx
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve
+
+from proxy.app import create_app
+from proxy.config import Config
+from proxy.gateway import Gateway, open_gateway
+from proxy.ledger.service import Ledger
+
+log = logging.getLogger(__name__)
+SHUTDOWN_DEADLINE = 10.0  # seconds in-flight requests get after SIGTERM
+
+
+def hypercorn_config(bind: str, max_header_bytes: int) -> HypercornConfig:
+    config = HypercornConfig()
+    config.bind = [bind]
+    config.accesslog = None
+    config.errorlog = logging.getLogger("hypercorn.error")
+    config.graceful_timeout = SHUTDOWN_DEADLINE
+    # Leave room for long create URLs; the gateway's own limit answers BBB's envelope.
+    config.h11_max_incomplete_size = max_header_bytes
+    return config
+
+
+async def serve_gateway(
+    config: Config,
+    *,
+    bind: str | None = None,
+    ledger: Ledger | None = None,
+    handle_signals: bool = False,
+    transport_factory: Callable[[str], httpx.AsyncBaseTransport | None] = lambda _id: None,
+    task_status: trio.TaskStatus[tuple[Gateway, list[str]]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the gateway until cancelled (or, with ``handle_signals``, until SIGTERM/SIGINT)."""
+    hyper = hypercorn_config(bind or config.proxy.bind, 2 * config.proxy.max_query_bytes)
+    async with open_gateway(config, ledger, transport_factory) as gw:
+        stop = trio.Event()
+        async with trio.open_nursery() as nursery:
+            if handle_signals:
+                nursery.start_soon(_stop_on_signal, stop)
+            binds = await nursery.start(_serve_app, gw, hyper, stop)
+            log.info("gateway listening on %s", ", ".join(binds))
+            task_status.started((gw, binds))
+
+
+async def _serve_app(
+    gw: Gateway,
+    hyper: HypercornConfig,
+    stop: trio.Event,
+    *,
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    await serve(create_app(gw), hyper, shutdown_trigger=stop.wait, task_status=task_status)
+
+
+async def _stop_on_signal(stop: trio.Event) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            log.info("received %s, finishing in-flight requests", signal.Signals(signum).name)
+            stop.set()
+            return
