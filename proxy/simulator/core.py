@@ -1,0 +1,236 @@
+"""One simulated BBB server's state and its request dispatch, without I/O.
+
+:meth:`Simulator.handle` takes an :class:`~.model.ApiRequest` and decides a
+:class:`~.model.Reply`: version document, checksum check (over the raw query
+string, as bbb-web does), the call's handler, BBB's error envelope.  Time
+comes from the injected ``clock`` (epoch seconds) and is checked lazily on
+every request and on :meth:`Simulator.tick`, so meetings end by ``duration``
+or expire unjoined without any timer here.  End notifications (GETs to
+``meetingEndedURL`` and ``meta_endCallbackUrl``) are queued; the trio layer
+sends what :meth:`Simulator.take_notifications` hands it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from urllib.parse import parse_qsl
+
+from proxy.bbb import checksum
+from proxy.bbb.envelope import failure, from_error
+from proxy.errors import ApiError, ChecksumError, UnsupportedRequest
+
+from . import join, meetings, render
+from .model import (
+    ApiRequest,
+    Attendee,
+    Behaviour,
+    Meeting,
+    Reply,
+    SimulatorStatistics,
+    append_query,
+)
+from .params import Params
+
+MINUTE_MS = 60_000
+Handler = Callable[["Simulator", ApiRequest, Params], Reply]
+
+HANDLERS: dict[str, Handler] = {
+    "create": meetings.create,
+    "join": join.join,
+    "end": meetings.end,
+    "isMeetingRunning": meetings.is_meeting_running,
+    "getMeetingInfo": meetings.get_meeting_info,
+    "getMeetings": meetings.get_meetings,
+    "insertDocument": meetings.insert_document,
+    "sendChatMessage": meetings.send_chat_message,
+    "getRecordings": meetings.get_recordings,
+    "publishRecordings": meetings.change_recordings,
+    "deleteRecordings": meetings.change_recordings,
+    "updateRecordings": meetings.change_recordings,
+}
+# bbb-api.md §1: "POST is allowed for create, end, getMeetingInfo, getMeetings,
+# isMeetingRunning, getRecordings, updateRecordings, ..., insertDocument".
+POST_CALLS = frozenset(
+    {
+        "create",
+        "end",
+        "getMeetingInfo",
+        "getMeetings",
+        "isMeetingRunning",
+        "getRecordings",
+        "updateRecordings",
+        "insertDocument",
+    }
+)
+
+
+class Simulator:
+    """The state of one simulated BBB 3.0 server.
+
+    ``requests`` lists every call whose checksum verified, as
+    ``(call name, decoded parameters in order)`` with the checksum left out.
+    ``meetings`` holds meetings by external meetingID; an ended meeting stays
+    (``hasBeenForciblyEnded``/``endTime`` set) for ``ended_linger_seconds``.
+    """
+
+    def __init__(
+        self,
+        secret: str,
+        *,
+        server_name: str = "bbb.example",
+        behaviour: Behaviour | None = None,
+        clock: Callable[[], float] = time.time,
+        expire_unjoined_minutes: float | None = 5,
+        ended_linger_seconds: float = 1.0,
+    ) -> None:
+        self.secret = secret
+        self.server_name = server_name
+        self.behaviour = behaviour if behaviour is not None else Behaviour()
+        self.clock = clock
+        self.expire_unjoined_minutes = expire_unjoined_minutes
+        self.ended_linger_seconds = ended_linger_seconds
+        self.requests: list[tuple[str, list[tuple[str, str]]]] = []
+        self.meetings: dict[str, Meeting] = {}
+        self.notified: list[str] = []  # every notification URL handed out, in order
+        self._outbox: list[str] = []
+        self._sessions: dict[str, tuple[str, str]] = {}  # token -> (meetingID, internal user id)
+
+    def now_ms(self) -> int:
+        return int(self.clock() * 1000)
+
+    # --- requests ------------------------------------------------------------
+
+    def handle(self, request: ApiRequest) -> Reply:
+        """Decide the answer to one API request."""
+        self.tick()
+        if request.call == "":
+            return Reply.xml(render.version_document(request.origin + "/bigbluebutton/api"))
+        query = parse_qsl(request.raw_query, keep_blank_values=True)
+        params = Params([*query, *request.form_params])
+        try:
+            self._verify(request, query)
+        except ChecksumError as error:
+            if request.call == "join":
+                return join.error_redirect(self, params, error)
+            return Reply.xml(from_error(error))
+        params = Params((k, v) for k, v in params.pairs if k != "checksum")
+        self.requests.append((request.call, list(params.pairs)))
+        try:
+            return self._dispatch(request, params)
+        except ApiError as error:
+            return Reply.xml(failure(error.message_key, error.message))
+
+    def _verify(self, request: ApiRequest, query: list[tuple[str, str]]) -> None:
+        form = request.form_params
+        if checksum.find_checksum(request.raw_query) is None and not any(
+            key == "checksum" for key, _ in form
+        ):
+            raise ChecksumError("You must provide the checksum")
+        # "A parameter present in both URL and body becomes multi-valued and
+        # the docs state this yields checksumError."
+        if {key for key, _ in query} & {key for key, _ in form}:
+            raise ChecksumError()
+        if not checksum.verify(request.call, request.raw_query, [self.secret], form):
+            raise ChecksumError()
+
+    def _dispatch(self, request: ApiRequest, params: Params) -> Reply:
+        handler = HANDLERS.get(request.call)
+        if handler is None:
+            raise UnsupportedRequest()
+        if request.method == "POST":
+            if request.call not in POST_CALLS:
+                raise UnsupportedRequest("This request method is not supported.")
+            _check_content_type(request)
+        return handler(self, request, params)
+
+    # --- sessions and attendees ------------------------------------------------
+
+    def add_attendee(self, meeting: Meeting, attendee: Attendee) -> Attendee:
+        meeting.attendees[attendee.internal_id] = attendee
+        meeting.has_user_joined = True
+        self._sessions[attendee.session_token] = (meeting.meeting_id, attendee.internal_id)
+        return attendee
+
+    def remove_attendee(self, meeting: Meeting, attendee: Attendee) -> None:
+        meeting.attendees.pop(attendee.internal_id, None)
+        self._sessions.pop(attendee.session_token, None)
+
+    def session(self, token: str) -> tuple[Meeting, Attendee] | None:
+        """The meeting and user a ``sessionToken`` from a join belongs to, if still valid."""
+        self.tick()
+        found = self._sessions.get(token)
+        if found is None:
+            return None
+        meeting = self.meetings.get(found[0])
+        if meeting is None or found[1] not in meeting.attendees:
+            return None
+        return meeting, meeting.attendees[found[1]]
+
+    # --- time ----------------------------------------------------------------
+
+    def tick(self) -> None:
+        """End meetings whose time is up; forget ended ones that lingered long enough."""
+        now = self.now_ms()
+        for meeting in list(self.meetings.values()):
+            if meeting.ended:
+                if now >= meeting.end_time + self.ended_linger_seconds * 1000:
+                    self._forget(meeting)
+            elif self._expired(meeting, now):
+                self.end_meeting(meeting, forcibly=False)
+
+    def _expired(self, meeting: Meeting, now: int) -> bool:
+        if meeting.duration > 0 and now >= meeting.create_time + meeting.duration * MINUTE_MS:
+            return True
+        limit = self.expire_unjoined_minutes
+        return (
+            limit is not None
+            and not meeting.has_user_joined
+            and now >= meeting.create_time + limit * MINUTE_MS
+        )
+
+    def end_meeting(self, meeting: Meeting, *, forcibly: bool) -> None:
+        """End ``meeting`` now: users leave, notifications are queued."""
+        meeting.end_time = max(self.now_ms(), meeting.create_time + 1)
+        meeting.forcibly_ended = forcibly
+        for attendee in list(meeting.attendees.values()):
+            self.remove_attendee(meeting, attendee)
+        for url in (meeting.meeting_ended_url, meeting.metadata.get("endcallbackurl", "")):
+            if url:
+                self._outbox.append(append_query(url, "recordingmarks=false"))
+        if self.ended_linger_seconds <= 0:
+            self._forget(meeting)
+
+    def _forget(self, meeting: Meeting) -> None:
+        if self.meetings.get(meeting.meeting_id) is meeting:
+            del self.meetings[meeting.meeting_id]
+
+    # --- for the trio layer and metrics ----------------------------------------
+
+    def take_notifications(self) -> list[str]:
+        """The end-notification URLs to GET now (each handed out once)."""
+        urls, self._outbox = self._outbox, []
+        self.notified.extend(urls)
+        return urls
+
+    def statistics(self) -> SimulatorStatistics:
+        live = [m for m in self.meetings.values() if not m.ended]
+        return SimulatorStatistics(
+            meetings=len(live),
+            running_meetings=sum(1 for m in live if m.running),
+            attendees=sum(len(m.attendees) for m in live),
+            requests=len(self.requests),
+            notifications_sent=len(self.notified),
+        )
+
+
+def _check_content_type(request: ApiRequest) -> None:
+    """bbb-web's ContentTypeValidator: checked only when a body is present."""
+    if request.call == "insertDocument":
+        return  # insertDocument checks its own (XML only), body or not
+    has_body = bool(request.body) or bool(request.form_params)
+    allowed = meetings.FORM_TYPES
+    if request.call == "create":
+        allowed = allowed | meetings.XML_TYPES
+    if has_body and request.content_type not in allowed:
+        raise meetings.unsupported_content_type()
