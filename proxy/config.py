@@ -117,7 +117,9 @@ class Config:
 
     def customer_for_host(self, host: str) -> Customer | None:
         host = host.lower()
-        if not host.startswith("["):
+        if host.startswith("["):
+            host = host[: host.find("]") + 1]
+        else:
             host = host.rsplit(":", 1)[0]
         return self._by_host.get(host)
 
@@ -156,11 +158,11 @@ def _proxy(t: Mapping[str, Any]) -> ProxySettings:
     d = ProxySettings()
     timeouts = _timeouts(_table(t, "timeouts", "proxy.timeouts"))
     return ProxySettings(
-        bind=_get(t, "proxy", "bind", str, d.bind),
-        public_url=_get(t, "proxy", "public_url", str, d.public_url).rstrip("/"),
-        state_dir=Path(_get(t, "proxy", "state_dir", str, str(d.state_dir))),
+        bind=_get(t, "proxy", "bind", _string, d.bind),
+        public_url=_get(t, "proxy", "public_url", _http_url, d.public_url).rstrip("/"),
+        state_dir=Path(_get(t, "proxy", "state_dir", _string, str(d.state_dir))),
         disabled_calls=frozenset(_get(t, "proxy", "disabled_calls", _str_list, _NO_STRINGS)),
-        logout_url=_get(t, "proxy", "logout_url", str, d.logout_url),
+        logout_url=_get(t, "proxy", "logout_url", _string, d.logout_url),
         max_query_bytes=_get(t, "proxy", "max_query_bytes", _positive, d.max_query_bytes),
         max_body_bytes=_get(t, "proxy", "max_body_bytes", _positive, d.max_body_bytes),
         backend_connections=_get(
@@ -181,7 +183,7 @@ def _timeouts(t: Mapping[str, Any]) -> Timeouts:
 def _backend(t: Any, where: str) -> Backend:
     t = _as_table(t, where)
     _only(t, where, set(Backend.__dataclass_fields__))
-    algorithm = _get(t, where, "checksum_algorithm", str, "sha256")
+    algorithm = _get(t, where, "checksum_algorithm", _string, "sha256")
     if algorithm not in SUPPORTED_ALGORITHMS:
         raise ConfigError(f"{where}.checksum_algorithm: one of {sorted(SUPPORTED_ALGORITHMS)}")
     return Backend(
@@ -225,9 +227,9 @@ def _texts(t: Mapping[str, Any]) -> Texts:
     _only(t, "texts", set(Texts.__dataclass_fields__))
     d = Texts()
     return Texts(
-        welcome=_get(t, "texts", "welcome", str, d.welcome),
+        welcome=_get(t, "texts", "welcome", _string, d.welcome),
         moderator_only_message=_get(
-            t, "texts", "moderator_only_message", str, d.moderator_only_message
+            t, "texts", "moderator_only_message", _string, d.moderator_only_message
         ),
     )
 
@@ -301,6 +303,12 @@ def _seconds(value: Any) -> float:
     return float(value)
 
 
+def _string(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError("must be a string")
+    return value
+
+
 def _nonempty(value: Any) -> str:
     if not isinstance(value, str) or not value:
         raise ValueError("must be a non-empty string")
@@ -308,7 +316,7 @@ def _nonempty(value: Any) -> str:
 
 
 def _identifier(value: Any) -> str:
-    if not isinstance(value, str) or not _ID.match(value):
+    if not isinstance(value, str) or not _ID.fullmatch(value):
         raise ValueError(
             "must be 1-63 characters of a-z, 0-9 and '-', starting with a letter/digit"
         )
@@ -316,7 +324,7 @@ def _identifier(value: Any) -> str:
 
 
 def _http_url(value: Any) -> str:
-    if not isinstance(value, str) or not re.match(r"^https?://[^/\s]+", value):
+    if not isinstance(value, str) or not re.fullmatch(r"https?://[^/\s]+(/\S*)?", value):
         raise ValueError("must be an http:// or https:// URL")
     return value
 
