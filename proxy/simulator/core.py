@@ -97,7 +97,7 @@ class Simulator:
         self._sessions: dict[str, tuple[str, str]] = {}  # token -> (meetingID, internal user id)
 
     def now_ms(self) -> int:
-        return int(self.clock() * 1000)
+        return round(self.clock() * 1000)
 
     # --- requests ------------------------------------------------------------
 
@@ -191,7 +191,8 @@ class Simulator:
 
     def end_meeting(self, meeting: Meeting, *, forcibly: bool) -> None:
         """End ``meeting`` now: users leave, notifications are queued."""
-        meeting.end_time = max(self.now_ms(), meeting.create_time + 1)
+        meeting.ended = True
+        meeting.end_time = self.now_ms()
         meeting.forcibly_ended = forcibly
         for attendee in list(meeting.attendees.values()):
             self.remove_attendee(meeting, attendee)

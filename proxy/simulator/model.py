@@ -80,13 +80,10 @@ class Meeting:
     start_time: int = 0
     end_time: int = 0
     has_user_joined: bool = False
+    ended: bool = False
     forcibly_ended: bool = False
     documents_inserted: int = 0
     chat_messages: list[tuple[str, str]] = field(default_factory=list)  # (userName, message)
-
-    @property
-    def ended(self) -> bool:
-        return self.end_time != 0
 
     @property
     def running(self) -> bool:
