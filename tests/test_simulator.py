@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qs, quote, urlsplit
@@ -507,3 +509,34 @@ async def test_refuse_create_fails_only_create(server: Server) -> None:
 def test_unknown_mode_is_rejected() -> None:
     with pytest.raises(ValueError, match="unknown simulator mode"):
         Behaviour(mode="flaky")
+
+
+# --- python -m proxy.simulator ---------------------------------------------------
+
+
+async def test_command_line_starts_count_servers() -> None:
+    command = [sys.executable, "-m", "proxy.simulator", "--port", "0", "--count", "2"]
+    process = await trio.lowlevel.open_process(
+        [*command, "--secret", SECRET, "--latency", "0.0"], stdout=subprocess.PIPE
+    )
+    assert process.stdout is not None
+    try:
+        output = b""
+        with trio.fail_after(20):
+            while output.count(b"\n") < 2:
+                chunk = await process.stdout.receive_some()
+                assert chunk, "the simulator exited early"
+                output += chunk
+        urls = output.decode().split()
+        assert len(set(urls)) == 2
+        async with httpx.AsyncClient(timeout=5) as client:
+            for url in urls:
+                assert url.startswith("http://127.0.0.1:") and url.endswith("/bigbluebutton/api")
+                signed = f"{url}/getMeetings?{signed_query('getMeetings', [], SECRET)}"
+                response = await client.get(signed)
+                assert text_of(parse(response.text), "messageKey") == "noMeetings"
+    finally:
+        process.terminate()
+        with trio.fail_after(10):
+            await process.wait()
+        await process.stdout.aclose()

@@ -58,14 +58,15 @@ def create_app(
     ``notify`` sends one end notification (tests pass a recorder).
     """
     app = QuartTrio(__name__)
-    ticker = trio.CancelScope()
+    tickers: list[trio.CancelScope] = []  # one per serving of the app
 
     def flush() -> None:
         for url in sim.take_notifications():
             app.nursery.start_soon(notify, url)
 
     async def tick_forever() -> None:
-        with ticker:
+        with trio.CancelScope() as scope:
+            tickers.append(scope)
             while True:
                 await trio.sleep(tick_interval)
                 sim.tick()
@@ -77,7 +78,8 @@ def create_app(
 
     @app.after_serving
     async def stop_ticker() -> None:
-        ticker.cancel()
+        while tickers:
+            tickers.pop().cancel()
 
     async def api(call: str = "") -> Response:
         await trio.sleep(sim.behaviour.latency)
