@@ -29,7 +29,6 @@ def request(meeting: str, size: int, minutes: int, customer: str = "acme") -> Cr
     return CreateRequest(customer, meeting, f"{customer}~{meeting}", size, minutes, minutes)
 
 
-
 def admit_and_apply(
     state: LedgerState,
     req: CreateRequest,

@@ -1,0 +1,162 @@
+"""Real servers on loopback for end-to-end tests: simulated BBBs and the gateway."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+import httpx
+import trio
+from lxml import etree
+
+from proxy.bbb.checksum import signed_query
+from proxy.config import Config, from_mapping
+from proxy.gateway import Gateway
+from proxy.ledger.service import Ledger
+from proxy.server import serve_gateway
+from proxy.simulator import Simulator, serve_simulator
+
+BACKEND_SECRET = "backend-secret"
+CUSTOMERS: list[dict[str, Any]] = [
+    {
+        "id": "acme",
+        "secret": "acme-secret",
+        "max_connections": 20,
+        "default_max_participants": 10,
+        "default_duration": 60,
+    },
+    {
+        "id": "globex",
+        "secrets": ["globex-new", "globex-old"],
+        "max_connections": 50,
+        "default_max_participants": 5,
+        "default_duration": 30,
+        "hosts": ["bbb.globex.test"],
+    },
+    {
+        "id": "off",
+        "secret": "off-secret",
+        "enabled": False,
+        "max_connections": 10,
+        "default_max_participants": 5,
+        "default_duration": 30,
+    },
+]
+SECRETS = {"acme": "acme-secret", "globex": "globex-new", "off": "off-secret"}
+
+
+@dataclass
+class Stack:
+    gateway: Gateway
+    url: str  # http://127.0.0.1:PORT
+    sims: list[Simulator]
+    sim_urls: list[str]
+    http: httpx.AsyncClient
+    config: Config
+    secrets: dict[str, str] = field(default_factory=lambda: dict(SECRETS))
+
+    def api(self, customer: str = "acme") -> str:
+        return f"{self.url}/{customer}/bigbluebutton/api"
+
+    def signed(
+        self,
+        call: str,
+        params: list[tuple[str, str]],
+        customer: str = "acme",
+        algorithm: str = "sha1",
+    ) -> str:
+        query = signed_query(call, params, self.secrets[customer], algorithm)
+        return f"{self.api(customer)}/{call}?{query}"
+
+    async def call(
+        self, call: str, params: list[tuple[str, str]], customer: str = "acme"
+    ) -> etree._Element:
+        """A signed GET; the parsed XML answer (asserts HTTP 200 and XML)."""
+        response = await self.http.get(self.signed(call, params, customer))
+        assert response.status_code == 200, response.text
+        assert response.headers["content-type"].startswith("text/xml")
+        return etree.fromstring(response.content)
+
+    async def create(
+        self, meeting_id: str, customer: str = "acme", **params: str
+    ) -> etree._Element:
+        base = [("meetingID", meeting_id), ("name", f"Room {meeting_id}")]
+        return await self.call("create", base + list(params.items()), customer)
+
+    def sim_for(self, backend_id: str) -> Simulator:
+        ids = [b.id for b in self.config.backends]
+        return self.sims[ids.index(backend_id)]
+
+    def backend_meeting(self, customer: str, meeting_id: str) -> tuple[Simulator, str]:
+        reservation = self.gateway.ledger.get((customer, meeting_id))
+        assert reservation is not None, f"{customer}/{meeting_id} not in the ledger"
+        return self.sim_for(reservation.backend_id), reservation.backend_meeting_id
+
+
+def config_for(
+    sim_urls: list[str],
+    *,
+    capacity: int = 100,
+    customers: list[dict[str, Any]] | None = None,
+    proxy: dict[str, Any] | None = None,
+) -> Config:
+    data: dict[str, Any] = {
+        "proxy": {"public_url": "http://127.0.0.1:1", "state_dir": "unused", **(proxy or {})},
+        "backends": [
+            {"id": f"bbb-{i + 1}", "url": url, "secret": BACKEND_SECRET, "capacity": capacity}
+            for i, url in enumerate(sim_urls)
+        ],
+        "customers": customers if customers is not None else CUSTOMERS,
+    }
+    return from_mapping(data)
+
+
+async def start_stack(
+    nursery: trio.Nursery,
+    *,
+    backends: int = 2,
+    capacity: int = 100,
+    customers: list[dict[str, Any]] | None = None,
+    proxy: dict[str, Any] | None = None,
+    ledger: Ledger | None = None,
+) -> Stack:
+    sims = [
+        Simulator(BACKEND_SECRET, server_name=f"bbb-{i + 1}.test", expire_unjoined_minutes=None)
+        for i in range(backends)
+    ]
+    sim_urls = [await nursery.start(serve_simulator, sim) for sim in sims]
+    config = config_for(sim_urls, capacity=capacity, customers=customers, proxy=proxy)
+    gateway, binds = await nursery.start(_serve, config, ledger)
+    http = httpx.AsyncClient(timeout=10)
+    return Stack(gateway, binds[0], sims, sim_urls, http, config)
+
+
+async def _serve(
+    config: Config,
+    ledger: Ledger | None,
+    *,
+    task_status: trio.TaskStatus[tuple[Gateway, list[str]]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    await serve_gateway(config, bind="127.0.0.1:0", ledger=ledger, task_status=task_status)
+
+
+def query_of(url: str) -> dict[str, str]:
+    return dict(parse_qsl(urlsplit(url).query, keep_blank_values=True))
+
+
+def text(root: etree._Element, path: str) -> str:
+    value = root.findtext(path)
+    assert value is not None, f"no <{path}> in {etree.tostring(root)!r}"
+    return value
+
+
+type StackFactory = Callable[..., Awaitable[Stack]]
+
+
+async def wait_until(condition: Callable[[], bool]) -> None:
+    """Wait for something another server does in the background (polls; at most 5 s)."""
+    with trio.fail_after(5):
+        while not condition():  # noqa: ASYNC110 - the condition lives in another server's state
+            await trio.sleep(0.01)

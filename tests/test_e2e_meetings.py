@@ -1,0 +1,248 @@
+"""End-to-end over real sockets: the meeting calls of SPEC §6 through the gateway."""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+import orjson
+
+from proxy.bbb.checksum import compute
+from proxy.config import DEFAULT_WELCOME
+from tests.harness import BACKEND_SECRET, Stack, query_of, text
+
+
+def sent(stack: Stack, call: str) -> list[dict[str, str]]:
+    """Parameters of every ``call`` the simulated backends received."""
+    return [dict(params) for sim in stack.sims for name, params in sim.requests if name == call]
+
+
+async def test_version_document_needs_no_checksum(stack: Stack) -> None:
+    for url in (stack.api(), stack.api() + "/", f"{stack.url}/bigbluebutton/api"):
+        response = await stack.http.get(url)
+        assert response.status_code == 200
+        assert "<version>2.0</version>" in response.text
+        assert "<returncode>SUCCESS</returncode>" in response.text
+
+
+async def test_create_answers_with_customers_ids_and_sends_namespaced_meeting(stack: Stack) -> None:
+    root = await stack.create("room-1", maxParticipants="7", duration="45", meta_course="Maths")
+    assert text(root, "returncode") == "SUCCESS"
+    assert text(root, "meetingID") == "room-1"
+    assert text(root, "duration") == "45"
+    assert text(root, "messageKey") == ""
+    [params] = sent(stack, "create")
+    assert params["meetingID"] == "acme~room-1"
+    assert params["duration"] == "0"
+    assert params["maxParticipants"] == "7"
+    assert params["meta_course"] == "Maths"
+    info = await stack.call("getMeetingInfo", [("meetingID", "room-1")])
+    assert text(info, "meetingID") == "room-1"
+    assert text(info, "duration") == "45"
+    assert text(info, "maxUsers") == "7"
+    metadata = info.find("metadata")
+    assert metadata is not None
+    assert [child.tag for child in metadata] == ["course"]
+
+
+async def test_create_defaults_and_default_chat_texts(stack: Stack) -> None:
+    await stack.create("room-1", welcome="Hello class")
+    [params] = sent(stack, "create")
+    assert params["maxParticipants"] == "10"  # acme's default_max_participants
+    assert params["welcome"] == DEFAULT_WELCOME + "<br><br>Hello class"
+    assert "%%DIALNUM%%" in params["welcome"] and "%%CONFNUM%%" in params["welcome"]
+    assert "deactivateBbbserverDefaultChatTexts" not in params
+    reservation = stack.gateway.ledger.get(("acme", "room-1"))
+    assert reservation is not None
+    assert (reservation.connections, reservation.duration) == (10, 60)
+
+
+async def test_deactivated_default_texts_send_only_customers_texts(stack: Stack) -> None:
+    await stack.create(
+        "room-1",
+        welcome="Only mine",
+        moderatorOnlyMessage="Mods only",
+        deactivateBbbserverDefaultChatTexts="true",
+    )
+    [params] = sent(stack, "create")
+    assert params["welcome"] == "Only mine"
+    assert params["moderatorOnlyMessage"] == "Mods only"
+    assert "deactivateBbbserverDefaultChatTexts" not in params
+
+
+async def test_repeated_create_is_duplicate_warning_on_same_backend(stack: Stack) -> None:
+    first = await stack.create("room-1")
+    again = await stack.create("room-1")
+    assert text(again, "returncode") == "SUCCESS"
+    assert text(again, "messageKey") == "duplicateWarning"
+    assert text(again, "meetingID") == "room-1"
+    assert text(again, "internalMeetingID") == text(first, "internalMeetingID")
+    assert text(again, "createTime") == text(first, "createTime")
+    assert stack.gateway.ledger.statistics().connections_by_customer == {"acme": 10}
+    backends = {s.server_name for s in stack.sims if "acme~room-1" in s.meetings}
+    assert len(backends) == 1
+
+
+async def test_two_customers_same_meeting_id_are_kept_apart(stack: Stack) -> None:
+    await stack.create("room-1", customer="acme", meta_owner="acme")
+    await stack.create("room-1", customer="globex", meta_owner="globex")
+    for customer in ("acme", "globex"):
+        info = await stack.call("getMeetingInfo", [("meetingID", "room-1")], customer)
+        assert text(info, "metadata/owner") == customer
+        listing = await stack.call("getMeetings", [], customer)
+        meetings = listing.findall("meetings/meeting")
+        assert [text(m, "meetingID") for m in meetings] == ["room-1"]
+        assert [text(m, "metadata/owner") for m in meetings] == [customer]
+    await stack.call("end", [("meetingID", "room-1")], "acme")
+    still = await stack.call("getMeetingInfo", [("meetingID", "room-1")], "globex")
+    assert text(still, "returncode") == "SUCCESS"
+
+
+async def test_customer_cannot_see_or_end_another_customers_meeting(stack: Stack) -> None:
+    await stack.create("secret-room", customer="globex")
+    for call in ("getMeetingInfo", "end", "sendChatMessage"):
+        root = await stack.call(call, [("meetingID", "secret-room"), ("message", "hi")])
+        assert text(root, "returncode") == "FAILED"
+        assert text(root, "messageKey") == "notFound"
+    running = await stack.call("isMeetingRunning", [("meetingID", "secret-room")])
+    assert text(running, "running") == "false"
+    listing = await stack.call("getMeetings", [])
+    assert text(listing, "messageKey") == "noMeetings"
+    join = await stack.http.get(
+        stack.signed("join", [("meetingID", "secret-room"), ("fullName", "X"), ("role", "VIEWER")])
+    )
+    assert join.status_code == 302
+    assert "notFound" in join.headers["location"]
+
+
+async def test_customer_cannot_smuggle_gateway_metadata(stack: Stack) -> None:
+    await stack.create("room-1", **{"meta_bbb-proxy-customer": "globex"})
+    [params] = sent(stack, "create")
+    assert params["meta_bbb-proxy-customer"] == "acme"
+    listing = await stack.call("getMeetings", [], "globex")
+    assert text(listing, "messageKey") == "noMeetings"
+
+
+async def test_join_redirects_to_backend_resigned_and_user_arrives(stack: Stack) -> None:
+    created = await stack.create("room-1")
+    create_time = text(created, "createTime")
+    params = [
+        ("meetingID", "room-1"),
+        ("fullName", "Ada Lovelace"),
+        ("role", "MODERATOR"),
+        ("createTime", create_time),
+        ("userID", "lms-42"),
+    ]
+    response = await stack.http.get(stack.signed("join", params))
+    assert response.status_code == 302
+    location = response.headers["location"]
+    sim, backend_id = stack.backend_meeting("acme", "room-1")
+    assert location.startswith(stack.sim_urls[stack.sims.index(sim)] + "/join?")
+    q = query_of(location)
+    assert q["meetingID"] == backend_id
+    assert q["createTime"] == create_time
+    query = urlsplit(location).query
+    without = query[: query.index("&checksum=")]
+    assert q["checksum"] == compute("join", without, BACKEND_SECRET, "sha256")
+    assert sim.requests == [r for r in sim.requests if r[0] != "join"]  # BBB not contacted
+    landed = await stack.http.get(location, follow_redirects=True)
+    assert landed.status_code == 200
+    info = await stack.call("getMeetingInfo", [("meetingID", "room-1")])
+    assert text(info, "participantCount") == "1"
+    assert text(info, "attendees/attendee/fullName") == "Ada Lovelace"
+    assert text(info, "attendees/attendee/userID") == "lms-42"
+    running = await stack.call("isMeetingRunning", [("meetingID", "room-1")])
+    assert text(running, "running") == "true"
+
+
+async def test_join_redirect_false_is_forwarded(stack: Stack) -> None:
+    await stack.create("room-1")
+    params = [("meetingID", "room-1"), ("fullName", "A"), ("role", "VIEWER"), ("redirect", "false")]
+    response = await stack.http.get(stack.signed("join", params))
+    assert response.status_code == 302
+    assert query_of(response.headers["location"])["redirect"] == "false"
+    answer = await stack.http.get(response.headers["location"])
+    assert "<messageKey>successfullyJoined</messageKey>" in answer.text
+
+
+async def test_join_errors_redirect_to_logout_url_with_errors(stack: Stack) -> None:
+    params = [
+        ("meetingID", "nope"),
+        ("fullName", "A"),
+        ("role", "VIEWER"),
+        ("logoutURL", "https://lms.test/bye?x=1"),
+    ]
+    response = await stack.http.get(stack.signed("join", params))
+    assert response.status_code == 302
+    location = response.headers["location"]
+    assert location.startswith("https://lms.test/bye?x=1&errors=")
+    errors = orjson.loads(query_of(location)["errors"])
+    assert errors == [{"key": "notFound", "message": "A meeting with that ID does not exist"}]
+    bad = stack.signed("join", params).replace("checksum=", "checksum=0")
+    response = await stack.http.get(bad)
+    assert response.status_code == 302
+    assert orjson.loads(query_of(response.headers["location"])["errors"])[0]["key"] == (
+        "checksumError"
+    )
+
+
+async def test_end_frees_connections_and_meeting_is_gone(stack: Stack) -> None:
+    await stack.create("room-1", maxParticipants="15")
+    root = await stack.call("end", [("meetingID", "room-1")])
+    assert text(root, "returncode") == "SUCCESS"
+    assert text(root, "messageKey") == "sentEndMeetingRequest"
+    assert stack.gateway.ledger.get(("acme", "room-1")) is None
+    assert stack.gateway.ledger.statistics().connections_by_customer == {}
+    info = await stack.call("getMeetingInfo", [("meetingID", "room-1")])
+    assert text(info, "messageKey") == "notFound"
+    again = await stack.create("room-2", maxParticipants="20")
+    assert text(again, "returncode") == "SUCCESS"
+
+
+async def test_is_meeting_running_unknown_is_false(stack: Stack) -> None:
+    root = await stack.call("isMeetingRunning", [("meetingID", "never")])
+    assert text(root, "returncode") == "SUCCESS"
+    assert text(root, "running") == "false"
+
+
+async def test_get_meetings_lists_only_own_meetings_across_backends(stack: Stack) -> None:
+    for i in range(6):
+        await stack.create(f"room-{i}", maxParticipants="1")
+    await stack.create("other", customer="globex")
+    assert all(sim.meetings for sim in stack.sims), "meetings should spread over backends"
+    listing = await stack.call("getMeetings", [])
+    ids = sorted(text(m, "meetingID") for m in listing.findall("meetings/meeting"))
+    assert ids == [f"room-{i}" for i in range(6)]
+
+
+async def test_insert_document_and_send_chat_message_are_forwarded(stack: Stack) -> None:
+    await stack.create("room-1")
+    body = b'<modules><module name="presentation"><document url="https://x.test/a.pdf"/></module></modules>'
+    response = await stack.http.post(
+        stack.signed("insertDocument", [("meetingID", "room-1")]),
+        content=body,
+        headers={"Content-Type": "application/xml"},
+    )
+    assert "<returncode>SUCCESS</returncode>" in response.text
+    assert sent(stack, "insertDocument")[0]["meetingID"] == "acme~room-1"
+    chat = await stack.call("sendChatMessage", [("meetingID", "room-1"), ("message", "Hi all")])
+    assert text(chat, "returncode") == "SUCCESS"
+    assert sent(stack, "sendChatMessage")[0]["message"] == "Hi all"
+
+
+async def test_post_form_create_with_checksum_over_empty_query(stack: Stack) -> None:
+    checksum = compute("create", "", stack.secrets["acme"], "sha256")
+    response = await stack.http.post(
+        f"{stack.api()}/create?checksum={checksum}",
+        data={"meetingID": "form-room", "name": "Form room"},
+    )
+    assert "<returncode>SUCCESS</returncode>" in response.text
+    assert "<meetingID>form-room</meetingID>" in response.text
+
+
+async def test_health_and_metrics(stack: Stack) -> None:
+    await stack.create("room-1")
+    assert (await stack.http.get(f"{stack.url}/healthz")).status_code == 200
+    assert (await stack.http.get(f"{stack.url}/readyz")).status_code == 200
+    metrics = (await stack.http.get(f"{stack.url}/metrics")).text
+    assert 'bbb_proxy_requests_total{call="create",result="success"} 1.0' in metrics
+    assert 'bbb_proxy_customer_connections{customer="acme"} 10.0' in metrics
