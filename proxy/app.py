@@ -57,7 +57,7 @@ def create_app(gw: Gateway) -> QuartTrio:
 
     @app.route("/readyz")
     async def readyz() -> Response:
-        ready = any(gw.available.get(b.id, True) for b in gw.config.backends)
+        ready = any(gw.accepts_meetings(b.id) for b in gw.config.backends)
         return Response("ready\n" if ready else "no backend available\n", 200 if ready else 503)
 
     @app.route("/metrics")

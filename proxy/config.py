@@ -25,6 +25,7 @@ MIB = 1024 * KIB
 
 _ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 _NO_STRINGS: list[str] = []
+BACKEND_MODES = ("active", "drain", "disabled")
 
 DEFAULT_WELCOME = (
     "<br>To join this meeting by phone, dial:<br>  %%DIALNUM%%<br>"
@@ -48,6 +49,16 @@ class Timeouts:
 
 
 @dataclass(frozen=True, slots=True)
+class HealthSettings:
+    """How backends are polled and when they count as down (see proxy.health)."""
+
+    interval: float = 10 * SECONDS  # one getMeetings poll per backend per interval
+    down_after: int = 3  # consecutive failed polls
+    up_after: int = 2  # consecutive good polls
+    release_after: float = 5 * MINUTES  # DOWN this long: its reservations are released
+
+
+@dataclass(frozen=True, slots=True)
 class Texts:
     """The platform's default chat texts (SPEC §5); BBB fills %%DIALNUM%% etc."""
 
@@ -66,6 +77,9 @@ class ProxySettings:
     max_body_bytes: int = 4 * MIB
     backend_connections: int = 16  # pooled connections per BBB server
     timeouts: Timeouts = field(default_factory=Timeouts)
+    health: HealthSettings = field(default_factory=HealthSettings)
+    admin_token: str = field(default="", repr=False)  # empty: the admin API is off
+    allow_private_callbacks: bool = False  # customer callbacks to private/loopback hosts
 
     @property
     def join_error_url(self) -> str:
@@ -79,6 +93,7 @@ class Backend:
     secret: str = field(repr=False)
     capacity: int
     checksum_algorithm: str = "sha256"
+    mode: str = "active"  # "active" | "drain" (no new meetings) | "disabled" (not used at all)
 
     def __repr__(self) -> str:
         return f"Backend(id={self.id!r}, url={self.url!r}, capacity={self.capacity})"
@@ -169,6 +184,9 @@ def _proxy(t: Mapping[str, Any]) -> ProxySettings:
             t, "proxy", "backend_connections", _positive, d.backend_connections
         ),
         timeouts=timeouts,
+        health=_health(_table(t, "health", "proxy.health")),
+        admin_token=_get(t, "proxy", "admin_token", _string, ""),
+        allow_private_callbacks=_get(t, "proxy", "allow_private_callbacks", _bool, False),
     )
 
 
@@ -178,6 +196,17 @@ def _timeouts(t: Mapping[str, Any]) -> Timeouts:
     d = Timeouts()
     values = {n: _get(t, "proxy.timeouts", n, _seconds, getattr(d, n)) for n in names}
     return Timeouts(**values)
+
+
+def _health(t: Mapping[str, Any]) -> HealthSettings:
+    _only(t, "proxy.health", set(HealthSettings.__dataclass_fields__))
+    d = HealthSettings()
+    return HealthSettings(
+        interval=_get(t, "proxy.health", "interval", _seconds, d.interval),
+        down_after=_get(t, "proxy.health", "down_after", _positive, d.down_after),
+        up_after=_get(t, "proxy.health", "up_after", _positive, d.up_after),
+        release_after=_get(t, "proxy.health", "release_after", _seconds, d.release_after),
+    )
 
 
 def _backend(t: Any, where: str) -> Backend:
@@ -192,6 +221,7 @@ def _backend(t: Any, where: str) -> Backend:
         secret=_get(t, where, "secret", _nonempty),
         capacity=_get(t, where, "capacity", _positive),
         checksum_algorithm=algorithm,
+        mode=_get(t, where, "mode", _mode, "active"),
     )
 
 
@@ -307,6 +337,12 @@ def _string(value: Any) -> str:
     if not isinstance(value, str):
         raise TypeError("must be a string")
     return value
+
+
+def _mode(value: Any) -> str:
+    if value not in BACKEND_MODES:
+        raise ValueError(f"must be one of {', '.join(BACKEND_MODES)}")
+    return str(value)
 
 
 def _nonempty(value: Any) -> str:

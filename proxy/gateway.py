@@ -15,6 +15,7 @@ import trio
 
 from proxy.backends.client import BackendClient
 from proxy.config import Config
+from proxy.health import Health, State
 from proxy.ledger.model import BackendSpec
 from proxy.ledger.service import Ledger
 from proxy.placement import Ring
@@ -27,15 +28,28 @@ class Gateway:
     clients: Mapping[str, BackendClient]
     ring: Ring
     nursery: trio.Nursery  # background work (ending preempted meetings, callbacks)
-    available: dict[str, bool] = field(default_factory=dict)  # set by health checks
+    health: dict[str, Health] = field(default_factory=dict)  # set by the backend monitor
+    modes: dict[str, str] = field(default_factory=dict)  # active | drain | disabled
+
+    def __post_init__(self) -> None:
+        for backend in self.config.backends:
+            self.health.setdefault(backend.id, Health())
+            self.modes.setdefault(backend.id, backend.mode)
 
     def client(self, backend_id: str) -> BackendClient:
         return self.clients[backend_id]
 
+    def accepts_meetings(self, backend_id: str) -> bool:
+        """Up and active: may be given new meetings."""
+        return self.modes[backend_id] == "active" and self.health[backend_id].state is State.UP
+
+    def in_service(self) -> list[str]:
+        """Backends that are polled and asked for their meetings (not disabled)."""
+        return [b.id for b in self.config.backends if self.modes[b.id] != "disabled"]
+
     def backend_specs(self) -> list[BackendSpec]:
         return [
-            BackendSpec(b.id, b.capacity, self.available.get(b.id, True))
-            for b in self.config.backends
+            BackendSpec(b.id, b.capacity, self.accepts_meetings(b.id)) for b in self.config.backends
         ]
 
 

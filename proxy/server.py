@@ -17,6 +17,7 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
 from proxy.app import create_app
+from proxy.backends.monitor import monitor_backends, reconcile_all
 from proxy.config import Config
 from proxy.gateway import Gateway, open_gateway
 from proxy.ledger.service import Ledger
@@ -42,19 +43,25 @@ async def serve_gateway(
     bind: str | None = None,
     ledger: Ledger | None = None,
     handle_signals: bool = False,
+    monitor: bool = True,
     transport_factory: Callable[[str], httpx.AsyncBaseTransport | None] = lambda _id: None,
     task_status: trio.TaskStatus[tuple[Gateway, list[str]]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the gateway until cancelled (or, with ``handle_signals``, until SIGTERM/SIGINT)."""
     hyper = hypercorn_config(bind or config.proxy.bind, 2 * config.proxy.max_query_bytes)
     async with open_gateway(config, ledger, transport_factory) as gw:
+        await reconcile_all(gw)
         stop = trio.Event()
-        async with trio.open_nursery() as nursery:
+        async with trio.open_nursery() as background:
             if handle_signals:
-                nursery.start_soon(_stop_on_signal, stop)
-            binds = await nursery.start(_serve_app, gw, hyper, stop)
-            log.info("gateway listening on %s", ", ".join(binds))
-            task_status.started((gw, binds))
+                background.start_soon(_stop_on_signal, stop)
+            if monitor:
+                background.start_soon(monitor_backends, gw)
+            async with trio.open_nursery() as serving:  # returns after a graceful stop
+                binds = await serving.start(_serve_app, gw, hyper, stop)
+                log.info("gateway listening on %s", ", ".join(binds))
+                task_status.started((gw, binds))
+            background.cancel_scope.cancel()
 
 
 async def _serve_app(

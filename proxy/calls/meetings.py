@@ -142,7 +142,7 @@ async def get_meetings(gw: Gateway, req: ApiRequest) -> Answer:
     replies: dict[str, Reply] = {}
     with trio.move_on_after(gw.config.proxy.timeouts.get_meetings):
         async with trio.open_nursery() as nursery:
-            for backend_id in gw.clients:
+            for backend_id in gw.in_service():
                 nursery.start_soon(_collect, gw, backend_id, replies)
     meetings = [
         rewrite.serialise(m)

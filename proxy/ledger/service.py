@@ -112,6 +112,11 @@ class Ledger:
         await self.journal.flush()
         return released
 
+    async def record(self, record: Record) -> None:
+        """Apply one record (adoption by reconciliation) and make it durable."""
+        self._record(record)
+        await self.journal.flush()
+
     async def durable(self) -> None:
         """Return once every record applied so far is on stable storage."""
         await self.journal.flush()
