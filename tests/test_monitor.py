@@ -131,6 +131,10 @@ async def hold(gw: Gateway, backends: dict[str, FakeBackend], r: Reservation) ->
     backends[r.backend_id].meetings.append(r)
 
 
+def state(gw: Gateway) -> State:
+    return gw.health["b1"].state
+
+
 async def sleep_until(t: float) -> None:
     await trio.sleep_until(t)
 
@@ -146,13 +150,13 @@ async def test_long_outage_releases_after_grace_exactly(
     backends["b1"].alive = False
     nursery.start_soon(monitor_backends, gateway)
     await sleep_until(start + 10.5)
-    assert gateway.health["b1"].state is State.UNHEALTHY
+    assert state(gateway) is State.UNHEALTHY
     assert not gateway.accepts_meetings("b1")
     assert gateway.accepts_meetings("b2")
     await sleep_until(start + 29.5)
-    assert gateway.health["b1"].state is State.UNHEALTHY
+    assert state(gateway) is State.UNHEALTHY
     await sleep_until(start + 30.5)
-    assert gateway.health["b1"].state is State.DOWN
+    assert state(gateway) is State.DOWN
     assert gateway.health["b1"].down_since == pytest.approx(start + 30)
     await sleep_until(start + 89.5)
     assert gateway.ledger.get(("acme", "room-1")) is not None  # grace not over
@@ -173,10 +177,10 @@ async def test_brief_outage_splits_nothing(
     nursery.start_soon(monitor_backends, gateway)
     backends["b1"].alive = False
     await sleep_until(start + 25)  # two failed polls: 10, 20
-    assert gateway.health["b1"].state is State.UNHEALTHY
+    assert state(gateway) is State.UNHEALTHY
     backends["b1"].alive = True
     await sleep_until(start + 35)  # one good poll at 30
-    assert gateway.health["b1"].state is State.UNHEALTHY
+    assert state(gateway) is State.UNHEALTHY
     await sleep_until(start + 45)  # second good poll at 40
     assert gateway.health["b1"] == Health(State.UP)
     kept = gateway.ledger.get(("acme", "room-1"))
