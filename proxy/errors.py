@@ -22,7 +22,8 @@ httpx and lxml exceptions at exactly one boundary.  Callers that talk to the
 customer turn any ``ProxyError`` into BBB's envelope with :func:`as_envelope`
 in :mod:`proxy.bbb.envelope`.
 
-``ConfigError`` stands apart: it stops start-up with a message naming the key.
+``ConfigError`` and ``StateError`` stand apart: they stop start-up with a message naming the
+key, or the state file and offset.
 """
 
 from __future__ import annotations
@@ -112,3 +113,7 @@ class BackendBadResponse(BackendError):
 
 class ConfigError(Exception):
     """The configuration file is missing, unreadable or wrong; names the key."""
+
+
+class StateError(Exception):
+    """The ledger's state under ``state_dir`` is corrupt, unreadable or unwritable; names it."""
