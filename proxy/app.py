@@ -16,8 +16,9 @@ from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from proxy.bbb import envelope
+from proxy.bbb import callbacks, envelope
 from proxy.calls import Incoming, handle, version_document
+from proxy.calls.ended import meeting_ended
 from proxy.errors import ValidationError
 from proxy.gateway import Gateway
 from proxy.metrics import Metrics
@@ -50,6 +51,11 @@ def create_app(gw: Gateway) -> QuartTrio:
     @app.route("/bigbluebutton/api/<path:call>", methods=["GET", "POST"])
     async def host_api(call: str) -> Response:
         return await _api(gw, metrics, None, call)
+
+    @app.route(callbacks.PATH, methods=["GET", "POST"])
+    async def ended() -> Response:
+        known = await meeting_ended(gw, request.query_string.decode("utf-8", "replace"))
+        return Response("ok\n" if known else "unknown\n", 200 if known else 403)
 
     @app.route("/healthz")
     async def healthz() -> Response:

@@ -28,6 +28,7 @@ class Gateway:
     clients: Mapping[str, BackendClient]
     ring: Ring
     nursery: trio.Nursery  # background work (ending preempted meetings, callbacks)
+    outbound: httpx.AsyncClient  # calls to customers' URLs (see backends/outbound.py)
     health: dict[str, Health] = field(default_factory=dict)  # set by the backend monitor
     modes: dict[str, str] = field(default_factory=dict)  # active | drain | disabled
 
@@ -63,6 +64,7 @@ async def open_gateway(
     clients = {
         b.id: BackendClient(b, config.proxy, transport_factory(b.id)) for b in config.backends
     }
+    outbound = httpx.AsyncClient(timeout=5.0, follow_redirects=False)
     try:
         async with trio.open_nursery() as nursery:
             yield Gateway(
@@ -71,9 +73,11 @@ async def open_gateway(
                 clients=clients,
                 ring=Ring(b.id for b in config.backends),
                 nursery=nursery,
+                outbound=outbound,
             )
             nursery.cancel_scope.cancel()
     finally:
         with trio.CancelScope(shield=True):
             for client in clients.values():
                 await client.aclose()
+            await outbound.aclose()

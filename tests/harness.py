@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 import httpx
 import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve
 from lxml import etree
 
 from proxy.bbb.checksum import signed_query
@@ -127,7 +131,13 @@ async def start_stack(
         for i in range(backends)
     ]
     sim_urls = [await nursery.start(serve_simulator, sim) for sim in sims]
-    config = config_for(sim_urls, capacity=capacity, customers=customers, proxy=proxy)
+    port = free_port()
+    own = {
+        "bind": f"127.0.0.1:{port}",
+        "public_url": f"http://127.0.0.1:{port}",
+        "allow_private_callbacks": True,
+    }
+    config = config_for(sim_urls, capacity=capacity, customers=customers, proxy=own | (proxy or {}))
     gateway, binds = await nursery.start(_serve, config, ledger)
     http = httpx.AsyncClient(timeout=10)
     return Stack(gateway, binds[0], sims, sim_urls, http, config)
@@ -139,7 +149,42 @@ async def _serve(
     *,
     task_status: trio.TaskStatus[tuple[Gateway, list[str]]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    await serve_gateway(config, bind="127.0.0.1:0", ledger=ledger, task_status=task_status)
+    await serve_gateway(config, ledger=ledger, task_status=task_status)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Receiver:
+    """A customer's HTTP endpoint that records every request it gets."""
+
+    url: str
+    seen: list[str] = field(default_factory=list)
+
+
+async def start_receiver(nursery: trio.Nursery) -> Receiver:
+    receiver = Receiver("")
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        receiver.seen.append(scope["path"] + "?" + scope["query_string"].decode())
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    config = HypercornConfig()
+    config.bind = ["127.0.0.1:0"]
+    config.accesslog = None
+    binds = await nursery.start(partial(serve, app, config, mode="asgi"))
+    receiver.url = binds[0]
+    return receiver
 
 
 def query_of(url: str) -> dict[str, str]:

@@ -5,10 +5,11 @@ from __future__ import annotations
 from urllib.parse import urlsplit
 
 import orjson
+import trio
 
-from proxy.bbb.checksum import compute
+from proxy.bbb.checksum import compute, signed_query
 from proxy.config import DEFAULT_WELCOME
-from tests.harness import BACKEND_SECRET, Stack, query_of, text
+from tests.harness import BACKEND_SECRET, Stack, query_of, start_receiver, text, wait_until
 
 
 def sent(stack: Stack, call: str) -> list[dict[str, str]]:
@@ -246,3 +247,46 @@ async def test_health_and_metrics(stack: Stack) -> None:
     metrics = (await stack.http.get(f"{stack.url}/metrics")).text
     assert 'bbb_proxy_requests_total{call="create",result="success"} 1.0' in metrics
     assert 'bbb_proxy_customer_connections{customer="acme"} 10.0' in metrics
+
+
+async def test_meeting_end_notice_frees_connections_and_calls_customer(
+    stack: Stack, nursery: trio.Nursery
+) -> None:
+    receiver = await start_receiver(nursery)
+    await stack.create(
+        "room-1",
+        meetingEndedURL=f"{receiver.url}/ended?room=1",
+        meta_endCallbackUrl=f"{receiver.url}/callback",
+    )
+    [params] = sent(stack, "create")
+    assert params["meetingEndedURL"].startswith(stack.url + "/callbacks/v1/ended?")
+    assert "meta_endCallbackUrl" not in params
+    info = await stack.call("getMeetingInfo", [("meetingID", "room-1")])
+    assert text(info, "metadata/endcallbackurl") == f"{receiver.url}/callback"
+    sim, backend_meeting = stack.backend_meeting("acme", "room-1")
+    # The meeting ends on the backend by itself (not through the gateway).
+    sim_url = stack.sim_urls[stack.sims.index(sim)]
+    query = signed_query("end", [("meetingID", backend_meeting)], BACKEND_SECRET)
+    await stack.http.get(f"{sim_url}/end?{query}")
+    await wait_until(lambda: stack.gateway.ledger.get(("acme", "room-1")) is None)
+    await wait_until(lambda: len(receiver.seen) == 2)
+    assert sorted(receiver.seen) == [
+        "/callback?recordingmarks=false",
+        "/ended?room=1&recordingmarks=false",
+    ]
+
+
+async def test_forged_end_notice_releases_nothing(stack: Stack) -> None:
+    await stack.create("room-1")
+    [params] = sent(stack, "create")
+    genuine = params["meetingEndedURL"]
+    forged = genuine[: genuine.index("&sig=")] + "&sig=" + "0" * 64
+    response = await stack.http.get(forged)
+    assert response.status_code == 403
+    assert stack.gateway.ledger.get(("acme", "room-1")) is not None
+    tampered = genuine.replace("m=acme", "m=globex")
+    assert tampered != genuine
+    assert (await stack.http.get(tampered)).status_code == 403
+    assert stack.gateway.ledger.get(("acme", "room-1")) is not None
+    assert (await stack.http.get(genuine)).status_code == 200
+    assert stack.gateway.ledger.get(("acme", "room-1")) is None

@@ -22,6 +22,7 @@ TAG_PREFIX = "bbb-proxy-"  # metadata keys of the gateway's own, as BBB stores t
 CUSTOMER_TAG = TAG_PREFIX + "customer"
 MEETING_TAG = TAG_PREFIX + "meeting"
 DURATION_TAG = TAG_PREFIX + "duration"
+KEPT_END_CALLBACK = TAG_PREFIX + "endcallbackurl"
 
 
 def backend_meeting_id(customer: str, meeting_id: str) -> str:
@@ -100,7 +101,9 @@ def restore_meeting(
     hide = {h.lower() for h in hidden}
     for child in list(metadata):
         tag = child.tag if isinstance(child.tag, str) else ""
-        if tag.startswith(TAG_PREFIX) or tag in hide:
+        if tag == KEPT_END_CALLBACK:
+            child.tag = "endcallbackurl"  # the customer's own, kept aside (see callbacks.py)
+        elif tag.startswith(TAG_PREFIX) or tag in hide:
             metadata.remove(child)
 
 

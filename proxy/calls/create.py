@@ -20,7 +20,7 @@ import logging
 import trio
 
 from proxy.backends.client import Reply
-from proxy.bbb import rewrite
+from proxy.bbb import callbacks, rewrite
 from proxy.errors import BackendError, BackendUnavailable, ValidationError
 from proxy.gateway import Gateway
 from proxy.ledger.model import Admit, CreateRequest, Duplicate, Refuse, Reservation
@@ -121,12 +121,19 @@ def backend_params(gw: Gateway, req: ApiRequest, reservation: Reservation) -> li
     """What the backend is sent: namespaced id, resolved size, duration 0, texts, tags."""
     params = rewrite.without(req.params, ["meetingID", "maxParticipants", "duration"])
     params = apply_default_texts(params, gw.config.texts)
+    params, customer_urls, kept = callbacks.split_customer_urls(params)
+    backend = gw.client(reservation.backend_id).backend
+    ended = callbacks.ended_url(
+        gw.config.proxy.public_url, backend, reservation.backend_meeting_id, customer_urls
+    )
     return [
         ("meetingID", reservation.backend_meeting_id),
         *params,
         ("maxParticipants", str(reservation.connections)),
         ("duration", "0"),  # the gateway never ends a meeting for its duration (SPEC §4)
+        ("meetingEndedURL", ended),
         *rewrite.tags(reservation.customer, reservation.meeting_id, reservation.asked_duration),
+        *kept,
     ]
 
 
