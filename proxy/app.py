@@ -12,10 +12,12 @@ import logging
 import time
 from urllib.parse import parse_qsl
 
+import orjson
 from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
+from proxy import admin
 from proxy.bbb import callbacks, envelope
 from proxy.calls import Incoming, handle, version_document
 from proxy.calls.ended import meeting_ended
@@ -56,6 +58,12 @@ def create_app(gw: Gateway) -> QuartTrio:
     async def ended() -> Response:
         known = await meeting_ended(gw, request.query_string.decode("utf-8", "replace"))
         return Response("ok\n" if known else "unknown\n", 200 if known else 403)
+
+    @app.route("/admin/v1/<path:what>", methods=["GET", "POST"])
+    async def admin_api(what: str) -> Response:
+        if not admin.authorised(gw, request.headers.get("Authorization")):
+            return _json({"error": "not found"}, 404)
+        return await _admin(gw, what)
 
     @app.route("/healthz")
     async def healthz() -> Response:
@@ -116,6 +124,28 @@ async def _incoming(customer: str | None, call: str) -> Incoming:
         body=body,
         content_type=content_type,
     )
+
+
+async def _admin(gw: Gateway, what: str) -> Response:
+    parts = what.strip("/").split("/")
+    if request.method == "GET" and parts == ["backends"]:
+        return _json(admin.backends(gw))
+    if request.method == "GET" and parts == ["customers"]:
+        return _json(admin.customers(gw))
+    if request.method == "GET" and parts == ["meetings"]:
+        return _json(admin.meetings(gw, request.args.get("customer")))
+    if request.method == "POST" and len(parts) == 2 and parts[0] == "backends":
+        body = await request.get_json(force=True, silent=True)
+        mode = body.get("mode") if isinstance(body, dict) else None
+        error = admin.set_mode(gw, parts[1], mode)
+        return _json(
+            {"error": error} if error else {"id": parts[1], "mode": mode}, 400 if error else 200
+        )
+    return _json({"error": "not found"}, 404)
+
+
+def _json(data: object, status: int = 200) -> Response:
+    return Response(orjson.dumps(data), status, content_type="application/json")
 
 
 def _too_large() -> ValidationError:
