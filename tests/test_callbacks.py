@@ -1,0 +1,85 @@
+"""Signed meeting-ended URLs and the SSRF check on customers' callback URLs."""
+
+from __future__ import annotations
+
+import pytest
+
+from proxy.backends.outbound import checked_address, is_public
+from proxy.bbb import callbacks
+from proxy.config import Backend
+
+B1 = Backend(id="b1", url="http://b1.test/bigbluebutton/api", secret="one", capacity=10)
+B2 = Backend(id="b2", url="http://b2.test/bigbluebutton/api", secret="two", capacity=10)
+BACKENDS = {"b1": B1, "b2": B2}
+
+
+def query_of(url: str) -> str:
+    return url.split("?", 1)[1]
+
+
+def test_round_trip_with_recordingmarks_appended() -> None:
+    url = callbacks.ended_url("http://gw", B1, "acme~room 1", ["https://lms.test/end?a=1&b=2"])
+    assert url.startswith("http://gw/callbacks/v1/ended?")
+    notice = callbacks.verify(query_of(url) + "&recordingmarks=true", BACKENDS)
+    assert notice == callbacks.EndNotice(
+        "b1", "acme~room 1", ("https://lms.test/end?a=1&b=2",), "true"
+    )
+
+
+def test_tampering_or_another_backends_key_is_refused() -> None:
+    query = query_of(callbacks.ended_url("http://gw", B1, "acme~room", []))
+    assert callbacks.verify(query, BACKENDS) is not None
+    assert callbacks.verify(query.replace("acme~room", "acme~other"), BACKENDS) is None
+    assert callbacks.verify(query.replace("b=b1", "b=b2"), BACKENDS) is None
+    assert callbacks.verify(query.split("&sig=")[0], BACKENDS) is None
+    added = query.replace("&sig=", "&cb=http%3A%2F%2Fevil.test&sig=")
+    assert callbacks.verify(added, BACKENDS) is None
+
+
+def test_split_customer_urls_keeps_end_callback_visible() -> None:
+    params = [
+        ("name", "x"),
+        ("meetingEndedURL", "https://a.test/e"),
+        ("meta_endCallbackUrl", "https://b.test/c"),
+    ]
+    kept, urls, tags = callbacks.split_customer_urls(params)
+    assert kept == [("name", "x")]
+    assert urls == ["https://a.test/e", "https://b.test/c"]
+    assert tags == [("meta_bbb-proxy-endcallbackurl", "https://b.test/c")]
+
+
+def test_with_recordingmarks() -> None:
+    assert callbacks.with_recordingmarks("https://a.test/e", "false") == (
+        "https://a.test/e?recordingmarks=false"
+    )
+    assert callbacks.with_recordingmarks("https://a.test/e?x=1", "true") == (
+        "https://a.test/e?x=1&recordingmarks=true"
+    )
+
+
+@pytest.mark.parametrize(
+    ("address", "public"),
+    [
+        ("8.8.8.8", True),
+        ("2001:4860:4860::8888", True),
+        ("127.0.0.1", False),
+        ("10.1.2.3", False),
+        ("172.16.0.1", False),
+        ("192.168.1.1", False),
+        ("169.254.169.254", False),
+        ("::1", False),
+        ("fe80::1%eth0", False),
+        ("fd00::1", False),
+        ("100.64.0.1", False),
+        ("224.0.0.1", False),
+        ("0.0.0.0", False),
+    ],
+)
+def test_is_public(address: str, public: bool) -> None:
+    assert is_public(address) is public
+
+
+async def test_loopback_host_refused_unless_allowed() -> None:
+    assert await checked_address("localhost", 80, allow_private=False) is None
+    assert await checked_address("127.0.0.1", 80, allow_private=True) == "127.0.0.1"
+    assert await checked_address("no-such-host.invalid", 80, allow_private=True) is None
