@@ -14,7 +14,7 @@ Given the meetings a backend listed (``getMeetings``, fetched starting at
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from lxml import etree
@@ -70,7 +70,7 @@ def plan(
     backend_id: str,
     pinned: Iterable[Reservation],
     listed: Iterable[Listed],
-    known: Mapping[MeetingKey, Reservation],
+    known: Callable[[MeetingKey], Reservation | None],
     customers: Mapping[str, Customer],
     polled_at: float,
     pending_grace: float = PENDING_GRACE,
@@ -87,7 +87,7 @@ def plan(
     adopt = [
         _adopted(backend_id, m, customers.get(m.customer))
         for m in on_backend.values()
-        if (m.customer, m.meeting_id) not in known
+        if known((m.customer, m.meeting_id)) is None
     ]
     return Plan(tuple(release), tuple(confirm), tuple(adopt))
 

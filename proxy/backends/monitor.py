@@ -78,7 +78,7 @@ async def reconcile(gw: Gateway, backend_id: str, reply: Reply, polled_at: float
         backend_id,
         ledger.state.backend_meetings(backend_id),
         listed_meetings(reply.root),
-        {r.key: r for r in ledger.state},
+        ledger.state.get,
         {c.id: c for c in gw.config.customers},
         polled_at,
     )

@@ -128,6 +128,7 @@ class LedgerState:
         self._meetings: dict[MeetingKey, Reservation] = {}
         self._by_backend_meeting: dict[tuple[str, str], MeetingKey] = {}
         self._by_customer: dict[str, dict[str, Reservation]] = {}
+        self._by_backend: dict[str, dict[MeetingKey, Reservation]] = {}
         self._customer_used: dict[str, int] = {}
         self._backend_used: dict[str, int] = {}
 
@@ -144,7 +145,7 @@ class LedgerState:
         return list(self._by_customer.get(customer, {}).values())
 
     def backend_meetings(self, backend_id: str) -> list[Reservation]:
-        return [r for r in self._meetings.values() if r.backend_id == backend_id]
+        return list(self._by_backend.get(backend_id, {}).values())
 
     def customer_used(self, customer: str) -> int:
         return self._customer_used.get(customer, 0)
@@ -244,16 +245,15 @@ class LedgerState:
         self._meetings[r.key] = r
         self._by_backend_meeting[(r.backend_id, r.backend_meeting_id)] = r.key
         self._by_customer.setdefault(r.customer, {})[r.meeting_id] = r
+        self._by_backend.setdefault(r.backend_id, {})[r.key] = r
 
     def _remove(self, key: MeetingKey) -> Reservation | None:
         r = self._meetings.pop(key, None)
         if r is None:
             return None
         del self._by_backend_meeting[(r.backend_id, r.backend_meeting_id)]
-        mine = self._by_customer[r.customer]
-        del mine[r.meeting_id]
-        if not mine:
-            del self._by_customer[r.customer]
+        _drop(self._by_customer, r.customer, r.meeting_id)
+        _drop(self._by_backend, r.backend_id, r.key)
         _subtract(self._customer_used, r.customer, r.connections)
         _subtract(self._backend_used, r.backend_id, r.connections)
         return r
@@ -281,6 +281,13 @@ def _reservation(request: CreateRequest, backend_id: str, now: float) -> Reserva
         asked_duration=request.asked_duration,
         created_at=now,
     )
+
+
+def _drop[K, V](index: dict[str, dict[K, V]], outer: str, inner: K) -> None:
+    group = index[outer]
+    del group[inner]
+    if not group:
+        del index[outer]
 
 
 def _subtract(counts: dict[str, int], key: str, amount: int) -> None:
