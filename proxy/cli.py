@@ -12,7 +12,7 @@ import trio
 
 from proxy import demo
 from proxy.config import load
-from proxy.errors import ConfigError
+from proxy.errors import ConfigError, StateError
 from proxy.logs import setup_logging
 from proxy.server import serve_gateway
 
@@ -32,6 +32,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"bbb-proxy: configuration error: {exc}", file=sys.stderr)
         return 2
+    except StateError as exc:
+        print(f"bbb-proxy: cannot load the saved state: {exc}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         return 130
     return 0

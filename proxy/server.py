@@ -7,6 +7,7 @@ free port, which the tests use).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 from collections.abc import Callable
@@ -20,6 +21,7 @@ from proxy.app import create_app
 from proxy.backends.monitor import monitor_backends, reconcile_all
 from proxy.config import Config
 from proxy.gateway import Gateway, open_gateway
+from proxy.ledger.journal import open_durable_ledger
 from proxy.ledger.service import Ledger
 
 log = logging.getLogger(__name__)
@@ -47,21 +49,40 @@ async def serve_gateway(
     transport_factory: Callable[[str], httpx.AsyncBaseTransport | None] = lambda _id: None,
     task_status: trio.TaskStatus[tuple[Gateway, list[str]]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run the gateway until cancelled (or, with ``handle_signals``, until SIGTERM/SIGINT)."""
-    hyper = hypercorn_config(bind or config.proxy.bind, 2 * config.proxy.max_query_bytes)
-    async with open_gateway(config, ledger, transport_factory) as gw:
-        await reconcile_all(gw)
-        stop = trio.Event()
-        async with trio.open_nursery() as background:
-            if handle_signals:
-                background.start_soon(_stop_on_signal, stop)
-            if monitor:
-                background.start_soon(monitor_backends, gw)
-            async with trio.open_nursery() as serving:  # returns after a graceful stop
-                binds = await serving.start(_serve_app, gw, hyper, stop)
-                log.info("gateway listening on %s", ", ".join(binds))
-                task_status.started((gw, binds))
-            background.cancel_scope.cancel()
+    """Run the gateway until cancelled (or, with ``handle_signals``, until SIGTERM/SIGINT).
+
+    Without a ``ledger`` the durable one under ``config.proxy.state_dir`` is used;
+    a final snapshot is written when the gateway stops.
+
+    Error handling: ``StateError`` when the saved state is corrupt or unreadable.
+    """
+    async with contextlib.AsyncExitStack() as stack:
+        if ledger is None:
+            ledger = await stack.enter_async_context(open_durable_ledger(config.proxy.state_dir))
+        gw = await stack.enter_async_context(open_gateway(config, ledger, transport_factory))
+        await _run(gw, bind or config.proxy.bind, handle_signals, monitor, task_status)
+
+
+async def _run(
+    gw: Gateway,
+    bind: str,
+    handle_signals: bool,
+    monitor: bool,
+    task_status: trio.TaskStatus[tuple[Gateway, list[str]]],
+) -> None:
+    hyper = hypercorn_config(bind, 2 * gw.config.proxy.max_query_bytes)
+    await reconcile_all(gw)
+    stop = trio.Event()
+    async with trio.open_nursery() as background:
+        if handle_signals:
+            background.start_soon(_stop_on_signal, stop)
+        if monitor:
+            background.start_soon(monitor_backends, gw)
+        async with trio.open_nursery() as serving:  # returns after a graceful stop
+            binds = await serving.start(_serve_app, gw, hyper, stop)
+            log.info("gateway listening on %s", ", ".join(binds))
+            task_status.started((gw, binds))
+        background.cancel_scope.cancel()
 
 
 async def _serve_app(

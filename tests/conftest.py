@@ -10,12 +10,14 @@ from tests.harness import Stack, StackFactory, start_stack
 
 
 @pytest.fixture
-async def make_stack(nursery: trio.Nursery) -> AsyncIterator[StackFactory]:
+async def make_stack(
+    nursery: trio.Nursery, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[StackFactory]:
     """Start simulated BBB servers and a gateway on loopback; closes its clients after."""
     stacks: list[Stack] = []
 
     async def make(**options: Any) -> Stack:
-        stack = await start_stack(nursery, **options)
+        stack = await start_stack(nursery, tmp_path_factory.mktemp("state"), **options)
         stacks.append(stack)
         return stack
 

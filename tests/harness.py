@@ -6,6 +6,7 @@ import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
@@ -119,6 +120,7 @@ def config_for(
 
 async def start_stack(
     nursery: trio.Nursery,
+    state_dir: Path,
     *,
     backends: int = 2,
     capacity: int = 100,
@@ -133,6 +135,7 @@ async def start_stack(
     sim_urls = [await nursery.start(serve_simulator, sim) for sim in sims]
     port = free_port()
     own = {
+        "state_dir": str(state_dir),
         "bind": f"127.0.0.1:{port}",
         "public_url": f"http://127.0.0.1:{port}",
         "allow_private_callbacks": True,
