@@ -3,7 +3,8 @@
 Given the meetings a backend listed (``getMeetings``, fetched starting at
 ``polled_at``) and the reservations the ledger pins to it:
 
-- a confirmed reservation the backend no longer lists has ended: release it.
+- a confirmed reservation the backend no longer lists, or lists as ended
+  (``hasBeenForciblyEnded``, a non-zero ``endTime``), has ended: release it.
   Only reservations made before the poll was sent count, so a create that
   raced the poll is never mistaken for an ended meeting;
 - a pending reservation (its create's answer never arrived, e.g. the gateway
@@ -52,6 +53,8 @@ def listed_meetings(root: etree._Element) -> list[Listed]:
         owner = rewrite.meeting_owner(meeting)
         backend_meeting_id = meeting.findtext("meetingID") or ""
         if owner is None or not rewrite.owned_by(owner[0], backend_meeting_id):
+            continue
+        if _has_ended(meeting):  # BBB lists an ended meeting for a while: it holds nothing
             continue
         found.append(
             Listed(
@@ -106,6 +109,11 @@ def _adopted(backend_id: str, m: Listed, customer: Customer | None) -> Reservati
         created_at=m.created_at,
         confirmed=True,
     )
+
+
+def _has_ended(meeting: etree._Element) -> bool:
+    forced = (meeting.findtext("hasBeenForciblyEnded") or "").strip() == "true"
+    return forced or _int(meeting.findtext("endTime")) > 0
 
 
 def _int(text: str | None) -> int:

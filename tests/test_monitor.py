@@ -14,6 +14,7 @@ import httpx
 import pytest
 import trio
 import trio.testing
+from lxml import etree
 
 from proxy.backends.monitor import monitor_backends, reconcile_all
 from proxy.bbb import rewrite
@@ -22,6 +23,7 @@ from proxy.gateway import Gateway, open_gateway
 from proxy.health import Health, State, Thresholds, after_poll, should_release
 from proxy.ledger.model import Reservation, Reserve
 from proxy.ledger.service import Ledger
+from proxy.reconcile import listed_meetings
 
 LIMITS = Thresholds(down_after=3, up_after=2, release_after=60)
 
@@ -223,3 +225,16 @@ async def test_drained_backend_gets_no_new_meetings(gateway: Gateway) -> None:
     assert [s.available for s in gateway.backend_specs()] == [False, True]
     gateway.modes["b2"] = "disabled"
     assert gateway.in_service() == ["b1"]
+
+
+def test_ended_meetings_still_listed_are_not_held() -> None:
+    r = reservation("gone")
+    tags = _meeting_xml(r).replace("</meeting>", "")
+    root = etree.fromstring(
+        "<response><returncode>SUCCESS</returncode><meetings>"
+        f"{tags}<hasBeenForciblyEnded>true</hasBeenForciblyEnded></meeting>"
+        f"{tags.replace('acme~gone', 'acme~late')}<endTime>1700000000000</endTime></meeting>"
+        f"{_meeting_xml(reservation('live'))}"
+        "</meetings></response>"
+    )
+    assert [m.meeting_id for m in listed_meetings(root)] == ["live"]
