@@ -6,8 +6,8 @@ handlers in :mod:`proxy.calls` receive the :class:`Gateway` and nothing else.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 
 import httpx
@@ -31,11 +31,30 @@ class Gateway:
     outbound: httpx.AsyncClient  # calls to customers' URLs (see backends/outbound.py)
     health: dict[str, Health] = field(default_factory=dict)  # set by the backend monitor
     modes: dict[str, str] = field(default_factory=dict)  # active | drain | disabled
+    _in_flight: int = field(default=0, init=False)
+    _idle: trio.Event = field(default_factory=trio.Event, init=False)
 
     def __post_init__(self) -> None:
         for backend in self.config.backends:
             self.health.setdefault(backend.id, Health())
             self.modes.setdefault(backend.id, backend.mode)
+
+    @contextmanager
+    def request_in_flight(self) -> Iterator[None]:
+        """Count an API request as in flight, so a graceful stop can wait for it."""
+        self._in_flight += 1
+        try:
+            yield
+        finally:
+            self._in_flight -= 1
+            if not self._in_flight:
+                self._idle.set()
+                self._idle = trio.Event()
+
+    async def wait_idle(self) -> None:
+        """Return once no API request is in flight."""
+        if self._in_flight:
+            await self._idle.wait()
 
     def client(self, backend_id: str) -> BackendClient:
         return self.clients[backend_id]

@@ -11,6 +11,7 @@ import contextlib
 import logging
 import signal
 from collections.abc import Callable
+from typing import Any
 
 import httpx
 import trio
@@ -78,21 +79,40 @@ async def _run(
             background.start_soon(_stop_on_signal, stop)
         if monitor:
             background.start_soon(monitor_backends, gw)
-        async with trio.open_nursery() as serving:  # returns after a graceful stop
-            binds = await serving.start(_serve_app, gw, hyper, stop)
+        async with trio.open_nursery() as serving:
+            binds = await serving.start(_serve_app, gw, hyper)
             log.info("gateway listening on %s", ", ".join(binds))
             task_status.started((gw, binds))
+            await stop.wait()
+            # Finish what is in flight (bounded), then close every connection, idle
+            # keep-alive ones included: hypercorn alone would wait them out.
+            with trio.move_on_after(SHUTDOWN_DEADLINE):
+                await gw.wait_idle()
+            serving.cancel_scope.cancel()
         background.cancel_scope.cancel()
 
 
 async def _serve_app(
     gw: Gateway,
     hyper: HypercornConfig,
-    stop: trio.Event,
     *,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    await serve(create_app(gw), hyper, shutdown_trigger=stop.wait, task_status=task_status)
+    app = counted(gw, create_app(gw))
+    await serve(app, hyper, shutdown_trigger=trio.sleep_forever, task_status=task_status)
+
+
+def counted(gw: Gateway, app: Any) -> Any:
+    """The ASGI app, counting each HTTP request in flight until its answer is sent."""
+
+    async def asgi(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await app(scope, receive, send)  # type: ignore[no-any-return]
+        with gw.request_in_flight():
+            await app(scope, receive, send)
+        return None
+
+    return asgi
 
 
 async def _stop_on_signal(stop: trio.Event) -> None:

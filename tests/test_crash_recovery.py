@@ -192,3 +192,39 @@ async def check(
         sim = sims[sim_urls.index(base)]
         assert backend_meeting in sim.meetings, f"{meeting_id} routed to the wrong backend"
         assert urlsplit(location).path.endswith("/join")
+
+
+async def test_sigterm_finishes_requests_snapshots_and_exits_zero(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    sim = Simulator(BACKEND_SECRET, expire_unjoined_minutes=None)
+    sim_url = await nursery.start(serve_simulator, sim)
+    sim.behaviour.latency = 0.5  # a create still in flight when SIGTERM arrives
+    port = free_port()
+    config = tmp_path / "config.toml"
+    write_config(config, port, [sim_url], tmp_path / "state")
+    gw = Gateway(config, port, tmp_path / "gateway.log")
+    async with httpx.AsyncClient(timeout=10) as http:
+        await gw.start(nursery, http)
+        answers: list[bytes] = []
+
+        async def create() -> None:
+            url = gw.url("create", [("meetingID", "in-flight"), ("name", "In flight")])
+            answers.append((await http.get(url)).content)
+
+        async with trio.open_nursery() as client:
+            client.start_soon(create)
+            await trio.sleep(0.2)
+            assert gw.process is not None
+            gw.process.send_signal(signal.SIGTERM)
+            with trio.fail_after(15):
+                code = await gw.process.wait()
+        assert code == 0
+        assert b"<returncode>SUCCESS</returncode>" in answers[0]
+        snapshots = list((tmp_path / "state").glob("snapshot*"))
+        assert snapshots, "a final snapshot should be written"
+        sim.behaviour.latency = 0
+        await gw.start(nursery, http)
+        held = await gw.admin(http, "meetings")
+        assert [m["meeting_id"] for m in held] == ["in-flight"]
+        await gw.kill()
