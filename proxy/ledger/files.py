@@ -1,0 +1,216 @@
+"""The durable ledger store's file operations: blocking, so trio runs them in worker threads.
+
+The layout, the write order and why it survives a crash are described in
+:mod:`proxy.ledger.journal`; the formats in :mod:`proxy.ledger.codec`.  Every ``OSError``
+becomes :class:`~proxy.errors.StateError` here (:func:`_os_errors`), naming the file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from proxy.errors import StateError
+from proxy.ledger.codec import (
+    Segment,
+    Snapshot,
+    decode_snapshot,
+    encode_snapshot,
+    replay,
+    scan_segment,
+)
+from proxy.ledger.model import LedgerState
+
+log = logging.getLogger(__name__)
+
+SNAPSHOT = "snapshot"
+SNAPSHOT_TMP = "snapshot.tmp"
+LOCK = "lock"
+SEGMENT_PREFIX = "journal."
+
+
+def segment_name(generation: int) -> str:
+    return f"{SEGMENT_PREFIX}{generation:08d}"
+
+
+@contextlib.contextmanager
+def _os_errors(action: str, path: Path) -> Iterator[None]:
+    """The one place where ``OSError`` becomes ``StateError``."""
+    try:
+        yield
+    except OSError as e:
+        raise StateError(f"cannot {action} {path}: {e.strerror or e}") from e
+
+
+# -- start-up (blocking; run it in a thread from trio) -----------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class JournalPosition:
+    """Where a loaded state stands, for the journal that continues it."""
+
+    last_seq: int  # the last record applied
+    snapshot_seq: int  # the last record the snapshot covers
+    generations: tuple[int, ...]  # journal segments on disk, oldest first
+
+
+def load_state(state_dir: Path) -> tuple[LedgerState, JournalPosition]:
+    """Load the snapshot and replay the journal; a missing ``state_dir`` is a fresh start.
+
+    Error handling: a torn last record is dropped and its file truncated (a warning
+    is logged); anything else damaged or unreadable raises ``StateError`` naming the
+    file and, where it applies, the byte offset.
+    """
+    _ensure_dir(state_dir)
+    with _os_errors("remove", state_dir / SNAPSHOT_TMP):
+        (state_dir / SNAPSHOT_TMP).unlink(missing_ok=True)
+    snapshot = _read_snapshot(state_dir / SNAPSHOT)
+    generations = _generations(state_dir)
+    segments = [_read_segment(state_dir / segment_name(g)) for g in generations]
+    state, last = replay(snapshot, segments)
+    return state, JournalPosition(last, snapshot.seq, tuple(generations))
+
+
+def _ensure_dir(state_dir: Path) -> None:
+    with _os_errors("create state directory", state_dir):
+        state_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _read_snapshot(path: Path) -> Snapshot:
+    with _os_errors("read", path):
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return Snapshot(0, ())
+    return decode_snapshot(data, str(path))
+
+
+def _generations(state_dir: Path) -> list[int]:
+    with _os_errors("list", state_dir):
+        names = [p.name for p in state_dir.iterdir()]
+    suffixes = (n.removeprefix(SEGMENT_PREFIX) for n in names if n.startswith(SEGMENT_PREFIX))
+    return sorted(int(s) for s in suffixes if s.isdigit())
+
+
+def _read_segment(path: Path) -> tuple[str, Segment]:
+    with _os_errors("read", path):
+        data = path.read_bytes()
+    segment = scan_segment(data, str(path))
+    if segment.torn:
+        log.warning(
+            "%s: dropping a torn last record (bytes %d to %d)",
+            path,
+            segment.good_length,
+            len(data),
+        )
+        with _os_errors("truncate", path):
+            _truncate(path, segment.good_length)
+    return str(path), segment
+
+
+def _truncate(path: Path, length: int) -> None:
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.ftruncate(fd, length)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def lock_state_dir(state_dir: Path) -> int:
+    """Take the directory's lock (a file descriptor to close on exit), or raise StateError."""
+    _ensure_dir(state_dir)
+    path = state_dir / LOCK
+    with _os_errors("open", path):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        os.close(fd)
+        if e.errno in (errno.EWOULDBLOCK, errno.EACCES):
+            raise StateError(f"{state_dir} is in use by another process") from e
+        raise StateError(f"cannot lock {path}: {e.strerror or e}") from e
+    return fd
+
+
+# -- file operations for the journal (blocking; called from worker threads) --------------------
+
+
+class SegmentFile:
+    """The segment being appended to; writes are serialized by the journal's flush lock."""
+
+    def __init__(self, state_dir: Path, fsync: bool) -> None:
+        self.state_dir = state_dir
+        self.fsync = fsync
+        self._generation = 0
+        self._fd: int | None = None
+
+    def append(self, generation: int, data: bytes) -> int:
+        """Write ``data`` at the end of segment ``generation``; returns the fsyncs done."""
+        path = self.state_dir / segment_name(generation)
+        with _os_errors("write", path):
+            fsyncs = self._open(generation, path)
+            _write_all(self._fd_or_raise(), data)
+            if self.fsync:
+                os.fsync(self._fd_or_raise())
+                fsyncs += 1
+        return fsyncs
+
+    def _open(self, generation: int, path: Path) -> int:
+        if self._fd is not None and self._generation == generation:
+            return 0
+        self.close()
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self._generation = generation
+        if not self.fsync:
+            return 0
+        _fsync_dir(self.state_dir)  # the new file's directory entry must survive too
+        return 1
+
+    def _fd_or_raise(self) -> int:
+        assert self._fd is not None
+        return self._fd
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_snapshot(state_dir: Path, snapshot: Snapshot, retired: tuple[int, ...]) -> int:
+    """Replace the snapshot atomically, then remove the segments it covers; returns fsyncs."""
+    tmp, final = state_dir / SNAPSHOT_TMP, state_dir / SNAPSHOT
+    with _os_errors("write", tmp):
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            _write_all(fd, encode_snapshot(snapshot))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    with _os_errors("rename to", final):
+        os.replace(tmp, final)
+        _fsync_dir(state_dir)
+    for generation in retired:
+        with _os_errors("remove", state_dir / segment_name(generation)):
+            (state_dir / segment_name(generation)).unlink(missing_ok=True)
+    return 2
