@@ -1,0 +1,75 @@
+"""``python -m bench join|create [--seconds S] [--connections N] [--warmup S]``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import trio
+
+from bench import report
+from bench.measure import Options, measure
+from bench.processes import ServerFailed
+from bench.scenarios import Scenario, create_scenario, join_scenario
+from bench.stack import Stack, open_stack
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("scenario", choices=["join", "create"])
+    parser.add_argument("--seconds", type=float, default=10.0, help="per target")
+    parser.add_argument("--connections", type=int, default=32, help="keep-alive connections")
+    parser.add_argument("--warmup", type=float, default=2.0, help="seconds per target, discarded")
+    parser.add_argument("--max-requests", type=int, default=1_000_000, help="per target")
+    parser.add_argument("--backends", type=int, default=2, help="simulated BBB servers")
+    parser.add_argument("--latency", type=float, default=0.0, help="simulated backend latency, s")
+    parser.add_argument("--meetings", type=int, default=100, help="join: meetings to join")
+    parser.add_argument("--no-save", action="store_true", help="do not write bench/results/")
+    return parser.parse_args(argv)
+
+
+async def scenario_for(name: str, stack: Stack, args: argparse.Namespace) -> Scenario:
+    if name == "join":
+        return await join_scenario(stack, args.meetings)
+    return create_scenario(stack)
+
+
+async def run(args: argparse.Namespace) -> None:
+    options = Options(args.seconds, args.connections, args.warmup, args.max_requests)
+    shown = {k: v for k, v in vars(args).items() if k not in ("scenario", "no_save")}
+    info = report.machine()
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    with tempfile.TemporaryDirectory(prefix="bbb-bench-") as workdir:
+        async with open_stack(Path(workdir), args.backends, args.latency) as stack:
+            scenario = await scenario_for(args.scenario, stack, args)
+            report.print_header(args.scenario, info, shown)
+            results = []
+            for target in scenario.targets:
+                results.append(await measure(target, options))
+                report.print_row(results[-1])
+    compared = report.ratios(results, scenario.comparisons)
+    report.print_ratios(compared)
+    if not args.no_save:
+        doc = report.document(args.scenario, info, shown, results, compared)
+        doc["options"]["timestamp"] = stamp
+        print(f"\nwritten: {report.write_json(args.scenario, stamp, doc)}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        trio.run(run, args)
+    except ServerFailed as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
