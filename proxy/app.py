@@ -28,6 +28,7 @@ from proxy.request import Answer
 
 log = logging.getLogger(__name__)
 FORM_TYPES = ("application/x-www-form-urlencoded",)
+HOME = "This is a BigBlueButton API gateway; the API is at /<customer>/bigbluebutton/api.\n"
 
 
 def create_app(gw: Gateway) -> QuartTrio:
@@ -72,7 +73,13 @@ def create_app(gw: Gateway) -> QuartTrio:
     @app.route("/readyz")
     async def readyz() -> Response:
         ready = any(gw.accepts_meetings(b.id) for b in gw.config.backends)
-        return Response("ready\n" if ready else "no backend available\n", 200 if ready else 503)
+        text = "ready\n" if ready else "no backend accepts meetings\n"
+        return Response(text, 200 if ready else 503, content_type="text/plain")
+
+    @app.route("/")
+    async def home() -> Response:
+        # Failed joins land here unless proxy.logout_url says otherwise.
+        return Response(HOME, content_type="text/plain")
 
     @app.route("/metrics")
     async def prometheus() -> Response:

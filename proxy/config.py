@@ -83,7 +83,7 @@ class ProxySettings:
 
     @property
     def join_error_url(self) -> str:
-        return self.logout_url or self.public_url
+        return self.logout_url or self.public_url + "/"
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,8 +1,9 @@
 """Logging set-up, with secrets kept out of every line.
 
-A BBB URL carries ``checksum=`` and join URLs may carry ``password=``; a
-filter masks those values (and anything configured as a secret) in every
-record before it is written.
+A BBB URL carries ``checksum=``, join URLs may carry ``password=`` and the
+gateway's meeting-ended URL a ``sig=``; a filter masks the values of such
+parameters in every record before it is written.  httpx's own request log is
+kept at WARNING: it would print every backend URL.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import logging
 import re
 
 _SECRET_PARAMS = re.compile(
-    r"((?:checksum|password|moderatorPW|attendeePW|secret|sessionToken)=)[^&\s\"']+", re.I
+    r"((?:checksum|sig|password|moderatorPW|attendeePW|secret|sessionToken)=)[^&\s\"']+", re.I
 )
 
 
@@ -33,3 +34,5 @@ def setup_logging(level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    for noisy in ("httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -18,7 +18,7 @@ from proxy.ledger.model import LedgerStatistics
 KNOWN_CALLS = frozenset(
     {
         "create", "join", "end", "isMeetingRunning", "getMeetingInfo", "getMeetings",
-        "insertDocument", "sendChatMessage", "version",
+        "insertDocument", "sendChatMessage",
     }
 )  # fmt: skip
 

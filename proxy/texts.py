@@ -19,7 +19,7 @@ SEPARATOR = "<br><br>"
 
 def apply_default_texts(params: Sequence[tuple[str, str]], texts: Texts) -> list[tuple[str, str]]:
     """``params`` for the backend: switch removed, platform texts put in front."""
-    values = dict(params)
+    values = dict(reversed(params))  # the first value wins, as bbb-web reads parameters
     deactivated = values.get(SWITCH, "").strip().lower() == "true"
     out = [(k, v) for k, v in params if k not in (SWITCH, "welcome", "moderatorOnlyMessage")]
     for name, default in (

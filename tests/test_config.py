@@ -157,7 +157,7 @@ def test_full_config_loads(tmp_path: Path) -> None:
 def test_defaults() -> None:
     cfg = config.from_mapping(minimal())
     assert cfg.proxy.public_url == "http://127.0.0.1:8080"
-    assert cfg.proxy.join_error_url == "http://127.0.0.1:8080"
+    assert cfg.proxy.join_error_url == "http://127.0.0.1:8080/"
     assert cfg.proxy.state_dir == Path("state")
     assert cfg.proxy.disabled_calls == frozenset()
     assert cfg.proxy.timeouts == config.Timeouts()

@@ -247,6 +247,11 @@ async def test_health_and_metrics(stack: Stack) -> None:
     metrics = (await stack.http.get(f"{stack.url}/metrics")).text
     assert 'bbb_proxy_requests_total{call="create",result="success"} 1.0' in metrics
     assert 'bbb_proxy_customer_connections{customer="acme"} 10.0' in metrics
+    # The backend refuses a one-character name; the gateway passes its answer on.
+    refused = await stack.call("create", [("meetingID", "room-2"), ("name", "x")])
+    assert text(refused, "messageKey") == "validationError"
+    metrics = (await stack.http.get(f"{stack.url}/metrics")).text
+    assert 'bbb_proxy_requests_total{call="create",result="validationError"} 1.0' in metrics
 
 
 async def test_meeting_end_notice_frees_connections_and_calls_customer(

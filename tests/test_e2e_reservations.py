@@ -150,6 +150,15 @@ async def test_refusing_backend_is_skipped_for_another(make_stack: StackFactory)
     assert {r.backend_id for r in stack.gateway.ledger.state} == {"bbb-2"}
 
 
+async def test_all_backends_refusing_is_server_unavailable(make_stack: StackFactory) -> None:
+    stack = await make_stack()
+    for sim in stack.sims:
+        sim.behaviour.mode = "refuse_create"
+    root = await stack.create("room-1")
+    assert text(root, "messageKey") == "serverUnavailable"
+    assert len(stack.gateway.ledger.state) == 0
+
+
 async def test_unreachable_backend_is_skipped_for_another(make_stack: StackFactory) -> None:
     stack = await make_stack()
     # Point bbb-1 at a closed port: connect fails before anything is sent.

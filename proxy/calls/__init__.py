@@ -9,6 +9,7 @@ BBB's answer (an XML envelope; for join, a redirect).
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from urllib.parse import parse_qsl
@@ -80,7 +81,19 @@ async def handle(gw: Gateway, incoming: Incoming) -> tuple[str, Answer]:
         if isinstance(error, BackendError):
             log.warning("%s failed: %s", incoming.call, error)
         return error.message_key, _error_answer(gw, incoming.call, params, error)
-    return "success", answer
+    return result_of(answer), answer
+
+
+_FAILED = re.compile(r"<returncode>FAILED</returncode>.*?<messageKey>([^<]*)</messageKey>", re.S)
+
+
+def result_of(answer: Answer) -> str:
+    """The metrics label of an answer: success, or the messageKey of a FAILED one."""
+    body = answer.body
+    if isinstance(body, str) and "<returncode>FAILED</returncode>" in body:
+        found = _FAILED.search(body)
+        return found.group(1) if found and found.group(1) else "failed"
+    return "success"
 
 
 def _verified(gw: Gateway, incoming: Incoming, params: list[tuple[str, str]]) -> ApiRequest:

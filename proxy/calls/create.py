@@ -37,6 +37,7 @@ MAX_ATTEMPTS = 3
 async def create(gw: Gateway, req: ApiRequest) -> Answer:
     request = _create_request(req)
     excluded: set[str] = set()
+    refused: BackendUnavailable | None = None
     while True:
         decision = gw.ledger.admit(
             request,
@@ -48,7 +49,7 @@ async def create(gw: Gateway, req: ApiRequest) -> Answer:
         )
         match decision:
             case Refuse(error):
-                raise error
+                raise refused or error  # every backend with room refused: not a capacity issue
             case Duplicate(reservation) if not reservation.confirmed:
                 await gw.ledger.wait_settled(reservation.key)
             case Duplicate(reservation):
@@ -57,8 +58,9 @@ async def create(gw: Gateway, req: ApiRequest) -> Answer:
                 _end_victims(gw, victims)
                 try:
                     return await _first_create(gw, req, reservation)
-                except BackendUnavailable:
+                except BackendUnavailable as exc:
                     excluded.add(reservation.backend_id)
+                    refused = exc
                     if len(excluded) >= MAX_ATTEMPTS:
                         raise
 
