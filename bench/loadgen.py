@@ -54,7 +54,7 @@ class Tally:
 @dataclass(frozen=True, slots=True)
 class Load:
     host: str
-    port: int
+    ports: tuple[int, ...]  # connection i goes to ports[i % len(ports)]
     next_path: Callable[[], str]
     expect: Expect
     connections: int
@@ -68,8 +68,9 @@ async def run_load(load: Load) -> tuple[Tally, float]:
     started = time.perf_counter()
     deadline = started + load.seconds
     async with trio.open_nursery() as nursery:
-        for _ in range(load.connections):
-            nursery.start_soon(_worker, load, tally, deadline)
+        for index in range(load.connections):
+            port = load.ports[index % len(load.ports)]
+            nursery.start_soon(_worker, load, port, tally, deadline)
     return tally, time.perf_counter() - started
 
 
@@ -77,10 +78,10 @@ def _more(load: Load, tally: Tally, deadline: float) -> bool:
     return tally.started < load.max_requests and time.perf_counter() < deadline
 
 
-async def _worker(load: Load, tally: Tally, deadline: float) -> None:
+async def _worker(load: Load, port: int, tally: Tally, deadline: float) -> None:
     while _more(load, tally, deadline):
         try:
-            async with Connection(load.host, load.port) as conn:
+            async with Connection(load.host, port) as conn:
                 await _requests(conn, load, tally, deadline)
         except ConnectionFailed as exc:
             tally.error(str(exc))

@@ -23,7 +23,7 @@ class Options:
 def _load(target: Target, options: Options, seconds: float) -> Load:
     return Load(
         host=HOST,
-        port=target.endpoint.port,
+        ports=target.endpoint.ports,
         next_path=target.next_path,
         expect=target.expect,
         connections=options.connections,

@@ -13,8 +13,9 @@ create
     nothing is refused.  Meetings are NOT ended: they pile up in the ledger and
     the simulators during the run.  Each create goes through admission, a
     durable journal write (fsync), the call to a simulated backend and the
-    answer's rewrite.  Baselines: the same create sent straight to a simulated
-    backend (the forwarded call alone), and the bare endpoint.
+    answer's rewrite.  Baselines: the same create sent straight to simulated
+    backends (the forwarded call alone; as many as the gateway has, in the same
+    process, but holding only their own meetings), and the bare endpoint.
 """
 
 from __future__ import annotations
@@ -98,7 +99,7 @@ async def join_scenario(stack: Stack, meetings: int) -> Scenario:
 def create_scenario(stack: Stack) -> Scenario:
     direct = partial(simulator_path, stack.simulator_api)
     bare = Target("bare xml", stack.bare, unique_creates("bare", gateway_path), SUCCESS)
-    sim = Target("simulator create", stack.simulator, unique_creates("direct", direct), SUCCESS)
+    sim = Target("simulator create", stack.simulators, unique_creates("direct", direct), SUCCESS)
     gateway = Target("gateway create", stack.gateway, unique_creates("gw", gateway_path), SUCCESS)
     comparisons = ((gateway.name, sim.name), (gateway.name, bare.name))
     return Scenario((bare, sim, gateway), comparisons)
@@ -106,7 +107,7 @@ def create_scenario(stack: Stack) -> Scenario:
 
 async def _create_through_gateway(stack: Stack, meeting_id: str) -> None:
     response = await fetch(
-        HOST, stack.gateway.port, gateway_path("create", create_params(meeting_id))
+        HOST, stack.gateway.ports[0], gateway_path("create", create_params(meeting_id))
     )
     if not SUCCESS.met_by(response):
         raise RuntimeError(f"set-up create {meeting_id} failed: {response.body[:300]!r}")

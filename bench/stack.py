@@ -27,9 +27,12 @@ UNLIMITED = 1_000_000_000  # customer max_connections and backend capacity: noth
 
 @dataclass(frozen=True, slots=True)
 class Endpoint:
-    """A server under test: where it listens and which processes serve it."""
+    """A server under test: where it listens and which processes serve it.
 
-    port: int
+    With several ports, the load generator spreads its connections over them.
+    """
+
+    ports: tuple[int, ...]
     servers: tuple[Server, ...]
 
     @property
@@ -39,9 +42,9 @@ class Endpoint:
 
 @dataclass(frozen=True, slots=True)
 class Stack:
-    gateway: Endpoint  # served by the gateway and, behind it, the simulators
-    simulator: Endpoint  # the first simulated backend, called directly
-    simulator_api: str  # its API path, /bigbluebutton/api
+    gateway: Endpoint  # served by the gateway and, behind it, its simulated backends
+    simulators: Endpoint  # as many other simulated backends, called directly
+    simulator_api: str  # their API path, /bigbluebutton/api
     bare: Endpoint
 
 
@@ -50,20 +53,23 @@ async def open_stack(workdir: Path, backends: int, latency: float) -> AsyncItera
     """Start every process; stop them all when the block exits."""
     async with AsyncExitStack() as stack:
         start = stack.enter_async_context
-        sim = await start(open_server("simulator", _simulator_argv(backends, latency), workdir))
-        sim_urls = await read_lines(sim, backends)
+        sim = await start(open_server("simulator", _simulator_argv(2 * backends, latency), workdir))
+        # The gateway's backends and the direct baseline's must not share meetings: a
+        # simulator's per-request cost grows with the meetings it holds.
+        sim_urls = await read_lines(sim, 2 * backends)
+        gateway_urls, direct_urls = sim_urls[:backends], sim_urls[backends:]
         bare = await start(open_server("bare", _module("bench.bare"), workdir))
         bare_url = (await read_lines(bare, 1))[0]
         gw_port = free_port()
         config = workdir / "gateway.toml"
-        config.write_text(gateway_toml(gw_port, sim_urls, workdir / "state"))
+        config.write_text(gateway_toml(gw_port, gateway_urls, workdir / "state"))
         gw = await start(open_server("gateway", _gateway_argv(config), workdir))
         await wait_ready(gw, HOST, gw_port, "/readyz")
         yield Stack(
-            gateway=Endpoint(gw_port, (gw, sim)),
-            simulator=Endpoint(_port(sim_urls[0]), (sim,)),
-            simulator_api=urlsplit(sim_urls[0]).path,
-            bare=Endpoint(_port(bare_url), (bare,)),
+            gateway=Endpoint((gw_port,), (gw, sim)),
+            simulators=Endpoint(tuple(_port(u) for u in direct_urls), (sim,)),
+            simulator_api=urlsplit(direct_urls[0]).path,
+            bare=Endpoint((_port(bare_url),), (bare,)),
         )
 
 

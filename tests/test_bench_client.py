@@ -86,7 +86,7 @@ async def test_refused_connection_is_a_connection_failure() -> None:
 
 async def test_load_stops_at_its_request_budget(bare_port: int) -> None:
     paths = partial(next, itertools.cycle(["/c/bigbluebutton/api/create?n=1"]))
-    load = Load("127.0.0.1", bare_port, paths, Expect(200, b"SUCCESS"), 4, 5.0, 40)
+    load = Load("127.0.0.1", (bare_port,), paths, Expect(200, b"SUCCESS"), 4, 5.0, 40)
     tally, elapsed = await run_load(load)
     assert (len(tally.latencies), tally.errors) == (40, 0)
     assert all(0 < latency <= elapsed for latency in tally.latencies)
@@ -94,7 +94,7 @@ async def test_load_stops_at_its_request_budget(bare_port: int) -> None:
 
 async def test_unexpected_answers_are_errors_not_latencies(bare_port: int) -> None:
     paths = partial(next, itertools.cycle(["/c/bigbluebutton/api/join?n=1"]))
-    load = Load("127.0.0.1", bare_port, paths, Expect(200), 2, 5.0, 10)
+    load = Load("127.0.0.1", (bare_port,), paths, Expect(200), 2, 5.0, 10)
     tally, _ = await run_load(load)
     assert (tally.latencies, tally.errors) == ([], 10)
     assert tally.first_error.startswith("HTTP 302")
