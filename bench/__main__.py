@@ -16,6 +16,7 @@ from bench.measure import Options, measure
 from bench.processes import ServerFailed
 from bench.scenarios import Scenario, create_scenario, join_scenario
 from bench.stack import Stack, open_stack
+from bench.stats import Summary
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -24,6 +25,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seconds", type=float, default=10.0, help="per target")
     parser.add_argument("--connections", type=int, default=32, help="keep-alive connections")
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds per target, discarded")
+    parser.add_argument("--rounds", type=int, default=1, help="repeat every target, alternating")
     parser.add_argument("--max-requests", type=int, default=1_000_000, help="per target")
     parser.add_argument("--backends", type=int, default=2, help="simulated BBB servers")
     parser.add_argument("--latency", type=float, default=0.0, help="simulated backend latency, s")
@@ -47,16 +49,22 @@ async def run(args: argparse.Namespace) -> None:
         async with open_stack(Path(workdir), args.backends, args.latency) as stack:
             scenario = await scenario_for(args.scenario, stack, args)
             report.print_header(args.scenario, info, shown)
-            results = []
-            for target in scenario.targets:
-                results.append(await measure(target, options))
-                report.print_row(results[-1])
-    compared = report.ratios(results, scenario.comparisons)
-    report.print_ratios(compared)
+            rounds = [await _round(scenario, options) for _ in range(args.rounds)]
+    compared = [report.ratios(results, scenario.comparisons) for results in rounds]
+    medians = report.median_ratios(compared)
+    report.print_ratios(medians, len(rounds))
     if not args.no_save:
-        doc = report.document(args.scenario, info, shown, results, compared)
+        doc = report.document(args.scenario, info, shown, rounds, compared, medians)
         doc["options"]["timestamp"] = stamp
         print(f"\nwritten: {report.write_json(args.scenario, stamp, doc)}")
+
+
+async def _round(scenario: Scenario, options: Options) -> list[Summary]:
+    results = []
+    for target in scenario.targets:
+        results.append(await measure(target, options))
+        report.print_row(results[-1])
+    return results
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import platform
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -75,8 +76,20 @@ def print_row(r: Summary) -> None:
         print(f"  first error: {r.first_error[:300]}", flush=True)
 
 
-def print_ratios(rows: list[dict[str, Any]]) -> None:
-    print()
+def median_ratios(rounds: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Per comparison, the median of each ratio over the rounds."""
+    return [
+        {
+            "subject": same[0]["subject"],
+            "baseline": same[0]["baseline"],
+            **{k: statistics.median(r[k] for r in same) for k in ("throughput", "p50", "p99")},
+        }
+        for same in zip(*rounds, strict=True)
+    ]
+
+
+def print_ratios(rows: list[dict[str, Any]], rounds: int) -> None:
+    print(f"\nratios (median of {rounds} round(s)):" if rounds > 1 else "")
     for row in rows:
         print(
             f"{row['subject']} / {row['baseline']}: throughput x{row['throughput']:.3f}, "
@@ -95,14 +108,18 @@ def document(
     scenario: str,
     info: dict[str, Any],
     options: dict[str, Any],
-    results: list[Summary],
-    compared: list[dict[str, Any]],
+    rounds: list[list[Summary]],
+    compared: list[list[dict[str, Any]]],
+    medians: list[dict[str, Any]],
 ) -> dict[str, Any]:
     return {
         "scenario": scenario,
         "command": " ".join(["python -m bench", *sys.argv[1:]]),
         "machine": info,
         "options": options,
-        "results": [dataclasses.asdict(r) for r in results],
-        "ratios": compared,
+        "rounds": [
+            {"results": [dataclasses.asdict(r) for r in results], "ratios": ratios}
+            for results, ratios in zip(rounds, compared, strict=True)
+        ],
+        "median_ratios": medians,
     }
