@@ -6,34 +6,54 @@ import pytest
 
 from proxy.backends.outbound import checked_address, is_public
 from proxy.bbb import callbacks
+from proxy.bbb.callbacks import CustomerUrls
 from proxy.config import Backend
 
 B1 = Backend(id="b1", url="http://b1.test/bigbluebutton/api", secret="one", capacity=10)
 B2 = Backend(id="b2", url="http://b2.test/bigbluebutton/api", secret="two", capacity=10)
 BACKENDS = {"b1": B1, "b2": B2}
+URLS = CustomerUrls(("https://lms.test/ended?a=1&b=2",), ("https://lms.test/cb",))
 
 
 def query_of(url: str) -> str:
     return url.split("?", 1)[1]
 
 
-def test_round_trip_with_recordingmarks_appended() -> None:
-    url = callbacks.ended_url("http://gw", B1, "acme~room 1", ["https://lms.test/end?a=1&b=2"])
-    assert url.startswith("http://gw/callbacks/v1/ended?")
-    notice = callbacks.verify(query_of(url) + "&recordingmarks=true", BACKENDS)
-    assert notice == callbacks.EndNotice(
-        "b1", "acme~room 1", ("https://lms.test/end?a=1&b=2",), "true"
-    )
+def test_callback_notice_round_trip_with_bbb_appending_parameters() -> None:
+    ended, callback = callbacks.ended_urls("http://gw", B1, "acme~room 1", "room 1", URLS)
+    assert ended.startswith("http://gw/callbacks/v1/ended?k=ended&")
+    appended = query_of(callback) + "&recordingmarks=true&meetingID=acme%7Eroom+1"
+    notice = callbacks.verify(appended, BACKENDS)
+    assert notice == callbacks.EndNotice("callback", "b1", "acme~room 1", "room 1", URLS, "true")
+    assert callbacks.calls_for(notice) == [
+        "https://lms.test/ended?a=1&b=2",
+        "https://lms.test/cb?recordingmarks=true&meetingID=room+1",
+    ]
+
+
+def test_ended_notice_releases_but_calls_nobody() -> None:
+    ended, _ = callbacks.ended_urls("http://gw", B1, "acme~r", "r", URLS)
+    notice = callbacks.verify(query_of(ended), BACKENDS)
+    assert notice is not None and notice.kind == "ended"
+    assert callbacks.calls_for(notice) == []
+
+
+def test_reencoded_query_still_verifies() -> None:
+    _, callback = callbacks.ended_urls("http://gw", B1, "acme~room 1", "room 1", URLS)
+    reencoded = query_of(callback).replace("+", "%20").replace("%7E", "~")
+    assert callbacks.verify(reencoded, BACKENDS) is not None
 
 
 def test_tampering_or_another_backends_key_is_refused() -> None:
-    query = query_of(callbacks.ended_url("http://gw", B1, "acme~room", []))
+    _, callback = callbacks.ended_urls("http://gw", B1, "acme~room", "room", URLS)
+    query = query_of(callback)
     assert callbacks.verify(query, BACKENDS) is not None
     assert callbacks.verify(query.replace("acme~room", "acme~other"), BACKENDS) is None
     assert callbacks.verify(query.replace("b=b1", "b=b2"), BACKENDS) is None
     assert callbacks.verify(query.split("&sig=")[0], BACKENDS) is None
     added = query.replace("&sig=", "&cb=http%3A%2F%2Fevil.test&sig=")
     assert callbacks.verify(added, BACKENDS) is None
+    assert callbacks.verify(query.replace("k=callback", "k=other"), BACKENDS) is None
 
 
 def test_split_customer_urls_keeps_end_callback_visible() -> None:
@@ -44,17 +64,8 @@ def test_split_customer_urls_keeps_end_callback_visible() -> None:
     ]
     kept, urls, tags = callbacks.split_customer_urls(params)
     assert kept == [("name", "x")]
-    assert urls == ["https://a.test/e", "https://b.test/c"]
+    assert urls == CustomerUrls(("https://a.test/e",), ("https://b.test/c",))
     assert tags == [("meta_bbb-proxy-endcallbackurl", "https://b.test/c")]
-
-
-def test_with_recordingmarks() -> None:
-    assert callbacks.with_recordingmarks("https://a.test/e", "false") == (
-        "https://a.test/e?recordingmarks=false"
-    )
-    assert callbacks.with_recordingmarks("https://a.test/e?x=1", "true") == (
-        "https://a.test/e?x=1&recordingmarks=true"
-    )
 
 
 @pytest.mark.parametrize(

@@ -5,6 +5,9 @@ simulated BBB servers run in the test process and, like real servers, keep
 their meetings while the gateway is down.  Each round kills the gateway at a
 different moment, restarts it on the same ``state_dir`` and checks that:
 
+Each round kills after a different number of acknowledged creates (the
+requests then in flight are the moment's uncertainty).
+
 - every meeting whose create was acknowledged (and not ended) is still routed
   to the backend that holds it (join redirects there) and still counted;
 - no meeting whose end was acknowledged is counted;
@@ -99,6 +102,14 @@ class Burst:
         self.ended: set[str] = set()  # acknowledged ended
         self.uncertain: set[str] = set()  # request in flight when the gateway died
         self.counter = 0
+        self.created = 0  # acknowledged creates
+        self.kill_at = 0
+        self.reached = trio.Event()
+
+    def kill_after(self, more: int) -> None:
+        """Arrange for ``reached`` to be set after ``more`` further acknowledged creates."""
+        self.kill_at = self.created + more
+        self.reached = trio.Event()
 
     async def worker(self, name: str) -> None:
         while True:
@@ -117,6 +128,9 @@ class Burst:
         root = await self._get(url)
         if root is not None and root.findtext("returncode") == "SUCCESS":
             self.live[meeting_id] = size
+            self.created += 1
+            if self.created >= self.kill_at:
+                self.reached.set()
             self.uncertain.discard(meeting_id)
 
     async def end(self, meeting_id: str) -> None:
@@ -148,12 +162,14 @@ async def test_sigkill_during_burst_loses_nothing_acknowledged(
     limits = httpx.Limits(max_connections=64)
     async with httpx.AsyncClient(timeout=10, limits=limits) as http:
         burst = Burst(gw, http, seed=7)
-        for round_no, kill_after in enumerate((0.3, 0.9, 0.6)):
+        for round_no, creates in enumerate((15, 60, 35)):
             await gw.start(nursery, http)
+            burst.kill_after(creates)
             async with trio.open_nursery() as load:
                 for w in range(8):
                     load.start_soon(burst.worker, f"r{round_no}w{w}")
-                await trio.sleep(kill_after)
+                with trio.fail_after(60):
+                    await burst.reached.wait()
                 await gw.kill()
                 await trio.sleep(0.2)  # let the workers see their connections die
                 load.cancel_scope.cancel()

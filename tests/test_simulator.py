@@ -361,7 +361,7 @@ async def test_end_answers_and_notifies(server: Server, nursery: trio.Nursery) -
     assert text_of(root, "messageKey") == "sentEndMeetingRequest"
     with trio.fail_after(5):
         await done.wait()
-    assert sorted(hits) == ["/callback?recordingmarks=false", "/ended?id=7&recordingmarks=false"]
+    assert sorted(hits) == ["/callback?recordingmarks=false&meetingID=room-1", "/ended?id=7"]
     info = await server.call("getMeetingInfo", [("meetingID", "room-1")])
     assert text_of(info, "hasBeenForciblyEnded") == "true"
     _, errors = join_errors(

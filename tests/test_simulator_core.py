@@ -89,14 +89,14 @@ def test_voice_bridges_are_unique(sim: Simulator) -> None:
 def test_ended_meeting_lingers_then_goes(sim: Simulator, clock: Clock) -> None:
     create(sim, "m-1", ("meetingEndedURL", "http://lb/x"))
     assert key(call(sim, "end", [("meetingID", "m-1")])) == "sentEndMeetingRequest"
-    assert sim.take_notifications() == ["http://lb/x?recordingmarks=false"]
+    assert sim.take_notifications() == ["http://lb/x"]
     assert sim.take_notifications() == []
     assert xml(call(sim, "getMeetingInfo", [("meetingID", "m-1")])).findtext("endTime") != "0"
     assert key(call(sim, "end", [("meetingID", "m-1")])) == "sentEndMeetingRequest"
     assert sim.take_notifications() == []  # ended once, notified once
     clock.now += 1.0
     assert key(call(sim, "getMeetingInfo", [("meetingID", "m-1")])) == "notFound"
-    assert sim.notified == ["http://lb/x?recordingmarks=false"]
+    assert sim.notified == ["http://lb/x"]
 
 
 def test_without_linger_an_ended_meeting_is_gone_at_once(clock: Clock) -> None:

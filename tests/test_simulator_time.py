@@ -90,8 +90,8 @@ async def test_duration_ends_the_meeting_and_notifies(
     assert harness.notified == []
     await trio.sleep(2)
     assert sorted(url for _, url in harness.notified) == [
-        "http://lb.example/ended?m=timed&recordingmarks=false",
-        "http://lms.example/cb?recordingmarks=false",
+        "http://lb.example/ended?m=timed",
+        "http://lms.example/cb?recordingmarks=false&meetingID=timed",
     ]
     for when, _ in harness.notified:
         assert start + MINUTE <= when <= start + MINUTE + 1

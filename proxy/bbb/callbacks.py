@@ -1,19 +1,26 @@
-"""The gateway's own meeting-end URL, signed, and the customer URLs it carries.
+"""The gateway's own meeting-end URLs, signed, and the customer URLs they carry.
 
-On create the gateway removes the customer's ``meetingEndedURL`` and
-``meta_endCallbackUrl`` and gives the backend its own ``meetingEndedURL``::
+bbb-web (``MeetingService.meetingEnded``) makes two calls when a meeting ends:
+the ``endCallbackUrl`` metadata URL with ``recordingmarks`` and ``meetingID``
+appended, and the ``meetingEndedURL`` as given.  On create the gateway takes
+both slots for itself and removes the customer's::
 
-    {public_url}/callbacks/v1/ended?b=<backend>&m=<backend meetingID>&cb=<customer URL>...&sig=<hex>
+    {public_url}/callbacks/v1/ended?k=<kind>&b=<backend>&m=<backend meetingID>
+        &i=<customer's meetingID>&cb=<customer's meetingEndedURL>
+        &ecb=<customer's endCallbackUrl>&sig=<hex>
 
-``sig`` is HMAC-SHA256 over everything before it, keyed from the backend's
-secret, so only the gateway and that backend can make a URL that releases a
-reservation.  The customer's URLs travel inside it, so they survive a restart
-of the gateway without being stored anywhere else.  BBB appends
-``recordingmarks=true|false``; it is passed on to each customer URL, as BBB
-would call it.
+``k=ended`` goes into ``meetingEndedURL`` (it only releases the reservation);
+``k=callback`` goes into ``meta_endCallbackUrl``, carries the customer's URLs
+and learns ``recordingmarks``; it releases too and then calls the customer's
+URLs as BBB would have.  Either notice alone frees the connections.
 
-The customer's ``endCallbackUrl`` metadata is kept on the backend under the
-gateway's own tag, so getMeetingInfo still shows it to the customer.
+``sig`` is HMAC-SHA256, keyed from the backend's secret, over the gateway's
+own parameters re-encoded in a fixed order, so BBB re-encoding the query while
+appending to it does not break it, and nobody without the key can make a URL
+that releases a reservation.  The customer's URLs travel inside the URL, so
+they survive a restart of the gateway without being stored anywhere else.
+The customer's ``endCallbackUrl`` is also kept on the backend under the
+gateway's own metadata tag, so getMeetingInfo still shows it to the customer.
 """
 
 from __future__ import annotations
@@ -22,74 +29,107 @@ import hashlib
 import hmac
 from collections.abc import Sequence
 from dataclasses import dataclass
-from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from proxy.bbb.rewrite import KEPT_END_CALLBACK
 from proxy.config import Backend
 
 PATH = "/callbacks/v1/ended"
-CUSTOMER_PARAMS = ("meetingendedurl", "meta_endcallbackurl")
+SIGNED = ("k", "b", "m", "i", "cb", "ecb")
+KINDS = ("ended", "callback")
+
+
+@dataclass(frozen=True, slots=True)
+class CustomerUrls:
+    meeting_ended: tuple[str, ...] = ()  # called as given
+    end_callback: tuple[str, ...] = ()  # called with recordingmarks and meetingID
 
 
 @dataclass(frozen=True, slots=True)
 class EndNotice:
+    kind: str
     backend_id: str
     backend_meeting_id: str
-    customer_urls: tuple[str, ...]
+    meeting_id: str  # the customer's
+    urls: CustomerUrls
     recordingmarks: str
 
 
-def _key(backend: Backend) -> bytes:
-    return hashlib.sha256(b"bbb-proxy meeting-ended:" + backend.secret.encode()).digest()
+def _sign(backend: Backend, params: Sequence[tuple[str, str]]) -> str:
+    key = hashlib.sha256(b"bbb-proxy meeting-ended:" + backend.secret.encode()).digest()
+    return hmac.new(key, urlencode(params).encode(), hashlib.sha256).hexdigest()
 
 
-def _sign(backend: Backend, query: str) -> str:
-    return hmac.new(_key(backend), query.encode(), hashlib.sha256).hexdigest()
+def ended_urls(
+    public_url: str,
+    backend: Backend,
+    backend_meeting_id: str,
+    meeting_id: str,
+    urls: CustomerUrls,
+) -> tuple[str, str]:
+    """(our meetingEndedURL, our endCallbackUrl) for one meeting."""
+    base = [("b", backend.id), ("m", backend_meeting_id), ("i", meeting_id)]
+    ended = [("k", "ended"), *base]
+    callback = [
+        ("k", "callback"),
+        *base,
+        *(("cb", u) for u in urls.meeting_ended),
+        *(("ecb", u) for u in urls.end_callback),
+    ]
+    return _signed_url(public_url, backend, ended), _signed_url(public_url, backend, callback)
 
 
-def ended_url(
-    public_url: str, backend: Backend, backend_meeting_id: str, customer_urls: Sequence[str]
-) -> str:
-    query = urlencode(
-        [("b", backend.id), ("m", backend_meeting_id)] + [("cb", u) for u in customer_urls]
-    )
-    return f"{public_url}{PATH}?{query}&sig={_sign(backend, query)}"
+def _signed_url(public_url: str, backend: Backend, params: Sequence[tuple[str, str]]) -> str:
+    return f"{public_url}{PATH}?{urlencode(params)}&sig={_sign(backend, params)}"
 
 
 def split_customer_urls(
     params: Sequence[tuple[str, str]],
-) -> tuple[list[tuple[str, str]], list[str], list[tuple[str, str]]]:
-    """(params without the customer's end URLs, those URLs, metadata to keep them visible)."""
-    kept, urls, tags = [], [], []
+) -> tuple[list[tuple[str, str]], CustomerUrls, list[tuple[str, str]]]:
+    """(params without the customer's end URLs, those URLs, metadata that keeps them visible)."""
+    kept, ended, callback, tags = [], [], [], []
     for name, value in params:
         lowered = name.lower()
-        if lowered not in CUSTOMER_PARAMS:
-            kept.append((name, value))
-            continue
-        if value:
-            urls.append(value)
-        if lowered == "meta_endcallbackurl":
+        if lowered == "meetingendedurl":
+            ended += [value] if value else []
+        elif lowered == "meta_endcallbackurl":
+            callback += [value] if value else []
             tags.append((f"meta_{KEPT_END_CALLBACK}", value))
-    return kept, urls, tags
+        else:
+            kept.append((name, value))
+    return kept, CustomerUrls(tuple(ended), tuple(callback)), tags
 
 
 def verify(raw_query: str, backends: dict[str, Backend]) -> EndNotice | None:
     """The notice a signed meeting-ended URL carries, or None if it is not ours."""
-    before, sep, rest = raw_query.partition("&sig=")
-    signature, _, extra = rest.partition("&")
-    params = parse_qsl(before, keep_blank_values=True)
-    if not sep or len(params) < 2 or params[0][0] != "b" or params[1][0] != "m":
+    params = parse_qsl(raw_query, keep_blank_values=True)
+    signed = [(k, v) for k, v in params if k in SIGNED]
+    values = dict(reversed(signed))
+    signature = next((v for k, v in params if k == "sig"), "")
+    backend = backends.get(values.get("b", ""))
+    if backend is None or values.get("k") not in KINDS or "m" not in values:
         return None
-    backend = backends.get(params[0][1])
-    if backend is None or not hmac.compare_digest(_sign(backend, before), signature):
+    if not hmac.compare_digest(_sign(backend, signed), signature):
         return None
-    marks = dict(parse_qsl(extra)).get("recordingmarks", "false")
-    urls = tuple(v for k, v in params[2:] if k == "cb")
-    return EndNotice(backend.id, params[1][1], urls, "true" if marks == "true" else "false")
+    marks = next((v for k, v in params if k == "recordingmarks"), "false")
+    urls = CustomerUrls(
+        tuple(v for k, v in signed if k == "cb"), tuple(v for k, v in signed if k == "ecb")
+    )
+    return EndNotice(
+        values["k"], backend.id, values["m"], values.get("i", ""), urls,
+        "true" if marks == "true" else "false",
+    )  # fmt: skip
 
 
-def with_recordingmarks(url: str, marks: str) -> str:
-    """The customer's URL as BBB would call it: ``recordingmarks`` appended."""
+def calls_for(notice: EndNotice) -> list[str]:
+    """The customer URLs to call for a notice, as BBB would have called them."""
+    if notice.kind != "callback":
+        return []
+    extra = [("recordingmarks", notice.recordingmarks), ("meetingID", notice.meeting_id)]
+    return [*notice.urls.meeting_ended, *(_appended(u, extra) for u in notice.urls.end_callback)]
+
+
+def _appended(url: str, extra: Sequence[tuple[str, str]]) -> str:
     scheme, netloc, path, query, fragment = urlsplit(url)
-    extra = f"recordingmarks={quote(marks)}"
-    return urlunsplit((scheme, netloc, path, f"{query}&{extra}" if query else extra, fragment))
+    added = urlencode(extra)
+    return urlunsplit((scheme, netloc, path, f"{query}&{added}" if query else added, fragment))

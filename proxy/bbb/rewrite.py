@@ -101,9 +101,11 @@ def restore_meeting(
     hide = {h.lower() for h in hidden}
     for child in list(metadata):
         tag = child.tag if isinstance(child.tag, str) else ""
-        if tag == KEPT_END_CALLBACK:
-            child.tag = "endcallbackurl"  # the customer's own, kept aside (see callbacks.py)
-        elif tag.startswith(TAG_PREFIX) or tag in hide:
+        if tag == "endcallbackurl" or (tag.startswith(TAG_PREFIX) and tag != KEPT_END_CALLBACK):
+            metadata.remove(child)  # the gateway's own (see callbacks.py)
+        elif tag == KEPT_END_CALLBACK:
+            child.tag = "endcallbackurl"  # the customer's own, kept aside
+        elif tag in hide:
             metadata.remove(child)
 
 

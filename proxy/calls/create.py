@@ -124,9 +124,12 @@ def backend_params(gw: Gateway, req: ApiRequest, reservation: Reservation) -> li
     params = rewrite.without(req.params, ["meetingID", "maxParticipants", "duration"])
     params = apply_default_texts(params, gw.config.texts)
     params, customer_urls, kept = callbacks.split_customer_urls(params)
-    backend = gw.client(reservation.backend_id).backend
-    ended = callbacks.ended_url(
-        gw.config.proxy.public_url, backend, reservation.backend_meeting_id, customer_urls
+    ended, end_callback = callbacks.ended_urls(
+        gw.config.proxy.public_url,
+        gw.client(reservation.backend_id).backend,
+        reservation.backend_meeting_id,
+        reservation.meeting_id,
+        customer_urls,
     )
     return [
         ("meetingID", reservation.backend_meeting_id),
@@ -134,6 +137,7 @@ def backend_params(gw: Gateway, req: ApiRequest, reservation: Reservation) -> li
         ("maxParticipants", str(reservation.connections)),
         ("duration", "0"),  # the gateway never ends a meeting for its duration (SPEC §4)
         ("meetingEndedURL", ended),
+        ("meta_endCallbackUrl", end_callback),
         *rewrite.tags(reservation.customer, reservation.meeting_id, reservation.asked_duration),
         *kept,
     ]

@@ -28,7 +28,6 @@ async def meeting_ended(gw: Gateway, raw_query: str) -> bool:
         log.info("meeting %s ended on %s", reservation.key, notice.backend_id)
         await gw.ledger.release(reservation.key, "ended")
     allow = gw.config.proxy.allow_private_callbacks
-    for url in notice.customer_urls:
-        target = callbacks.with_recordingmarks(url, notice.recordingmarks)
-        gw.nursery.start_soon(call_customer_url, gw.outbound, target, allow)
+    for url in callbacks.calls_for(notice):
+        gw.nursery.start_soon(call_customer_url, gw.outbound, url, allow)
     return True

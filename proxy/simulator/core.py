@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, urlencode
 
 from proxy.bbb import checksum
 from proxy.bbb.envelope import failure, from_error
@@ -196,9 +196,14 @@ class Simulator:
         meeting.forcibly_ended = forcibly
         for attendee in list(meeting.attendees.values()):
             self.remove_attendee(meeting, attendee)
-        for url in (meeting.meeting_ended_url, meeting.metadata.get("endcallbackurl", "")):
-            if url:
-                self._outbox.append(append_query(url, "recordingmarks=false"))
+        # As bbb-web's MeetingService: the endCallbackUrl metadata gets recordingmarks
+        # and the meetingID appended; meetingEndedURL is called as given.
+        callback = meeting.metadata.get("endcallbackurl", "")
+        if callback:
+            extra = urlencode([("recordingmarks", "false"), ("meetingID", meeting.meeting_id)])
+            self._outbox.append(append_query(callback, extra))
+        if meeting.meeting_ended_url:
+            self._outbox.append(meeting.meeting_ended_url)
         if self.ended_linger_seconds <= 0:
             self._forget(meeting)
 
