@@ -181,6 +181,11 @@ class LedgerState:
         existing = self._meetings.get((request.customer, request.meeting_id))
         if existing is not None:
             return Duplicate(existing)
+        if request.connections <= limit - self.customer_used(request.customer):
+            # The common case, decided without looking at the customer's other meetings.
+            backend_id = choose(self._loads(backends, ()))
+            if backend_id is not None:
+                return Admit(_reservation(request, backend_id, now), ())
         overtime = self._overtime(request.customer, now)
         needed = _victims_needed(
             request.connections, limit - self.customer_used(request.customer), overtime
