@@ -34,7 +34,9 @@ HOME = "This is a BigBlueButton API gateway; the API is at /<customer>/bigbluebu
 def create_app(gw: Gateway) -> QuartTrio:
     app = QuartTrio(__name__)
     app.config["MAX_CONTENT_LENGTH"] = gw.config.proxy.max_body_bytes
-    metrics = Metrics(gw.ledger.statistics)
+    metrics = Metrics(gw)
+    for client in gw.clients.values():
+        client.observer = metrics.observe_backend
     app.extensions["metrics"] = metrics
 
     @app.route("/<customer>/bigbluebutton/api", methods=["GET", "POST"])

@@ -1,19 +1,23 @@
-"""Prometheus metrics: requests by call and result, latency, and the ledger's gauges.
+"""Prometheus metrics: API requests, backend calls, and gauges read at scrape time.
 
-Ledger gauges are read from :meth:`LedgerState.statistics` at scrape time, so
-the request path pays nothing for them.  One process only for now: several
-hypercorn workers would need prometheus-client's multiprocess mode.
+Counters and histograms are updated on the request path (a dict lookup and an
+add).  Everything else (the ledger, backend health and modes, limits, the
+journal) is read from the components' ``statistics()`` or state when
+Prometheus scrapes, so the request path pays nothing for it.  One process
+only for now: several hypercorn workers would need prometheus-client's
+multiprocess mode.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from proxy.ledger.model import LedgerStatistics
+from proxy.gateway import Gateway
+from proxy.health import State
 
 KNOWN_CALLS = frozenset(
     {
@@ -21,10 +25,11 @@ KNOWN_CALLS = frozenset(
         "insertDocument", "sendChatMessage",
     }
 )  # fmt: skip
+BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
 class Metrics:
-    def __init__(self, ledger_stats: Callable[[], LedgerStatistics]) -> None:
+    def __init__(self, gw: Gateway) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "bbb_proxy_requests",
@@ -36,43 +41,111 @@ class Metrics:
             "bbb_proxy_request_seconds",
             "Time to answer an API request, by call",
             ["call"],
-            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            buckets=BUCKETS,
             registry=self.registry,
         )
-        self.registry.register(_LedgerCollector(ledger_stats))
+        self.backend_requests = Counter(
+            "bbb_proxy_backend_requests",
+            "Calls to BBB servers, by backend, call and outcome",
+            ["backend", "call", "outcome"],
+            registry=self.registry,
+        )
+        self.backend_latency = Histogram(
+            "bbb_proxy_backend_request_seconds",
+            "Time a BBB server took to answer, by backend",
+            ["backend"],
+            buckets=BUCKETS,
+            registry=self.registry,
+        )
+        self.registry.register(_StateCollector(gw))
 
     def observe(self, call: str, result: str, seconds: float) -> None:
         label = call if call in KNOWN_CALLS else "other"
         self.requests.labels(label, result).inc()
         self.latency.labels(label).observe(seconds)
 
+    def observe_backend(self, backend: str, call: str, outcome: str, seconds: float) -> None:
+        self.backend_requests.labels(backend, call, outcome).inc()
+        self.backend_latency.labels(backend).observe(seconds)
+
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
 
 
-class _LedgerCollector(Collector):
-    def __init__(self, stats: Callable[[], LedgerStatistics]) -> None:
-        self._stats = stats
+def _gauge(
+    name: str, doc: str, labels: list[str], rows: dict[tuple[str, ...], float]
+) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(name, doc, labels=labels)
+    for values, value in sorted(rows.items()):
+        family.add_metric(list(values), value)
+    return family
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
-        stats = self._stats()
+
+class _StateCollector(Collector):
+    def __init__(self, gw: Gateway) -> None:
+        self._gw = gw
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        yield from self._ledger()
+        yield from self._backends()
+        yield from self._journal()
+
+    def _ledger(self) -> Iterator[GaugeMetricFamily]:
+        stats = self._gw.ledger.statistics()
         yield GaugeMetricFamily("bbb_proxy_meetings", "Meetings held in the ledger", stats.meetings)
         yield GaugeMetricFamily(
-            "bbb_proxy_meetings_pending",
-            "Creates awaiting their backend",
-            stats.pending,
+            "bbb_proxy_meetings_pending", "Creates awaiting their backend", stats.pending
         )
-        by_customer = GaugeMetricFamily(
+        customers = self._gw.config.customers
+        yield _gauge(
             "bbb_proxy_customer_connections",
             "Reserved connections by customer",
-            labels=["customer"],
+            ["customer"],
+            {(c.id,): stats.connections_by_customer.get(c.id, 0) for c in customers},
         )
-        for customer, used in sorted(stats.connections_by_customer.items()):
-            by_customer.add_metric([customer], used)
-        yield by_customer
-        by_backend = GaugeMetricFamily(
-            "bbb_proxy_backend_connections", "Connections reserved, by backend", labels=["backend"]
+        yield _gauge(
+            "bbb_proxy_customer_max_connections",
+            "The customer's subscription (concurrent connections)",
+            ["customer"],
+            {(c.id,): c.max_connections for c in customers},
         )
-        for backend, used in sorted(stats.connections_by_backend.items()):
-            by_backend.add_metric([backend], used)
-        yield by_backend
+
+    def _backends(self) -> Iterator[GaugeMetricFamily]:
+        gw, backends = self._gw, self._gw.config.backends
+        used = gw.ledger.statistics().connections_by_backend
+        yield _gauge(
+            "bbb_proxy_backend_connections",
+            "Reserved connections by backend",
+            ["backend"],
+            {(b.id,): used.get(b.id, 0) for b in backends},
+        )
+        yield _gauge(
+            "bbb_proxy_backend_capacity",
+            "Connections the backend may host",
+            ["backend"],
+            {(b.id,): b.capacity for b in backends},
+        )
+        yield _gauge(
+            "bbb_proxy_backend_health",
+            "1 for the backend's current health state (up, unhealthy, down)",
+            ["backend", "state"],
+            {(b.id, s.value): float(gw.health[b.id].state is s) for b in backends for s in State},
+        )
+        yield _gauge(
+            "bbb_proxy_backend_accepting",
+            "1 if the backend may be given new meetings (up and active)",
+            ["backend"],
+            {(b.id,): float(gw.accepts_meetings(b.id)) for b in backends},
+        )
+
+    def _journal(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        statistics = getattr(self._gw.ledger.journal, "statistics", None)
+        if statistics is None:
+            return
+        stats = statistics()
+        for field, doc in (
+            ("records_written", "Ledger records written to the journal"),
+            ("fsyncs", "fsync calls made by the journal"),
+            ("snapshots", "Ledger snapshots written"),
+        ):
+            yield CounterMetricFamily(f"bbb_proxy_journal_{field}", doc, getattr(stats, field))

@@ -20,7 +20,8 @@ from typing import Any
 import pytest
 
 from proxy import config, demo
-from proxy.ledger.model import LedgerStatistics
+from proxy.gateway import open_gateway
+from proxy.ledger.journal import open_durable_ledger
 from proxy.metrics import Metrics
 from proxy.simulator.__main__ import parse_args
 
@@ -146,12 +147,14 @@ def _dashboard_names() -> set[str]:
     return names
 
 
-def _exported_names() -> set[str]:
+async def _exported_names(state_dir: Path) -> set[str]:
     """Sample names in a real exposition, with every labelled family populated."""
-    stats = LedgerStatistics(1, 1, {"acme": 10}, {"bbb-1": 10})
-    metrics = Metrics(lambda: stats)
-    metrics.observe("create", "success", 0.01)
-    text = metrics.exposition().decode()
+    example = config.load(CONFIG_DIR / "example.toml")
+    async with open_durable_ledger(state_dir) as ledger, open_gateway(example, ledger) as gw:
+        metrics = Metrics(gw)
+        metrics.observe("create", "success", 0.01)
+        metrics.observe_backend("bbb-1", "create", "ok", 0.01)
+        text = metrics.exposition().decode()
     return {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line[:1].isalpha()}
 
 
@@ -169,12 +172,12 @@ def test_dashboard_is_grafana_json() -> None:
             assert node["datasource"]["uid"] == "${datasource}"
 
 
-def test_dashboard_uses_only_exported_metrics() -> None:
-    used, exported = _dashboard_names(), _exported_names()
+async def test_dashboard_uses_only_exported_metrics(tmp_path: Path) -> None:
+    used, exported = _dashboard_names(), await _exported_names(tmp_path)
     assert used, "no expressions found in the dashboard"
     assert used <= exported, f"not exported by proxy.metrics: {sorted(used - exported)}"
 
 
-def test_dashboard_shows_every_exported_family() -> None:
-    missing = _families(_exported_names()) - _families(_dashboard_names())
+async def test_dashboard_shows_every_exported_family(tmp_path: Path) -> None:
+    missing = _families(await _exported_names(tmp_path)) - _families(_dashboard_names())
     assert not missing, f"exported but not on the dashboard: {sorted(missing)}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from urllib.parse import urlsplit
 
 import orjson
@@ -247,6 +248,13 @@ async def test_health_and_metrics(stack: Stack) -> None:
     metrics = (await stack.http.get(f"{stack.url}/metrics")).text
     assert 'bbb_proxy_requests_total{call="create",result="success"} 1.0' in metrics
     assert 'bbb_proxy_customer_connections{customer="acme"} 10.0' in metrics
+    assert 'bbb_proxy_customer_max_connections{customer="acme"} 20.0' in metrics
+    assert 'bbb_proxy_backend_health{backend="bbb-1",state="up"} 1.0' in metrics
+    assert re.search(
+        r'bbb_proxy_backend_requests_total\{backend="bbb-\d",call="create",outcome="ok"\} 1\.0',
+        metrics,
+    )
+    assert "bbb_proxy_journal_fsyncs_total" in metrics
     # The backend refuses a one-character name; the gateway passes its answer on.
     refused = await stack.call("create", [("meetingID", "room-2"), ("name", "x")])
     assert text(refused, "messageKey") == "validationError"

@@ -13,7 +13,8 @@ translated here, and only here, into :class:`proxy.errors.BackendError`:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import httpx
@@ -21,7 +22,14 @@ from lxml import etree
 
 from proxy.bbb.checksum import signed_query
 from proxy.config import Backend, ProxySettings
-from proxy.errors import BackendBadResponse, BackendTimeout, BackendUnavailable
+from proxy.errors import BackendBadResponse, BackendError, BackendTimeout, BackendUnavailable
+
+type Observer = Callable[[str, str, str, float], None]  # backend, call, outcome, seconds
+
+
+def _unobserved(backend: str, call: str, outcome: str, seconds: float) -> None:
+    pass
+
 
 _PARSER = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=False)
 
@@ -69,6 +77,7 @@ class BackendClient:
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.backend = backend
+        self.observer: Observer = _unobserved
         t = settings.timeouts
         n = settings.backend_connections
         self._http = httpx.AsyncClient(
@@ -111,7 +120,17 @@ class BackendClient:
         content_type: str | None = None,
     ) -> bytes:
         """The raw body of a 200 answer to ``call`` (used where BBB answers JSON)."""
-        url = self.url(call, params)
+        started = time.perf_counter()
+        outcome = "ok"
+        try:
+            return await self._fetch(self.url(call, params), body, content_type)
+        except BackendError as exc:
+            outcome = type(exc).__name__.removeprefix("Backend").lower()
+            raise
+        finally:
+            self.observer(self.id, call, outcome, time.perf_counter() - started)
+
+    async def _fetch(self, url: str, body: bytes | None, content_type: str | None) -> bytes:
         headers = {"Content-Type": content_type} if content_type else None
         try:
             if body is None:

@@ -5,15 +5,18 @@
 string, as bbb-web does), the call's handler, BBB's error envelope.  Time
 comes from the injected ``clock`` (epoch seconds) and is checked lazily on
 every request and on :meth:`Simulator.tick`, so meetings end by ``duration``
-or expire unjoined without any timer here.  End notifications (GETs to
+or expire unjoined without any timer here.  A heap of each meeting's next
+deadline (:mod:`.deadlines`) makes a tick cost O(log n) per meeting due, not
+O(meetings held); the voice bridges of live meetings are kept in a set.  End notifications (GETs to
 ``meetingEndedURL`` and ``meta_endCallbackUrl``) are queued; the trio layer
 sends what :meth:`Simulator.take_notifications` hands it.
 """
 
 from __future__ import annotations
 
+import itertools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Set
 from urllib.parse import parse_qsl, urlencode
 
 from proxy.bbb import checksum
@@ -21,6 +24,7 @@ from proxy.bbb.envelope import failure, from_error
 from proxy.errors import ApiError, ChecksumError, UnsupportedRequest
 
 from . import join, meetings, render
+from .deadlines import Deadlines
 from .model import (
     ApiRequest,
     Attendee,
@@ -88,13 +92,37 @@ class Simulator:
         self.server_name = server_name
         self.behaviour = behaviour if behaviour is not None else Behaviour()
         self.clock = clock
-        self.expire_unjoined_minutes = expire_unjoined_minutes
-        self.ended_linger_seconds = ended_linger_seconds
         self.requests: list[tuple[str, list[tuple[str, str]]]] = []
         self.meetings: dict[str, Meeting] = {}
         self.notified: list[str] = []  # every notification URL handed out, in order
         self._outbox: list[str] = []
         self._sessions: dict[str, tuple[str, str]] = {}  # token -> (meetingID, internal user id)
+        self._deadlines: Deadlines[Meeting] = Deadlines()
+        self._bridges: set[str] = set()  # voice bridges of live (not ended) meetings
+        # Each meetingID's position in ``meetings`` (dict order): a tick handles the
+        # meetings due in this order, so notifications queue as a full walk would.
+        self._positions: dict[str, int] = {}
+        self._arrivals = itertools.count()
+        self._expire_unjoined_minutes = expire_unjoined_minutes
+        self._ended_linger_seconds = ended_linger_seconds
+
+    @property
+    def expire_unjoined_minutes(self) -> float | None:
+        return self._expire_unjoined_minutes
+
+    @expire_unjoined_minutes.setter
+    def expire_unjoined_minutes(self, minutes: float | None) -> None:
+        self._expire_unjoined_minutes = minutes
+        self._reschedule_all()
+
+    @property
+    def ended_linger_seconds(self) -> float:
+        return self._ended_linger_seconds
+
+    @ended_linger_seconds.setter
+    def ended_linger_seconds(self, seconds: float) -> None:
+        self._ended_linger_seconds = seconds
+        self._reschedule_all()
 
     def now_ms(self) -> int:
         return round(self.clock() * 1000)
@@ -169,15 +197,61 @@ class Simulator:
 
     # --- time ----------------------------------------------------------------
 
+    def add_meeting(self, meeting: Meeting) -> None:
+        """Hold ``meeting`` (replacing an ended one of the same meetingID) and schedule it."""
+        if meeting.meeting_id not in self.meetings:
+            self._positions[meeting.meeting_id] = next(self._arrivals)
+        self.meetings[meeting.meeting_id] = meeting
+        if not meeting.ended:
+            self._bridges.add(meeting.voice_bridge)
+        self._schedule(meeting)
+
+    @property
+    def voice_bridges(self) -> Set[str]:
+        """The voice bridges of the live (not ended) meetings."""
+        return self._bridges
+
     def tick(self) -> None:
         """End meetings whose time is up; forget ended ones that lingered long enough."""
         now = self.now_ms()
-        for meeting in list(self.meetings.values()):
+        for meeting in self._due(now):
             if meeting.ended:
                 if now >= meeting.end_time + self.ended_linger_seconds * 1000:
                     self._forget(meeting)
             elif self._expired(meeting, now):
                 self.end_meeting(meeting, forcibly=False)
+            else:
+                self._schedule(meeting)  # a stale deadline: someone joined since
+
+    def _due(self, now: int) -> list[Meeting]:
+        """The held meetings with a deadline at or before ``now``, in ``meetings`` order."""
+        held = {
+            id(m): m for m in self._deadlines.pop_due(now) if self.meetings.get(m.meeting_id) is m
+        }
+        return sorted(held.values(), key=lambda m: self._positions[m.meeting_id])
+
+    def _schedule(self, meeting: Meeting) -> None:
+        due = self._next_deadline(meeting)
+        if due is not None:
+            self._deadlines.push(due, meeting)
+
+    def _next_deadline(self, meeting: Meeting) -> float | None:
+        """When ``meeting`` may next change by time (ms): the earliest of :meth:`_expired`'s
+        limits while live, the end of its linger once ended."""
+        if meeting.ended:
+            return meeting.end_time + self.ended_linger_seconds * 1000
+        limits: list[float] = []
+        if meeting.duration > 0:
+            limits.append(meeting.create_time + meeting.duration * MINUTE_MS)
+        limit = self.expire_unjoined_minutes
+        if limit is not None and not meeting.has_user_joined:
+            limits.append(meeting.create_time + limit * MINUTE_MS)
+        return min(limits, default=None)
+
+    def _reschedule_all(self) -> None:
+        self._deadlines.clear()
+        for meeting in self.meetings.values():
+            self._schedule(meeting)
 
     def _expired(self, meeting: Meeting, now: int) -> bool:
         if meeting.duration > 0 and now >= meeting.create_time + meeting.duration * MINUTE_MS:
@@ -191,6 +265,8 @@ class Simulator:
 
     def end_meeting(self, meeting: Meeting, *, forcibly: bool) -> None:
         """End ``meeting`` now: users leave, notifications are queued."""
+        if not meeting.ended:
+            self._bridges.discard(meeting.voice_bridge)
         meeting.ended = True
         meeting.end_time = self.now_ms()
         meeting.forcibly_ended = forcibly
@@ -206,10 +282,13 @@ class Simulator:
             self._outbox.append(meeting.meeting_ended_url)
         if self.ended_linger_seconds <= 0:
             self._forget(meeting)
+        else:
+            self._schedule(meeting)
 
     def _forget(self, meeting: Meeting) -> None:
         if self.meetings.get(meeting.meeting_id) is meeting:
             del self.meetings[meeting.meeting_id]
+            del self._positions[meeting.meeting_id]
 
     # --- for the trio layer and metrics ----------------------------------------
 

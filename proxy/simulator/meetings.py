@@ -77,7 +77,7 @@ def create(sim: Simulator, req: ApiRequest, params: Params) -> Reply:
     if existing is not None and not existing.ended:
         return _duplicate_create(existing, params)
     meeting = _new_meeting(sim, meeting_id, name, params)
-    sim.meetings[meeting_id] = meeting
+    sim.add_meeting(meeting)
     return Reply.xml(render.create_response(meeting))
 
 
@@ -128,7 +128,7 @@ def _new_meeting(sim: Simulator, meeting_id: str, name: str, params: Params) -> 
 
 
 def _voice_bridge(sim: Simulator, params: Params) -> str:
-    live = [m.voice_bridge for m in sim.meetings.values() if not m.ended]
+    live = sim.voice_bridges
     if params.given("voiceBridge") is None:
         return random_voice_bridge(live)
     wanted = str(params.integer("voiceBridge"))

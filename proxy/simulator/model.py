@@ -9,7 +9,7 @@ from __future__ import annotations
 import secrets
 import string
 import time
-from collections.abc import Iterable
+from collections.abc import Container
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit, urlunsplit
 
@@ -149,12 +149,11 @@ def random_password() -> str:
     return random_token(8, _ALPHANUMERIC)
 
 
-def random_voice_bridge(taken: Iterable[str]) -> str:
+def random_voice_bridge(taken: Container[str]) -> str:
     """A 5-digit conference number no live meeting uses."""
-    used = set(taken)
     while True:
         candidate = str(10000 + secrets.randbelow(90000))
-        if candidate not in used:
+        if candidate not in taken:
             return candidate
 
 
