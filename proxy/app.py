@@ -74,6 +74,8 @@ def create_app(gw: Gateway) -> QuartTrio:
 
     @app.route("/readyz")
     async def readyz() -> Response:
+        if gw.ledger.journal.failed:
+            return Response("ledger journal failed\n", 503, content_type="text/plain")
         ready = any(gw.accepts_meetings(b.id) for b in gw.config.backends)
         text = "ready\n" if ready else "no backend accepts meetings\n"
         return Response(text, 200 if ready else 503, content_type="text/plain")

@@ -10,6 +10,7 @@ import trio
 
 from proxy.bbb.checksum import compute, signed_query
 from proxy.config import DEFAULT_WELCOME
+from proxy.ledger.service import NullJournal
 from tests.harness import BACKEND_SECRET, Stack, query_of, start_receiver, text, wait_until
 
 
@@ -304,3 +305,24 @@ async def test_forged_end_notice_releases_nothing(stack: Stack) -> None:
     assert stack.gateway.ledger.get(("acme", "room-1")) is not None
     assert (await stack.http.get(genuine)).status_code == 200
     assert stack.gateway.ledger.get(("acme", "room-1")) is None
+
+
+async def test_readiness_is_honest(stack: Stack) -> None:
+    ready = f"{stack.url}/readyz"
+    assert (await stack.http.get(ready)).status_code == 200
+    for backend in stack.config.backends:
+        stack.gateway.modes[backend.id] = "drain"
+    assert (await stack.http.get(ready)).status_code == 503
+    stack.gateway.modes["bbb-1"] = "active"
+    assert (await stack.http.get(ready)).status_code == 200
+    journal = stack.gateway.ledger.journal
+
+    class Failed(NullJournal):
+        failed = True
+
+    stack.gateway.ledger.journal = Failed()
+    try:
+        response = await stack.http.get(ready)
+        assert (response.status_code, response.text) == (503, "ledger journal failed\n")
+    finally:
+        stack.gateway.ledger.journal = journal

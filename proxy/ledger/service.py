@@ -44,9 +44,16 @@ class Journal(Protocol):
 
     async def flush(self) -> None: ...
 
+    @property
+    def failed(self) -> bool:
+        """True once a write failed: nothing more can be made durable."""
+        ...
+
 
 class NullJournal:
     """No durability: for tests of the decision logic and for benchmarks' baselines."""
+
+    failed = False
 
     def append(self, record: Record) -> None:
         pass
