@@ -51,8 +51,7 @@ def listed_meetings(root: etree._Element) -> list[Listed]:
     found = []
     for meeting in root.iterfind("meetings/meeting"):
         owner = rewrite.meeting_owner(meeting)
-        backend_meeting_id = meeting.findtext("meetingID") or ""
-        if owner is None or not rewrite.owned_by(owner[0], backend_meeting_id):
+        if owner is None:
             continue
         if _has_ended(meeting):  # BBB lists an ended meeting for a while: it holds nothing
             continue
@@ -60,7 +59,7 @@ def listed_meetings(root: etree._Element) -> list[Listed]:
             Listed(
                 customer=owner[0],
                 meeting_id=owner[1],
-                backend_meeting_id=backend_meeting_id,
+                backend_meeting_id=meeting.findtext("meetingID") or "",
                 asked_duration=owner[2],
                 max_users=_int(meeting.findtext("maxUsers")),
                 created_at=_int(meeting.findtext("createTime")) / 1000,

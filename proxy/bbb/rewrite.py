@@ -77,7 +77,10 @@ def replace_param(
 
 
 def meeting_owner(meeting: etree._Element) -> tuple[str, str, int] | None:
-    """(customer, customer's meetingID, asked duration) from a tagged meeting, if tagged."""
+    """(customer, customer's meetingID, asked duration) of a meeting the gateway made.
+
+    Both marks must agree: the customer tag and the namespaced meetingID.
+    """
     metadata = meeting.find("metadata")
     if metadata is None:
         return None
@@ -85,28 +88,25 @@ def meeting_owner(meeting: etree._Element) -> tuple[str, str, int] | None:
     meeting_id = metadata.findtext(MEETING_TAG)
     if not customer or meeting_id is None:
         return None
+    if not owned_by(customer, meeting.findtext("meetingID") or ""):
+        return None
     duration = metadata.findtext(DURATION_TAG) or "0"
     return customer, meeting_id, int(duration) if duration.isdigit() else 0
 
 
-def restore_meeting(
-    meeting: etree._Element, meeting_id: str, asked_duration: int, hidden: Iterable[str] = ()
-) -> None:
+def restore_meeting(meeting: etree._Element, meeting_id: str, asked_duration: int) -> None:
     """Rewrite one ``<meeting>``/``<response>`` in place for the customer's eyes."""
     _set_text(meeting, "meetingID", meeting_id)
     _set_text(meeting, "duration", str(asked_duration))
     metadata = meeting.find("metadata")
     if metadata is None:
         return
-    hide = {h.lower() for h in hidden}
     for child in list(metadata):
         tag = child.tag if isinstance(child.tag, str) else ""
         if tag == "endcallbackurl" or (tag.startswith(TAG_PREFIX) and tag != KEPT_END_CALLBACK):
             metadata.remove(child)  # the gateway's own (see callbacks.py)
         elif tag == KEPT_END_CALLBACK:
             child.tag = "endcallbackurl"  # the customer's own, kept aside
-        elif tag in hide:
-            metadata.remove(child)
 
 
 def _set_text(parent: etree._Element, tag: str, text: str) -> None:
