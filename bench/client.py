@@ -59,6 +59,9 @@ class Connection:
     async def __aexit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
+        self.close()
+
+    def close(self) -> None:
         self._sock.close()
 
     async def get(self, path: str) -> Response:

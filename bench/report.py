@@ -14,7 +14,7 @@ from typing import Any
 from bench.stats import Summary
 
 RESULTS_DIR = Path(__file__).parent / "results"
-COLUMNS = "{:<18} {:>9} {:>8} {:>8} {:>8} {:>7} {:>12} {:>9}"
+COLUMNS = "{:<26} {:>9} {:>8} {:>8} {:>8} {:>7} {:>12} {:>9}"
 HEADER = ("target", "req/s", "p50 ms", "p99 ms", "max ms", "errors", "srv CPU µs/r", "loadgen%")
 
 
@@ -122,4 +122,42 @@ def document(
             for results, ratios in zip(rounds, compared, strict=True)
         ],
         "median_ratios": medians,
+    }
+
+
+def print_call_ratios(rounds: list[list[dict[str, Any]]]) -> None:
+    """Per call, the gateway over its baseline; the median over rounds."""
+    print(f"\ngateway / baseline per call (median of {len(rounds)} round(s)):")
+    for same in zip(*rounds, strict=True):
+        medians = {k: statistics.median(r[k] for r in same) for k in ("throughput", "p50", "p99")}
+        print(
+            f"{same[0]['call']:<17} vs {same[0]['baseline']:<7} throughput "
+            f"x{medians['throughput']:.3f}  p50 x{medians['p50']:.2f}  p99 x{medians['p99']:.2f}"
+        )
+
+
+def mix_document(
+    info: dict[str, Any],
+    options: dict[str, Any],
+    rounds: list[dict[str, dict[str, Any]]],
+    compared: list[list[dict[str, Any]]],
+) -> dict[str, Any]:
+    return {
+        "scenario": "lms",
+        "command": " ".join(["python -m bench", *sys.argv[1:]]),
+        "machine": info,
+        "options": options,
+        "rounds": [
+            {
+                "runs": {
+                    name: {
+                        "server_cpu_us_per_request": run["server_cpu_us_per_request"],
+                        "calls": [dataclasses.asdict(s) for s in run["calls"].values()],
+                    }
+                    for name, run in by_run.items()
+                },
+                "ratios": ratios,
+            }
+            for by_run, ratios in zip(rounds, compared, strict=True)
+        ],
     }
