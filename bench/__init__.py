@@ -12,8 +12,15 @@ Layout (decisions without I/O first, the trio layer last)::
     loadgen.py    closed-loop load: N connections, bounded in time and count
     processes.py  the servers under test, each in its own process
     bare.py       the bare quart-trio endpoint (``python -m bench.bare``)
-    targets.py    what one measurement hammers: URLs, expected answers, processes
     scenarios.py  join and create: set-up, targets, baselines
+    users.py      locust-style User / @task / between, on the raw-socket client
+    swarm.py      runs users by weight, bounded in time and count
+    lms.py        the LMS mix: Teacher and Student
+    mix.py        the mix against gateway, direct backends and bare endpoint; per-call ratios
+    ledger_curves.py   in-process ledger curves: cost, memory, snapshots, fsync
+    gateway_curves.py  curves through gateway processes: fan-out, pre-filled ledger, RSS
+    plot.py       markdown tables and PNGs (matplotlib, the ``bench`` extra)
+    curves.py     ``python -m bench curve NAME``
     report.py     the table on stdout and the JSON under bench/results/
-    __main__.py   ``python -m bench join|create [--seconds --connections --warmup]``
+    __main__.py   ``python -m bench join|create|lms ...`` and ``curve ...``
 """

@@ -49,7 +49,16 @@ def _spec(args: argparse.Namespace) -> LoadSpec:
 async def fanout(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     rows = await fanout_curve(workdir, _ints(args.backends), args.latency, _spec(args))
     table = [
-        (r["backends"], r["req_s"], r["p50_ms"], r["p99_ms"], r["errors"], r["direct_p50_ms"])
+        (
+            r["backends"],
+            r["req_s"],
+            r["p50_ms"],
+            r["p99_ms"],
+            r["errors"],
+            r["gateway_cpu_ms_per_request"],
+            r["simulators_cpu_ms_per_request"],
+            r["direct_p50_ms"],
+        )
         for r in rows
     ]
     xs = [r["backends"] for r in rows]
@@ -57,7 +66,16 @@ async def fanout(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "gateway p50": [r["p50_ms"] for r in rows],
         "gateway p99": [r["p99_ms"] for r in rows],
     }
-    headers = ["backends", "req/s", "p50 ms", "p99 ms", "errors", "1 backend direct p50 ms"]
+    headers = [
+        "backends",
+        "req/s",
+        "p50 ms",
+        "p99 ms",
+        "errors",
+        "gateway CPU ms/req",
+        "simulator process CPU ms/req",
+        "1 backend direct p50 ms",
+    ]
     title = f"getMeetings through the gateway, backends answering in {args.latency * 1000:.0f} ms"
     return _done("fanout", rows, headers, table, (title, "backends", "ms", xs, series), 60.0)
 

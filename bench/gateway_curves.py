@@ -30,9 +30,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.ledger_curves import meeting_id, request
+from bench.client import fetch
+from bench.ledger_curves import request
 from bench.loadgen import Load, run_load
-from bench.processes import Server, open_server, read_lines, wait_ready
+from bench.processes import Server, cpu_seconds, open_server, read_lines, wait_ready
 from bench.scenarios import JOIN_REDIRECT, SUCCESS, gateway_path, simulator_path
 from bench.stack import HOST, _gateway_argv, _port, _simulator_argv, free_port, gateway_toml
 from bench.stats import summarise
@@ -63,20 +64,32 @@ async def open_gateway(workdir: Path, backend_urls: list[str]) -> AsyncIterator[
 
 
 async def measure_paths(
-    port: int, paths: Any, expect: Any, spec: LoadSpec, name: str
+    port: int,
+    paths: Any,
+    expect: Any,
+    spec: LoadSpec,
+    name: str,
+    cpu_of: dict[str, int] | None = None,
 ) -> dict[str, Any]:
+    """Load ``port``; latency, throughput and, per process in ``cpu_of``, CPU µs/request."""
+
     def load(seconds: float) -> Load:
         return Load(HOST, (port,), paths, expect, spec.connections, seconds, spec.max_requests)
 
     await run_load(load(spec.warmup))
+    pids = cpu_of or {}
+    before = {who: cpu_seconds(pid) for who, pid in pids.items()}
     tally, elapsed = await run_load(load(spec.seconds))
+    used = {who: cpu_seconds(pid) - before[who] for who, pid in pids.items()}
     s = summarise(name, tally.latencies, tally.errors, elapsed, 0.0, 0.0, tally.first_error)
+    answered = max(s.requests, 1)
     return {
         "req_s": s.requests_per_second,
         "p50_ms": s.p50_ms,
         "p99_ms": s.p99_ms,
         "errors": s.errors,
         "first_error": s.first_error,
+        **{f"{who}_cpu_ms_per_request": t / answered * 1e3 for who, t in used.items()},
     }
 
 
@@ -92,9 +105,10 @@ async def fanout_curve(
             _port(urls[0]), lambda: simulator_path(api, "getMeetings", []), SUCCESS, spec, "direct"
         )
         for count in counts:
-            async with open_gateway(workdir, urls[:count]) as (_gw, port):
+            async with open_gateway(workdir, urls[:count]) as (gw, port):
                 path = gateway_path("getMeetings", [])
-                row = await measure_paths(port, lambda p=path: p, SUCCESS, spec, "gateway")
+                cpu_of = {"gateway": gw.pid, "simulators": sim.pid}
+                row = await measure_paths(port, lambda p=path: p, SUCCESS, spec, "gateway", cpu_of)
             rows.append({"backends": count, **row, "direct_p50_ms": direct["p50_ms"]})
             print(f"  fan-out {count:>3} backends: {row}", flush=True)
     return rows
@@ -150,8 +164,6 @@ def _create(n: int) -> list[tuple[str, str]]:
 
 
 async def _join_paths(port: int) -> Any:
-    from bench.client import fetch
-
     for n in range(SETUP_MEETINGS):
         created = await fetch(HOST, port, gateway_path("create", _create(-1 - n)))
         assert SUCCESS.met_by(created), created.body[:300]
@@ -168,6 +180,3 @@ async def _join_paths(port: int) -> Any:
     ]
     joins = iter(range(10**9))
     return lambda: pool[next(joins) % len(pool)]
-
-
-__all__ = ["fanout_curve", "ledger_size_point", "meeting_id"]
