@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import httpx
 import trio
 
-from proxy.backends.client import BackendClient
+from proxy.backends.client import BackendClient, Transport
 from proxy.config import Config
 from proxy.health import Health, State
 from proxy.ledger.model import BackendSpec
@@ -77,7 +77,7 @@ class Gateway:
 async def open_gateway(
     config: Config,
     ledger: Ledger | None = None,
-    transport_factory: Callable[[str], httpx.AsyncBaseTransport | None] = lambda _id: None,
+    transport_factory: Callable[[str], Transport | None] = lambda _id: None,
 ) -> AsyncIterator[Gateway]:
     """A running gateway; its backend clients close when the block exits."""
     clients = {

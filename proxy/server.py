@@ -13,12 +13,12 @@ import signal
 from collections.abc import Callable
 from typing import Any
 
-import httpx
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
 from proxy.app import create_app
+from proxy.backends.client import Transport
 from proxy.backends.monitor import monitor_backends, reconcile_all
 from proxy.config import Config
 from proxy.gateway import Gateway, open_gateway
@@ -47,7 +47,7 @@ async def serve_gateway(
     ledger: Ledger | None = None,
     handle_signals: bool = False,
     monitor: bool = True,
-    transport_factory: Callable[[str], httpx.AsyncBaseTransport | None] = lambda _id: None,
+    transport_factory: Callable[[str], Transport | None] = lambda _id: None,
     task_status: trio.TaskStatus[tuple[Gateway, list[str]]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the gateway until cancelled (or, with ``handle_signals``, until SIGTERM/SIGINT).

@@ -9,6 +9,7 @@ import pytest
 import trio
 from lxml import etree
 
+from proxy.backends.http import Pool
 from proxy.ledger.model import MINUTE
 from proxy.ledger.service import Ledger
 from proxy.simulator import Behaviour
@@ -162,14 +163,10 @@ async def test_all_backends_refusing_is_server_unavailable(make_stack: StackFact
 async def test_unreachable_backend_is_skipped_for_another(make_stack: StackFactory) -> None:
     stack = await make_stack()
     # Point bbb-1 at a closed port: connect fails before anything is sent.
+    closed = Pool("http://127.0.0.1:9/bigbluebutton/api", stack.config.proxy.timeouts, 4)
     client = stack.gateway.client("bbb-1")
-    object.__setattr__(
-        client,
-        "backend",
-        client.backend.__class__(
-            id="bbb-1", url="http://127.0.0.1:9/bigbluebutton/api", secret="x", capacity=100
-        ),
-    )
+    await client.aclose()
+    client._transport = closed
     for i in range(6):
         root = await stack.create(f"room-{i}", maxParticipants="1")
         assert text(root, "returncode") == "SUCCESS"

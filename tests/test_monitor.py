@@ -10,12 +10,12 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-import httpx
 import pytest
 import trio
 import trio.testing
 from lxml import etree
 
+from proxy.backends import http
 from proxy.backends.monitor import monitor_backends, reconcile_all
 from proxy.bbb import rewrite
 from proxy.config import from_mapping
@@ -55,15 +55,20 @@ class FakeBackend:
     meetings: list[Reservation] = field(default_factory=list)
     polls: list[float] = field(default_factory=list)
 
-    async def handle(self, request: httpx.Request) -> httpx.Response:
+    async def request(
+        self, method: str, target: str, body: bytes | None = None, content_type: str | None = None
+    ) -> http.Answer:
         self.polls.append(trio.current_time())
         if not self.alive:
-            raise httpx.ConnectError("refused", request=request)
-        body = "".join(_meeting_xml(r) for r in self.meetings)
-        return httpx.Response(
-            200,
-            text=f"<response><returncode>SUCCESS</returncode><meetings>{body}</meetings></response>",
+            raise http.ConnectFailed("refused")
+        meetings = "".join(_meeting_xml(r) for r in self.meetings)
+        xml = (
+            f"<response><returncode>SUCCESS</returncode><meetings>{meetings}</meetings></response>"
         )
+        return http.Answer(200, xml.encode())
+
+    async def aclose(self) -> None:
+        pass
 
 
 def _meeting_xml(r: Reservation) -> str:
@@ -121,10 +126,7 @@ async def backends() -> dict[str, FakeBackend]:
 async def gateway(backends: dict[str, FakeBackend]) -> AsyncIterator[Gateway]:
     ledger = Ledger(clock=trio.current_time)
 
-    def transport(backend_id: str) -> httpx.AsyncBaseTransport:
-        return httpx.MockTransport(backends[backend_id].handle)
-
-    async with open_gateway(CONFIG, ledger, transport) as gw:
+    async with open_gateway(CONFIG, ledger, backends.get) as gw:
         yield gw
 
 

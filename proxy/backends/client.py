@@ -1,7 +1,7 @@
 """Talking to one BBB server: signed calls, per-phase timeouts, one error boundary.
 
-Each backend gets its own small ``httpx.AsyncClient`` (one large shared pool
-degrades badly past ~30 connections).  Every httpx and lxml exception is
+Each backend gets its own small pool of keep-alive connections
+(:mod:`proxy.backends.http`).  Every transport and lxml exception is
 translated here, and only here, into :class:`proxy.errors.BackendError`:
 
 - nothing was sent (connect refused or timed out, pool exhausted)
@@ -16,10 +16,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
+from urllib.parse import urlsplit
 
-import httpx
 from lxml import etree
 
+from proxy.backends import http
 from proxy.bbb.checksum import signed_query
 from proxy.config import Backend, ProxySettings
 from proxy.errors import BackendBadResponse, BackendError, BackendTimeout, BackendUnavailable
@@ -67,24 +69,27 @@ def parse_reply(backend_id: str, content: bytes) -> Reply:
     return Reply(root)
 
 
+class Transport(Protocol):
+    """How a client reaches its server; :class:`proxy.backends.http.Pool` in production."""
+
+    async def request(
+        self, method: str, target: str, body: bytes | None = None, content_type: str | None = None
+    ) -> http.Answer: ...
+
+    async def aclose(self) -> None: ...
+
+
 class BackendClient:
     """Signed calls to one BBB server."""
 
     def __init__(
-        self,
-        backend: Backend,
-        settings: ProxySettings,
-        transport: httpx.AsyncBaseTransport | None = None,
+        self, backend: Backend, settings: ProxySettings, transport: Transport | None = None
     ) -> None:
         self.backend = backend
         self.observer: Observer = _unobserved
-        t = settings.timeouts
-        n = settings.backend_connections
-        self._http = httpx.AsyncClient(
-            timeout=httpx.Timeout(connect=t.connect, read=t.read, write=t.write, pool=t.pool),
-            limits=httpx.Limits(max_connections=n, max_keepalive_connections=n),
-            follow_redirects=False,
-            transport=transport,
+        self._path = urlsplit(backend.url).path
+        self._transport: Transport = transport or http.Pool(
+            backend.url, settings.timeouts, settings.backend_connections
         )
 
     @property
@@ -93,8 +98,10 @@ class BackendClient:
 
     def url(self, call: str, params: Sequence[tuple[str, str]]) -> str:
         """The signed URL of ``call`` on this backend."""
-        query = signed_query(call, params, self.backend.secret, self.backend.checksum_algorithm)
-        return f"{self.backend.url}/{call}?{query}"
+        return f"{self.backend.url}/{call}?{self._query(call, params)}"
+
+    def _query(self, call: str, params: Sequence[tuple[str, str]]) -> str:
+        return signed_query(call, params, self.backend.secret, self.backend.checksum_algorithm)
 
     async def call(
         self,
@@ -122,30 +129,28 @@ class BackendClient:
         """The raw body of a 200 answer to ``call`` (used where BBB answers JSON)."""
         started = time.perf_counter()
         outcome = "ok"
+        target = f"{self._path}/{call}?{self._query(call, params)}"
         try:
-            return await self._fetch(self.url(call, params), body, content_type)
+            return await self._fetch(target, body, content_type)
         except BackendError as exc:
             outcome = type(exc).__name__.removeprefix("Backend").lower()
             raise
         finally:
             self.observer(self.id, call, outcome, time.perf_counter() - started)
 
-    async def _fetch(self, url: str, body: bytes | None, content_type: str | None) -> bytes:
-        headers = {"Content-Type": content_type} if content_type else None
+    async def _fetch(self, target: str, body: bytes | None, content_type: str | None) -> bytes:
+        method = "GET" if body is None else "POST"
         try:
-            if body is None:
-                response = await self._http.get(url)
-            else:
-                response = await self._http.post(url, content=body, headers=headers)
-        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
-            raise BackendUnavailable(self.id, type(exc).__name__) from None
-        except httpx.TimeoutException as exc:
-            raise BackendTimeout(self.id, type(exc).__name__) from None
-        except httpx.HTTPError as exc:
-            raise BackendBadResponse(self.id, type(exc).__name__) from None
-        if response.status_code != 200:
-            raise BackendBadResponse(self.id, f"HTTP {response.status_code}")
-        return response.content
+            answer = await self._transport.request(method, target, body, content_type)
+        except http.ConnectFailed as exc:
+            raise BackendUnavailable(self.id, str(exc)) from None
+        except http.Timeout as exc:
+            raise BackendTimeout(self.id, str(exc)) from None
+        except http.ProtocolFailed as exc:
+            raise BackendBadResponse(self.id, str(exc)) from None
+        if answer.status != 200:
+            raise BackendBadResponse(self.id, f"HTTP {answer.status}")
+        return answer.body
 
     async def aclose(self) -> None:
-        await self._http.aclose()
+        await self._transport.aclose()
