@@ -18,8 +18,8 @@ client must see it (a ``messageKey`` and a ``message`` in BBB's envelope)::
         └── BackendBadResponse      an answer that is not BBB's XML (HTML, 5xx, garbage)
 
 ``BackendError`` is raised only by :mod:`proxy.backends`, which translates
-httpx and lxml exceptions at exactly one boundary.  Callers that talk to the
-customer turn any ``ProxyError`` into BBB's envelope with :func:`as_envelope`
+transport and lxml exceptions at exactly one boundary.  Callers that talk to the
+customer turn any ``ProxyError`` into BBB's envelope with :func:`from_error`
 in :mod:`proxy.bbb.envelope`.
 
 ``ConfigError`` and ``StateError`` stand apart: they stop start-up with a message naming the

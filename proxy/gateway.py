@@ -14,6 +14,7 @@ import httpx
 import trio
 
 from proxy.backends.client import BackendClient, Transport
+from proxy.backends.outbound import TIMEOUT as OUTBOUND_TIMEOUT
 from proxy.config import Config
 from proxy.health import Health, State
 from proxy.ledger.model import BackendSpec
@@ -83,7 +84,7 @@ async def open_gateway(
     clients = {
         b.id: BackendClient(b, config.proxy, transport_factory(b.id)) for b in config.backends
     }
-    outbound = httpx.AsyncClient(timeout=5.0, follow_redirects=False)
+    outbound = httpx.AsyncClient(timeout=OUTBOUND_TIMEOUT, follow_redirects=False)
     try:
         async with trio.open_nursery() as nursery:
             yield Gateway(
