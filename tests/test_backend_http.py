@@ -96,7 +96,7 @@ async def test_read_timeout(nursery: trio.Nursery) -> None:
     started = trio.current_time()
     with pytest.raises(Timeout, match="waiting for the answer"):
         await pool.request("GET", "/")
-    assert 0.3 <= trio.current_time() - started < 1.0
+    assert 0.3 <= trio.current_time() - started < 2.0
     await pool.aclose()
 
 
