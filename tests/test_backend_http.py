@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Awaitable, Callable
 from functools import partial
 
 import pytest
 import trio
+import trustme
 
 from proxy.backends.http import ConnectFailed, Pool, ProtocolFailed, Timeout
 from proxy.config import Timeouts
@@ -22,7 +24,7 @@ async def serve(nursery: trio.Nursery, handler: Handler) -> str:
     return f"http://127.0.0.1:{port}/bigbluebutton/api"
 
 
-async def read_request(stream: trio.SocketStream) -> bytes:
+async def read_request(stream: trio.abc.Stream) -> bytes:
     data = b""
     while b"\r\n\r\n" not in data:
         chunk = await stream.receive_some(65536)
@@ -144,3 +146,31 @@ async def test_connect_refused_and_pool_exhausted(nursery: trio.Nursery) -> None
         both.start_soon(one)
     assert sorted(outcomes) == ["no slot", "ok"]
     await pool.aclose()
+
+
+async def test_https_verifies_the_server_certificate(nursery: trio.Nursery) -> None:
+    ca = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("localhost").configure_cert(server_context)
+
+    async def handler(stream: trio.SocketStream) -> None:
+        tls = trio.SSLStream(stream, server_context, server_side=True)
+        try:
+            await tls.do_handshake()
+            while (await read_request(tls)).startswith(b"GET"):
+                await tls.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        except trio.BrokenResourceError:
+            pass  # the untrusting client hangs up mid-handshake; the pool closes without notify
+
+    plain = await serve(nursery, handler)
+    url = plain.replace("http://127.0.0.1", "https://localhost")
+    trusting = ssl.create_default_context()
+    ca.configure_trust(trusting)
+    pool = Pool(url, FAST, 2, ssl_context=trusting)
+    for _ in range(3):
+        assert (await pool.request("GET", "/bigbluebutton/api/getMeetings")).body == b"ok"
+    await pool.aclose()
+    untrusting = Pool(url, FAST, 2)  # the system's CAs do not know the test CA
+    with pytest.raises(ConnectFailed, match="CERTIFICATE_VERIFY_FAILED"):
+        await untrusting.request("GET", "/")
+    await untrusting.aclose()

@@ -81,7 +81,13 @@ class _Connection:
 class Pool:
     """Keep-alive connections to one server (``base_url``), at most ``size`` at once."""
 
-    def __init__(self, base_url: str, timeouts: Timeouts, size: int) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        timeouts: Timeouts,
+        size: int,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
         parts = urlsplit(base_url)
         self._tls = parts.scheme == "https"
         self._host = parts.hostname or ""
@@ -91,7 +97,7 @@ class Pool:
         self._timeouts = timeouts
         self._slots = trio.CapacityLimiter(size)
         self._idle: list[_Connection] = []
-        self._ssl = ssl.create_default_context() if self._tls else None
+        self._ssl = (ssl_context or ssl.create_default_context()) if self._tls else None
 
     async def request(
         self, method: str, target: str, body: bytes | None = None, content_type: str | None = None
@@ -124,7 +130,8 @@ class Pool:
             try:
                 stream = await self._open()
             except (OSError, trio.BrokenResourceError, ssl.SSLError) as exc:
-                raise ConnectFailed(f"{type(exc).__name__}: {exc}") from None
+                cause = exc.__cause__ or exc  # trio wraps TLS failures (certificate, handshake)
+                raise ConnectFailed(f"{type(cause).__name__}: {cause}") from None
         if connecting.cancelled_caught:
             raise ConnectFailed("connect timed out")
         return _Connection(stream, h11.Connection(h11.CLIENT), now)
