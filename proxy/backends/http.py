@@ -141,7 +141,11 @@ class Pool:
         if self._ssl is None:
             return tcp
         stream = trio.SSLStream(tcp, self._ssl, server_hostname=self._host, https_compatible=True)
-        await stream.do_handshake()
+        try:
+            await stream.do_handshake()
+        except BaseException:
+            await trio.aclose_forcefully(tcp)  # a refused certificate must not leak the socket
+            raise
         return stream
 
     async def _exchange(
