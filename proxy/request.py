@@ -39,13 +39,18 @@ class ApiRequest:
         return value
 
     def integer(self, name: str) -> int | None:
-        """A non-negative integer parameter (absent or empty: None)."""
+        """An integer parameter (absent or empty: None).
+
+        Negative values are allowed through: clients send ``maxParticipants=-1`` for
+        "unlimited", and callers treat anything below 1 as not given.
+        """
         value = self.first(name)
         if value is None or not value.strip():
             return None
         value = value.strip()
-        if not value.isdigit() or len(value) > 9:
-            raise ValidationError(f"Parameter {name} must be a non-negative integer")
+        digits = value.removeprefix("-")
+        if not digits.isdigit() or len(digits) > 9:
+            raise ValidationError(f"Parameter {name} must be an integer")
         return int(value)
 
 

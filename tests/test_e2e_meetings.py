@@ -59,6 +59,17 @@ async def test_create_defaults_and_default_chat_texts(stack: Stack) -> None:
     assert (reservation.connections, reservation.duration) == (10, 60)
 
 
+async def test_negative_size_and_duration_mean_not_given(stack: Stack) -> None:
+    root = await stack.create("room-1", maxParticipants="-1", duration="-1")
+    assert text(root, "returncode") == "SUCCESS"
+    assert text(root, "duration") == "0"
+    [params] = sent(stack, "create")
+    assert params["maxParticipants"] == "10"  # acme's default
+    reservation = stack.gateway.ledger.get(("acme", "room-1"))
+    assert reservation is not None
+    assert (reservation.connections, reservation.duration) == (10, 60)
+
+
 async def test_deactivated_default_texts_send_only_customers_texts(stack: Stack) -> None:
     await stack.create(
         "room-1",

@@ -107,7 +107,8 @@ async def test_disabled_calls(make_stack: StackFactory) -> None:
         ([("meetingID", "a,b"), ("name", "x")], "validationError"),
         ([("meetingID", "ok"), ("name", "")], "validationError"),
         ([("meetingID", "ok"), ("name", "x"), ("maxParticipants", "many")], "validationError"),
-        ([("meetingID", "ok"), ("name", "x"), ("duration", "-5")], "validationError"),
+        ([("meetingID", "ok"), ("name", "x"), ("duration", "1.5")], "validationError"),
+        ([("meetingID", "ok"), ("name", "x"), ("maxParticipants", "--1")], "validationError"),
     ],
 )
 async def test_bad_create_parameters_change_nothing(

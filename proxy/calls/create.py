@@ -71,8 +71,8 @@ def _create_request(req: ApiRequest) -> CreateRequest:
     if name is None or not name.strip():
         raise ValidationError("You must provide a meeting name")
     customer = req.customer
-    asked_size = req.integer("maxParticipants") or 0
-    asked_duration = req.integer("duration") or 0
+    asked_size = max(req.integer("maxParticipants") or 0, 0)  # 0 or less: not given
+    asked_duration = max(req.integer("duration") or 0, 0)
     return CreateRequest(
         customer=customer.id,
         meeting_id=meeting_id,
