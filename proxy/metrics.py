@@ -25,6 +25,17 @@ KNOWN_CALLS = frozenset(
         "insertDocument", "sendChatMessage",
     }
 )  # fmt: skip
+# Results worth a label; anything else a server answers counts as "otherFailure", so a
+# misbehaving server cannot blow up the label set.
+KNOWN_RESULTS = frozenset(
+    {
+        "success", "failed", "checksumError", "apiNotEnabled", "unsupportedRequest",
+        "validationError", "missingParamMeetingID", "missingParamFullName", "notFound",
+        "subscriptionExhausted", "noServerCapacity", "serverUnavailable", "internalError",
+        "idNotUnique", "nonUniqueVoiceBridge", "invalidPassword", "unsupportedContentType",
+        "meetingForciblyEnded", "maxParticipantsReached", "mismatchCreateTimeParam",
+    }
+)  # fmt: skip
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
@@ -61,7 +72,7 @@ class Metrics:
 
     def observe(self, call: str, result: str, seconds: float) -> None:
         label = call if call in KNOWN_CALLS else "other"
-        self.requests.labels(label, result).inc()
+        self.requests.labels(label, result if result in KNOWN_RESULTS else "otherFailure").inc()
         self.latency.labels(label).observe(seconds)
 
     def observe_backend(self, backend: str, call: str, outcome: str, seconds: float) -> None:

@@ -11,6 +11,7 @@ import trio
 from proxy.bbb.checksum import compute, signed_query
 from proxy.config import DEFAULT_WELCOME
 from proxy.ledger.service import NullJournal
+from proxy.metrics import Metrics
 from tests.harness import BACKEND_SECRET, Stack, query_of, start_receiver, text, wait_until
 
 
@@ -337,3 +338,14 @@ async def test_readiness_is_honest(stack: Stack) -> None:
         assert (response.status_code, response.text) == (503, "ledger journal failed\n")
     finally:
         stack.gateway.ledger.journal = journal
+
+
+async def test_metric_labels_stay_bounded(stack: Stack) -> None:
+    m = Metrics(stack.gateway)  # the label guard lives in Metrics; drive it directly
+    for i in range(50):
+        m.observe("create", f"weirdKey{i}", 0.01)
+        m.observe(f"call{i}", "success", 0.01)
+    text_out = m.exposition().decode()
+    assert 'result="otherFailure"} 50.0' in text_out
+    assert 'call="other",result="success"} 50.0' in text_out
+    assert "weirdKey" not in text_out and "call7" not in text_out
