@@ -139,8 +139,14 @@ def state(gw: Gateway) -> State:
     return gw.health["b1"].state
 
 
-async def sleep_until(t: float) -> None:
-    await trio.sleep_until(t)
+async def monitoring(
+    gateway: Gateway, backends: dict[str, FakeBackend], nursery: trio.Nursery
+) -> float:
+    """Hold room-1 on b1, start the monitor; the start time (first poll 10 s later)."""
+    start = trio.current_time()
+    await hold(gateway, backends, reservation("room-1", created_at=start))
+    nursery.start_soon(monitor_backends, gateway)
+    return start
 
 
 async def test_long_outage_releases_after_grace_exactly(
@@ -149,22 +155,20 @@ async def test_long_outage_releases_after_grace_exactly(
     backends: dict[str, FakeBackend],
     nursery: trio.Nursery,
 ) -> None:
-    start = trio.current_time()
-    await hold(gateway, backends, reservation("room-1", created_at=start))
+    start = await monitoring(gateway, backends, nursery)
     backends["b1"].alive = False
-    nursery.start_soon(monitor_backends, gateway)
-    await sleep_until(start + 10.5)
+    await trio.sleep_until(start + 10.5)
     assert state(gateway) is State.UNHEALTHY
     assert not gateway.accepts_meetings("b1")
     assert gateway.accepts_meetings("b2")
-    await sleep_until(start + 29.5)
+    await trio.sleep_until(start + 29.5)
     assert state(gateway) is State.UNHEALTHY
-    await sleep_until(start + 30.5)
+    await trio.sleep_until(start + 30.5)
     assert state(gateway) is State.DOWN
     assert gateway.health["b1"].down_since == pytest.approx(start + 30)
-    await sleep_until(start + 89.5)
+    await trio.sleep_until(start + 89.5)
     assert gateway.ledger.get(("acme", "room-1")) is not None  # grace not over
-    await sleep_until(start + 90.5)
+    await trio.sleep_until(start + 90.5)
     assert gateway.ledger.get(("acme", "room-1")) is None
     assert gateway.ledger.statistics().connections_by_backend == {}
     assert backends["b1"].polls == pytest.approx([start + 10 * i for i in range(1, 10)])
@@ -176,16 +180,14 @@ async def test_brief_outage_splits_nothing(
     backends: dict[str, FakeBackend],
     nursery: trio.Nursery,
 ) -> None:
-    start = trio.current_time()
-    await hold(gateway, backends, reservation("room-1", created_at=start))
-    nursery.start_soon(monitor_backends, gateway)
+    start = await monitoring(gateway, backends, nursery)
     backends["b1"].alive = False
-    await sleep_until(start + 25)  # two failed polls: 10, 20
+    await trio.sleep_until(start + 25)  # two failed polls: 10, 20
     assert state(gateway) is State.UNHEALTHY
     backends["b1"].alive = True
-    await sleep_until(start + 35)  # one good poll at 30
+    await trio.sleep_until(start + 35)  # one good poll at 30
     assert state(gateway) is State.UNHEALTHY
-    await sleep_until(start + 45)  # second good poll at 40
+    await trio.sleep_until(start + 45)  # second good poll at 40
     assert gateway.health["b1"] == Health(State.UP)
     kept = gateway.ledger.get(("acme", "room-1"))
     assert kept is not None and kept.backend_id == "b1"
