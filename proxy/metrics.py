@@ -18,6 +18,7 @@ from prometheus_client.registry import Collector
 
 from proxy.gateway import Gateway
 from proxy.health import State
+from proxy.ledger.model import LedgerStatistics
 
 KNOWN_CALLS = frozenset(
     {
@@ -97,12 +98,12 @@ class _StateCollector(Collector):
         self._gw = gw
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
-        yield from self._ledger()
-        yield from self._backends()
+        stats = self._gw.ledger.statistics()  # one walk of the ledger per scrape
+        yield from self._ledger(stats)
+        yield from self._backends(stats)
         yield from self._journal()
 
-    def _ledger(self) -> Iterator[GaugeMetricFamily]:
-        stats = self._gw.ledger.statistics()
+    def _ledger(self, stats: LedgerStatistics) -> Iterator[GaugeMetricFamily]:
         yield GaugeMetricFamily("bbb_proxy_meetings", "Meetings held in the ledger", stats.meetings)
         yield GaugeMetricFamily(
             "bbb_proxy_meetings_pending", "Creates awaiting their backend", stats.pending
@@ -121,9 +122,9 @@ class _StateCollector(Collector):
             {(c.id,): c.max_connections for c in customers},
         )
 
-    def _backends(self) -> Iterator[GaugeMetricFamily]:
+    def _backends(self, stats: LedgerStatistics) -> Iterator[GaugeMetricFamily]:
         gw, backends = self._gw, self._gw.config.backends
-        used = gw.ledger.statistics().connections_by_backend
+        used = stats.connections_by_backend
         yield _gauge(
             "bbb_proxy_backend_connections",
             "Reserved connections by backend",
