@@ -10,7 +10,7 @@ import trio
 from lxml import etree
 
 from proxy.backends.http import Pool
-from proxy.ledger.model import MINUTE
+from proxy.ledger.model import MINUTE, Reservation, Reserve
 from proxy.ledger.service import Ledger
 from proxy.simulator import Behaviour
 from tests.harness import Stack, StackFactory, text, wait_until
@@ -197,3 +197,25 @@ async def test_bbbctl_library_drives_the_gateway(stack: Stack) -> None:
     assert stack.gateway.ledger.get(("acme", "lib-room")) is None
     with pytest.raises(bbbctl.ApiError):
         await trio.to_thread.run_sync(client.getMeetingInfo, "lib-room")
+
+
+async def test_create_of_a_meeting_left_pending_by_a_crash(stack: Stack) -> None:
+    """A Reserve replayed without its Confirm: the next create asks the pinned backend."""
+    ghost = Reservation(
+        customer="acme",
+        meeting_id="ghost",
+        backend_id="bbb-2",
+        backend_meeting_id="acme~ghost",
+        connections=4,
+        duration=60,
+        asked_duration=60,
+        created_at=stack.gateway.ledger.clock(),
+    )
+    await stack.gateway.ledger.record(Reserve(ghost))
+    with trio.fail_after(5):
+        root = await stack.create("ghost", maxParticipants="4")
+    assert text(root, "returncode") == "SUCCESS"
+    assert "acme~ghost" in stack.sims[1].meetings
+    held = stack.gateway.ledger.get(("acme", "ghost"))
+    assert held is not None and held.confirmed and held.backend_id == "bbb-2"
+    assert stack.gateway.ledger.statistics().connections_by_customer == {"acme": 4}

@@ -50,9 +50,11 @@ async def create(gw: Gateway, req: ApiRequest) -> Answer:
         match decision:
             case Refuse(error):
                 raise refused or error  # every backend with room refused: not a capacity issue
-            case Duplicate(reservation) if not reservation.confirmed:
+            case Duplicate(reservation) if gw.ledger.settling(reservation.key):
                 await gw.ledger.wait_settled(reservation.key)
             case Duplicate(reservation):
+                # Confirmed, or pending from before a restart (its answer was never seen):
+                # the backend it is pinned to says whether it exists.
                 return await _forward(gw, req, reservation)
             case Admit(reservation, victims):
                 _end_victims(gw, victims)
@@ -108,6 +110,8 @@ async def _forward(gw: Gateway, req: ApiRequest, reservation: Reservation) -> An
     reply = await _send(gw, req, reservation)
     if not reply.ok:
         return Answer.xml(rewrite.serialise(reply.root))
+    if not reservation.confirmed:
+        await gw.ledger.confirm(reservation.key)
     return _answer(reply, reservation)
 
 

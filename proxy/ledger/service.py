@@ -98,6 +98,10 @@ class Ledger:
             self._settled[decision.reservation.key] = trio.Event()
         return decision
 
+    def settling(self, key: MeetingKey) -> bool:
+        """Whether a create of ``key`` is in flight in this process."""
+        return key in self._settled
+
     async def wait_settled(self, key: MeetingKey) -> None:
         """Wait until a pending create of ``key`` has been confirmed or released."""
         event = self._settled.get(key)
