@@ -106,12 +106,29 @@ async def fanout_curve(
         )
         for count in counts:
             async with open_gateway(workdir, urls[:count]) as (gw, port):
+                await spread_meetings(port, count)
                 path = gateway_path("getMeetings", [])
                 cpu_of = {"gateway": gw.pid, "simulators": sim.pid}
                 row = await measure_paths(port, lambda p=path: p, SUCCESS, spec, "gateway", cpu_of)
             rows.append({"backends": count, **row, "direct_p50_ms": direct["p50_ms"]})
             print(f"  fan-out {count:>3} backends: {row}", flush=True)
     return rows
+
+
+async def spread_meetings(port: int, backends: int) -> None:
+    """Create meetings until every backend holds one of the customer's (the gateway asks
+    only the backends that hold the customer's meetings, so this is the worst case)."""
+    for n in range(50 * backends):
+        created = await fetch(HOST, port, gateway_path("create", _create(n)))
+        assert created.contains(b"<returncode>SUCCESS</returncode>"), created.body[:200]
+        metrics = (await fetch(HOST, port, "/metrics")).body.decode()
+        holding = [
+            line for line in metrics.splitlines()
+            if line.startswith("bbb_proxy_backend_connections{") and not line.endswith(" 0.0")
+        ]  # fmt: skip
+        if len(holding) == backends:
+            return
+    raise RuntimeError(f"could not place a meeting on each of {backends} backends")
 
 
 def prefill(state_dir: Path, size: int) -> None:

@@ -8,6 +8,7 @@ from urllib.parse import urlsplit
 import orjson
 import trio
 
+from proxy.bbb import rewrite
 from proxy.bbb.checksum import compute, signed_query
 from proxy.config import DEFAULT_WELCOME
 from proxy.ledger.service import NullJournal
@@ -349,3 +350,28 @@ async def test_metric_labels_stay_bounded(stack: Stack) -> None:
     assert 'result="otherFailure"} 50.0' in text_out
     assert 'call="other",result="success"} 50.0' in text_out
     assert "weirdKey" not in text_out and "call7" not in text_out
+
+
+async def test_get_meetings_asks_only_backends_holding_the_customers_meetings(
+    stack: Stack,
+) -> None:
+    def polls() -> int:
+        return len([r for sim in stack.sims for r in sim.requests if r[0] == "getMeetings"])
+
+    await stack.create("room-1")
+    holder, backend_meeting = stack.backend_meeting("acme", "room-1")
+    before = polls()
+    empty = await stack.call("getMeetings", [], "globex")
+    assert text(empty, "messageKey") == "noMeetings"
+    assert polls() == before  # globex holds nothing: no backend is asked
+    listing = await stack.call("getMeetings", [], "acme")
+    assert [text(m, "meetingID") for m in listing.findall("meetings/meeting")] == ["room-1"]
+    assert polls() == before + 1
+    assert holder.requests[-1][0] == "getMeetings"
+    # A meeting the ledger does not hold is not listed, even if tagged as acme's.
+    stray = [("meetingID", "acme~stray"), ("name", "Stray room"), *rewrite.tags("acme", "stray", 0)]
+    sim_url = stack.sim_urls[stack.sims.index(holder)]
+    await stack.http.get(f"{sim_url}/create?{signed_query('create', stray, BACKEND_SECRET)}")
+    listing = await stack.call("getMeetings", [], "acme")
+    assert [text(m, "meetingID") for m in listing.findall("meetings/meeting")] == ["room-1"]
+    assert backend_meeting in holder.meetings

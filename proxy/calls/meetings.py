@@ -138,17 +138,26 @@ def join_error(gw: Gateway, req_params: list[tuple[str, str]], error: ProxyError
 
 
 async def get_meetings(gw: Gateway, req: ApiRequest) -> Answer:
-    """This customer's meetings from every backend, fetched in parallel with a deadline."""
+    """This customer's meetings, from the backends that hold them, in parallel, with a deadline.
+
+    The ledger says which meetings are the customer's and where they run, so only those
+    backends are asked, and only meetings the ledger holds are listed: exactly the ones
+    getMeetingInfo, join and end can reach.  A backend that fails or is too slow is left out.
+    """
+    held = gw.ledger.state.customer_meetings(req.customer.id)
+    mine = {(r.backend_id, r.backend_meeting_id): r for r in held}
+    holding = {backend_id for backend_id, _ in mine}
     replies: dict[str, Reply] = {}
     with trio.move_on_after(gw.config.proxy.timeouts.get_meetings):
         async with trio.open_nursery() as nursery:
             for backend_id in gw.in_service():
-                nursery.start_soon(_collect, gw, backend_id, replies)
+                if backend_id in holding:
+                    nursery.start_soon(_collect, gw, backend_id, replies)
     meetings = [
         rewrite.serialise(m)
         for backend in gw.config.backends
         if backend.id in replies
-        for m in _customer_meetings(req.customer.id, replies[backend.id])
+        for m in _listed(backend.id, replies[backend.id], mine)
     ]
     if not meetings:
         return Answer.xml(
@@ -172,13 +181,15 @@ async def _collect(gw: Gateway, backend_id: str, replies: dict[str, Reply]) -> N
         replies[backend_id] = reply
 
 
-def _customer_meetings(customer: str, reply: Reply) -> list[etree._Element]:
+def _listed(
+    backend_id: str, reply: Reply, mine: dict[tuple[str, str], Reservation]
+) -> list[etree._Element]:
+    """The meetings of ``reply`` that are the customer's, rewritten for its eyes."""
     found = []
     for meeting in reply.root.iterfind("meetings/meeting"):
-        owner = rewrite.meeting_owner(meeting)
-        if owner is None or owner[0] != customer:
+        reservation = mine.get((backend_id, meeting.findtext("meetingID") or ""))
+        if reservation is None:
             continue
-        _, meeting_id, asked_duration = owner
-        rewrite.restore_meeting(meeting, meeting_id, asked_duration)
+        rewrite.restore_meeting(meeting, reservation.meeting_id, reservation.asked_duration)
         found.append(meeting)
     return found
