@@ -179,3 +179,28 @@ def test_pending_meetings_are_not_preempted() -> None:
     state.apply(Reserve(decision.reservation))  # never confirmed
     later = admit_and_apply(state, request("B", 10, 60), now=HOUR)
     assert isinstance(later, Refuse)
+
+
+def test_pending_count_follows_reserve_confirm_release() -> None:
+    state = LedgerState()
+    ring = Ring(["b1", "b2"])
+    keys = []
+    for i in range(4):
+        req = request(f"m{i}", 1, 60)
+
+        def choose(
+            loads: Mapping[str, BackendLoad], key: str = req.backend_meeting_id
+        ) -> str | None:
+            return ring.choose(key, 1, loads)
+
+        decision = state.admit(req, 20, BACKENDS, choose, 0.0)
+        assert isinstance(decision, Admit)
+        state.apply(Reserve(decision.reservation))
+        keys.append(decision.reservation.key)
+    assert state.statistics().pending == 4
+    state.apply(Confirm(keys[0]))
+    state.apply(Confirm(keys[0]))  # twice changes nothing
+    state.apply(Release(keys[1], "failed"))  # a pending one
+    state.apply(Release(keys[0], "end"))  # a confirmed one
+    assert state.statistics().pending == 2
+    assert state.statistics().pending == sum(not r.confirmed for r in state)

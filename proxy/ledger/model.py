@@ -131,6 +131,7 @@ class LedgerState:
         self._by_backend: dict[str, dict[MeetingKey, Reservation]] = {}
         self._customer_used: dict[str, int] = {}
         self._backend_used: dict[str, int] = {}
+        self._pending = 0  # reservations not yet confirmed
 
     # -- reading --
 
@@ -162,7 +163,7 @@ class LedgerState:
     def statistics(self) -> LedgerStatistics:
         return LedgerStatistics(
             meetings=len(self._meetings),
-            pending=sum(not r.confirmed for r in self._meetings.values()),
+            pending=self._pending,
             connections_by_customer=dict(self._customer_used),
             connections_by_backend=dict(self._backend_used),
         )
@@ -235,6 +236,7 @@ class LedgerState:
                 if current is not None and not current.confirmed:
                     current = replace(current, confirmed=True)
                     self._store(current)
+                    self._pending -= 1
                 return current
             case Release(key, _reason):
                 return self._remove(key)
@@ -243,6 +245,7 @@ class LedgerState:
         if r.key in self._meetings:
             self._remove(r.key)
         self._store(r)
+        self._pending += not r.confirmed
         self._customer_used[r.customer] = self.customer_used(r.customer) + r.connections
         self._backend_used[r.backend_id] = self.backend_used(r.backend_id) + r.connections
 
@@ -261,6 +264,7 @@ class LedgerState:
         _drop(self._by_backend, r.backend_id, r.key)
         _subtract(self._customer_used, r.customer, r.connections)
         _subtract(self._backend_used, r.backend_id, r.connections)
+        self._pending -= not r.confirmed
         return r
 
 
