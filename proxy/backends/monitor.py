@@ -100,21 +100,10 @@ async def _release_backend(gw: Gateway, backend_id: str) -> None:
 
 
 async def reconcile_all(gw: Gateway) -> None:
-    """Reconcile every backend in service once (start-up); unreachable ones stay as they are."""
-
-    async def one(backend_id: str) -> None:
-        polled_at = gw.ledger.clock()
-        reply = await _poll(gw, backend_id)
-        if reply is None:
-            gw.health[backend_id] = after_poll(
-                gw.health[backend_id], False, trio.current_time(), thresholds(gw)
-            )
-            return
-        await reconcile(gw, backend_id, reply, polled_at)
-
+    """Poll every backend in service once (start-up): the same poll the monitor makes."""
     async with trio.open_nursery() as nursery:
         for backend_id in gw.in_service():
-            nursery.start_soon(one, backend_id)
+            nursery.start_soon(poll_once, gw, backend_id)
     down = [b for b, h in gw.health.items() if h.state is not State.UP]
     if down:
         log.warning("start-up: backends not reachable: %s", ", ".join(down))
