@@ -16,16 +16,12 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from proxy.calls import CALLS
 from proxy.gateway import Gateway
 from proxy.health import State
 from proxy.ledger.model import LedgerStatistics
 
-KNOWN_CALLS = frozenset(
-    {
-        "create", "join", "end", "isMeetingRunning", "getMeetingInfo", "getMeetings",
-        "insertDocument", "sendChatMessage",
-    }
-)  # fmt: skip
+KNOWN_CALLS = frozenset(CALLS)  # anything else is labelled "other"
 # Results worth a label; anything else a server answers counts as "otherFailure", so a
 # misbehaving server cannot blow up the label set.
 KNOWN_RESULTS = frozenset(

@@ -71,8 +71,7 @@ def version_document() -> Answer:
 
 async def handle(gw: Gateway, incoming: Incoming) -> tuple[str, Answer]:
     """Answer one API request; returns (result label for metrics, answer)."""
-    params = [(k, v) for k, v in parse_qsl(incoming.raw_query, keep_blank_values=True)]
-    params += incoming.form
+    params = parse_qsl(incoming.raw_query, keep_blank_values=True) + incoming.form
     try:
         req = _verified(gw, incoming, params)
         handler = _handler(gw, req)
