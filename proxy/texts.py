@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from proxy.bbb.rewrite import first_values
 from proxy.config import Texts
 
 SWITCH = "deactivateBbbserverDefaultChatTexts"
@@ -19,7 +20,7 @@ SEPARATOR = "<br><br>"
 
 def apply_default_texts(params: Sequence[tuple[str, str]], texts: Texts) -> list[tuple[str, str]]:
     """``params`` for the backend: switch removed, platform texts put in front."""
-    values = dict(reversed(params))  # the first value wins, as bbb-web reads parameters
+    values = first_values(params)
     deactivated = values.get(SWITCH, "").strip().lower() == "true"
     out = [(k, v) for k, v in params if k not in (SWITCH, "welcome", "moderatorOnlyMessage")]
     for name, default in (

@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from proxy.bbb.rewrite import KEPT_END_CALLBACK
+from proxy.bbb.rewrite import KEPT_END_CALLBACK, first_values
 from proxy.config import Backend
 
 PATH = "/callbacks/v1/ended"
@@ -104,7 +104,7 @@ def verify(raw_query: str, backends: dict[str, Backend]) -> EndNotice | None:
     """The notice a signed meeting-ended URL carries, or None if it is not ours."""
     params = parse_qsl(raw_query, keep_blank_values=True)
     signed = [(k, v) for k, v in params if k in SIGNED]
-    values = dict(reversed(signed))
+    values = first_values(signed)
     signature = next((v for k, v in params if k == "sig"), "")
     backend = backends.get(values.get("b", ""))
     if backend is None or values.get("k") not in KINDS or "m" not in values:

@@ -56,6 +56,11 @@ def without(params: Iterable[tuple[str, str]], names: Iterable[str]) -> list[tup
     return [(k, v) for k, v in params if k.lower() not in drop and not is_reserved_param(k)]
 
 
+def first_values(params: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """Each parameter's first value, as bbb-web reads a repeated parameter."""
+    return dict(reversed(list(params)))
+
+
 def replace_param(
     params: Iterable[tuple[str, str]], name: str, value: str
 ) -> list[tuple[str, str]]:

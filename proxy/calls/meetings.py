@@ -130,7 +130,7 @@ def join(gw: Gateway, req: ApiRequest) -> Answer:
 
 def join_error(gw: Gateway, req_params: list[tuple[str, str]], error: ProxyError) -> Answer:
     """bbb-web renders join errors as a redirect to the logout URL with ``errors=``."""
-    values = dict(reversed(req_params))
+    values = rewrite.first_values(req_params)
     target = (
         values.get("errorRedirectUrl") or values.get("logoutURL") or gw.config.proxy.join_error_url
     )
