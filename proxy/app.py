@@ -37,7 +37,6 @@ def create_app(gw: Gateway) -> QuartTrio:
     metrics = Metrics(gw)
     for client in gw.clients.values():
         client.observer = metrics.observe_backend
-    app.extensions["metrics"] = metrics
 
     @app.route("/<customer>/bigbluebutton/api", methods=["GET", "POST"])
     @app.route("/<customer>/bigbluebutton/api/", methods=["GET", "POST"])
