@@ -12,8 +12,7 @@ from lxml import etree
 from proxy import errors
 from proxy.bbb import envelope
 
-# shared/ lies beside the checkout, here and in CI.
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "bbb-fixtures" / "bigbluebutton"
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "bbb" / "bigbluebutton"  # see SOURCES.md
 
 
 def shape(xml: str | bytes) -> list[tuple[str, str]]:

@@ -1,6 +1,6 @@
 """The simulated BBB server over real HTTP: started on port 0, spoken to with httpx.
 
-Answers are compared with real BBB responses (``/work/shared/bbb-fixtures``)
+Answers are compared with real BBB responses (``tests/fixtures/bbb``, sources in its SOURCES.md)
 by their element structure, ignoring text.
 """
 
@@ -23,7 +23,7 @@ from proxy.bbb.checksum import compute, signed_query
 from proxy.simulator import Behaviour, Simulator, serve_simulator
 
 SECRET = "8cd8ef52e8e101574e400365b55e11a6"
-FIXTURES = Path("/work/shared/bbb-fixtures")
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "bbb"
 DOCS = FIXTURES / "bigbluebutton"
 PHP = FIXTURES / "bigbluebutton-api-php" / "responses"
 
