@@ -6,7 +6,8 @@ handlers in :mod:`proxy.calls` receive the :class:`Gateway` and nothing else.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 
@@ -21,6 +22,8 @@ from proxy.ledger.model import BackendSpec
 from proxy.ledger.service import Ledger
 from proxy.placement import Ring
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class Gateway:
@@ -28,10 +31,11 @@ class Gateway:
     ledger: Ledger
     clients: Mapping[str, BackendClient]
     ring: Ring
-    nursery: trio.Nursery  # background work (ending preempted meetings, callbacks)
+    nursery: trio.Nursery  # background work: only through spawn(), which supervises it
     outbound: httpx.AsyncClient  # calls to customers' URLs (see backends/outbound.py)
     health: dict[str, Health] = field(default_factory=dict)  # set by the backend monitor
     modes: dict[str, str] = field(default_factory=dict)  # active | drain | disabled
+    task_failures: dict[str, int] = field(default_factory=dict)  # by task kind, for metrics
     _in_flight: int = field(default=0, init=False)
     _idle: trio.Event = field(default_factory=trio.Event, init=False)
 
@@ -39,6 +43,24 @@ class Gateway:
         for backend in self.config.backends:
             self.health.setdefault(backend.id, Health())
             self.modes.setdefault(backend.id, backend.mode)
+
+    def spawn[*Ts](self, kind: str, fn: Callable[[*Ts], Awaitable[object]], *args: *Ts) -> None:
+        """Run ``fn(*args)`` in the background on behalf of one customer or backend.
+
+        Supervised: an exception is logged (the log filter redacts it) and counted
+        under ``kind`` in :attr:`task_failures`; it never reaches the nursery, so it
+        never ends the gateway.  Cancellation passes through.
+        """
+        self.nursery.start_soon(self._supervised, kind, fn, *args)
+
+    async def _supervised[*Ts](
+        self, kind: str, fn: Callable[[*Ts], Awaitable[object]], *args: *Ts
+    ) -> None:
+        try:
+            await fn(*args)
+        except Exception:
+            self.task_failures[kind] = self.task_failures.get(kind, 0) + 1
+            log.exception("background task %s failed", kind)
 
     @contextmanager
     def request_in_flight(self) -> Iterator[None]:

@@ -159,7 +159,7 @@ def _answer(reply: Reply, reservation: Reservation) -> Answer:
 def _end_victims(gw: Gateway, victims: tuple[Reservation, ...]) -> None:
     """End preempted overtime meetings; their connections are already free in the ledger."""
     for victim in victims:
-        gw.nursery.start_soon(_end_one, gw, victim)
+        gw.spawn("end-preempted", _end_one, gw, victim)
 
 
 async def _end_one(gw: Gateway, victim: Reservation) -> None:

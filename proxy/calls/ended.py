@@ -29,5 +29,5 @@ async def meeting_ended(gw: Gateway, raw_query: str) -> bool:
         await gw.ledger.release(reservation.key, "ended")
     allow = gw.config.proxy.allow_private_callbacks
     for url in callbacks.calls_for(notice):
-        gw.nursery.start_soon(call_customer_url, gw.outbound, url, allow)
+        gw.spawn("customer-url", call_customer_url, gw.outbound, url, allow)
     return True
