@@ -22,6 +22,7 @@ TAG_PREFIX = "bbb-proxy-"  # metadata keys of the gateway's own, as BBB stores t
 CUSTOMER_TAG = TAG_PREFIX + "customer"
 MEETING_TAG = TAG_PREFIX + "meeting"
 DURATION_TAG = TAG_PREFIX + "duration"
+CREATED_TAG = TAG_PREFIX + "created"  # the reservation's created_at: names the meeting instance
 KEPT_END_CALLBACK = TAG_PREFIX + "endcallbackurl"
 
 
@@ -38,12 +39,22 @@ def owned_by(customer: str, backend_id: str) -> bool:
     return backend_id.startswith(customer + SEPARATOR)
 
 
-def tags(customer: str, meeting_id: str, asked_duration: int) -> list[tuple[str, str]]:
-    return [
+def tags(
+    customer: str, meeting_id: str, asked_duration: int, created_at: float | None = None
+) -> list[tuple[str, str]]:
+    """The gateway's metadata for one meeting.
+
+    ``created_at`` (the reservation's, ``repr`` of the float so it reads back exactly)
+    tells one instance of a meetingID from the next one created under the same ID.
+    """
+    marks = [
         (f"meta_{CUSTOMER_TAG}", customer),
         (f"meta_{MEETING_TAG}", meeting_id),
         (f"meta_{DURATION_TAG}", str(asked_duration)),
     ]
+    if created_at is not None:
+        marks.append((f"meta_{CREATED_TAG}", repr(created_at)))
+    return marks
 
 
 def is_reserved_param(name: str) -> bool:

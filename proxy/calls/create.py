@@ -142,7 +142,12 @@ def backend_params(gw: Gateway, req: ApiRequest, reservation: Reservation) -> li
         ("duration", "0"),  # the gateway never ends a meeting for its duration (SPEC §4)
         ("meetingEndedURL", ended),
         ("meta_endCallbackUrl", end_callback),
-        *rewrite.tags(reservation.customer, reservation.meeting_id, reservation.asked_duration),
+        *rewrite.tags(
+            reservation.customer,
+            reservation.meeting_id,
+            reservation.asked_duration,
+            reservation.created_at,
+        ),
         *kept,
     ]
 
