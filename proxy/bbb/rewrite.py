@@ -16,6 +16,8 @@ from collections.abc import Iterable
 
 from lxml import etree
 
+from proxy.bbb.numbers import parse_count
+
 SEPARATOR = "~"
 MAX_MEETING_ID = 256
 TAG_PREFIX = "bbb-proxy-"  # metadata keys of the gateway's own, as BBB stores them
@@ -106,8 +108,7 @@ def meeting_owner(meeting: etree._Element) -> tuple[str, str, int] | None:
         return None
     if not owned_by(customer, meeting.findtext("meetingID") or ""):
         return None
-    duration = metadata.findtext(DURATION_TAG) or "0"
-    return customer, meeting_id, int(duration) if duration.isdigit() else 0
+    return customer, meeting_id, parse_count(metadata.findtext(DURATION_TAG), max_digits=9)
 
 
 def restore_meeting(meeting: etree._Element, meeting_id: str, asked_duration: int) -> None:
