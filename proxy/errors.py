@@ -16,6 +16,7 @@ client must see it (a ``messageKey`` and a ``message`` in BBB's envelope)::
         ├── BackendTimeout          no answer within the configured phase timeout
         ├── BackendUnavailable      connection refused, reset, DNS, TLS
         └── BackendBadResponse      an answer that is not BBB's XML (HTML, 5xx, garbage)
+            └── BackendRedirect     a 302 instead (how BBB answers a failed join)
 
 ``BackendError`` is raised only by :mod:`proxy.backends`, which translates
 transport and lxml exceptions at exactly one boundary.  Callers that talk to the
@@ -109,6 +110,18 @@ class BackendUnavailable(BackendError):
 class BackendBadResponse(BackendError):
     message_key = "internalError"
     message = "The server hosting this meeting gave an invalid answer"
+
+
+class BackendRedirect(BackendBadResponse):
+    """A 302 where XML was expected; ``location`` is where BBB sent the browser.
+
+    bbb-web answers a failed join with a redirect carrying ``errors=`` even when
+    ``redirect=false``; everywhere else this is just a bad answer.
+    """
+
+    def __init__(self, backend_id: str, location: str) -> None:
+        super().__init__(backend_id, "HTTP 302")
+        self.location = location
 
 
 class ConfigError(Exception):

@@ -24,7 +24,13 @@ from lxml import etree
 from proxy.backends import http
 from proxy.bbb.checksum import signed_query
 from proxy.config import Backend, ProxySettings
-from proxy.errors import BackendBadResponse, BackendError, BackendTimeout, BackendUnavailable
+from proxy.errors import (
+    BackendBadResponse,
+    BackendError,
+    BackendRedirect,
+    BackendTimeout,
+    BackendUnavailable,
+)
 
 type Observer = Callable[[str, str, str, float], None]  # backend, call, outcome, seconds
 
@@ -148,6 +154,8 @@ class BackendClient:
             raise BackendTimeout(self.id, str(exc)) from None
         except http.ProtocolFailed as exc:
             raise BackendBadResponse(self.id, str(exc)) from None
+        if answer.status == 302 and answer.location:
+            raise BackendRedirect(self.id, answer.location)  # how BBB answers a failed join
         if answer.status != 200:
             raise BackendBadResponse(self.id, f"HTTP {answer.status}")
         return answer.body

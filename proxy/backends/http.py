@@ -58,6 +58,7 @@ class ProtocolFailed(HttpError):
 class Answer:
     status: int
     body: bytes
+    location: str = ""  # a redirect's Location header (join errors), else ""
 
 
 @dataclass
@@ -206,7 +207,7 @@ def _deadline(seconds: float, phase: str) -> Iterator[None]:
 async def _read_answer(connection: _Connection) -> Answer:
     """Read one whole answer."""
     conn = connection.h11
-    status = 0
+    status, location = 0, ""
     chunks: list[bytes] = []
     size = 0
     while True:
@@ -216,13 +217,14 @@ async def _read_answer(connection: _Connection) -> Answer:
             conn.receive_data(data)
         elif isinstance(event, h11.Response):
             status = event.status_code
+            location = dict(event.headers).get(b"location", b"").decode("latin-1")
         elif isinstance(event, h11.Data):
             size += len(event.data)
             if size > MAX_ANSWER_BYTES:
                 raise ProtocolFailed("answer too large")
             chunks.append(bytes(event.data))
         elif isinstance(event, h11.EndOfMessage):
-            return Answer(status, b"".join(chunks))
+            return Answer(status, b"".join(chunks), location)
         elif isinstance(event, h11.ConnectionClosed):
             raise ProtocolFailed("connection closed before the answer was complete")
 
