@@ -86,6 +86,11 @@ class Gateway:
         """Up and active: may be given new meetings."""
         return self.modes[backend_id] == "active" and self.health[backend_id].state is State.UP
 
+    def backend_down(self, backend_id: str) -> bool:
+        """DOWN by health: its meetings are not reachable, so a create re-places them
+        elsewhere and a join must not send users there (answer an error instead)."""
+        return self.health[backend_id].state is State.DOWN
+
     def in_service(self) -> list[str]:
         """Backends that are polled and asked for their meetings (not disabled)."""
         return [b.id for b in self.config.backends if self.modes[b.id] != "disabled"]
