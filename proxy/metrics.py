@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from proxy.bbb.customer_urls import OUTCOMES as CUSTOMER_URL_OUTCOMES
 from proxy.calls import CALLS
 from proxy.gateway import Gateway
 from proxy.health import State
@@ -33,6 +34,7 @@ KNOWN_RESULTS = frozenset(
         "meetingForciblyEnded", "maxParticipantsReached", "mismatchCreateTimeParam",
     }
 )  # fmt: skip
+CUSTOMER_URL_KINDS = ("dropped", "ok", "failed", "refused", "invalid")
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
@@ -98,6 +100,7 @@ class _StateCollector(Collector):
         yield from self._ledger(stats)
         yield from self._backends(stats)
         yield from self._journal()
+        yield from self._background()
 
     def _ledger(self, stats: LedgerStatistics) -> Iterator[GaugeMetricFamily]:
         yield GaugeMetricFamily("bbb_proxy_meetings", "Meetings held in the ledger", stats.meetings)
@@ -157,3 +160,21 @@ class _StateCollector(Collector):
             ("snapshots", "Ledger snapshots written"),
         ):
             yield CounterMetricFamily(f"bbb_proxy_journal_{field}", doc, getattr(stats, field))
+
+    def _background(self) -> Iterator[CounterMetricFamily]:
+        failures = CounterMetricFamily(
+            "bbb_proxy_task_failures",
+            "Background tasks (supervised by Gateway.spawn) that failed, by kind",
+            labels=["kind"],
+        )
+        for kind, count in sorted(self._gw.task_failures.items()):
+            failures.add_metric([kind], count)
+        yield failures
+        urls = CounterMetricFamily(
+            "bbb_proxy_customer_urls",
+            "Customers' end URLs: dropped at create, or called (ok, failed, refused, invalid)",
+            labels=["outcome"],
+        )
+        for outcome in CUSTOMER_URL_KINDS:
+            urls.add_metric([outcome], CUSTOMER_URL_OUTCOMES[outcome])
+        yield urls

@@ -27,12 +27,17 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+from proxy.bbb import customer_urls
 from proxy.bbb.rewrite import KEPT_END_CALLBACK, first_values
 from proxy.config import Backend
+from proxy.logs import shown
+
+log = logging.getLogger(__name__)
 
 PATH = "/callbacks/v1/ended"
 SIGNED = ("k", "b", "m", "i", "cb", "ecb")
@@ -83,21 +88,43 @@ def _signed_url(public_url: str, backend: Backend, params: Sequence[tuple[str, s
     return f"{public_url}{PATH}?{urlencode(params)}&sig={_sign(backend, params)}"
 
 
+_END_URL_PARAMS = ("meetingendedurl", "meta_endcallbackurl")
+
+
 def split_customer_urls(
     params: Sequence[tuple[str, str]],
 ) -> tuple[list[tuple[str, str]], CustomerUrls, list[tuple[str, str]]]:
-    """(params without the customer's end URLs, those URLs, metadata that keeps them visible)."""
-    kept, ended, callback, tags = [], [], [], []
+    """(params without the customer's end URLs, those URLs, metadata that keeps them visible).
+
+    bbb-web keeps one value of each (``ParamsProcessorUtil`` reads
+    ``params.get("meetingEndedURL")`` into one string, and metadata is one value
+    per name), so only the first of each kind is kept; repeats are dropped.  A
+    URL the gateway could not call (:func:`customer_urls.problem`) is dropped
+    too, logged and counted: the create goes on without it, as BBB's would.
+    """
+    kept: list[tuple[str, str]] = []
+    found: dict[str, str] = {}
     for name, value in params:
         lowered = name.lower()
-        if lowered == "meetingendedurl":
-            ended += [value] if value else []
-        elif lowered == "meta_endcallbackurl":
-            callback += [value] if value else []
-            tags.append((f"meta_{KEPT_END_CALLBACK}", value))
+        if lowered in _END_URL_PARAMS:
+            found.setdefault(lowered, value)
         else:
             kept.append((name, value))
-    return kept, CustomerUrls(tuple(ended), tuple(callback)), tags
+    ended = _callable(found.get("meetingendedurl", ""), "meetingEndedURL")
+    callback = _callable(found.get("meta_endcallbackurl", ""), "meta_endCallbackUrl")
+    tags = [(f"meta_{KEPT_END_CALLBACK}", callback[0])] if callback else []
+    return kept, CustomerUrls(ended, callback), tags
+
+
+def _callable(url: str, name: str) -> tuple[str, ...]:
+    if not url:
+        return ()
+    reason = customer_urls.problem(url)
+    if reason is None:
+        return (url,)
+    log.warning("create: dropped %s %s: %s", name, shown(url), reason)
+    customer_urls.OUTCOMES["dropped"] += 1
+    return ()
 
 
 def verify(raw_query: str, backends: dict[str, Backend]) -> EndNotice | None:
