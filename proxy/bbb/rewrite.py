@@ -19,6 +19,7 @@ from lxml import etree
 from proxy.bbb.numbers import parse_count
 
 SEPARATOR = "~"
+HASH_MARKER = "sha256-"  # starts every hashed backend meetingID after the separator
 MAX_MEETING_ID = 256
 TAG_PREFIX = "bbb-proxy-"  # metadata keys of the gateway's own, as BBB stores them
 CUSTOMER_TAG = TAG_PREFIX + "customer"
@@ -29,12 +30,17 @@ KEPT_END_CALLBACK = TAG_PREFIX + "endcallbackurl"
 
 
 def backend_meeting_id(customer: str, meeting_id: str) -> str:
-    """The namespaced meetingID the backend sees; hashed when it would be too long."""
+    """The namespaced meetingID the backend sees; hashed when it would be too long.
+
+    Injective (docs/decisions.md, "Meeting IDs on the backends"): the customer part ends at
+    the first ``~`` (customer ids never hold one), and within a customer the plain form
+    never starts with :data:`HASH_MARKER`, because an ID that does is hashed too.
+    """
     namespaced = f"{customer}{SEPARATOR}{meeting_id}"
-    if len(namespaced) <= MAX_MEETING_ID:
+    if len(namespaced) <= MAX_MEETING_ID and not meeting_id.startswith(HASH_MARKER):
         return namespaced
     digest = hashlib.sha256(meeting_id.encode("utf-8")).hexdigest()
-    return f"{customer}{SEPARATOR}sha256-{digest}"
+    return f"{customer}{SEPARATOR}{HASH_MARKER}{digest}"
 
 
 def owned_by(customer: str, backend_id: str) -> bool:
