@@ -242,8 +242,16 @@ class LedgerState:
                 return self._remove(key)
 
     def _add(self, r: Reservation) -> None:
-        if r.key in self._meetings:
-            self._remove(r.key)
+        """Store ``r``; the newer pin wins over the same key's and the same backend meeting's.
+
+        One backend meeting belongs to one reservation: a Reserve of a backend meeting
+        held under another key (an old journal's aliased meetingIDs) removes that
+        reservation, counts and all, so ``apply`` stays total (docs/decisions.md).
+        """
+        self._remove(r.key)
+        holder = self._by_backend_meeting.get((r.backend_id, r.backend_meeting_id))
+        if holder is not None:
+            self._remove(holder)
         self._store(r)
         self._pending += not r.confirmed
         self._customer_used[r.customer] = self.customer_used(r.customer) + r.connections
@@ -259,7 +267,8 @@ class LedgerState:
         r = self._meetings.pop(key, None)
         if r is None:
             return None
-        del self._by_backend_meeting[(r.backend_id, r.backend_meeting_id)]
+        if self._by_backend_meeting.get((r.backend_id, r.backend_meeting_id)) == key:
+            del self._by_backend_meeting[(r.backend_id, r.backend_meeting_id)]
         _drop(self._by_customer, r.customer, r.meeting_id)
         _drop(self._by_backend, r.backend_id, r.key)
         _subtract(self._customer_used, r.customer, r.connections)
@@ -300,8 +309,8 @@ def _drop[K, V](index: dict[str, dict[K, V]], outer: str, inner: K) -> None:
 
 
 def _subtract(counts: dict[str, int], key: str, amount: int) -> None:
-    left = counts[key] - amount
+    left = counts.get(key, 0) - amount
     if left:
         counts[key] = left
     else:
-        del counts[key]
+        counts.pop(key, None)
