@@ -52,10 +52,11 @@ class Timeouts:
 class HealthSettings:
     """How backends are polled and when they count as down (see proxy.health)."""
 
-    interval: float = 10 * SECONDS  # one getMeetings poll per backend per interval
+    interval: float = 5 * SECONDS  # one getMeetings poll per backend per interval
+    timeout: float = 4 * SECONDS  # a poll not answered by then failed (below timeouts.read)
     down_after: int = 3  # consecutive failed polls
     up_after: int = 2  # consecutive good polls
-    release_after: float = 5 * MINUTES  # DOWN this long: its reservations are released
+    slow_after: float = 1 * SECONDS  # answer-time average above this: no new meetings
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,9 +204,10 @@ def _health(t: Mapping[str, Any]) -> HealthSettings:
     d = HealthSettings()
     return HealthSettings(
         interval=_get(t, "proxy.health", "interval", _seconds, d.interval),
+        timeout=_get(t, "proxy.health", "timeout", _seconds, d.timeout),
         down_after=_get(t, "proxy.health", "down_after", _positive, d.down_after),
         up_after=_get(t, "proxy.health", "up_after", _positive, d.up_after),
-        release_after=_get(t, "proxy.health", "release_after", _seconds, d.release_after),
+        slow_after=_get(t, "proxy.health", "slow_after", _seconds, d.slow_after),
     )
 
 

@@ -17,7 +17,7 @@ import trio
 from proxy.backends.client import BackendClient, Transport
 from proxy.backends.outbound import TIMEOUT as OUTBOUND_TIMEOUT
 from proxy.config import Config
-from proxy.health import Health, State
+from proxy.health import Health, State, Thresholds, responsive, suspended, with_latency
 from proxy.ledger.model import BackendSpec
 from proxy.ledger.service import Ledger
 from proxy.placement import Ring
@@ -36,6 +36,7 @@ class Gateway:
     health: dict[str, Health] = field(default_factory=dict)  # set by the backend monitor
     modes: dict[str, str] = field(default_factory=dict)  # active | drain | disabled
     task_failures: dict[str, int] = field(default_factory=dict)  # by task kind, for metrics
+    failover: dict[str, int] = field(default_factory=dict)  # failover/reconcile events, metrics
     _in_flight: int = field(default=0, init=False)
     _idle: trio.Event = field(default_factory=trio.Event, init=False)
 
@@ -86,6 +87,33 @@ class Gateway:
         """Up and active: may be given new meetings."""
         return self.modes[backend_id] == "active" and self.health[backend_id].state is State.UP
 
+    def thresholds(self) -> Thresholds:
+        h = self.config.proxy.health
+        return Thresholds(down_after=h.down_after, up_after=h.up_after, slow_after=h.slow_after)
+
+    def set_health(self, backend_id: str, health: Health) -> None:
+        """Record a backend's health; a DOWN backend's reservations stop counting at once."""
+        before = self.health[backend_id]
+        self.health[backend_id] = health
+        if suspended(health):
+            self.ledger.state.suspend(backend_id)
+        else:
+            self.ledger.state.resume(backend_id)
+        if health.state is not before.state:
+            log.warning("backend %s is now %s", backend_id, health.state.value)
+
+    def observe_latency(self, backend_id: str, seconds: float) -> None:
+        """One answer time of ``backend_id`` (a poll or a create), into its latency average."""
+        self.health[backend_id] = with_latency(self.health[backend_id], seconds)
+
+    def responsive(self, backend_id: str) -> bool:
+        return responsive(self.health[backend_id], self.thresholds())
+
+    def count(self, event: str, n: int = 1) -> None:
+        """Count a failover or reconciliation event (see :attr:`failover`)."""
+        if n:
+            self.failover[event] = self.failover.get(event, 0) + n
+
     def backend_down(self, backend_id: str) -> bool:
         """DOWN by health: its meetings are not reachable, so a create re-places them
         elsewhere and a join must not send users there (answer an error instead)."""
@@ -97,7 +125,8 @@ class Gateway:
 
     def backend_specs(self) -> list[BackendSpec]:
         return [
-            BackendSpec(b.id, b.capacity, self.accepts_meetings(b.id)) for b in self.config.backends
+            BackendSpec(b.id, b.capacity, self.accepts_meetings(b.id), self.responsive(b.id))
+            for b in self.config.backends
         ]
 
 

@@ -1,4 +1,4 @@
-"""Backend health as a state machine with hysteresis, without I/O.
+"""Backend health as a state machine with hysteresis, and latency, without I/O.
 
 Each poll of a backend either succeeds or fails.  The transitions::
 
@@ -10,18 +10,26 @@ Each poll of a backend either succeeds or fails.  The transitions::
     DOWN       ok     successes + 1 >= up_after               UP
     any        other                                          same state, counters moved
 
-An UNHEALTHY or DOWN backend gets no new meetings, but its meetings stay
-pinned: one slow answer moves nothing, and a network blip never splits a
-meeting over two servers.  Only a backend DOWN for longer than
-``release_after`` has its reservations released (:func:`should_release`).
-A backend coming back is reconciled by the same successful poll that counts
-towards UP, so it has been reconciled before it gets new meetings.
+An UNHEALTHY or DOWN backend gets no new meetings.  An UNHEALTHY one keeps its
+meetings: one slow answer moves nothing.  A DOWN one is *suspended* (see
+:mod:`proxy.backends.monitor`): its meetings stay pinned to it, but their
+connections no longer count against the customers' subscriptions, and a create
+of one of them places it afresh on a live backend.  Nothing is released for
+being DOWN, however long: a meeting is released only on evidence that it
+ended (its backend answers without it, or says it ended).
+
+Latency is part of health: :func:`with_latency` keeps a moving average
+(exponentially weighted) of the backend's answer times, and a backend whose
+average is above ``slow_after`` is not :func:`responsive`; placement gives
+it new meetings only when no responsive backend can take them.
 """
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, replace
+
+LATENCY_WEIGHT = 0.25  # weight of the newest sample in the latency average
 
 
 class State(enum.Enum):
@@ -34,7 +42,7 @@ class State(enum.Enum):
 class Thresholds:
     down_after: int = 3  # consecutive failed polls
     up_after: int = 2  # consecutive good polls
-    release_after: float = 300.0  # seconds DOWN before its meetings are released
+    slow_after: float = 1.0  # seconds: a latency average above this is not responsive
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,29 +51,38 @@ class Health:
     failures: int = 0  # consecutive
     successes: int = 0  # consecutive
     down_since: float | None = None  # when the state became DOWN
-    released: bool = False  # its meetings were released while DOWN
+    latency: float | None = None  # moving average of answer times, seconds; None: no sample
 
 
 def after_poll(health: Health, ok: bool, now: float, limits: Thresholds) -> Health:
-    """The health after one poll at time ``now``."""
+    """The health after one poll at time ``now`` (the latency average is kept)."""
     if ok:
         successes = health.successes + 1
         if health.state is not State.UP and successes >= limits.up_after:
-            return Health(State.UP)
+            return Health(State.UP, latency=health.latency)
         return replace(health, successes=successes, failures=0)
     failures = health.failures + 1
     if health.state is not State.DOWN and failures >= limits.down_after:
-        return Health(State.DOWN, failures=failures, down_since=now)
+        return Health(State.DOWN, failures=failures, down_since=now, latency=health.latency)
     if health.state is State.UP:
-        return Health(State.UNHEALTHY, failures=failures)
+        return Health(State.UNHEALTHY, failures=failures, latency=health.latency)
     return replace(health, failures=failures, successes=0)
 
 
-def should_release(health: Health, now: float, limits: Thresholds) -> bool:
-    """Whether a DOWN backend has been down long enough to release its meetings."""
-    return (
-        health.state is State.DOWN
-        and not health.released
-        and health.down_since is not None
-        and now - health.down_since >= limits.release_after
-    )
+def with_latency(health: Health, seconds: float) -> Health:
+    """``health`` with one more answer time in its average (the first sample sets it)."""
+    seconds = max(0.0, seconds)
+    if health.latency is None:
+        return replace(health, latency=seconds)
+    average = health.latency + LATENCY_WEIGHT * (seconds - health.latency)
+    return replace(health, latency=average)
+
+
+def responsive(health: Health, limits: Thresholds) -> bool:
+    """Whether the backend answers within the latency bound (no sample yet: yes)."""
+    return health.latency is None or health.latency <= limits.slow_after
+
+
+def suspended(health: Health) -> bool:
+    """Whether the backend's reservations stop counting against subscriptions."""
+    return health.state is State.DOWN

@@ -26,10 +26,18 @@ is the bound that gives larger backends their larger share, the more exactly
 the smaller ``epsilon`` is.
 
 A candidate must also be available, not excluded by the caller, and have
-``size`` free connections.  When none within the bound fits, the first one in
-ring order that fits is taken: the bound spreads load, but it must never be
-the reason a meeting that fits somewhere is refused.  ``None`` means nothing
-fits.  This module does no I/O; the caller supplies the current loads.
+``size`` free connections.  When none within the bound fits, the first one
+in ring order that fits is taken: the bound spreads load, but it must never
+be the reason a meeting that fits somewhere is refused.  ``None`` means
+nothing fits.
+
+A slow server is not a healthy one: backends that are not *responsive* (the
+moving average of their answer times is above the latency bound, see
+:mod:`proxy.health`) are left out while any responsive backend fits the
+meeting, and are tried, by the same rules, only when none does.  So a slow
+server gets no new meetings while others answer promptly, but a meeting that
+fits only there is still created.  This module does no I/O; the caller
+supplies the current loads.
 """
 
 from __future__ import annotations
@@ -52,6 +60,7 @@ class BackendLoad:
     capacity: int  # connections the server may host
     used: int  # connections reserved on it now
     available: bool  # up and accepting new meetings (not draining/disabled/down)
+    responsive: bool = True  # answering within the latency bound (see proxy.health)
 
     @property
     def free(self) -> int:
@@ -123,8 +132,9 @@ class Ring:
         ``key`` is the namespaced meeting id; ``loads`` holds the current load of
         each backend (one missing from it is treated as unavailable).  Returns
         the first backend in ring order that fits within the load bound, else
-        the first that fits at all, else ``None``.  The same key with the same
-        loads always gives the same answer.
+        the first that fits at all, else ``None``; backends not ``responsive``
+        only when no responsive one fits.  The same key with the same loads
+        always gives the same answer.
 
         Error handling: ``ValueError`` for ``size < 1`` or ``epsilon < 0``.
         """
@@ -132,6 +142,21 @@ class Ring:
             raise ValueError("size must be >= 1")
         if epsilon < 0:
             raise ValueError("epsilon must be >= 0")
+        responsive = {b: load for b, load in loads.items() if load.responsive}
+        if len(responsive) < len(loads):
+            chosen = self._choose(key, size, responsive, epsilon, exclude)
+            if chosen is not None:
+                return chosen
+        return self._choose(key, size, loads, epsilon, exclude)
+
+    def _choose(
+        self,
+        key: str,
+        size: int,
+        loads: Mapping[str, BackendLoad],
+        epsilon: float,
+        exclude: Collection[str],
+    ) -> str | None:
         live = [load for b in self._backend_ids if (load := loads.get(b)) and load.available]
         bound = _Bound(epsilon, size, sum(x.used for x in live), sum(x.capacity for x in live))
         fallback: str | None = None

@@ -1,14 +1,14 @@
 """Health hysteresis, grace periods and reconciliation, on trio's autojump clock.
 
 Backends are scripted httpx transports, so every poll happens at an exact
-virtual time: polls every 10 s, DOWN after 3 failures, UP after 2 successes,
-reservations released 60 s after DOWN.
+virtual time: polls every 10 s (each bounded by 4 s), DOWN after 3 failures,
+UP after 2 successes.  A DOWN backend is suspended, never released on time alone.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pytest
 import trio
@@ -16,16 +16,16 @@ import trio.testing
 from lxml import etree
 
 from proxy.backends import http
-from proxy.backends.monitor import monitor_backends, reconcile_all
+from proxy.backends.monitor import monitor_backends, poll_once, reconcile_all
 from proxy.bbb import rewrite
 from proxy.config import from_mapping
 from proxy.gateway import Gateway, open_gateway
-from proxy.health import Health, State, Thresholds, after_poll, should_release
+from proxy.health import Health, State, Thresholds, after_poll, responsive, with_latency
 from proxy.ledger.model import Reservation, Reserve
 from proxy.ledger.service import Ledger
 from proxy.reconcile import listed_meetings
 
-LIMITS = Thresholds(down_after=3, up_after=2, release_after=60)
+LIMITS = Thresholds(down_after=3, up_after=2, slow_after=1.0)
 
 
 def test_state_table() -> None:
@@ -41,10 +41,24 @@ def test_state_table() -> None:
     assert h.state is State.UNHEALTHY
     h = after_poll(h, False, 60, LIMITS)
     assert (h.state, h.down_since) == (State.DOWN, 60)
-    assert not should_release(h, 119.9, LIMITS)
-    assert should_release(h, 120, LIMITS)
     h = after_poll(h, True, 70, LIMITS)
     assert h.state is State.DOWN and h.down_since == 60
+
+
+def test_latency_average_decides_responsiveness_and_survives_transitions() -> None:
+    h = Health()
+    assert responsive(h, LIMITS)  # no sample yet
+    h = with_latency(h, 3.0)
+    assert h.latency == 3.0 and not responsive(h, LIMITS)  # the first sample sets it
+    for _ in range(5):
+        h = with_latency(h, 0.01)
+    assert h.latency is not None and h.latency < 1.0 and responsive(h, LIMITS)
+    spiked = with_latency(Health(latency=0.05), 3.0)  # one slow answer is not a slow server
+    assert responsive(spiked, LIMITS)
+    slow = with_latency(Health(latency=2.0), 2.0)
+    for ok in (False, False, False, True, True):
+        slow = after_poll(slow, ok, 0, LIMITS)
+    assert slow.state is State.UP and slow.latency == 2.0
 
 
 @dataclass
@@ -54,17 +68,24 @@ class FakeBackend:
     alive: bool = True
     meetings: list[Reservation] = field(default_factory=list)
     polls: list[float] = field(default_factory=list)
+    delay: float = 0.0  # the list is made when the request arrives, answered this much later
+    raw: list[str] = field(default_factory=list)  # more <meeting> elements, as written
+    ended: list[str] = field(default_factory=list)  # targets of end calls
 
     async def request(
         self, method: str, target: str, body: bytes | None = None, content_type: str | None = None
     ) -> http.Answer:
+        if "/end?" in target:
+            self.ended.append(target)
+            return http.Answer(200, b"<response><returncode>SUCCESS</returncode></response>")
         self.polls.append(trio.current_time())
         if not self.alive:
             raise http.ConnectFailed("refused")
-        meetings = "".join(_meeting_xml(r) for r in self.meetings)
+        meetings = "".join(_meeting_xml(r) for r in self.meetings) + "".join(self.raw)
         xml = (
             f"<response><returncode>SUCCESS</returncode><meetings>{meetings}</meetings></response>"
         )
+        await trio.sleep(self.delay)
         return http.Answer(200, xml.encode())
 
     async def aclose(self) -> None:
@@ -74,7 +95,7 @@ class FakeBackend:
 def _meeting_xml(r: Reservation) -> str:
     tags = "".join(
         f"<{name[5:].lower()}>{value}</{name[5:].lower()}>"
-        for name, value in rewrite.tags(r.customer, r.meeting_id, r.asked_duration)
+        for name, value in rewrite.tags(r.customer, r.meeting_id, r.asked_duration, r.created_at)
     )
     return (
         f"<meeting><meetingID>{r.backend_meeting_id}</meetingID>"
@@ -99,7 +120,7 @@ def reservation(meeting_id: str, backend_id: str = "b1", created_at: float = 0.0
 
 CONFIG = from_mapping(
     {
-        "proxy": {"health": {"interval": 10, "down_after": 3, "up_after": 2, "release_after": 60}},
+        "proxy": {"health": {"interval": 10, "timeout": 4, "down_after": 3, "up_after": 2}},
         "backends": [
             {"id": "b1", "url": "http://b1.test/bigbluebutton/api", "secret": "s", "capacity": 50},
             {"id": "b2", "url": "http://b2.test/bigbluebutton/api", "secret": "s", "capacity": 50},
@@ -149,7 +170,7 @@ async def monitoring(
     return start
 
 
-async def test_long_outage_releases_after_grace_exactly(
+async def test_long_outage_suspends_at_down_and_releases_nothing(
     autojump_clock: trio.testing.MockClock,
     gateway: Gateway,
     backends: dict[str, FakeBackend],
@@ -161,17 +182,40 @@ async def test_long_outage_releases_after_grace_exactly(
     assert state(gateway) is State.UNHEALTHY
     assert not gateway.accepts_meetings("b1")
     assert gateway.accepts_meetings("b2")
+    assert gateway.ledger.state.customer_used("acme") == 5  # UNHEALTHY: still counted
     await trio.sleep_until(start + 29.5)
-    assert state(gateway) is State.UNHEALTHY
+    assert state(gateway) is State.UNHEALTHY and not gateway.backend_down("b1")
     await trio.sleep_until(start + 30.5)
-    assert state(gateway) is State.DOWN
+    assert state(gateway) is State.DOWN and gateway.backend_down("b1")
     assert gateway.health["b1"].down_since == pytest.approx(start + 30)
-    await trio.sleep_until(start + 89.5)
-    assert gateway.ledger.get(("acme", "room-1")) is not None  # grace not over
-    await trio.sleep_until(start + 90.5)
-    assert gateway.ledger.get(("acme", "room-1")) is None
-    assert gateway.ledger.statistics().connections_by_backend == {}
-    assert backends["b1"].polls == pytest.approx([start + 10 * i for i in range(1, 10)])
+    # DOWN: the pin stays (split-brain protection), the subscription is free at once.
+    assert gateway.ledger.state.customer_used("acme") == 0
+    assert gateway.ledger.state.suspended == {"b1"}
+    await trio.sleep_until(start + 3600.5)  # an hour DOWN releases nothing: no evidence it ended
+    kept = gateway.ledger.get(("acme", "room-1"))
+    assert kept is not None and kept.backend_id == "b1"
+    assert backends["b1"].polls == pytest.approx([start + 10 * i for i in range(1, 361)])
+    backends["b1"].alive = True  # back, still running room-1: kept, counted again
+    await trio.sleep_until(start + 3620.5)
+    assert state(gateway) is State.UP and gateway.ledger.state.suspended == frozenset()
+    assert gateway.ledger.state.customer_used("acme") == 5
+    assert gateway.failover == {"kept": 1}
+
+
+async def test_hung_backend_is_down_after_three_poll_timeouts(
+    autojump_clock: trio.testing.MockClock,
+    gateway: Gateway,
+    backends: dict[str, FakeBackend],
+    nursery: trio.Nursery,
+) -> None:
+    start = await monitoring(gateway, backends, nursery)
+    backends["b1"].delay = 1000.0  # accepts, never answers in time (read timeout is 10 s)
+    await trio.sleep_until(start + 30 + 3.9)
+    assert state(gateway) is State.UNHEALTHY
+    await trio.sleep_until(start + 30 + 4.1)  # third poll sent at 30, given up at 34
+    assert state(gateway) is State.DOWN
+    assert gateway.ledger.state.customer_used("acme") == 0
+    assert gateway.health["b1"].latency == pytest.approx(4.0)
 
 
 async def test_brief_outage_splits_nothing(
@@ -188,7 +232,7 @@ async def test_brief_outage_splits_nothing(
     await trio.sleep_until(start + 35)  # one good poll at 30
     assert state(gateway) is State.UNHEALTHY
     await trio.sleep_until(start + 45)  # second good poll at 40
-    assert gateway.health["b1"] == Health(State.UP)
+    assert (state(gateway), gateway.health["b1"].failures) == (State.UP, 0)
     kept = gateway.ledger.get(("acme", "room-1"))
     assert kept is not None and kept.backend_id == "b1"
 
@@ -211,16 +255,54 @@ async def test_reconcile_releases_ended_and_adopts_lost(
     assert gateway.ledger.statistics().connections_by_customer == {"acme": 5}
 
 
-async def test_reconcile_keeps_meetings_created_after_the_poll_was_sent(
+async def test_a_create_confirmed_while_the_poll_was_in_flight_is_kept(
+    autojump_clock: trio.testing.MockClock,
+    gateway: Gateway,
+    backends: dict[str, FakeBackend],
+    nursery: trio.Nursery,
+) -> None:
+    """The race seen under load: a create admitted before the poll, confirmed after the
+    backend made its list, was released by that list (join then answered unknown)."""
+    await trio.sleep(100)
+    admitted = replace(reservation("racing", created_at=trio.current_time() - 1), confirmed=False)
+    await gateway.ledger.record(Reserve(admitted))
+    fresh = reservation("fresh", created_at=trio.current_time() + 0.5)
+    backends["b1"].delay = 1.0  # the list (empty) is made now, answered in 1 s
+    nursery.start_soon(poll_once, gateway, "b1")
+    await trio.sleep(0.5)
+    await gateway.ledger.confirm(admitted.key)  # the create's SUCCESS arrives
+    await gateway.ledger.record(Reserve(fresh))  # and another create, after the poll was sent
+    await trio.sleep(1.0)
+    assert gateway.health["b1"].latency == pytest.approx(1.0)  # the poll was answered
+    held = gateway.ledger.get(admitted.key)
+    assert held is not None and held.confirmed
+    assert gateway.ledger.get(fresh.key) is not None
+    await poll_once(gateway, "b1")  # the next poll's list lacks both: now that is evidence
+    assert gateway.ledger.get(admitted.key) is None and gateway.ledger.get(fresh.key) is None
+
+
+async def test_poll_results_are_matched_to_the_meeting_instance(
     autojump_clock: trio.testing.MockClock,
     gateway: Gateway,
     backends: dict[str, FakeBackend],
 ) -> None:
+    """An old instance still listed under the ID neither keeps nor confirms a reservation."""
     await trio.sleep(100)
-    future = reservation("racing", created_at=trio.current_time() + 1)
-    await gateway.ledger.record(Reserve(future))
-    await reconcile_all(gateway)
-    assert gateway.ledger.get(("acme", "racing")) is not None
+    new = reservation("again", created_at=90.0)
+    await gateway.ledger.record(Reserve(new))
+    pending = replace(reservation("pending", created_at=20.0), confirmed=False)
+    await gateway.ledger.record(Reserve(pending))
+    backends["b1"].meetings += [
+        replace(new, created_at=50.0),  # the previous meeting of the same ID
+        replace(pending, created_at=10.0),
+    ]
+    await poll_once(gateway, "b1")
+    assert gateway.ledger.get(new.key) is None  # its own instance is not listed
+    assert gateway.ledger.get(pending.key) is None  # never confirmed, past the grace
+    backends["b1"].meetings = [new]
+    await poll_once(gateway, "b1")  # unknown now, listed: adopted with the tag's created_at
+    adopted = gateway.ledger.get(new.key)
+    assert adopted is not None and adopted.created_at == 90.0
 
 
 async def test_drained_backend_gets_no_new_meetings(gateway: Gateway) -> None:

@@ -1,34 +1,37 @@
 """Polling every backend: health (:mod:`proxy.health`) and reconciliation (:mod:`proxy.reconcile`).
 
-One task per backend asks ``getMeetings`` every ``health.interval`` seconds.
-The answer feeds the health state machine and, when it is a good one, the
-reconciliation with the ledger: ended meetings are released, lost ones adopted.
-A backend DOWN for ``release_after`` has its reservations released.
+One task per backend asks ``getMeetings`` every ``health.interval`` seconds,
+on a fixed schedule, each poll bounded by ``health.timeout``.  The answer (or
+its absence) feeds the health state machine and the latency average; a good
+answer also reconciles the ledger with the backend: ended meetings are
+released, lost ones adopted (clamped), stray copies of meetings re-created
+elsewhere ended.  A backend that becomes DOWN is suspended at once (its
+reservations stop counting against subscriptions, see :meth:`Gateway.set_health`);
+when it is UP again the meetings it still runs and the ledger still pins to it
+count again.  Nothing is released for a backend being DOWN, however long.
 
-:func:`reconcile_all` is the same reconciliation run once, at start-up,
+A poll that raises (a journal that cannot write, a bug) is logged and counted
+in ``Gateway.task_failures["monitor"]``; the monitor goes on.
+
+:func:`reconcile_all` is the same poll run once per backend at start-up,
 before the gateway accepts requests.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
+from collections.abc import Sequence
 
 import trio
 
 from proxy.backends.client import Reply
-from proxy.errors import BackendError
+from proxy.errors import BackendError, BackendTimeout
 from proxy.gateway import Gateway
-from proxy.health import State, Thresholds, after_poll, should_release
-from proxy.ledger.model import Reserve
-from proxy.reconcile import listed_meetings, plan
+from proxy.health import State, after_poll, suspended
+from proxy.ledger.model import Reservation, Reserve
+from proxy.reconcile import Listed, clamped, listed_meetings, plan, unchanged
 
 log = logging.getLogger(__name__)
-
-
-def thresholds(gw: Gateway) -> Thresholds:
-    h = gw.config.proxy.health
-    return Thresholds(down_after=h.down_after, up_after=h.up_after, release_after=h.release_after)
 
 
 async def monitor_backends(gw: Gateway) -> None:
@@ -39,71 +42,141 @@ async def monitor_backends(gw: Gateway) -> None:
 
 
 async def _monitor_one(gw: Gateway, backend_id: str) -> None:
+    interval = gw.config.proxy.health.interval
+    due = trio.current_time()
     while True:
-        await trio.sleep(gw.config.proxy.health.interval)
+        due += interval
+        await trio.sleep_until(due)
         if gw.modes[backend_id] != "disabled":
-            await poll_once(gw, backend_id)
+            await supervised_poll(gw, backend_id)
+        due = max(due, trio.current_time() - interval)  # a poll that overran: no burst after
+
+
+async def supervised_poll(gw: Gateway, backend_id: str) -> None:
+    """:func:`poll_once`, whose failure is logged and counted and goes no further."""
+    try:
+        await poll_once(gw, backend_id)
+    except Exception:
+        gw.task_failures["monitor"] = gw.task_failures.get("monitor", 0) + 1
+        log.exception("poll of %s failed; the monitor goes on", backend_id)
 
 
 async def poll_once(gw: Gateway, backend_id: str) -> None:
-    """One poll: update health, reconcile on success, release after a long outage."""
+    """One poll: latency and health (suspension follows at once), reconcile on success."""
+    pinned = gw.ledger.state.backend_meetings(backend_id)  # as the poll is sent
     polled_at = gw.ledger.clock()
-    reply = await _poll(gw, backend_id)
+    started = trio.current_time()
+    reply, timed = await _poll(gw, backend_id)
     now = trio.current_time()
-    limits = thresholds(gw)
-    before = gw.health[backend_id]
-    health = after_poll(before, reply is not None, now, limits)
+    if timed:
+        gw.observe_latency(backend_id, now - started)
+    was_suspended = suspended(gw.health[backend_id])
+    health = after_poll(gw.health[backend_id], reply is not None, now, gw.thresholds())
+    gw.set_health(backend_id, health)
+    if was_suspended and not suspended(gw.health[backend_id]):
+        kept = len(gw.ledger.state.backend_meetings(backend_id))
+        gw.count("kept", kept)
+        log.warning("backend %s is back: its %d meetings count again", backend_id, kept)
     if reply is not None:
-        await reconcile(gw, backend_id, reply, polled_at)
-    if should_release(health, now, limits):
-        await _release_backend(gw, backend_id)
-        health = replace(health, released=True)
-    if health.state is not before.state:
-        log.warning("backend %s is now %s", backend_id, health.state.value)
-    gw.health[backend_id] = health
+        await reconcile(gw, backend_id, reply, pinned, polled_at)
 
 
-async def _poll(gw: Gateway, backend_id: str) -> Reply | None:
-    try:
-        reply = await gw.client(backend_id).call("getMeetings", [])
-    except BackendError as exc:
-        log.info("poll of %s failed: %s", backend_id, exc)
-        return None
-    return reply if reply.ok else None
+async def _poll(gw: Gateway, backend_id: str) -> tuple[Reply | None, bool]:
+    """The poll's good answer (or None), and whether its time says something of latency."""
+    with trio.move_on_after(gw.config.proxy.health.timeout) as deadline:
+        try:
+            reply = await gw.client(backend_id).call("getMeetings", [])
+        except BackendError as exc:
+            log.info("poll of %s failed: %s", backend_id, exc)
+            return None, isinstance(exc, BackendTimeout)
+    if deadline.cancelled_caught:
+        log.info("poll of %s failed: no answer within the poll timeout", backend_id)
+        return None, True
+    return (reply if reply.ok else None), True
 
 
-async def reconcile(gw: Gateway, backend_id: str, reply: Reply, polled_at: float) -> None:
-    ledger = gw.ledger
+async def reconcile(
+    gw: Gateway, backend_id: str, reply: Reply, pinned: Sequence[Reservation], polled_at: float
+) -> None:
+    """Apply :func:`proxy.reconcile.plan`, each step only if the ledger still holds what it saw."""
+    state = gw.ledger.state
     todo = plan(
         backend_id,
-        ledger.state.backend_meetings(backend_id),
+        pinned,
         listed_meetings(reply.root),
-        ledger.state.get,
+        state.get,
         {c.id: c for c in gw.config.customers},
         polled_at,
     )
-    for key in todo.release:
-        log.info("meeting %s ended on %s: releasing", key, backend_id)
-        await ledger.release(key, "gone")
-    for key in todo.confirm:
-        await ledger.confirm(key)
-    for reservation in todo.adopt:
-        log.warning("adopting meeting %s found on %s", reservation.key, backend_id)
-        await ledger.record(Reserve(reservation))
+    for r in todo.release:
+        if unchanged(state.get(r.key), r):  # no await between this check and the release
+            log.info("meeting %s ended on %s: releasing", r.key, backend_id)
+            await gw.ledger.release(r.key, "gone")
+            gw.count("released")
+    for r in todo.confirm:
+        if unchanged(state.get(r.key), r):
+            await gw.ledger.confirm(r.key)
+    await _adopt(gw, backend_id, todo.adopt)
+    for m in todo.end:
+        current = state.get(m.key)
+        if current is not None and current.backend_id != backend_id:
+            log.warning(
+                "meeting %s runs on %s but was re-created on %s: ending the stray copy",
+                m.key,
+                backend_id,
+                current.backend_id,
+            )
+            gw.spawn("end-stray", _end_stray, gw, backend_id, m)
 
 
-async def _release_backend(gw: Gateway, backend_id: str) -> None:
-    held = gw.ledger.state.backend_meetings(backend_id)
-    log.warning("backend %s down too long: releasing %d meetings", backend_id, len(held))
-    for reservation in held:
-        await gw.ledger.release(reservation.key, "backend-down")
+async def _adopt(gw: Gateway, backend_id: str, adopted: Sequence[Reservation]) -> None:
+    """Reserve meetings the ledger lost, each clamped to the room left for it."""
+    state = gw.ledger.state
+    limits = {c.id: c.max_connections for c in gw.config.customers}
+    capacity = gw.client(backend_id).backend.capacity
+    cut = 0
+    for r in adopted:
+        if state.get(r.key) is not None:
+            continue  # created meanwhile
+        used = state.customer_used(r.customer)
+        if backend_id in state.suspended:  # adopted here would count once it is back
+            used += state.suspended_used(backend_id).get(r.customer, 0)
+        fitted = clamped(
+            r, limits.get(r.customer, capacity) - used, capacity - state.backend_used(backend_id)
+        )
+        if fitted is not r:
+            cut += 1
+            log.warning(
+                "adopting %s from %s: clamped from %d connections to %d (subscription/capacity)",
+                r.key,
+                backend_id,
+                r.connections,
+                0 if fitted is None else fitted.connections,
+            )
+        if fitted is None:
+            continue
+        log.warning("adopting meeting %s found on %s", r.key, backend_id)
+        await gw.ledger.record(Reserve(fitted))
+        gw.count("adopted")
+    gw.count("adopt-clamped", cut)
+
+
+async def _end_stray(gw: Gateway, backend_id: str, m: Listed) -> None:
+    try:
+        reply = await gw.client(backend_id).call("end", [("meetingID", m.backend_meeting_id)])
+    except BackendError as exc:
+        log.warning("could not end stray meeting %s on %s: %s", m.key, backend_id, exc)
+        return
+    if reply.ok:
+        gw.count("stray-ended")
+    log.info("ended stray meeting %s on %s: %s", m.key, backend_id, reply.ok)
 
 
 async def reconcile_all(gw: Gateway) -> None:
     """Poll every backend in service once (start-up): the same poll the monitor makes."""
     async with trio.open_nursery() as nursery:
         for backend_id in gw.in_service():
-            nursery.start_soon(poll_once, gw, backend_id)
+            nursery.start_soon(supervised_poll, gw, backend_id)
     down = [b for b, h in gw.health.items() if h.state is not State.UP]
     if down:
         log.warning("start-up: backends not reachable: %s", ", ".join(down))

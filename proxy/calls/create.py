@@ -21,7 +21,7 @@ import trio
 
 from proxy.backends.client import Reply
 from proxy.bbb import callbacks, rewrite
-from proxy.errors import BackendError, BackendUnavailable, ValidationError
+from proxy.errors import BackendError, BackendTimeout, BackendUnavailable, ValidationError
 from proxy.gateway import Gateway
 from proxy.ledger.model import Admit, CreateRequest, Duplicate, Refuse, Reservation
 from proxy.request import Answer, ApiRequest
@@ -56,7 +56,15 @@ async def create(gw: Gateway, req: ApiRequest) -> Answer:
                 # Confirmed, or pending from before a restart (its answer was never seen):
                 # the backend it is pinned to says whether it exists.
                 return await _forward(gw, req, reservation)
-            case Admit(reservation, victims):
+            case Admit(reservation, victims, replaces):
+                if replaces is not None:
+                    gw.count("moved")
+                    log.warning(
+                        "meeting %s: backend %s is down, re-creating it on %s",
+                        reservation.key,
+                        replaces.backend_id,
+                        reservation.backend_id,
+                    )
                 _end_victims(gw, victims)
                 try:
                     return await _first_create(gw, req, reservation)
@@ -116,11 +124,21 @@ async def _forward(gw: Gateway, req: ApiRequest, reservation: Reservation) -> An
 
 
 async def _send(gw: Gateway, req: ApiRequest, reservation: Reservation) -> Reply:
+    """The create on the reservation's backend; its answer time feeds the latency average."""
     params = backend_params(gw, req, reservation)
     client = gw.client(reservation.backend_id)
-    if req.body:
-        return await client.call("create", params, body=req.body, content_type=req.content_type)
-    return await client.call("create", params)
+    started = trio.current_time()
+    try:
+        if req.body:
+            return await client.call("create", params, body=req.body, content_type=req.content_type)
+        return await client.call("create", params)
+    except BackendTimeout:
+        gw.observe_latency(reservation.backend_id, trio.current_time() - started)
+        raise
+    except BackendError:
+        raise  # refused or broken: says nothing of latency
+    else:
+        gw.observe_latency(reservation.backend_id, trio.current_time() - started)
 
 
 def backend_params(gw: Gateway, req: ApiRequest, reservation: Reservation) -> list[tuple[str, str]]:

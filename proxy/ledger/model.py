@@ -57,6 +57,7 @@ class BackendSpec:
     id: str
     capacity: int
     available: bool
+    responsive: bool = True  # answers within the latency bound (see proxy.health)
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +99,7 @@ type Record = Reserve | Confirm | Release
 class Admit:
     reservation: Reservation
     victims: tuple[Reservation, ...]  # overtime meetings to end first
+    replaces: Reservation | None = None  # the same meeting's pin on a suspended backend
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +134,11 @@ class LedgerState:
         self._customer_used: dict[str, int] = {}
         self._backend_used: dict[str, int] = {}
         self._pending = 0  # reservations not yet confirmed
+        # Failover: every reservation's connections per backend and customer, and the
+        # backends whose reservations do not count against subscriptions (DOWN; set from
+        # health, not journaled).  _customer_used counts only the other backends'.
+        self._backend_customers: dict[str, dict[str, int]] = {}
+        self._suspended: set[str] = set()
 
     # -- reading --
 
@@ -149,7 +156,34 @@ class LedgerState:
         return list(self._by_backend.get(backend_id, {}).values())
 
     def customer_used(self, customer: str) -> int:
+        """Connections counted against the customer's subscription (suspended backends' not)."""
         return self._customer_used.get(customer, 0)
+
+    def suspended_used(self, backend_id: str) -> Mapping[str, int]:
+        """Each customer's connections on ``backend_id`` (counted or not)."""
+        return dict(self._backend_customers.get(backend_id, {}))
+
+    @property
+    def suspended(self) -> frozenset[str]:
+        return frozenset(self._suspended)
+
+    def suspend(self, backend_id: str) -> None:
+        """Stop counting ``backend_id``'s reservations against subscriptions (its pins stay).
+
+        Not a record: the gateway sets it from health after every poll (and start-up).
+        Costs one step per customer holding meetings there.
+        """
+        if backend_id not in self._suspended:
+            self._suspended.add(backend_id)
+            for customer, used in self._backend_customers.get(backend_id, {}).items():
+                _add_count(self._customer_used, customer, -used)
+
+    def resume(self, backend_id: str) -> None:
+        """Count ``backend_id``'s reservations again (it is back)."""
+        if backend_id in self._suspended:
+            self._suspended.discard(backend_id)
+            for customer, used in self._backend_customers.get(backend_id, {}).items():
+                _add_count(self._customer_used, customer, used)
 
     def backend_used(self, backend_id: str) -> int:
         return self._backend_used.get(backend_id, 0)
@@ -177,11 +211,33 @@ class LedgerState:
         backends: Sequence[BackendSpec],
         choose: Chooser,
         now: float,
+        *,
+        may_move: bool = True,
     ) -> Decision:
-        """Decide a create (SPEC §4); changes nothing."""
+        """Decide a create (SPEC §4); changes nothing.
+
+        A meeting pinned to a suspended backend is admitted again elsewhere
+        (``Admit.replaces`` is its old pin) unless ``may_move`` is False (its create
+        is still in flight): then it is a ``Duplicate`` as any other.
+        """
         existing = self._meetings.get((request.customer, request.meeting_id))
-        if existing is not None:
+        if existing is not None and not (may_move and existing.backend_id in self._suspended):
             return Duplicate(existing)
+        # New, or pinned to a suspended (DOWN) backend: placed afresh, its old pin replaced.
+        # The old pin's connections are not counted (suspended), so nothing counts twice.
+        admitted = self._admit_new(request, limit, backends, choose, now)
+        if isinstance(admitted, Admit) and existing is not None:
+            return replace(admitted, replaces=existing)
+        return admitted
+
+    def _admit_new(
+        self,
+        request: CreateRequest,
+        limit: int,
+        backends: Sequence[BackendSpec],
+        choose: Chooser,
+        now: float,
+    ) -> Decision:
         if request.connections <= limit - self.customer_used(request.customer):
             # The common case, decided without looking at the customer's other meetings.
             backend_id = choose(self._loads(backends, ()))
@@ -204,7 +260,11 @@ class LedgerState:
 
     def _overtime(self, customer: str, now: float) -> tuple[Reservation, ...]:
         mine = self._by_customer.get(customer, {}).values()
-        late = [r for r in mine if r.confirmed and r.overtime(now)]
+        late = [
+            r
+            for r in mine
+            if r.confirmed and r.overtime(now) and r.backend_id not in self._suspended
+        ]
         return tuple(sorted(late, key=lambda r: (r.reserved_until, r.created_at)))
 
     def _loads(
@@ -219,6 +279,7 @@ class LedgerState:
                 capacity=b.capacity,
                 used=self.backend_used(b.id) - freed.get(b.id, 0),
                 available=b.available,
+                responsive=b.responsive,
             )
             for b in backends
         }
@@ -254,7 +315,7 @@ class LedgerState:
             self._remove(holder)
         self._store(r)
         self._pending += not r.confirmed
-        self._customer_used[r.customer] = self.customer_used(r.customer) + r.connections
+        self._count(r, r.connections)
         self._backend_used[r.backend_id] = self.backend_used(r.backend_id) + r.connections
 
     def _store(self, r: Reservation) -> None:
@@ -271,10 +332,28 @@ class LedgerState:
             del self._by_backend_meeting[(r.backend_id, r.backend_meeting_id)]
         _drop(self._by_customer, r.customer, r.meeting_id)
         _drop(self._by_backend, r.backend_id, r.key)
-        _subtract(self._customer_used, r.customer, r.connections)
+        self._count(r, -r.connections)
         _subtract(self._backend_used, r.backend_id, r.connections)
         self._pending -= not r.confirmed
         return r
+
+
+    def _count(self, r: Reservation, amount: int) -> None:
+        """Move ``r``'s customer's counters by ``amount`` connections."""
+        by_customer = self._backend_customers.setdefault(r.backend_id, {})
+        _add_count(by_customer, r.customer, amount)
+        if not by_customer:
+            del self._backend_customers[r.backend_id]
+        if r.backend_id not in self._suspended:
+            _add_count(self._customer_used, r.customer, amount)
+
+
+def _add_count(counts: dict[str, int], key: str, amount: int) -> None:
+    left = counts.get(key, 0) + amount
+    if left:
+        counts[key] = left
+    else:
+        counts.pop(key, None)
 
 
 def _victims_needed(size: int, free: int, overtime: Sequence[Reservation]) -> int | None:

@@ -90,8 +90,13 @@ class Ledger:
         choose: Chooser,
     ) -> Decision:
         """Decide a create and, if admitted, reserve it (and release its victims) at once."""
-        decision = self.state.admit(request, limit, backends, choose, self.clock())
+        key = (request.customer, request.meeting_id)
+        decision = self.state.admit(
+            request, limit, backends, choose, self.clock(), may_move=not self.settling(key)
+        )
         if isinstance(decision, Admit):
+            if decision.replaces is not None:  # failover: its old pin goes in the same step
+                self._record(Release(decision.replaces.key, "moved"))
             for victim in decision.victims:
                 self._record(Release(victim.key, "preempted"))
             self._record(Reserve(decision.reservation))
