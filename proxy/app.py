@@ -8,9 +8,9 @@ anything is parsed.  Any error escaping a route still answers BBB's envelope
 
 from __future__ import annotations
 
+import hmac
 import logging
 import time
-from urllib.parse import parse_qsl
 
 import orjson
 from quart import Response, request
@@ -27,7 +27,6 @@ from proxy.metrics import Metrics
 from proxy.request import Answer
 
 log = logging.getLogger(__name__)
-FORM_TYPES = ("application/x-www-form-urlencoded",)
 HOME = "This is a BigBlueButton API gateway; the API is at /<customer>/bigbluebutton/api.\n"
 
 
@@ -86,6 +85,11 @@ def create_app(gw: Gateway) -> QuartTrio:
 
     @app.route("/metrics")
     async def prometheus() -> Response:
+        token = gw.config.proxy.metrics_token
+        if token and not bearer_matches(token, request.headers.get("Authorization")):
+            return Response(
+                "unauthorised\n", 401, {"WWW-Authenticate": "Bearer"}, content_type="text/plain"
+            )
         return Response(metrics.exposition(), content_type="text/plain; version=0.0.4")
 
     @app.errorhandler(HTTPException)
@@ -115,24 +119,17 @@ async def _api(gw: Gateway, metrics: Metrics, customer: str | None, call: str) -
 
 
 async def _incoming(customer: str | None, call: str) -> Incoming:
-    content_type = request.headers.get("Content-Type")
-    media = (content_type or "").split(";")[0].strip().lower()
-    form: list[tuple[str, str]] = []
-    body: bytes | None = None
+    """The request as :func:`proxy.calls.handle` reads it; the body is parsed there."""
+    body = b""
     if request.method == "POST":
-        data = await request.get_data(cache=False, as_text=False, parse_form_data=False)
-        if media in FORM_TYPES:
-            form = parse_qsl(data.decode("utf-8", "replace"), keep_blank_values=True)
-        elif data:
-            body = data
+        body = await request.get_data(cache=False, as_text=False, parse_form_data=False)
     return Incoming(
         customer_id=customer,
         host=request.headers.get("Host", ""),
         call=call,
         raw_query=request.query_string.decode("utf-8", "replace"),
-        form=form,
         body=body,
-        content_type=content_type,
+        content_type=request.headers.get("Content-Type"),
     )
 
 
@@ -152,6 +149,13 @@ async def _admin(gw: Gateway, what: str) -> Response:
             {"error": error} if error else {"id": parts[1], "mode": mode}, 400 if error else 200
         )
     return _json({"error": "not found"}, 404)
+
+
+def bearer_matches(token: str, header: str | None) -> bool:
+    """Whether ``header`` is ``Bearer <token>``, compared in constant time."""
+    if not header or not header.startswith("Bearer "):
+        return False
+    return hmac.compare_digest(header[len("Bearer ") :].encode(), token.encode())
 
 
 def _json(data: object, status: int = 200) -> Response:

@@ -80,6 +80,7 @@ class ProxySettings:
     timeouts: Timeouts = field(default_factory=Timeouts)
     health: HealthSettings = field(default_factory=HealthSettings)
     admin_token: str = field(default="", repr=False)  # empty: the admin API is off
+    metrics_token: str = field(default="", repr=False)  # empty: /metrics is open
     allow_private_callbacks: bool = False  # customer callbacks to private/loopback hosts
 
     @property
@@ -187,6 +188,7 @@ def _proxy(t: Mapping[str, Any]) -> ProxySettings:
         timeouts=timeouts,
         health=_health(_table(t, "health", "proxy.health")),
         admin_token=_get(t, "proxy", "admin_token", _string, ""),
+        metrics_token=_get(t, "proxy", "metrics_token", _string, ""),
         allow_private_callbacks=_get(t, "proxy", "allow_private_callbacks", _bool, False),
     )
 

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from proxy.bbb import envelope
+from proxy.bbb.numbers import parse_int
 from proxy.config import Customer
 from proxy.errors import ValidationError
 
@@ -16,9 +17,9 @@ MEETING_ID_MIN, MEETING_ID_MAX = 2, 256
 class ApiRequest:
     customer: Customer
     call: str
-    params: list[tuple[str, str]]  # URL query then form body, decoded, checksum removed
-    body: bytes | None = None  # an XML body (create, insertDocument), as received
-    content_type: str | None = None
+    params: list[tuple[str, str]]  # what the checksum covers (checksum.signed_params), decoded
+    body: bytes | None = None  # a checked XML <modules> body, re-serialised (bodies.checked_xml)
+    content_type: str | None = None  # the XML body's media type, e.g. "text/xml"
 
     def first(self, name: str) -> str | None:
         """The first value of ``name``, as bbb-web reads it."""
@@ -47,11 +48,10 @@ class ApiRequest:
         value = self.first(name)
         if value is None or not value.strip():
             return None
-        value = value.strip()
-        digits = value.removeprefix("-")
-        if not digits.isdigit() or len(digits) > 9:
+        number = parse_int(value, max_digits=9, signed=True)
+        if number is None:
             raise ValidationError(f"Parameter {name} must be an integer")
-        return int(value)
+        return number
 
 
 @dataclass(frozen=True, slots=True)

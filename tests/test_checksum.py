@@ -165,10 +165,12 @@ def test_post_canonical_includes_url_parameters() -> None:
 
 
 def test_post_over_the_url_query_only() -> None:
-    # The 3.0 docs: a POST's checksum covers the URL query; the body is not signed.
+    # The 3.0 docs: a POST's checksum covers the URL query; the body is not signed,
+    # so the gateway refuses body parameters beside a signed query (issue 7 §2).
     cs = sign("create", "meetingID=room-1")
     body = [("name", "Anything")]
-    assert checksum.verify("create", f"meetingID=room-1&checksum={cs}", [SECRET], body)
+    assert checksum.verify("create", f"meetingID=room-1&checksum={cs}", [SECRET])
+    assert not checksum.verify("create", f"meetingID=room-1&checksum={cs}", [SECRET], body)
 
 
 @pytest.mark.parametrize("algorithm", ["sha1", "sha256", "sha384", "sha512"])

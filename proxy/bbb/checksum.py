@@ -16,6 +16,25 @@ and compared case-insensitively.  We compare in constant time.
 For POST requests whose parameters are in the body, bbb-common-web 2.5-2.7
 falls back to a canonical string: every parameter sorted by name, values
 form-encoded (space as ``+``).  :func:`canonical_query` builds it.
+
+The gateway is stricter than bbb-web in two ways, because it re-signs what it
+accepts for a backend, so whatever the checksum does not cover would reach the
+backend signed (:func:`signed_params` is the rule; :func:`verify` is its yes/no):
+
+- **One checksum, one whole component.**  bbb-web's literal removal lets a
+  holder of a signed URL insert further ``&checksum=<C>`` into values and so
+  truncate values or drop parameters from what is checked.  A query is
+  accepted only with exactly one ``checksum`` parameter (in the URL query, or
+  else in the form body) that is a whole ``&``-separated ``checksum=<C>``
+  component, and no other ``checksum=`` anywhere; the signed string is the
+  query with that one component removed.  For first, middle, last and the
+  ``?&checksum=`` form, that is exactly the string bbb-web's replacements give.
+- **Only signed parameters.**  When the checksum is over the URL query, the
+  request's parameters are the URL query's; body parameters beside a non-empty
+  signed query are refused, not merged.  A body-only POST (checksum over the
+  empty query, as the 3.0 docs say, or over the canonical form of every
+  parameter, as 2.5-2.7 do) is accepted with its body parameters.  A parameter
+  both in the URL and in the body is refused, as bbb-web refuses it.
 """
 
 from __future__ import annotations
@@ -23,7 +42,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 from collections.abc import Iterable, Sequence
-from urllib.parse import parse_qsl, quote_plus, urlencode
+from dataclasses import dataclass
+from urllib.parse import parse_qsl, quote_plus, unquote_plus, urlencode
 
 ALGORITHMS_BY_LENGTH = {40: "sha1", 64: "sha256", 96: "sha384", 128: "sha512"}
 SUPPORTED_ALGORITHMS = frozenset(ALGORITHMS_BY_LENGTH.values())
@@ -34,6 +54,41 @@ def compute(call_name: str, query: str, secret: str, algorithm: str = "sha1") ->
     """The hex checksum BBB expects for ``call_name`` with ``query``."""
     data = (call_name + query + secret).encode("utf-8")
     return hashlib.new(algorithm, data).hexdigest()
+
+
+type Params = list[tuple[str, str]]
+MARK = "checksum="
+
+
+@dataclass(frozen=True, slots=True)
+class Split:
+    """A raw query cut at its one checksum component."""
+
+    checksum: str | None  # None: the query has no checksum parameter
+    signed: str  # the query without the checksum component, as received
+
+
+def split_checksum(raw_query: str) -> Split | None:
+    """The query's checksum and the string it signs; None when the query is ambiguous.
+
+    Ambiguous: more than one parameter named ``checksum`` (percent-encoded names
+    count), or ``checksum=`` anywhere but at the start of the one such component.
+    """
+    parts = raw_query.split("&")
+    named = [i for i, part in enumerate(parts) if _name(part) == "checksum"]
+    if len(named) > 1 or raw_query.count(MARK) != len(named):
+        return None
+    if not named:
+        return Split(None, raw_query)
+    (index,) = named
+    if not parts[index].startswith(MARK):
+        return None
+    signed = "&".join(parts[:index] + parts[index + 1 :])
+    return Split(parts[index][len(MARK) :], signed)
+
+
+def _name(component: str) -> str:
+    return unquote_plus(component.partition("=")[0])
 
 
 def find_checksum(raw_query: str) -> str | None:
@@ -73,31 +128,44 @@ def verify(
     secrets: Sequence[str],
     body_params: Sequence[tuple[str, str]] = (),
 ) -> bool:
-    """Check a request the way bbb-web does.
+    """Whether the request is signed by one of ``secrets`` (see :func:`signed_params`)."""
+    return signed_params(call_name, raw_query, secrets, body_params) is not None
 
-    ``raw_query`` is the URL's query string exactly as received.  When the
-    checksum is not over the URL query, the canonical form of every parameter
-    (URL and form body) is tried, as bbb-common-web 2.5-2.7 does for POSTs.
+
+def signed_params(
+    call_name: str,
+    raw_query: str,
+    secrets: Sequence[str],
+    body_params: Sequence[tuple[str, str]] = (),
+) -> Params | None:
+    """The parameters the request's checksum covers (checksum removed), or None.
+
+    ``raw_query`` is the URL's query string exactly as received, ``body_params``
+    the decoded form body.  The rules are in the module docstring.
+
+    Error handling: never raises; anything that does not verify is None.
     """
-    raw_query = raw_query.translate(_CONTROL_CHARS)
-    checksum = find_checksum(raw_query)
-    if checksum is None:
-        checksum = dict(body_params).get("checksum")
-        if checksum is None:
-            return False
-    if matches(call_name, strip_checksum(raw_query, checksum), checksum, secrets):
-        return True
-    if not body_params:
-        return False
-    canonical = canonical_query(_params_without_checksum(raw_query, body_params))
-    return matches(call_name, canonical, checksum, secrets)
+    split = split_checksum(raw_query.translate(_CONTROL_CHARS))
+    if split is None:
+        return None
+    url = parse_qsl(split.signed, keep_blank_values=True)
+    body = [(k, v) for k, v in body_params if k != "checksum"]
+    given = _the_checksum(split, body_params)
+    if given is None or {k for k, _ in url} & {k for k, _ in body}:
+        return None
+    if matches(call_name, split.signed, given, secrets):
+        return None if url and body else url or body
+    if body and matches(call_name, canonical_query(url + body), given, secrets):
+        return url + body
+    return None
 
 
-def _params_without_checksum(
-    raw_query: str, body_params: Sequence[tuple[str, str]]
-) -> list[tuple[str, str]]:
-    url_params = parse_qsl(raw_query, keep_blank_values=True)
-    return [(k, v) for k, v in [*url_params, *body_params] if k != "checksum"]
+def _the_checksum(split: Split, body_params: Sequence[tuple[str, str]]) -> str | None:
+    """The one checksum of the request: in the URL query, or else the body's only one."""
+    in_body = [v for k, v in body_params if k == "checksum"]
+    if split.checksum is not None:
+        return None if in_body else split.checksum
+    return in_body[0] if len(in_body) == 1 else None
 
 
 def canonical_query(params: Iterable[tuple[str, str]]) -> str:

@@ -1,9 +1,15 @@
 """Every API call a customer can make, verified and dispatched.
 
 :func:`handle` is the whole pipeline for one request, free of the web
-framework: find the customer, verify the checksum as bbb-web does, refuse what
-is disabled, dispatch, and turn every :class:`~proxy.errors.ProxyError` into
-BBB's answer (an XML envelope; for join, a redirect).
+framework: find the customer, read the body (:mod:`proxy.bbb.bodies`), verify
+the checksum and keep only the parameters it covers
+(:func:`proxy.bbb.checksum.signed_params`), refuse what is disabled, check an
+XML body, dispatch, and turn every :class:`~proxy.errors.ProxyError` into BBB's
+answer (an XML envelope; for join, a redirect).  Join takes its parameters from
+the signed URL query only: a join with body parameters is a ``checksumError``.
+
+Error handling: :func:`handle` raises nothing a request can cause; every
+``ProxyError`` becomes BBB's answer.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from urllib.parse import parse_qsl
 
-from proxy.bbb import checksum, envelope
+from proxy.bbb import bodies, checksum, envelope
 from proxy.calls import meetings
 from proxy.calls.create import create
 from proxy.config import Customer
@@ -58,9 +64,8 @@ class Incoming:
     host: str
     call: str
     raw_query: str
-    form: list[tuple[str, str]]  # decoded form-body parameters (urlencoded/multipart)
-    body: bytes | None  # XML body, when the content type is XML
-    content_type: str | None
+    body: bytes = b""  # the POST body as received; empty for GET
+    content_type: str | None = None
 
 
 def version_document() -> Answer:
@@ -71,15 +76,14 @@ def version_document() -> Answer:
 
 async def handle(gw: Gateway, incoming: Incoming) -> tuple[str, Answer]:
     """Answer one API request; returns (result label for metrics, answer)."""
-    params = parse_qsl(incoming.raw_query, keep_blank_values=True) + incoming.form
     try:
-        req = _verified(gw, incoming, params)
+        req = _verified(gw, incoming)
         handler = _handler(gw, req)
         answer = await handler(gw, req)
     except ProxyError as error:
         if isinstance(error, BackendError):
             log.warning("%s failed: %s", incoming.call, error)
-        return error.message_key, _error_answer(gw, incoming.call, params, error)
+        return error.message_key, _error_answer(gw, incoming, error)
     return result_of(answer), answer
 
 
@@ -95,18 +99,25 @@ def result_of(answer: Answer) -> str:
     return "success"
 
 
-def _verified(gw: Gateway, incoming: Incoming, params: list[tuple[str, str]]) -> ApiRequest:
+def _verified(gw: Gateway, incoming: Incoming) -> ApiRequest:
     customer = _customer(gw, incoming)
     if len(incoming.raw_query) > gw.config.proxy.max_query_bytes:
         raise ValidationError("The request is too large")
-    if customer is None or not checksum.verify(
-        incoming.call, incoming.raw_query, customer.secrets, incoming.form
-    ):
+    body = bodies.parse(incoming.content_type, incoming.body)
+    if incoming.call == "join" and body.form:
+        raise ChecksumError()  # join's parameters come from the signed URL query only
+    params = None
+    if customer is not None:
+        params = checksum.signed_params(
+            incoming.call, incoming.raw_query, customer.secrets, body.form
+        )
+    if customer is None or params is None:
         raise ChecksumError()
     if not customer.enabled:
         raise ApiNotEnabled()
-    clean = [(k, v) for k, v in params if k != "checksum"]
-    return ApiRequest(customer, incoming.call, clean, incoming.body, incoming.content_type)
+    xml = bodies.checked_xml(incoming.call, body)
+    media = body.media_type if xml is not None else None
+    return ApiRequest(customer, incoming.call, params, xml, media)
 
 
 def _customer(gw: Gateway, incoming: Incoming) -> Customer | None:
@@ -122,9 +133,8 @@ def _handler(gw: Gateway, req: ApiRequest) -> Handler:
     return handler
 
 
-def _error_answer(
-    gw: Gateway, call: str, params: list[tuple[str, str]], error: ProxyError
-) -> Answer:
-    if call == "join":
+def _error_answer(gw: Gateway, incoming: Incoming, error: ProxyError) -> Answer:
+    if incoming.call == "join":
+        params = parse_qsl(incoming.raw_query, keep_blank_values=True)
         return meetings.join_error(gw, params, error)
     return Answer.xml(envelope.from_error(error))
