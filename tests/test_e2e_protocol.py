@@ -149,7 +149,13 @@ async def test_oversized_requests_get_bbb_envelope(make_stack: StackFactory) -> 
     )
     assert response.status_code == 200
     assert "<returncode>FAILED</returncode>" in response.text
-    long_query = await stack.http.get(stack.signed("create", [("meetingID", "x" * 2100)]))
+    # A create that is valid in every way but its length (a long meetingID would be
+    # refused for itself, so it could not show the limit at work).
+    params = [("meetingID", "room-2"), ("name", "Room 2"), ("meta_notes", "n" * 2100)]
+    long_query = await stack.http.get(stack.signed("create", params))
     assert long_query.status_code == 200
-    assert "<returncode>FAILED</returncode>" in long_query.text
+    assert long_query.headers["content-type"] == "text/xml;charset=utf-8"
+    assert "<messageKey>validationError</messageKey>" in long_query.text
+    assert "too large" in long_query.text
     assert len(stack.gateway.ledger.state) == 1
+    assert len([r for sim in stack.sims for r in sim.requests if r[0] == "create"]) == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from urllib.parse import urlsplit
 
 import bbbctl
 import pytest
@@ -10,10 +11,11 @@ import trio
 from lxml import etree
 
 from proxy.backends.http import Pool
+from proxy.bbb.checksum import compute
 from proxy.ledger.model import MINUTE, Reservation, Reserve
 from proxy.ledger.service import Ledger
 from proxy.simulator import Behaviour
-from tests.harness import Stack, StackFactory, text, wait_until
+from tests.harness import BACKEND_SECRET, Stack, StackFactory, query_of, text, wait_until
 
 HOUR = 60 * MINUTE
 
@@ -173,27 +175,52 @@ async def test_unreachable_backend_is_skipped_for_another(make_stack: StackFacto
     assert {r.backend_id for r in stack.gateway.ledger.state} == {"bbb-2"}
 
 
-async def test_behaviour_reset_helper_exists() -> None:
-    behaviour = Behaviour()
-    assert behaviour.mode == "ok" and behaviour.latency == 0.0
+async def test_behaviour_can_be_flipped_and_reset_at_run_time(stack: Stack) -> None:
+    """Tests flip a live simulator's behaviour and set it back; the server follows at once."""
+    await stack.create("room-1")
+    sim, _ = stack.backend_meeting("acme", "room-1")
+    assert sim.behaviour == Behaviour(latency=0.0, mode="ok")
+    sim.behaviour.mode = "http500"
+    broken = await stack.call("getMeetingInfo", [("meetingID", "room-1")])
+    assert text(broken, "returncode") == "FAILED"
+    sim.behaviour = Behaviour()
+    healed = await stack.call("getMeetingInfo", [("meetingID", "room-1")])
+    assert text(healed, "returncode") == "SUCCESS"
+    with pytest.raises(ValueError, match="unknown simulator mode"):
+        Behaviour(mode="sleepy")
 
 
 async def test_bbbctl_library_drives_the_gateway(stack: Stack) -> None:
     client = bbbctl.BBBApiClient(stack.api(), stack.secrets["acme"])
 
-    def session() -> tuple[str, list[str], str, str]:
+    def prepare() -> tuple[str, list[str], str, str]:
         created = client.createMeeting("lib-room", "Library room", maxParticipants=3)
         listed = [m.findtext("meetingID") for m in client.getMeetings()]
         info = client.getMeetingInfo("lib-room")
         join_link = client.getJoinLink("lib-room", "Grace", role="VIEWER")
-        client.end("lib-room")
         return created.findtext("meetingID"), listed, info.findtext("maxUsers"), join_link
 
-    meeting_id, listed, max_users, join_link = await trio.to_thread.run_sync(session)
+    meeting_id, listed, max_users, join_link = await trio.to_thread.run_sync(prepare)
     assert meeting_id == "lib-room"
     assert listed == ["lib-room"]
     assert max_users == "3"
+    # bbbctl signs join URLs itself: the gateway must accept its URL and send the browser
+    # to the meeting's backend, re-signed with that backend's secret.
     assert join_link.startswith(stack.api() + "/join?")
+    response = await stack.http.get(join_link)
+    assert response.status_code == 302
+    location = response.headers["location"]
+    sim, backend_meeting = stack.backend_meeting("acme", "lib-room")
+    assert location.startswith(stack.sim_urls[stack.sims.index(sim)] + "/join?")
+    q = query_of(location)
+    assert (q["meetingID"], q["fullName"], q["role"]) == (backend_meeting, "Grace", "VIEWER")
+    signed = urlsplit(location).query.rsplit("&checksum=", 1)[0]
+    assert q["checksum"] == compute("join", signed, BACKEND_SECRET, "sha256")
+    landed = await stack.http.get(location, follow_redirects=True)
+    assert landed.status_code == 200
+    assert len(sim.meetings[backend_meeting].attendees) == 1
+
+    await trio.to_thread.run_sync(client.end, "lib-room")
     assert stack.gateway.ledger.get(("acme", "lib-room")) is None
     with pytest.raises(bbbctl.ApiError):
         await trio.to_thread.run_sync(client.getMeetingInfo, "lib-room")

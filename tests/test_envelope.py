@@ -11,6 +11,7 @@ from lxml import etree
 
 from proxy import errors
 from proxy.bbb import envelope
+from tests.harness import StackFactory
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "bbb" / "bigbluebutton"  # see SOURCES.md
 
@@ -78,9 +79,27 @@ def test_success_keeps_field_order() -> None:
     assert envelope.success() == "<response><returncode>SUCCESS</returncode></response>"
 
 
-def test_headers() -> None:
-    assert envelope.HEADERS["Content-Type"] == "text/xml;charset=utf-8"
-    assert envelope.HEADERS["Cache-Control"] == "no-cache"
+async def test_headers(make_stack: StackFactory) -> None:
+    """Every API answer the gateway sends carries BBB's headers: success, errors, 413, 404."""
+    stack = await make_stack(proxy={"max_body_bytes": 100})
+    answers = [
+        await stack.http.get(stack.api()),
+        await stack.http.get(stack.signed("getMeetings", [])),
+        await stack.http.get(stack.signed("getMeetingInfo", [("meetingID", "nope")])),
+        await stack.http.get(f"{stack.api()}/getMeetings?checksum=0"),
+        await stack.http.get(stack.signed("noSuchCall", [])),
+        await stack.http.post(
+            stack.signed("insertDocument", [("meetingID", "nope")]),
+            content=b"<modules>" + b" " * 200 + b"</modules>",
+            headers={"Content-Type": "application/xml"},
+        ),
+    ]
+    for response in answers:
+        assert response.status_code == 200, response.url
+        assert response.headers["content-type"] == "text/xml;charset=utf-8", response.url
+        assert response.headers["cache-control"] == "no-cache", response.url
+        assert response.text.startswith("<response><returncode>"), response.url
+    assert envelope.HEADERS == {"Content-Type": envelope.CONTENT_TYPE, "Cache-Control": "no-cache"}
 
 
 def decoded_errors(location: str) -> object:
