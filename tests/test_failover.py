@@ -1,0 +1,294 @@
+"""Failover over real sockets: a dead BBB server costs a class seconds (issue 7 §3).
+
+Each simulated BBB server here runs in its own cancel scope, so a test can kill
+it (its port then refuses connections, as a crashed server's does) and serve it
+again on the same port later, with the meetings it had.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trio
+import trio.testing
+
+from proxy.config import HealthSettings
+from proxy.ledger.files import load_state
+from proxy.ledger.service import Ledger
+from proxy.server import serve_gateway
+from proxy.simulator import Behaviour, Simulator, serve_simulator
+from tests.harness import BACKEND_SECRET, SECRETS, Stack, config_for, free_port, text, wait_until
+
+FAST = {"interval": 0.2, "timeout": 0.15, "down_after": 3, "up_after": 2}
+MOODLE = {  # one customer, its subscription exactly full with four meetings of 5
+    "id": "acme",
+    "secret": SECRETS["acme"],
+    "max_connections": 20,
+    "default_max_participants": 5,
+    "default_duration": 60,
+}
+
+
+@dataclass
+class Server:
+    """One simulated BBB server that can be killed and brought back on the same port."""
+
+    sim: Simulator
+    port: int
+    scope: trio.CancelScope
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/bigbluebutton/api"
+
+    def kill(self) -> None:
+        self.scope.cancel()
+
+    async def revive(self, nursery: trio.Nursery) -> None:
+        self.scope = trio.CancelScope()
+        await nursery.start(_serve, self.sim, self.port, self.scope)
+
+
+async def _serve(
+    sim: Simulator,
+    port: int,
+    scope: trio.CancelScope,
+    *,
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    with scope:
+        await serve_simulator(sim, port=port, task_status=task_status)
+
+
+async def start(
+    nursery: trio.Nursery,
+    state_dir: Path,
+    *,
+    count: int = 2,
+    health: dict[str, Any] | None = None,
+    latencies: tuple[float, ...] = (),
+    ledger: Ledger | None = None,
+) -> tuple[Stack, list[Server]]:
+    servers = []
+    for i in range(count):
+        latency = latencies[i] if i < len(latencies) else 0.0
+        sim = Simulator(
+            BACKEND_SECRET,
+            server_name=f"bbb-{i + 1}.test",
+            behaviour=Behaviour(latency=latency),
+            expire_unjoined_minutes=None,
+        )
+        server = Server(sim, free_port(), trio.CancelScope())
+        await nursery.start(_serve, sim, server.port, server.scope)
+        servers.append(server)
+    port = free_port()
+    proxy = {
+        "state_dir": str(state_dir),
+        "bind": f"127.0.0.1:{port}",
+        "public_url": f"http://127.0.0.1:{port}",
+        "allow_private_callbacks": True,
+        "health": health or {},
+    }
+    config = config_for([s.url for s in servers], customers=[MOODLE], proxy=proxy)
+    gateway, binds = await nursery.start(partial(serve_gateway, config, ledger=ledger))
+    client = httpx.AsyncClient(timeout=10)
+    return Stack(
+        gateway, binds[0], [s.sim for s in servers], [s.url for s in servers], client, config
+    ), servers
+
+
+@pytest.fixture
+async def closing() -> AsyncIterator[list[Stack]]:
+    stacks: list[Stack] = []
+    yield stacks
+    for stack in stacks:
+        await stack.http.aclose()
+
+
+def backend_of(stack: Stack, meeting_id: str) -> str:
+    reservation = stack.gateway.ledger.get(("acme", meeting_id))
+    assert reservation is not None
+    return reservation.backend_id
+
+
+async def join_location(stack: Stack, meeting_id: str) -> str:
+    params = [("meetingID", meeting_id), ("fullName", "Teacher"), ("role", "MODERATOR")]
+    response = await stack.http.get(stack.signed("join", params))
+    assert response.status_code == 302, response.text
+    return response.headers["location"]
+
+
+async def test_create_on_a_down_backend_moves_the_meeting_and_the_stray_copy_is_ended(
+    nursery: trio.Nursery, tmp_path: Path, closing: list[Stack]
+) -> None:
+    stack, servers = await start(nursery, tmp_path, health=FAST)
+    closing.append(stack)
+    gw, state = stack.gateway, stack.gateway.ledger.state
+    assert text(await stack.create("room-1"), "returncode") == "SUCCESS"
+    dead = backend_of(stack, "room-1")
+    index = [b.id for b in stack.config.backends].index(dead)
+    live = stack.config.backends[1 - index].id
+    assert state.customer_used("acme") == 5
+    servers[index].kill()
+    await wait_until(lambda: gw.backend_down(dead))
+    # DOWN: the pin stays, its connections no longer count.
+    assert backend_of(stack, "room-1") == dead
+    assert state.customer_used("acme") == 0
+    answer = await stack.create("room-1")  # Moodle's create before join
+    assert text(answer, "returncode") == "SUCCESS"
+    assert text(answer, "meetingID") == "room-1"
+    assert backend_of(stack, "room-1") == live
+    assert (state.customer_used("acme"), state.backend_used(dead), len(state)) == (5, 0, 1)
+    assert gw.failover.get("moved") == 1
+    assert (await join_location(stack, "room-1")).startswith(servers[1 - index].url)
+    # The journal replays to the same state.
+    replayed, _ = load_state(tmp_path)
+    assert list(replayed) == list(state)
+    assert replayed.customer_used("acme") == 5
+    # The dead server comes back, still running its copy: ended there, the pin stays.
+    old = servers[index].sim
+    assert any(m.meeting_id == "acme~room-1" and not m.ended for m in old.meetings.values())
+    await servers[index].revive(nursery)
+    await wait_until(lambda: not gw.backend_down(dead) and gw.failover.get("stray-ended") == 1)
+    assert not any(m.meeting_id == "acme~room-1" and not m.ended for m in old.meetings.values())
+    assert backend_of(stack, "room-1") == live
+    assert state.customer_used("acme") == 5
+
+
+async def test_a_returning_backend_keeps_meetings_not_recreated_elsewhere(
+    nursery: trio.Nursery, tmp_path: Path, closing: list[Stack]
+) -> None:
+    stack, servers = await start(nursery, tmp_path, health=FAST)
+    closing.append(stack)
+    gw, state = stack.gateway, stack.gateway.ledger.state
+    for n in range(4):
+        assert text(await stack.create(f"room-{n}"), "returncode") == "SUCCESS"
+    dead = backend_of(stack, "room-0")
+    index = [b.id for b in stack.config.backends].index(dead)
+    there = [f"room-{n}" for n in range(4) if backend_of(stack, f"room-{n}") == dead]
+    servers[index].kill()
+    await wait_until(lambda: gw.backend_down(dead))
+    assert state.customer_used("acme") == 5 * (4 - len(there))
+    await servers[index].revive(nursery)
+    await wait_until(lambda: not gw.backend_down(dead))
+    assert [backend_of(stack, m) for m in there] == [dead] * len(there)  # adopted back
+    assert state.customer_used("acme") == 20
+    assert gw.failover.get("kept") == len(there)
+
+
+async def test_slow_backend_gets_no_new_meetings_while_others_answer(
+    nursery: trio.Nursery, tmp_path: Path, closing: list[Stack]
+) -> None:
+    """One of three servers answers every call in 3 s: it stays UP, new meetings avoid it."""
+    stack, _ = await start(nursery, tmp_path, count=3, latencies=(0.0, 3.0, 0.0))
+    closing.append(stack)
+    gw = stack.gateway
+    slow = stack.config.backends[1].id
+    latency = gw.health[slow].latency
+    assert latency is not None and latency >= 3.0  # the start-up poll took 3 s
+    assert gw.accepts_meetings(slow) and not gw.responsive(slow)  # UP, not responsive
+    placed = []
+    with trio.fail_after(5):  # nine creates, none of them waiting 3 s for the slow one
+        for n in range(9):
+            answer = await stack.create(f"room-{n}", maxParticipants="2")
+            assert text(answer, "returncode") == "SUCCESS"
+            placed.append(backend_of(stack, f"room-{n}"))
+    assert slow not in placed and len(set(placed)) == 2
+
+
+# -- chaos: kill a server under a Moodle-like load ---------------------------------------------
+
+
+@pytest.fixture
+def jumping_clock() -> trio.testing.MockClock:
+    """Virtual time that jumps when every task waits; real sockets need a little real slack."""
+    return trio.testing.MockClock(autojump_threshold=0.1)
+
+
+def detection_bound(h: HealthSettings) -> float:
+    """Worst case from death to DOWN: the death just after a good poll, then
+    ``down_after`` failed polls on the fixed schedule, the last one timing out."""
+    return h.down_after * h.interval + h.timeout
+
+
+async def test_chaos_kill_a_backend_under_moodle_load(
+    jumping_clock: trio.testing.MockClock,
+    nursery: trio.Nursery,
+    tmp_path: Path,
+    closing: list[Stack],
+) -> None:
+    """Four meetings of one customer (its subscription exactly full), each doing create
+    then join every 2 s; one server is killed.  Measured, with the default health settings:
+    the time until every meeting that was on it works again (create SUCCESS elsewhere and
+    join redirecting there), and until the customer's connections were free."""
+    defaults = HealthSettings()
+    assert detection_bound(defaults) < 35
+    stack, servers = await start(nursery, tmp_path, ledger=Ledger(clock=trio.current_time))
+    closing.append(stack)
+    gw = stack.gateway
+    meetings = [f"class-{n}" for n in range(4)]
+    for m in meetings:
+        assert text(await stack.create(m), "returncode") == "SUCCESS"
+    assert gw.ledger.state.customer_used("acme") == 20
+    victim = backend_of(stack, meetings[0])
+    index = [b.id for b in stack.config.backends].index(victim)
+    on_victim = [m for m in meetings if backend_of(stack, m) == victim]
+    live_url = servers[1 - index].url
+    works_again: dict[str, float] = {}
+    failures: dict[str, int] = {}
+    freed_at: list[float] = []
+    killed_at = math.inf
+
+    async def moodle(meeting_id: str) -> None:
+        while len(works_again) < len(on_victim):
+            answer = await stack.create(meeting_id)
+            ok = text(answer, "returncode") == "SUCCESS"
+            if ok and meeting_id in on_victim and trio.current_time() > killed_at:
+                ok = (await join_location(stack, meeting_id)).startswith(live_url)
+                if ok:
+                    works_again.setdefault(meeting_id, trio.current_time() - killed_at)
+            elif ok:
+                await join_location(stack, meeting_id)
+            if not ok:
+                failures[meeting_id] = failures.get(meeting_id, 0) + 1
+            await trio.sleep(2)
+
+    async def watch_connections() -> None:
+        while gw.ledger.state.customer_used("acme") == 20:  # noqa: ASYNC110 - ledger state
+            await trio.sleep(0.5)
+        freed_at.append(trio.current_time() - killed_at)
+
+    with trio.fail_after(120):
+        async with trio.open_nursery() as load:
+            for m in meetings:
+                load.start_soon(moodle, m)
+            await trio.sleep(11.3)  # some load first, and an arbitrary phase against the polls
+            killed_at = trio.current_time()
+            servers[index].kill()
+            load.start_soon(watch_connections)
+    worst = max(works_again.values())
+    down_since = gw.health[victim].down_since
+    assert down_since is not None
+    down_after_kill = down_since - killed_at  # suspension is part of the DOWN transition
+    print(
+        f"chaos: {len(on_victim)} of {len(meetings)} meetings on the killed server; they work "
+        f"again after {sorted(round(t, 1) for t in works_again.values())} s (worst {worst:.1f} s,"
+        f" detection bound {detection_bound(defaults):.0f} s); the customer's connections were "
+        f"free after {down_after_kill:.1f} s (DOWN; seen free by the 0.5 s watcher at "
+        f"{freed_at[0]:.1f} s); failed rounds {failures}"
+    )
+    assert set(works_again) == set(on_victim)
+    assert worst < 35
+    assert worst <= detection_bound(defaults) + 2 + 1  # DOWN, then the next 2 s round
+    assert down_after_kill <= freed_at[0] <= down_after_kill + 0.5  # watched every 0.5 s
+    assert down_after_kill <= detection_bound(defaults)
+    assert gw.ledger.state.customer_used("acme") == 20  # the moved ones hold theirs again
+    assert gw.failover.get("moved") == len(on_victim)
+    assert not set(failures) - set(on_victim)  # the other meetings never failed
