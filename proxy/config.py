@@ -46,6 +46,9 @@ class Timeouts:
     write: float = 5 * SECONDS
     pool: float = 2 * SECONDS
     get_meetings: float = 5 * SECONDS  # deadline for the whole getMeetings fan-out
+    # Towards API clients (hypercorn and the request body), not backends:
+    client_read: float = 30 * SECONDS  # a request's body must arrive whole within this
+    client_idle: float = 5 * SECONDS  # idle keep-alive connection; also bounds a request head
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,11 +80,18 @@ class ProxySettings:
     max_query_bytes: int = 64 * KIB
     max_body_bytes: int = 4 * MIB
     backend_connections: int = 16  # pooled connections per BBB server
+    customer_backend_calls: int = 0  # in flight per customer per backend; 0: half the pool
+    max_answer_bytes: int = 8 * MIB  # a backend answer larger than this is refused
     timeouts: Timeouts = field(default_factory=Timeouts)
     health: HealthSettings = field(default_factory=HealthSettings)
     admin_token: str = field(default="", repr=False)  # empty: the admin API is off
     metrics_token: str = field(default="", repr=False)  # empty: /metrics is open
     allow_private_callbacks: bool = False  # customer callbacks to private/loopback hosts
+
+    @property
+    def calls_per_customer(self) -> int:
+        """In-flight calls one customer may have on one backend (its fair share of the pool)."""
+        return self.customer_backend_calls or max(1, self.backend_connections // 2)
 
     @property
     def join_error_url(self) -> str:
@@ -185,6 +195,8 @@ def _proxy(t: Mapping[str, Any]) -> ProxySettings:
         backend_connections=_get(
             t, "proxy", "backend_connections", _positive, d.backend_connections
         ),
+        customer_backend_calls=_get(t, "proxy", "customer_backend_calls", _positive, 0),
+        max_answer_bytes=_get(t, "proxy", "max_answer_bytes", _positive, d.max_answer_bytes),
         timeouts=timeouts,
         health=_health(_table(t, "health", "proxy.health")),
         admin_token=_get(t, "proxy", "admin_token", _string, ""),

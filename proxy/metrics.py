@@ -34,6 +34,8 @@ KNOWN_RESULTS = frozenset(
         "meetingForciblyEnded", "maxParticipantsReached", "mismatchCreateTimeParam",
     }
 )  # fmt: skip
+# Kinds of Gateway.spawn shown with 0 before their first failure (others appear when they fail).
+TASK_KINDS = ("customer-url", "end-preempted", "end-stray")
 CUSTOMER_URL_KINDS = ("dropped", "ok", "failed", "refused", "invalid")
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
@@ -167,7 +169,8 @@ class _StateCollector(Collector):
             "Background tasks (supervised by Gateway.spawn) that failed, by kind",
             labels=["kind"],
         )
-        for kind, count in sorted(self._gw.task_failures.items()):
+        counts = dict.fromkeys(TASK_KINDS, 0) | self._gw.task_failures
+        for kind, count in sorted(counts.items()):
             failures.add_metric([kind], count)
         yield failures
         urls = CounterMetricFamily(

@@ -20,7 +20,7 @@ from hypercorn.trio import serve
 from proxy.app import create_app
 from proxy.backends.client import Transport
 from proxy.backends.monitor import monitor_backends, reconcile_all
-from proxy.config import Config
+from proxy.config import Config, Timeouts
 from proxy.gateway import Gateway, open_gateway
 from proxy.ledger.journal import open_durable_ledger
 from proxy.ledger.service import Ledger
@@ -29,7 +29,19 @@ log = logging.getLogger(__name__)
 SHUTDOWN_DEADLINE = 10.0  # seconds in-flight requests get after SIGTERM
 
 
-def hypercorn_config(bind: str, max_header_bytes: int) -> HypercornConfig:
+def hypercorn_config(
+    bind: str, max_header_bytes: int, timeouts: Timeouts | None = None
+) -> HypercornConfig:
+    """hypercorn's settings: every client connection bounded in time and size.
+
+    - ``keep_alive_timeout`` (``client_idle``): an idle connection is closed; hypercorn
+      keeps that timer running until a request's head is complete, so a head that
+      trickles in is bounded by it too;
+    - ``read_timeout`` (``client_read``): a connection silent that long in the
+      middle of a request is closed (the body's whole-time bound is the app's
+      ``BODY_TIMEOUT``, set in :func:`_serve_app`).
+    """
+    timeouts = timeouts or Timeouts()
     config = HypercornConfig()
     config.bind = [bind]
     config.accesslog = None
@@ -37,6 +49,8 @@ def hypercorn_config(bind: str, max_header_bytes: int) -> HypercornConfig:
     config.graceful_timeout = SHUTDOWN_DEADLINE
     # Leave room for long create URLs; the gateway's own limit answers BBB's envelope.
     config.h11_max_incomplete_size = max_header_bytes
+    config.keep_alive_timeout = timeouts.client_idle
+    config.read_timeout = timeouts.client_read  # type: ignore[assignment]  # a float works
     return config
 
 
@@ -59,7 +73,10 @@ async def serve_gateway(
     """
     async with contextlib.AsyncExitStack() as stack:
         if ledger is None:
-            ledger = await stack.enter_async_context(open_durable_ledger(config.proxy.state_dir))
+            durable = open_durable_ledger(
+                config.proxy.state_dir, write_timeout=config.proxy.journal_timeout
+            )
+            ledger = await stack.enter_async_context(durable)
         gw = await stack.enter_async_context(open_gateway(config, ledger, transport_factory))
         await _run(gw, bind or config.proxy.bind, handle_signals, monitor, task_status)
 
@@ -71,7 +88,8 @@ async def _run(
     monitor: bool,
     task_status: trio.TaskStatus[tuple[Gateway, list[str]]],
 ) -> None:
-    hyper = hypercorn_config(bind, 2 * gw.config.proxy.max_query_bytes)
+    proxy = gw.config.proxy
+    hyper = hypercorn_config(bind, 2 * proxy.max_query_bytes, proxy.timeouts)
     await reconcile_all(gw)
     stop = trio.Event()
     async with trio.open_nursery() as background:
@@ -98,7 +116,9 @@ async def _serve_app(
     *,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    app = counted(gw, create_app(gw))
+    quart = create_app(gw)
+    quart.config["BODY_TIMEOUT"] = gw.config.proxy.timeouts.client_read  # the whole body
+    app = counted(gw, closing_unread(quart))
     await serve(app, hyper, shutdown_trigger=trio.sleep_forever, task_status=task_status)
 
 
@@ -110,6 +130,43 @@ def counted(gw: Gateway, app: Any) -> Any:
             return await app(scope, receive, send)  # type: ignore[no-any-return]
         with gw.request_in_flight():
             await app(scope, receive, send)
+        return None
+
+    return asgi
+
+
+def closing_unread(app: Any) -> Any:
+    """The ASGI app, made to close a connection whose request body it did not read whole.
+
+    hypercorn closes such a connection when the answer is complete (it cannot read
+    the next request), but quart-trio sends the answer's last part from inside a
+    cancel scope that it cancels at that very moment, so the close is cancelled
+    and the connection stays open as long as the client trickles bytes.  Holding
+    the last part back until the app has returned lets hypercorn close it.
+    """
+
+    async def asgi(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await app(scope, receive, send)  # type: ignore[no-any-return]
+        body_read = False
+        held: list[Any] = []
+
+        async def receiving() -> Any:
+            nonlocal body_read
+            message = await receive()
+            body_read = body_read or not message.get("more_body", False)
+            return message
+
+        async def sending(message: Any) -> None:
+            last = message["type"] == "http.response.body" and not message.get("more_body")
+            if last and not body_read:
+                held.append(message)
+            else:
+                await send(message)
+
+        await app(scope, receiving, sending)
+        for message in held:
+            await send(message)
         return None
 
     return asgi
