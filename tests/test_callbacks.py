@@ -13,6 +13,7 @@ B1 = Backend(id="b1", url="http://b1.test/bigbluebutton/api", secret="one", capa
 B2 = Backend(id="b2", url="http://b2.test/bigbluebutton/api", secret="two", capacity=10)
 BACKENDS = {"b1": B1, "b2": B2}
 URLS = CustomerUrls(("https://lms.test/ended?a=1&b=2",), ("https://lms.test/cb",))
+CREATED = 1764585763.1234567  # a reservation's created_at: names the meeting instance
 
 
 def query_of(url: str) -> str:
@@ -20,11 +21,13 @@ def query_of(url: str) -> str:
 
 
 def test_callback_notice_round_trip_with_bbb_appending_parameters() -> None:
-    ended, callback = callbacks.ended_urls("http://gw", B1, "acme~room 1", "room 1", URLS)
+    ended, callback = callbacks.ended_urls("http://gw", B1, "acme~room 1", "room 1", URLS, CREATED)
     assert ended.startswith("http://gw/callbacks/v1/ended?k=ended&")
     appended = query_of(callback) + "&recordingmarks=true&meetingID=acme%7Eroom+1"
     notice = callbacks.verify(appended, BACKENDS)
-    assert notice == callbacks.EndNotice("callback", "b1", "acme~room 1", "room 1", URLS, "true")
+    assert notice == callbacks.EndNotice(
+        "callback", "b1", "acme~room 1", "room 1", repr(CREATED), URLS, "true"
+    )
     assert callbacks.calls_for(notice) == [
         "https://lms.test/ended?a=1&b=2",
         "https://lms.test/cb?recordingmarks=true&meetingID=room+1",
@@ -32,20 +35,20 @@ def test_callback_notice_round_trip_with_bbb_appending_parameters() -> None:
 
 
 def test_ended_notice_releases_but_calls_nobody() -> None:
-    ended, _ = callbacks.ended_urls("http://gw", B1, "acme~r", "r", URLS)
+    ended, _ = callbacks.ended_urls("http://gw", B1, "acme~r", "r", URLS, CREATED)
     notice = callbacks.verify(query_of(ended), BACKENDS)
     assert notice is not None and notice.kind == "ended"
     assert callbacks.calls_for(notice) == []
 
 
 def test_reencoded_query_still_verifies() -> None:
-    _, callback = callbacks.ended_urls("http://gw", B1, "acme~room 1", "room 1", URLS)
+    _, callback = callbacks.ended_urls("http://gw", B1, "acme~room 1", "room 1", URLS, CREATED)
     reencoded = query_of(callback).replace("+", "%20").replace("%7E", "~")
     assert callbacks.verify(reencoded, BACKENDS) is not None
 
 
-def test_tampering_or_another_backends_key_is_refused() -> None:
-    _, callback = callbacks.ended_urls("http://gw", B1, "acme~room", "room", URLS)
+def test_tampering_is_refused() -> None:
+    _, callback = callbacks.ended_urls("http://gw", B1, "acme~room", "room", URLS, CREATED)
     query = query_of(callback)
     assert callbacks.verify(query, BACKENDS) is not None
     assert callbacks.verify(query.replace("acme~room", "acme~other"), BACKENDS) is None
@@ -54,6 +57,46 @@ def test_tampering_or_another_backends_key_is_refused() -> None:
     added = query.replace("&sig=", "&cb=http%3A%2F%2Fevil.test&sig=")
     assert callbacks.verify(added, BACKENDS) is None
     assert callbacks.verify(query.replace("k=callback", "k=other"), BACKENDS) is None
+    later = query.replace(f"c={CREATED!r}", f"c={CREATED + 1!r}")
+    assert later != query and callbacks.verify(later, BACKENDS) is None
+    without_instance = query.replace(f"&c={CREATED!r}", "")
+    assert without_instance != query and callbacks.verify(without_instance, BACKENDS) is None
+
+
+def test_url_signed_without_the_backends_secret_is_refused() -> None:
+    """The key is the named backend's: signed with another secret (or none) fails."""
+    for secret in ("two", ""):
+        impostor = Backend(id="b1", url=B1.url, secret=secret, capacity=10)
+        for url in callbacks.ended_urls("http://gw", impostor, "acme~room", "room", URLS, CREATED):
+            assert callbacks.verify(query_of(url), BACKENDS) is None
+    for url in callbacks.ended_urls("http://gw", B1, "acme~room", "room", URLS, CREATED):
+        assert callbacks.verify(query_of(url), BACKENDS) is not None
+
+
+@pytest.mark.parametrize(
+    "sig", ["é" * 64, "\u0660" * 64, "ａ" * 64, "\x00", "%ff%fe", "0" * 63 + "é"]
+)
+def test_non_ascii_or_broken_signature_is_refused(sig: str) -> None:
+    ended, _ = callbacks.ended_urls("http://gw", B1, "acme~room", "room", URLS, CREATED)
+    query = query_of(ended)
+    forged = query[: query.index("&sig=")] + "&sig=" + sig
+    assert callbacks.verify(forged, BACKENDS) is None
+    assert callbacks.verify(forged.encode().decode("latin-1"), BACKENDS) is None
+
+
+def test_a_notice_releases_only_its_own_instance() -> None:
+    ended, callback = callbacks.ended_urls("http://gw", B1, "acme~r", "r", URLS, CREATED)
+    for url in (ended, callback):
+        notice = callbacks.verify(query_of(url), BACKENDS)
+        assert notice is not None and notice.instance == repr(CREATED)
+        assert callbacks.releases(notice, CREATED)
+        assert not callbacks.releases(notice, CREATED + 1e-6)  # the re-created meeting
+        assert not callbacks.releases(notice, 0.0)
+
+
+def test_a_notice_without_instance_releases_nothing() -> None:
+    notice = callbacks.EndNotice("ended", "b1", "acme~r", "r", "", CustomerUrls(), "false")
+    assert not callbacks.releases(notice, CREATED)
 
 
 def test_split_customer_urls_keeps_end_callback_visible() -> None:

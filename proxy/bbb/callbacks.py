@@ -6,7 +6,7 @@ appended, and the ``meetingEndedURL`` as given.  On create the gateway takes
 both slots for itself and removes the customer's::
 
     {public_url}/callbacks/v1/ended?k=<kind>&b=<backend>&m=<backend meetingID>
-        &i=<customer's meetingID>&cb=<customer's meetingEndedURL>
+        &i=<customer's meetingID>&c=<instance>&cb=<customer's meetingEndedURL>
         &ecb=<customer's endCallbackUrl>&sig=<hex>
 
 ``k=ended`` goes into ``meetingEndedURL`` (it only releases the reservation);
@@ -14,13 +14,23 @@ both slots for itself and removes the customer's::
 and learns ``recordingmarks``; it releases too and then calls the customer's
 URLs as BBB would have.  Either notice alone frees the connections.
 
+``c`` names the meeting *instance*: the ``repr`` of the reservation's
+``created_at`` (the same value as the ``bbb-proxy-created`` tag), so it reads
+back exactly.  A notice releases only the reservation of that instance; a late
+or replayed notice of an earlier meeting with the same meetingID finds another
+``created_at`` in the ledger and releases nothing (:func:`releases`).
+
 ``sig`` is HMAC-SHA256, keyed from the backend's secret, over the gateway's
 own parameters re-encoded in a fixed order, so BBB re-encoding the query while
 appending to it does not break it, and nobody without the key can make a URL
-that releases a reservation.  The customer's URLs travel inside the URL, so
-they survive a restart of the gateway without being stored anywhere else.
-The customer's ``endCallbackUrl`` is also kept on the backend under the
-gateway's own metadata tag, so getMeetingInfo still shows it to the customer.
+that releases a reservation, or move a URL to another instance.  The
+customer's URLs travel inside the URL, so they survive a restart of the
+gateway without being stored anywhere else.  The customer's ``endCallbackUrl``
+is also kept on the backend under the gateway's own metadata tag, so
+getMeetingInfo still shows it to the customer.
+
+Error handling: nothing here raises on what a peer sends; :func:`verify`
+answers None for any query that is not a URL the gateway signed.
 """
 
 from __future__ import annotations
@@ -40,7 +50,7 @@ from proxy.logs import shown
 log = logging.getLogger(__name__)
 
 PATH = "/callbacks/v1/ended"
-SIGNED = ("k", "b", "m", "i", "cb", "ecb")
+SIGNED = ("k", "b", "m", "i", "c", "cb", "ecb")
 KINDS = ("ended", "callback")
 
 
@@ -56,6 +66,7 @@ class EndNotice:
     backend_id: str
     backend_meeting_id: str
     meeting_id: str  # the customer's
+    instance: str  # repr of the reservation's created_at; "" in URLs made before instances
     urls: CustomerUrls
     recordingmarks: str
 
@@ -65,15 +76,29 @@ def _sign(backend: Backend, params: Sequence[tuple[str, str]]) -> str:
     return hmac.new(key, urlencode(params).encode(), hashlib.sha256).hexdigest()
 
 
+def instance_of(created_at: float) -> str:
+    """How a meeting instance is written in a notice URL (and read back)."""
+    return repr(created_at)
+
+
 def ended_urls(
     public_url: str,
     backend: Backend,
     backend_meeting_id: str,
     meeting_id: str,
     urls: CustomerUrls,
+    created_at: float,
 ) -> tuple[str, str]:
-    """(our meetingEndedURL, our endCallbackUrl) for one meeting."""
-    base = [("b", backend.id), ("m", backend_meeting_id), ("i", meeting_id)]
+    """(our meetingEndedURL, our endCallbackUrl) for one meeting instance.
+
+    ``created_at`` is the reservation's: only a notice carrying it releases it.
+    """
+    base = [
+        ("b", backend.id),
+        ("m", backend_meeting_id),
+        ("i", meeting_id),
+        ("c", instance_of(created_at)),
+    ]
     ended = [("k", "ended"), *base]
     callback = [
         ("k", "callback"),
@@ -136,16 +161,29 @@ def verify(raw_query: str, backends: dict[str, Backend]) -> EndNotice | None:
     backend = backends.get(values.get("b", ""))
     if backend is None or values.get("k") not in KINDS or "m" not in values:
         return None
-    if not hmac.compare_digest(_sign(backend, signed), signature):
+    # Bytes, not str: compare_digest raises TypeError on a str that is not ASCII.
+    expected = _sign(backend, signed).encode()
+    if not hmac.compare_digest(expected, signature.encode("utf-8", "replace")):
         return None
     marks = next((v for k, v in params if k == "recordingmarks"), "false")
     urls = CustomerUrls(
         tuple(v for k, v in signed if k == "cb"), tuple(v for k, v in signed if k == "ecb")
     )
     return EndNotice(
-        values["k"], backend.id, values["m"], values.get("i", ""), urls,
+        values["k"], backend.id, values["m"], values.get("i", ""), values.get("c", ""), urls,
         "true" if marks == "true" else "false",
     )  # fmt: skip
+
+
+def releases(notice: EndNotice, held_created_at: float) -> bool:
+    """Whether ``notice`` may release the reservation the ledger holds for its meeting.
+
+    Only when that reservation (``held_created_at`` is its ``created_at``) is the very
+    instance the notice was made for.  A notice of an earlier instance (late, or
+    replayed) and one without an instance (a URL made before instances existed)
+    release nothing: the backend poll frees such meetings once they are gone.
+    """
+    return bool(notice.instance) and notice.instance == instance_of(held_created_at)
 
 
 def calls_for(notice: EndNotice) -> list[str]:

@@ -18,7 +18,6 @@ import logging
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from urllib.parse import parse_qsl
 
 from proxy.bbb import bodies, checksum, envelope
 from proxy.calls import meetings
@@ -41,7 +40,7 @@ type Handler = Callable[[Gateway, ApiRequest], Awaitable[Answer]]
 
 
 async def _join(gw: Gateway, req: ApiRequest) -> Answer:
-    return meetings.join(gw, req)
+    return await meetings.join(gw, req)
 
 
 CALLS: dict[str, Handler] = {
@@ -76,6 +75,7 @@ def version_document() -> Answer:
 
 async def handle(gw: Gateway, incoming: Incoming) -> tuple[str, Answer]:
     """Answer one API request; returns (result label for metrics, answer)."""
+    req: ApiRequest | None = None  # set once the checksum verified
     try:
         req = _verified(gw, incoming)
         handler = _handler(gw, req)
@@ -83,7 +83,7 @@ async def handle(gw: Gateway, incoming: Incoming) -> tuple[str, Answer]:
     except ProxyError as error:
         if isinstance(error, BackendError):
             log.warning("%s failed: %s", incoming.call, error)
-        return error.message_key, _error_answer(gw, incoming, error)
+        return error.message_key, _error_answer(gw, incoming, error, req)
     return result_of(answer), answer
 
 
@@ -133,8 +133,9 @@ def _handler(gw: Gateway, req: ApiRequest) -> Handler:
     return handler
 
 
-def _error_answer(gw: Gateway, incoming: Incoming, error: ProxyError) -> Answer:
-    if incoming.call == "join":
-        params = parse_qsl(incoming.raw_query, keep_blank_values=True)
-        return meetings.join_error(gw, params, error)
+def _error_answer(
+    gw: Gateway, incoming: Incoming, error: ProxyError, req: ApiRequest | None = None
+) -> Answer:
+    if incoming.call == "join":  # only a verified request may choose the error target
+        return meetings.join_error(gw, None if req is None else req.params, error)
     return Answer.xml(envelope.from_error(error))

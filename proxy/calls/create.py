@@ -152,6 +152,7 @@ def backend_params(gw: Gateway, req: ApiRequest, reservation: Reservation) -> li
         reservation.backend_meeting_id,
         reservation.meeting_id,
         customer_urls,
+        reservation.created_at,
     )
     return [
         ("meetingID", reservation.backend_meeting_id),

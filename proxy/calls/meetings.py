@@ -14,8 +14,15 @@ import trio
 from lxml import etree
 
 from proxy.backends.client import Reply
-from proxy.bbb import envelope, rewrite
-from proxy.errors import BackendError, NotFound, ProxyError, ValidationError
+from proxy.bbb import envelope, redirects, rewrite
+from proxy.errors import (
+    BackendError,
+    BackendRedirect,
+    BackendUnavailable,
+    NotFound,
+    ProxyError,
+    ValidationError,
+)
 from proxy.gateway import Gateway
 from proxy.ledger.model import Reservation
 from proxy.request import Answer, ApiRequest
@@ -45,7 +52,19 @@ async def forward(gw: Gateway, req: ApiRequest, reservation: Reservation) -> Rep
 async def released_if_gone(gw: Gateway, reply: Reply, reservation: Reservation) -> None:
     """A backend's notFound for a pinned meeting means it ended: free its connections."""
     if not reply.ok and reply.message_key == "notFound":
-        await gw.ledger.release(reservation.key, "gone")
+        await released_if_current(gw, reservation, "gone")
+
+
+async def released_if_current(gw: Gateway, reservation: Reservation, reason: str) -> None:
+    """Release ``reservation`` if the ledger still holds that very instance.
+
+    The backend's answer came after an ``await``: meanwhile the meeting may have
+    ended and been created again under the same meetingID, and the answer about
+    the old one must not free the new one.
+    """
+    held = gw.ledger.get(reservation.key)
+    if held is not None and held.created_at == reservation.created_at:
+        await gw.ledger.release(reservation.key, reason)
 
 
 def restored(reply: Reply, reservation: Reservation) -> Answer:
@@ -63,7 +82,7 @@ async def end(gw: Gateway, req: ApiRequest) -> Answer:
         raise NotFound()
     reply = await forward(gw, req, reservation)
     if reply.ok:
-        await gw.ledger.release(reservation.key, "end")
+        await released_if_current(gw, reservation, "end")
     await released_if_gone(gw, reply, reservation)
     return restored(reply, reservation)
 
@@ -113,8 +132,16 @@ def _check_xml(body: bytes) -> None:
         raise ValidationError("The XML body must be a <modules> document")
 
 
-def join(gw: Gateway, req: ApiRequest) -> Answer:
-    """Answered locally: a 302 to the backend's own join URL, re-signed (SPEC §6)."""
+async def join(gw: Gateway, req: ApiRequest) -> Answer:
+    """A 302 to the backend's own join URL, re-signed, answered locally (SPEC §6).
+
+    With ``redirect=false`` the backend is asked instead, and its XML answered
+    (:func:`_join_xml`).  A meeting pinned to a DOWN backend is a join error
+    (``serverUnavailable``) rather than a redirect to a dead host.
+
+    Error handling: raises ``ValidationError`` (no ``fullName``), ``NotFound``,
+    ``BackendUnavailable`` (DOWN backend); :func:`join_error` renders them.
+    """
     reservation = pinned(gw, req)
     full_name = req.first("fullName")
     if full_name is None or not full_name.strip():
@@ -124,16 +151,59 @@ def join(gw: Gateway, req: ApiRequest) -> Answer:
         )
     if reservation is None:
         raise NotFound()
-    location = gw.client(reservation.backend_id).url("join", backend_params(req, reservation))
-    return Answer.redirect(location)
+    params = backend_params(req, reservation)
+    if not wants_redirect(req.first("redirect")):
+        return await _join_xml(gw, reservation, params)
+    if gw.backend_down(reservation.backend_id):
+        raise _down(reservation)
+    return Answer.redirect(gw.client(reservation.backend_id).url("join", params))
 
 
-def join_error(gw: Gateway, req_params: list[tuple[str, str]], error: ProxyError) -> Answer:
-    """bbb-web renders join errors as a redirect to the logout URL with ``errors=``."""
-    values = rewrite.first_values(req_params)
-    target = (
-        values.get("errorRedirectUrl") or values.get("logoutURL") or gw.config.proxy.join_error_url
-    )
+def _down(reservation: Reservation) -> BackendUnavailable:
+    return BackendUnavailable(reservation.backend_id, "DOWN: the meeting must be created again")
+
+
+def wants_redirect(value: str | None) -> bool:
+    """bbb-web's ``Boolean.parseBoolean(redirect)`` when given: only "true" (any case)."""
+    return value is None or value.strip().lower() == "true"
+
+
+async def _join_xml(gw: Gateway, reservation: Reservation, params: list[tuple[str, str]]) -> Answer:
+    """join with ``redirect=false``: the backend's ``join-meeting`` XML, IDs restored.
+
+    Error handling: a join error of the backend's own (its 302 with ``errors=``) is
+    raised as that error, so it is rendered like the gateway's join errors; a backend
+    that cannot be reached or answers garbage is BBB's XML envelope, since the client
+    asked for XML and the join never reached BBB's own checks.  So is a DOWN backend.
+    """
+    if gw.backend_down(reservation.backend_id):
+        return Answer.xml(envelope.from_error(_down(reservation)))
+    try:
+        reply = await gw.client(reservation.backend_id).call("join", params)
+    except BackendRedirect as redirect:
+        error = redirects.join_error_in(redirect.location)
+        if error is None:  # a 302 without BBB's errors=: not an answer BBB gives
+            log.warning("join (redirect=false) of %s: a 302 without errors=", reservation.key)
+            return Answer.xml(envelope.from_error(redirect))
+        if error.message_key == "notFound":
+            await released_if_current(gw, reservation, "gone")
+        raise error from None
+    except BackendError as exc:
+        log.warning("join (redirect=false) of %s failed: %s", reservation.key, exc)
+        return Answer.xml(envelope.from_error(exc))
+    return restored(reply, reservation)
+
+
+def join_error(gw: Gateway, signed: list[tuple[str, str]] | None, error: ProxyError) -> Answer:
+    """bbb-web renders join errors as a redirect to the logout URL with ``errors=``.
+
+    ``signed`` are the request's parameters if its checksum verified, else None: only
+    then may the request choose where the browser goes (:mod:`proxy.bbb.redirects`).
+    A target that cannot be put in a ``Location`` header answers BBB's XML envelope.
+    """
+    target = redirects.join_error_target(signed, gw.config.proxy.join_error_url)
+    if target is redirects.NO_TARGET:
+        return Answer.xml(envelope.from_error(error))
     return Answer.redirect(envelope.join_error_location(target, error.message_key, error.message))
 
 

@@ -1,0 +1,189 @@
+"""Meeting-ended notices are bound to one meeting instance (issue 7), over real sockets.
+
+Moodle ends a meeting and creates it again at once; the old meeting's notice
+then arrives.  It must not free the new meeting, and neither may the same
+notice replayed later, nor one for a meeting the ledger does not hold.
+"""
+
+from __future__ import annotations
+
+import random
+from urllib.parse import quote, urlencode
+
+import pytest
+import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from proxy.bbb import callbacks
+from proxy.bbb.callbacks import SIGNED
+from proxy.bbb.checksum import signed_query
+from proxy.config import Backend
+from proxy.ledger.journal import FileJournal
+from proxy.ledger.model import Reservation
+from proxy.simulator.model import append_query
+from tests.harness import (
+    BACKEND_SECRET,
+    Receiver,
+    Stack,
+    StackFactory,
+    start_receiver,
+    text,
+    wait_until,
+)
+
+KEY = ("acme", "room-1")
+
+
+def held(stack: Stack) -> Reservation | None:
+    return stack.gateway.ledger.get(KEY)
+
+
+def notices_of(stack: Stack) -> list[str]:
+    """The two URLs the backend will call when room-1 ends, as it will call them."""
+    sim, backend_meeting = stack.backend_meeting(*KEY)
+    meeting = sim.meetings[backend_meeting]
+    marks = urlencode([("recordingmarks", "false"), ("meetingID", backend_meeting)])
+    return [meeting.meeting_ended_url, append_query(meeting.metadata["endcallbackurl"], marks)]
+
+
+async def end_on_backend(stack: Stack) -> None:
+    """The meeting ends on its server by itself (not through the gateway)."""
+    sim, backend_meeting = stack.backend_meeting(*KEY)
+    sim_url = stack.sim_urls[stack.sims.index(sim)]
+    query = signed_query("end", [("meetingID", backend_meeting)], BACKEND_SECRET)
+    assert (await stack.http.get(f"{sim_url}/end?{query}")).status_code == 200
+
+
+def records(stack: Stack) -> int:
+    journal = stack.gateway.ledger.journal
+    assert isinstance(journal, FileJournal)
+    return journal.statistics().records_appended
+
+
+async def recreated(stack: Stack, receiver: Receiver) -> Reservation:
+    created = await stack.create("room-1", meta_endCallbackUrl=f"{receiver.url}/cb")
+    assert text(created, "returncode") == "SUCCESS"
+    reservation = held(stack)
+    assert reservation is not None and reservation.confirmed
+    return reservation
+
+
+@pytest.mark.parametrize("ended_by", ["customer-end", "backend"])
+async def test_late_notice_never_releases_the_next_meeting_of_the_same_id(
+    make_stack: StackFactory, nursery: trio.Nursery, ended_by: str
+) -> None:
+    stack = await make_stack(backends=1)
+    receiver = await start_receiver(nursery)
+    first = await recreated(stack, receiver)
+    old_notices = notices_of(stack)
+    if ended_by == "customer-end":
+        assert text(await stack.call("end", [("meetingID", "room-1")]), "returncode") == "SUCCESS"
+    else:
+        await end_on_backend(stack)
+    await wait_until(lambda: held(stack) is None)
+    # The backend's own notices went out (the customer's callback was called once).
+    await wait_until(lambda: len(receiver.seen) == 1)
+    second = await recreated(stack, receiver)
+    assert second.created_at != first.created_at
+    before = records(stack)
+    for url in old_notices:  # arriving late, or replayed: genuine and signed, but old
+        assert (await stack.http.get(url)).status_code == 200
+    assert held(stack) == second
+    assert stack.gateway.ledger.statistics().connections_by_customer == {"acme": 10}
+    assert records(stack) == before  # nothing journalled for an old instance
+    # The new meeting's own notice still releases it.
+    new_notices = notices_of(stack)
+    assert new_notices != old_notices
+    await end_on_backend(stack)
+    await wait_until(lambda: held(stack) is None)
+    assert (await stack.http.get(new_notices[0])).status_code == 200  # replay: nothing left
+
+
+async def test_notice_for_a_meeting_not_in_the_ledger_changes_nothing(stack: Stack) -> None:
+    await stack.create("room-1")
+    await stack.create("room-2")
+    old_notices = notices_of(stack)
+    assert text(await stack.call("end", [("meetingID", "room-1")]), "returncode") == "SUCCESS"
+    assert held(stack) is None
+    before = (records(stack), stack.gateway.ledger.statistics())
+    for url in old_notices:
+        assert (await stack.http.get(url)).status_code == 200
+    assert (records(stack), stack.gateway.ledger.statistics()) == before
+    assert stack.gateway.ledger.get(("acme", "room-2")) is not None
+
+
+async def test_notice_moved_to_another_instance_is_refused(stack: Stack) -> None:
+    await stack.create("room-1")
+    reservation = held(stack)
+    assert reservation is not None
+    ended, _ = notices_of(stack)
+    instance = f"c={quote(repr(reservation.created_at))}"
+    assert instance in ended
+    moved = ended.replace(instance, f"c={quote(repr(reservation.created_at + 1))}")
+    assert (await stack.http.get(moved)).status_code == 403
+    assert (await stack.http.get(ended.replace("&" + instance, ""))).status_code == 403
+    assert held(stack) == reservation
+    assert (await stack.http.get(ended)).status_code == 200
+    assert held(stack) is None
+
+
+@pytest.mark.parametrize(
+    "sig", ["%C3%A9" * 64, "é" * 64, "%D9%A0" * 64, "%00", "%FF%FE", "0" * 63 + "%C3%A9"]
+)
+async def test_non_ascii_signature_is_403(stack: Stack, sig: str) -> None:
+    await stack.create("room-1")
+    ended, _ = notices_of(stack)
+    forged = ended[: ended.index("&sig=")] + "&sig=" + sig
+    response = await stack.http.get(forged)
+    assert (response.status_code, response.text) == (403, "unknown\n")
+    assert held(stack) is not None
+
+
+def _encoded(data: bytes) -> str:
+    """``data`` as a request target may carry it: visible ASCII as is, the rest %-escaped."""
+    return "".join(chr(b) if 0x21 <= b <= 0x7E and b != 0x23 else f"%{b:02X}" for b in data)
+
+
+def _nasty_queries(count: int) -> list[str]:
+    """Seeded random bytes (hypothesis cannot drive a trio fixture across examples)."""
+    rng = random.Random(7)
+    prefixes = ["", "k=ended&b=bbb-1&m=acme~room-1&", "k=callback&b=bbb-1&m=x&sig=%C3%A9&"]
+    return [
+        rng.choice(prefixes) + _encoded(rng.randbytes(rng.randrange(300))) for _ in range(count)
+    ]
+
+
+async def test_any_unsigned_query_to_the_notice_endpoint_is_403(stack: Stack) -> None:
+    await stack.create("room-1")
+    for query in _nasty_queries(200):
+        for method in ("GET", "POST"):
+            response = await stack.http.request(method, f"{stack.url}/callbacks/v1/ended?{query}")
+            assert (response.status_code, response.text) == (403, "unknown\n"), query
+    assert held(stack) is not None
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.one_of(
+        st.text(),
+        st.binary().map(lambda b: b.decode("utf-8", "replace")),
+        st.binary().map(lambda b: b.decode("latin-1")),
+        st.lists(st.tuples(st.sampled_from((*SIGNED, "sig", "x")), st.text())).map(urlencode),
+    )
+)
+def test_verify_never_raises(query: str) -> None:
+    backend = Backend(id="bbb-1", url="http://b.test/bigbluebutton/api", secret="s", capacity=1)
+    notice = callbacks.verify(query, {"bbb-1": backend})
+    assert notice is None  # nothing but a URL the gateway signed verifies
+
+
+async def test_mutated_genuine_notices_are_403(stack: Stack) -> None:
+    await stack.create("room-1")
+    ended, callback = notices_of(stack)
+    for url in (ended, callback):
+        signed_end = url.index("&sig=") + len("&sig=") + 64  # every cut before breaks it
+        for cut in range(url.index("?") + 1, signed_end, 7):
+            for tail in ("", "%", "%zz", "&sig=%C3", "&c=nan", "&c=", "\u0660"):
+                response = await stack.http.get(url[:cut] + tail)
+                assert (response.status_code, response.text) == (403, "unknown\n"), url[:cut] + tail
