@@ -15,7 +15,7 @@ import pytest
 from proxy.errors import StateError
 from proxy.ledger import codec
 from proxy.ledger.codec import Snapshot
-from proxy.ledger.model import Confirm, Release, Reservation, Reserve
+from proxy.ledger.model import Confirm, Record, Release, Reservation, Reserve
 
 SOURCE = "journal.00000001"
 ROOM = Reservation(
@@ -45,7 +45,7 @@ FIRST = codec.encode_record(1, Reserve(ROOM))
 
 
 def test_every_record_round_trips_with_its_seq() -> None:
-    records = [Reserve(ROOM), Confirm(ROOM.key), Release(ROOM.key, "end")]
+    records: list[Record] = [Reserve(ROOM), Confirm(ROOM.key), Release(ROOM.key, "end")]
     data = b"".join(codec.encode_record(i + 1, r) for i, r in enumerate(records))
     segment = codec.scan_segment(data, SOURCE)
     assert [(e.seq, e.record) for e in segment.entries] == [
