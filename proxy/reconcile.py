@@ -17,7 +17,8 @@ and the reservations the ledger pinned to it *when the poll was sent*:
   died) is confirmed if listed, released if not and older than ``pending_grace``;
 - a tagged meeting the ledger does not know (placed, then lost) is adopted:
   reserved again with what its tags and ``maxUsers`` say, its ``created_at``
-  from the created tag (else BBB's ``createTime``), and clamped
+  from the created tag (else BBB's ``createTime``; never later than the poll,
+  so a backend cannot protect a meeting into the future), and clamped
   (:func:`clamped`) to what the customer's subscription and the backend's
   capacity have room for;
 - a tagged meeting whose key the ledger pins to *another* backend is a stray
@@ -91,7 +92,7 @@ def listed_meetings(root: etree._Element) -> list[Listed]:
                 meeting_id=owner[1],
                 backend_meeting_id=meeting.findtext("meetingID") or "",
                 asked_duration=owner[2],
-                max_users=parse_count(meeting.findtext("maxUsers"), max_digits=9),
+                max_users=parse_count(meeting.findtext("maxUsers")),  # clamped on adoption
                 created_at=parse_count(meeting.findtext("createTime")) / 1000,
                 created_tag=_created_tag(meeting),
             )
@@ -126,7 +127,7 @@ def plan(
     for m in sorted(on_backend.values(), key=lambda m: m.created_tag or m.created_at):
         known = current(m.key)
         if known is None:
-            adopt.append(_adopted(backend_id, m, customers.get(m.customer)))
+            adopt.append(_adopted(backend_id, m, customers.get(m.customer), polled_at))
         elif known.backend_id != backend_id:
             end.append(m)
     return Plan(tuple(release), tuple(confirm), tuple(adopt), tuple(end))
@@ -150,7 +151,8 @@ def clamped(r: Reservation, customer_room: int, backend_room: int) -> Reservatio
     return r if size == r.connections else replace(r, connections=size)
 
 
-def _adopted(backend_id: str, m: Listed, customer: Customer | None) -> Reservation:
+def _adopted(backend_id: str, m: Listed, customer: Customer | None, now: float) -> Reservation:
+    """A reservation for a listed meeting; its window starts no later than ``now``."""
     default_size = customer.default_max_participants if customer else 1
     default_duration = customer.default_duration if customer else 0
     return Reservation(
@@ -161,7 +163,7 @@ def _adopted(backend_id: str, m: Listed, customer: Customer | None) -> Reservati
         connections=m.max_users or default_size,
         duration=m.asked_duration or default_duration,
         asked_duration=m.asked_duration,
-        created_at=m.created_tag if m.created_tag is not None else m.created_at,
+        created_at=min(now, m.created_tag if m.created_tag is not None else m.created_at),
         confirmed=True,
     )
 

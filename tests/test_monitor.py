@@ -19,6 +19,7 @@ from proxy.backends import http
 from proxy.backends.monitor import monitor_backends, poll_once, reconcile_all
 from proxy.bbb import rewrite
 from proxy.config import from_mapping
+from proxy.errors import StateError
 from proxy.gateway import Gateway, open_gateway
 from proxy.health import Health, State, Thresholds, after_poll, responsive, with_latency
 from proxy.ledger.model import Reservation, Reserve
@@ -324,3 +325,93 @@ def test_ended_meetings_still_listed_are_not_held() -> None:
         "</meetings></response>"
     )
     assert [m.meeting_id for m in listed_meetings(root)] == ["live"]
+
+
+def _listed_xml(meeting_id: str, max_users: str, created: str = "50.0") -> str:
+    return (
+        f"<meeting><meetingID>acme~{meeting_id}</meetingID><createTime>50000</createTime>"
+        f"<maxUsers>{max_users}</maxUsers><metadata><bbb-proxy-customer>acme"
+        f"</bbb-proxy-customer><bbb-proxy-meeting>{meeting_id}</bbb-proxy-meeting>"
+        f"<bbb-proxy-duration>60</bbb-proxy-duration><bbb-proxy-created>{created}"
+        "</bbb-proxy-created></metadata></meeting>"
+    )
+
+
+async def test_adoption_is_clamped_to_subscription_and_capacity(
+    autojump_clock: trio.testing.MockClock,
+    gateway: Gateway,
+    backends: dict[str, FakeBackend],
+) -> None:
+    """A misbehaving backend (maxUsers=10^9, 500 tagged meetings) cannot lock acme out."""
+    await trio.sleep(100)
+    backends["b1"].raw = [_listed_xml("huge", "1000000000")]
+    backends["b1"].raw += [_listed_xml(f"m{n}", "5") for n in range(500)]
+    backends["b2"].raw = [_listed_xml("odd", "²", created="1e300"), _listed_xml("x", "9" * 5000)]
+    await reconcile_all(gateway)
+    state = gateway.ledger.state
+    assert gateway.task_failures == {}
+    assert state.backend_used("b1") == 50  # b1's capacity, whatever it lists
+    huge = gateway.ledger.get(("acme", "huge"))
+    assert huge is not None and huge.connections == 50
+    odd = gateway.ledger.get(("acme", "odd"))  # '²' is no number: the customer's default
+    assert odd is not None and (odd.connections, odd.created_at) == (5, 100.0)  # not the future
+    assert state.customer_used("acme") <= 100
+    assert gateway.failover["adopt-clamped"] >= 500
+
+
+async def test_a_poll_that_raises_is_counted_and_the_monitor_goes_on(
+    autojump_clock: trio.testing.MockClock,
+    backends: dict[str, FakeBackend],
+    nursery: trio.Nursery,
+) -> None:
+    journal = FailingJournal()
+    ledger = Ledger(journal=journal, clock=trio.current_time)
+    async with open_gateway(CONFIG, ledger, backends.get) as gw:
+        ledger.state.apply(Reserve(reservation("ended", created_at=0.0)))  # b1 no longer lists it
+        start = trio.current_time()
+        nursery.start_soon(monitor_backends, gw)
+        await trio.sleep_until(start + 30.5)
+        assert gw.task_failures == {"monitor": 3}  # three polls of b1, each failed to release
+        assert len(backends["b1"].polls) == 3 and gw.health["b1"].state is State.UP
+        journal.failing = False  # the disk is back: the next poll releases it
+        await trio.sleep_until(start + 40.5)
+        assert gw.ledger.get(("acme", "ended")) is None
+        assert gw.task_failures == {"monitor": 3}
+
+
+class FailingJournal:
+    """A journal whose writes fail while ``failing`` (a full or read-only disk)."""
+
+    def __init__(self) -> None:
+        self.failing = True
+
+    @property
+    def failed(self) -> bool:
+        return self.failing
+
+    def append(self, record: object) -> None:
+        if self.failing:
+            raise StateError("journal: No space left on device")
+
+    async def flush(self) -> None:
+        pass
+
+
+async def test_a_copy_of_a_meeting_pinned_elsewhere_is_ended_and_nothing_else(
+    autojump_clock: trio.testing.MockClock,
+    gateway: Gateway,
+    backends: dict[str, FakeBackend],
+) -> None:
+    await trio.sleep(100)
+    moved = reservation("moved", backend_id="b2", created_at=90.0)
+    here = reservation("here", created_at=80.0)
+    for r in (moved, here):
+        await gateway.ledger.record(Reserve(r))
+    backends["b2"].meetings.append(moved)
+    backends["b1"].meetings += [replace(moved, backend_id="b1", created_at=10.0), here]
+    await reconcile_all(gateway)
+    await trio.sleep(1)  # the end is sent in the background
+    assert len(backends["b1"].ended) == 1 and "meetingID=acme~moved" in backends["b1"].ended[0]
+    assert backends["b2"].ended == []
+    assert gateway.ledger.get(moved.key) == moved and gateway.ledger.get(here.key) == here
+    assert gateway.failover == {"stray-ended": 1}

@@ -235,10 +235,13 @@ def test_removing_a_backend_moves_only_its_keys_through_choose() -> None:
 
 
 backend_loads = st.builds(
-    lambda i, capacity, used, available: BackendLoad(f"b{i}", capacity, used, available),
+    lambda i, capacity, used, available, responsive: BackendLoad(
+        f"b{i}", capacity, used, available, responsive
+    ),
     st.integers(0, 7),
     st.integers(0, 50),
     st.integers(0, 60),
+    st.booleans(),
     st.booleans(),
 )
 
@@ -267,3 +270,20 @@ def test_choose_never_returns_an_unfit_backend(
         assert chosen not in exclude
         assert load.used + size <= load.capacity
         assert ring.choose(key, size, loads, epsilon=epsilon, exclude=exclude) == chosen
+        if not load.responsive:  # a slow backend only when no responsive one fits
+            assert all(not b.responsive for b in fitting)
+
+
+def test_slow_backends_get_new_meetings_only_when_no_responsive_one_fits() -> None:
+    ring = Ring(["bbb-1", "bbb-2", "bbb-3"])
+    loads = loads_for({"bbb-1": 100, "bbb-2": 100, "bbb-3": 100})
+    loads["bbb-2"] = BackendLoad("bbb-2", 100, 0, True, responsive=False)
+    chosen = Counter(ring.choose(f"acme~m{n}", 1, loads) for n in range(300))
+    assert chosen["bbb-2"] == 0 and chosen["bbb-1"] > 0 and chosen["bbb-3"] > 0
+    # Even far over the load bound, the responsive ones are preferred while they fit...
+    loads["bbb-1"] = BackendLoad("bbb-1", 100, 95, True)
+    loads["bbb-3"] = BackendLoad("bbb-3", 100, 95, True)
+    assert {ring.choose(f"acme~m{n}", 5, loads) for n in range(50)} <= {"bbb-1", "bbb-3"}
+    # ...and the slow one is still used when nothing else fits.
+    assert ring.choose("acme~big", 6, loads) == "bbb-2"
+    assert ring.choose("acme~big", 6, loads, exclude={"bbb-2"}) is None

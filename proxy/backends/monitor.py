@@ -134,16 +134,18 @@ async def _adopt(gw: Gateway, backend_id: str, adopted: Sequence[Reservation]) -
     state = gw.ledger.state
     limits = {c.id: c.max_connections for c in gw.config.customers}
     capacity = gw.client(backend_id).backend.capacity
-    cut = 0
+    cut, left_out = 0, 0
     for r in adopted:
         if state.get(r.key) is not None:
             continue  # created meanwhile
         used = state.customer_used(r.customer)
         if backend_id in state.suspended:  # adopted here would count once it is back
             used += state.suspended_used(backend_id).get(r.customer, 0)
-        fitted = clamped(
-            r, limits.get(r.customer, capacity) - used, capacity - state.backend_used(backend_id)
-        )
+        room = limits.get(r.customer, capacity) - used
+        fitted = clamped(r, room, capacity - state.backend_used(backend_id))
+        if fitted is None:
+            left_out += 1
+            continue
         if fitted is not r:
             cut += 1
             log.warning(
@@ -151,14 +153,19 @@ async def _adopt(gw: Gateway, backend_id: str, adopted: Sequence[Reservation]) -
                 r.key,
                 backend_id,
                 r.connections,
-                0 if fitted is None else fitted.connections,
+                fitted.connections,
             )
-        if fitted is None:
-            continue
         log.warning("adopting meeting %s found on %s", r.key, backend_id)
         await gw.ledger.record(Reserve(fitted))
         gw.count("adopted")
-    gw.count("adopt-clamped", cut)
+    if left_out:
+        log.warning(
+            "%s lists %d more meetings than the subscriptions or its capacity have room for: "
+            "not adopted",
+            backend_id,
+            left_out,
+        )
+    gw.count("adopt-clamped", cut + left_out)
 
 
 async def _end_stray(gw: Gateway, backend_id: str, m: Listed) -> None:
