@@ -18,9 +18,21 @@ import httpx
 import pytest
 import trio
 import trio.testing
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from proxy.config import HealthSettings
 from proxy.ledger.files import load_state
+from proxy.ledger.model import (
+    Admit,
+    BackendSpec,
+    CreateRequest,
+    Duplicate,
+    LedgerState,
+    Release,
+    Reservation,
+    Reserve,
+)
 from proxy.ledger.service import Ledger
 from proxy.server import serve_gateway
 from proxy.simulator import Behaviour, Simulator, serve_simulator
@@ -292,3 +304,91 @@ async def test_chaos_kill_a_backend_under_moodle_load(
     assert gw.ledger.state.customer_used("acme") == 20  # the moved ones hold theirs again
     assert gw.failover.get("moved") == len(on_victim)
     assert not set(failures) - set(on_victim)  # the other meetings never failed
+
+
+# -- the model: suspension and moves, without I/O ----------------------------------------------
+
+
+def _request(meeting: str, size: int = 5) -> CreateRequest:
+    return CreateRequest("acme", meeting, f"acme~{meeting}", size, 60, 60)
+
+
+def _pin(meeting: str, backend: str, size: int = 5, created_at: float = 0.0) -> Reservation:
+    return Reservation("acme", meeting, backend, f"acme~{meeting}", size, 60, 60, created_at, True)
+
+
+SPECS = [BackendSpec("b1", 100, False), BackendSpec("b2", 100, True)]  # b1 is DOWN
+
+
+def test_a_move_is_admitted_against_the_live_usage_and_replaces_the_old_pin() -> None:
+    state = LedgerState()
+    for r in (_pin("a", "b1", 10), _pin("b", "b1", 5), _pin("c", "b2", 5)):
+        state.apply(Reserve(r))
+    assert state.customer_used("acme") == 20
+    decision = state.admit(_request("a", 10), 20, SPECS, lambda _loads: "b2", 1.0)
+    assert isinstance(decision, Duplicate)  # not suspended: the pin holds
+    state.suspend("b1")
+    assert (state.customer_used("acme"), state.backend_used("b1")) == (5, 15)
+    assert state.suspended_used("b1") == {"acme": 15}
+    decision = state.admit(_request("a", 10), 20, SPECS, lambda _loads: "b2", 1.0)
+    assert isinstance(decision, Admit) and decision.replaces == _pin("a", "b1", 10)
+    assert decision.reservation.backend_id == "b2" and decision.victims == ()
+    in_flight = state.admit(_request("a", 10), 20, SPECS, lambda _l: "b2", 1.0, may_move=False)
+    assert isinstance(in_flight, Duplicate)
+    for record in (Release(("acme", "a"), "moved"), Reserve(decision.reservation)):
+        state.apply(record)
+    assert (state.customer_used("acme"), state.backend_used("b1")) == (15, 5)
+    state.resume("b1")  # b1 back, "b" still there: counted again
+    assert state.customer_used("acme") == 20 and state.suspended == frozenset()
+
+
+def test_overtime_meetings_on_a_suspended_backend_are_never_victims() -> None:
+    state = LedgerState()
+    state.apply(Reserve(_pin("old", "b1", 15)))  # overtime after 60 min
+    state.apply(Reserve(_pin("late", "b2", 5)))
+    state.suspend("b1")
+    now = 2 * 3600.0
+    decision = state.admit(_request("new", 15), 20, SPECS, lambda _loads: "b2", now)
+    assert isinstance(decision, Admit)
+    assert decision.victims == ()  # 15 fit in the 15 that count as free; "old" is not ended
+    decision = state.admit(_request("new", 20), 20, SPECS, lambda _loads: "b2", now)
+    assert isinstance(decision, Admit) and [v.meeting_id for v in decision.victims] == ["late"]
+
+
+ops = st.lists(
+    st.one_of(
+        st.tuples(
+            st.just("reserve"),
+            st.sampled_from("abcd"),
+            st.sampled_from(["b1", "b2"]),
+            st.integers(0, 9),
+        ),
+        st.tuples(st.just("release"), st.sampled_from("abcd")),
+        st.tuples(st.sampled_from(["suspend", "resume"]), st.sampled_from(["b1", "b2"])),
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(ops)
+def test_counters_stay_true_through_any_suspend_resume_interleaving(
+    steps: list[tuple[Any, ...]],
+) -> None:
+    state = LedgerState()
+    for step in steps:
+        match step:
+            case ("reserve", meeting, backend, size):
+                state.apply(Reserve(_pin(meeting, backend, size)))
+            case ("release", meeting):
+                state.apply(Release(("acme", meeting), "end"))
+            case ("suspend", backend):
+                state.suspend(backend)
+            case ("resume", backend):
+                state.resume(backend)
+        counted = sum(r.connections for r in state if r.backend_id not in state.suspended)
+        assert state.customer_used("acme") == counted
+        for backend in ("b1", "b2"):
+            held = sum(r.connections for r in state if r.backend_id == backend)
+            assert state.backend_used(backend) == held
+            assert state.suspended_used(backend).get("acme", 0) == held
