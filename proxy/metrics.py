@@ -35,7 +35,9 @@ KNOWN_RESULTS = frozenset(
     }
 )  # fmt: skip
 # Kinds of Gateway.spawn shown with 0 before their first failure (others appear when they fail).
-TASK_KINDS = ("customer-url", "end-preempted", "end-stray")
+TASK_KINDS = ("customer-url", "end-preempted", "end-stray", "monitor")
+# Failover and reconciliation events (Gateway.failover), see proxy/backends/monitor.py
+FAILOVER_EVENTS = ("moved", "kept", "released", "adopted", "adopt-clamped", "stray-ended")
 CUSTOMER_URL_KINDS = ("dropped", "ok", "failed", "refused", "invalid")
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
@@ -150,6 +152,12 @@ class _StateCollector(Collector):
             ["backend"],
             {(b.id,): float(gw.accepts_meetings(b.id)) for b in backends},
         )
+        yield _gauge(
+            "bbb_proxy_backend_latency_seconds",
+            "Moving average of the backend's answer times (polls, creates); 0: no sample yet",
+            ["backend"],
+            {(b.id,): gw.health[b.id].latency or 0.0 for b in backends},
+        )
 
     def _journal(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
         statistics = getattr(self._gw.ledger.journal, "statistics", None)
@@ -173,6 +181,15 @@ class _StateCollector(Collector):
         for kind, count in sorted(counts.items()):
             failures.add_metric([kind], count)
         yield failures
+        events = CounterMetricFamily(
+            "bbb_proxy_failover_events",
+            "Failover and reconciliation: meetings moved off a DOWN backend, kept when it "
+            "returned, released, adopted, clamped on adoption, stray copies ended",
+            labels=["event"],
+        )
+        for event in FAILOVER_EVENTS:
+            events.add_metric([event], self._gw.failover.get(event, 0))
+        yield events
         urls = CounterMetricFamily(
             "bbb_proxy_customer_urls",
             "Customers' end URLs: dropped at create, or called (ok, failed, refused, invalid)",

@@ -172,6 +172,9 @@ async def test_create_on_a_down_backend_moves_the_meeting_and_the_stray_copy_is_
     assert not any(m.meeting_id == "acme~room-1" and not m.ended for m in old.meetings.values())
     assert backend_of(stack, "room-1") == live
     assert state.customer_used("acme") == 5
+    exposition = (await stack.http.get(stack.url + "/metrics")).text
+    for event in ("moved", "stray-ended"):
+        assert f'bbb_proxy_failover_events_total{{event="{event}"}} 1.0' in exposition
 
 
 async def test_a_returning_backend_keeps_meetings_not_recreated_elsewhere(
