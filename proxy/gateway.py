@@ -117,7 +117,8 @@ class Gateway:
     def backend_down(self, backend_id: str) -> bool:
         """DOWN by health: its meetings are not reachable, so a create re-places them
         elsewhere and a join must not send users there (answer an error instead)."""
-        return self.health[backend_id].state is State.DOWN
+        health = self.health.get(backend_id)  # not configured (any more): as good as down
+        return health is None or health.state is State.DOWN
 
     def in_service(self) -> list[str]:
         """Backends that are polled and asked for their meetings (not disabled)."""

@@ -415,3 +415,15 @@ async def test_a_copy_of_a_meeting_pinned_elsewhere_is_ended_and_nothing_else(
     assert backends["b2"].ended == []
     assert gateway.ledger.get(moved.key) == moved and gateway.ledger.get(here.key) == here
     assert gateway.failover == {"stray-ended": 1}
+
+
+async def test_meetings_of_a_backend_removed_from_the_config_are_released_at_start(
+    autojump_clock: trio.testing.MockClock,
+    gateway: Gateway,
+) -> None:
+    gone = reservation("gone", backend_id="b9")
+    await gateway.ledger.record(Reserve(gone))
+    assert gateway.backend_down("b9")  # a join must not redirect there
+    await reconcile_all(gateway)
+    assert gateway.ledger.get(gone.key) is None
+    assert gateway.ledger.state.customer_used("acme") == 0

@@ -180,7 +180,19 @@ async def _end_stray(gw: Gateway, backend_id: str, m: Listed) -> None:
 
 
 async def reconcile_all(gw: Gateway) -> None:
-    """Poll every backend in service once (start-up): the same poll the monitor makes."""
+    """Poll every backend in service once (start-up): the same poll the monitor makes.
+
+    Reservations pinned to a backend no longer in the configuration are released
+    first: the operator removed it, and nothing could reach its meetings.
+    """
+    configured = {b.id for b in gw.config.backends}
+    for backend_id in set(gw.ledger.state.backends()) - configured:
+        held = gw.ledger.state.backend_meetings(backend_id)
+        log.warning(
+            "backend %s is not configured: releasing its %d meetings", backend_id, len(held)
+        )
+        for r in held:
+            await gw.ledger.release(r.key, "backend-removed")
     async with trio.open_nursery() as nursery:
         for backend_id in gw.in_service():
             nursery.start_soon(supervised_poll, gw, backend_id)

@@ -155,6 +155,10 @@ class LedgerState:
     def backend_meetings(self, backend_id: str) -> list[Reservation]:
         return list(self._by_backend.get(backend_id, {}).values())
 
+    def backends(self) -> list[str]:
+        """The backends holding at least one reservation."""
+        return list(self._by_backend)
+
     def customer_used(self, customer: str) -> int:
         """Connections counted against the customer's subscription (suspended backends' not)."""
         return self._customer_used.get(customer, 0)
