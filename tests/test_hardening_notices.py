@@ -14,6 +14,7 @@ import pytest
 import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from lxml import etree
 
 from proxy.bbb import callbacks
 from proxy.bbb.callbacks import SIGNED
@@ -187,3 +188,18 @@ async def test_mutated_genuine_notices_are_403(stack: Stack) -> None:
             for tail in ("", "%", "%zz", "&sig=%C3", "&c=nan", "&c=", "\u0660"):
                 response = await stack.http.get(url[:cut] + tail)
                 assert (response.status_code, response.text) == (403, "unknown\n"), url[:cut] + tail
+
+
+async def test_the_instance_tag_is_on_the_backend_and_never_shown(stack: Stack) -> None:
+    await stack.create("room-1")
+    reservation = held(stack)
+    assert reservation is not None
+    sim, backend_meeting = stack.backend_meeting(*KEY)
+    assert sim.meetings[backend_meeting].metadata["bbb-proxy-created"] == repr(
+        reservation.created_at
+    )
+    info = await stack.call("getMeetingInfo", [("meetingID", "room-1")])
+    listing = await stack.call("getMeetings", [])
+    for root in (info, listing):
+        assert b"bbb-proxy-" not in etree.tostring(root)
+        assert repr(reservation.created_at).encode() not in etree.tostring(root)

@@ -136,11 +136,12 @@ async def join(gw: Gateway, req: ApiRequest) -> Answer:
     """A 302 to the backend's own join URL, re-signed, answered locally (SPEC §6).
 
     With ``redirect=false`` the backend is asked instead, and its XML answered
-    (:func:`_join_xml`).  A meeting pinned to a DOWN backend is a join error
-    (``serverUnavailable``) rather than a redirect to a dead host.
+    (:func:`_join_xml`).  A meeting pinned to a DOWN backend is ``serverUnavailable``
+    rather than a redirect to a dead host.
 
-    Error handling: raises ``ValidationError`` (no ``fullName``), ``NotFound``,
-    ``BackendUnavailable`` (DOWN backend); :func:`join_error` renders them.
+    Error handling: raises ``ValidationError`` (no ``fullName``, checked before the
+    meeting is looked up), ``NotFound``, ``BackendUnavailable`` (DOWN backend, plain
+    join) and the backend's own join errors; :func:`join_error` renders them.
     """
     reservation = pinned(gw, req)
     full_name = req.first("fullName")
@@ -151,11 +152,11 @@ async def join(gw: Gateway, req: ApiRequest) -> Answer:
         )
     if reservation is None:
         raise NotFound()
-    params = backend_params(req, reservation)
     if not wants_redirect(req.first("redirect")):
-        return await _join_xml(gw, reservation, params)
+        return await _join_xml(gw, req, reservation)
     if gw.backend_down(reservation.backend_id):
         raise _down(reservation)
+    params = backend_params(req, reservation)
     return Answer.redirect(gw.client(reservation.backend_id).url("join", params))
 
 
@@ -168,7 +169,7 @@ def wants_redirect(value: str | None) -> bool:
     return value is None or value.strip().lower() == "true"
 
 
-async def _join_xml(gw: Gateway, reservation: Reservation, params: list[tuple[str, str]]) -> Answer:
+async def _join_xml(gw: Gateway, req: ApiRequest, reservation: Reservation) -> Answer:
     """join with ``redirect=false``: the backend's ``join-meeting`` XML, IDs restored.
 
     Error handling: a join error of the backend's own (its 302 with ``errors=``) is
@@ -179,7 +180,7 @@ async def _join_xml(gw: Gateway, reservation: Reservation, params: list[tuple[st
     if gw.backend_down(reservation.backend_id):
         return Answer.xml(envelope.from_error(_down(reservation)))
     try:
-        reply = await gw.client(reservation.backend_id).call("join", params)
+        reply = await forward(gw, req, reservation)
     except BackendRedirect as redirect:
         error = redirects.join_error_in(redirect.location)
         if error is None:  # a 302 without BBB's errors=: not an answer BBB gives
