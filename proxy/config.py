@@ -75,6 +75,7 @@ class ProxySettings:
     bind: str = "127.0.0.1:8080"
     public_url: str = "http://127.0.0.1:8080"
     state_dir: Path = Path("state")
+    journal_timeout: float = 2 * SECONDS  # a ledger write not done by then: answer, not ready
     disabled_calls: frozenset[str] = frozenset()
     logout_url: str = ""  # where failed joins are sent; default: public_url
     max_query_bytes: int = 64 * KIB
@@ -188,6 +189,7 @@ def _proxy(t: Mapping[str, Any]) -> ProxySettings:
         bind=_get(t, "proxy", "bind", _string, d.bind),
         public_url=_get(t, "proxy", "public_url", _http_url, d.public_url).rstrip("/"),
         state_dir=Path(_get(t, "proxy", "state_dir", _string, str(d.state_dir))),
+        journal_timeout=_get(t, "proxy", "journal_timeout", _seconds, d.journal_timeout),
         disabled_calls=frozenset(_get(t, "proxy", "disabled_calls", _str_list, _NO_STRINGS)),
         logout_url=_get(t, "proxy", "logout_url", _string, d.logout_url),
         max_query_bytes=_get(t, "proxy", "max_query_bytes", _positive, d.max_query_bytes),
