@@ -203,3 +203,28 @@ async def test_the_instance_tag_is_on_the_backend_and_never_shown(stack: Stack) 
     for root in (info, listing):
         assert b"bbb-proxy-" not in etree.tostring(root)
         assert repr(reservation.created_at).encode() not in etree.tostring(root)
+
+
+async def test_a_late_not_found_answer_never_releases_the_next_meeting(
+    make_stack: StackFactory, nursery: trio.Nursery
+) -> None:
+    """The request path too: an answer about the old instance leaves the new one alone."""
+    stack = await make_stack(backends=1)
+    await stack.create("room-1")
+    sim, backend_meeting = stack.backend_meeting(*KEY)
+    del sim.meetings[backend_meeting]  # gone on the backend; the ledger does not know yet
+    sim.behaviour.latency = 0.5
+    answers: dict[str, etree._Element] = {}
+
+    async def ask(call: str, params: list[tuple[str, str]]) -> None:
+        answers[call] = await stack.call(call, params)
+
+    nursery.start_soon(ask, "getMeetingInfo", [("meetingID", "room-1")])
+    await trio.sleep(0.1)  # the question is on its way to the backend
+    await stack.gateway.ledger.release(KEY, "gone")  # as the poll would
+    nursery.start_soon(ask, "create", [("meetingID", "room-1"), ("name", "again")])
+    await wait_until(lambda: len(answers) == 2)
+    assert text(answers["getMeetingInfo"], "messageKey") == "notFound"
+    assert text(answers["create"], "returncode") == "SUCCESS"
+    again = held(stack)
+    assert again is not None and again.confirmed
