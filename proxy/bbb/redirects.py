@@ -13,8 +13,9 @@ HTTP layer:
 - a URL with a control character (NUL, CR, LF, ...) cannot go into a
   ``Location`` header at all: there is no target, and the caller answers BBB's
   XML envelope instead (:data:`NO_TARGET`);
-- spaces and non-ASCII characters are percent-encoded (UTF-8), so the header
-  is plain ASCII whatever the customer sent.
+- a non-ASCII host is IDNA-encoded (an invalid one falls back), and spaces
+  and non-ASCII characters elsewhere are percent-encoded (UTF-8), so the
+  header is plain ASCII whatever the customer sent.
 """
 
 from __future__ import annotations
@@ -46,7 +47,9 @@ def join_error_target(signed: Sequence[tuple[str, str]] | None, fallback: str) -
         return fallback
     if any(_control(c) for c in chosen):
         return NO_TARGET
-    return _ascii(chosen) if _followable(chosen) else fallback
+    if not _followable(chosen):
+        return fallback
+    return _ascii(chosen) or fallback
 
 
 def _control(char: str) -> bool:
@@ -64,11 +67,24 @@ def _followable(url: str) -> bool:
 
 
 def _ascii(url: str) -> str:
-    """``url`` with spaces and non-ASCII characters percent-encoded."""
+    """``url`` in plain ASCII: an IDNA host, the rest's spaces and non-ASCII %-encoded.
+
+    "" if the host is not a valid internationalised name.
+    """
     url = url.strip()
-    return "".join(
-        c if c.isascii() and c != " " else quote(c, safe="", errors="replace") for c in url
+    parts = urlsplit(url)
+    head = f"{parts.scheme}://{parts.netloc}"
+    if not url.lower().startswith(head.lower()):
+        return ""
+    try:
+        netloc = parts.netloc if parts.netloc.isascii() else parts.netloc.encode("idna").decode()
+    except UnicodeError:
+        return ""
+    rest = "".join(
+        c if c.isascii() and c != " " else quote(c, safe="", errors="replace")
+        for c in url[len(head) :]
     )
+    return f"{parts.scheme}://{netloc}{rest}"
 
 
 def join_error_in(location: str) -> ApiError | None:
