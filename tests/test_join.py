@@ -10,6 +10,7 @@ import orjson
 import pytest
 from lxml import etree
 
+from proxy.bbb import redirects
 from proxy.bbb.checksum import signed_query
 from tests.harness import Stack, StackFactory, query_of, text, wait_until
 
@@ -225,3 +226,83 @@ async def test_join_without_full_name_is_missing_param(
         response = await stack.http.get(stack.signed("join", params + extra))
         assert join_error(response) == (stack.url + "/", "missingParamFullName")
     assert joins_sent(stack) == []
+
+
+# -- the decisions, as plain functions ---------------------------------------------------------
+
+FALLBACK = "https://gw.test/"
+
+
+@pytest.mark.parametrize(
+    ("params", "target"),
+    [
+        (None, FALLBACK),
+        ([], FALLBACK),
+        ([("logoutURL", "https://a.test/")], "https://a.test/"),
+        (
+            [("logoutURL", "https://a.test/"), ("errorRedirectUrl", "https://b.test/")],
+            "https://b.test/",
+        ),
+        ([("errorRedirectUrl", ""), ("logoutURL", "https://a.test/")], "https://a.test/"),
+        (
+            [("logoutURL", "https://a.test/1"), ("logoutURL", "https://a.test/2")],
+            "https://a.test/1",
+        ),
+        ([("logoutURL", "HTTP://a.test")], "http://a.test"),
+        ([("logoutURL", "https://a.test/~x!$&'()*+,;=:@[]")], "https://a.test/~x!$&'()*+,;=:@[]"),
+        ([("logoutURL", "https://a.test/\x1f")], None),
+        ([("logoutURL", "https://a.test/\x7f")], None),
+        ([("logoutURL", "https://a.test/\x9f")], None),
+        ([("logoutURL", "https://a.test/\xa0x")], "https://a.test/%C2%A0x"),
+        ([("logoutURL", "https://a.test/ ~")], "https://a.test/%20~"),
+        ([("logoutURL", "mailto:x@a.test")], FALLBACK),
+        ([("logoutURL", "https:a.test")], FALLBACK),
+    ],
+)
+def test_join_error_target(params: list[tuple[str, str]] | None, target: str | None) -> None:
+    assert redirects.join_error_target(params, FALLBACK) == target
+
+
+def _location(errors: object) -> str:
+    return "https://x.test/bye?a=1&errors=" + quote(orjson.dumps(errors).decode(), safe="")
+
+
+@pytest.mark.parametrize(
+    "location",
+    [
+        "https://x.test/bye",
+        "https://x.test/bye?errors=",
+        "https://x.test/bye?errors=%5B",
+        "http://[::1/x?errors=[]",
+        _location([]),
+        _location({"key": "notFound", "message": "m"}),
+        _location(["notFound"]),
+        _location([{"message": "m"}]),
+        _location([{"key": "", "message": "m"}]),
+        _location([{"key": 7, "message": "m"}]),
+        _location([{"key": "notFound", "message": None}]),
+        _location([{"key": "notFound"}]),
+    ],
+)
+def test_a_redirect_that_is_not_bbbs_join_error_reads_as_none(location: str) -> None:
+    assert redirects.join_error_in(location) is None
+
+
+def test_a_backends_join_error_is_read_back_bounded_and_printable() -> None:
+    error = redirects.join_error_in(
+        _location(
+            [{"key": "maxParticipantsReached", "message": "Full."}, {"key": "x", "message": ""}]
+        )
+    )
+    assert error is not None and (error.message_key, error.message) == (
+        "maxParticipantsReached",
+        "Full.",
+    )
+    error = redirects.join_error_in(
+        _location([{"key": "k\x00\r\n" + "y" * 100, "message": "m\x1b" * 900}])
+    )
+    assert error is not None
+    assert error.message_key == "k" + "y" * 63
+    assert error.message == "m" * 900
+    error = redirects.join_error_in(_location([{"key": "k", "message": "z" * 5000}]))
+    assert error is not None and error.message == "z" * 1000
