@@ -82,7 +82,7 @@ class ProxySettings:
     max_body_bytes: int = 4 * MIB
     backend_connections: int = 16  # pooled connections per BBB server
     customer_backend_calls: int = 0  # in flight per customer per backend; 0: half the pool
-    max_answer_bytes: int = 8 * MIB  # a backend answer larger than this is refused
+    max_answer_bytes: int = 16 * MIB  # a backend answer larger than this is refused
     timeouts: Timeouts = field(default_factory=Timeouts)
     health: HealthSettings = field(default_factory=HealthSettings)
     admin_token: str = field(default="", repr=False)  # empty: the admin API is off

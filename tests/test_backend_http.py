@@ -174,3 +174,26 @@ async def test_https_verifies_the_server_certificate(nursery: trio.Nursery) -> N
     with pytest.raises(ConnectFailed, match="CERTIFICATE_VERIFY_FAILED"):
         await untrusting.request("GET", "/")
     await untrusting.aclose()
+
+
+async def test_answers_above_the_cap_are_refused(nursery: trio.Nursery) -> None:
+    answers = iter(
+        [
+            b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"a" * 1000,  # exactly the cap
+            b"HTTP/1.1 200 OK\r\nContent-Length: 1001\r\n\r\n",  # says so: refused unread
+            b"HTTP/1.1 200 OK\r\nContent-Length: 9999999999999999999\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+            + b"200\r\n" + b"b" * 512 + b"\r\n" + b"200\r\n" + b"c" * 512 + b"\r\n0\r\n\r\n",
+        ]
+    )  # fmt: skip
+
+    async def handler(stream: trio.SocketStream) -> None:
+        while await read_request(stream):
+            await stream.send_all(next(answers))
+
+    pool = Pool(await serve(nursery, handler), FAST, 4, max_answer_bytes=1000)
+    assert len((await pool.request("GET", "/")).body) == 1000
+    for _ in range(3):
+        with pytest.raises(ProtocolFailed, match="larger than 1000 bytes"):
+            await pool.request("GET", "/")
+    await pool.aclose()

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import time
+from typing import Any
 from urllib.parse import urlsplit
 
+import pytest
 import trio
 
+from proxy.backends.client import PARSE_IN_THREAD_BYTES, BackendClient, parse_reply
+from proxy.config import Backend, ProxySettings, Timeouts
+from proxy.errors import BackendBadResponse
+from proxy.simulator.model import Behaviour
 from tests.harness import Stack, StackFactory, text
+from tests.test_backend_http import read_request, serve
 
 BOUND = 1.0  # client_read and client_idle in these tests, seconds
 SLACK = 2.5  # a loaded 2-core machine: closed within BOUND + SLACK
@@ -78,3 +86,151 @@ async def test_slow_clients_are_closed_within_the_bound_while_others_are_served(
     assert max(times) < BOUND + SLACK, sorted(times)[-5:]
     assert min(times) >= BOUND * 0.9  # closed by the bound, not refused for another reason
     assert stack.gateway.ledger.get(("acme", "slow")) is None
+
+
+# -- what a backend sends ----------------------------------------------------------------------
+
+
+def _client(url: str, **proxy: Any) -> BackendClient:
+    backend = Backend(id="b1", url=url, secret="s", capacity=10)
+    settings = ProxySettings(timeouts=Timeouts(connect=1, read=5, write=1, pool=0.5), **proxy)
+    return BackendClient(backend, settings)
+
+
+async def _answering(nursery: trio.Nursery, bodies: dict[str, bytes]) -> str:
+    """A raw BBB server answering each call (the path's last part) with its body."""
+
+    async def handler(stream: trio.SocketStream) -> None:
+        while request := await read_request(stream):
+            call = request.split(b" ")[1].split(b"?")[0].rsplit(b"/", 1)[-1].decode()
+            body = bodies[call]
+            head = f"HTTP/1.1 200 OK\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+            await stream.send_all(head + body)
+
+    return await serve(nursery, handler)
+
+
+def _meetings(count: int) -> bytes:
+    """A getMeetings answer of ``count`` meetings of 50 attendees, in bbb-web's shape."""
+    attendee = (
+        b"<attendee><userID>w_abcdefghijkl</userID><fullName>Student Name</fullName>"
+        b"<role>VIEWER</role><isPresenter>false</isPresenter><isListeningOnly>false"
+        b"</isListeningOnly><hasJoinedVoice>false</hasJoinedVoice><hasVideo>false</hasVideo>"
+        b"<clientType>HTML5</clientType></attendee>"
+    )
+    meeting = (
+        b"<meeting><meetingName>Room</meetingName><meetingID>acme~room-%d</meetingID>"
+        b"<attendees>" + attendee * 50 + b"</attendees><metadata></metadata></meeting>"
+    )
+    inner = b"".join(meeting.replace(b"%d", str(n).encode()) for n in range(count))
+    ok = b"<response><returncode>SUCCESS</returncode>"
+    return ok + b"<meetings>" + inner + b"</meetings></response>"
+
+
+async def test_an_answer_above_the_cap_is_a_bad_response(nursery: trio.Nursery) -> None:
+    small = _meetings(1)
+    url = await _answering(nursery, {"small": small, "big": _meetings(200)})
+    client = _client(url, max_answer_bytes=len(small) + 10)
+    assert (await client.call("small", [])).ok
+    with pytest.raises(BackendBadResponse, match="larger than"):
+        await client.call("big", [])
+    await client.aclose()
+
+
+async def test_a_large_answer_is_parsed_without_stalling_the_event_loop(
+    nursery: trio.Nursery,
+) -> None:
+    big = _meetings(1200)  # about 17 MB: lxml needs a good fraction of a second
+    assert len(big) > PARSE_IN_THREAD_BYTES
+    started = time.perf_counter()
+    parse_reply("b1", big)
+    in_loop = time.perf_counter() - started  # what the loop would stall for, on this machine
+    url = await _answering(nursery, {"getMeetings": big})
+    client = _client(url, max_answer_bytes=32 * 1024 * 1024)
+    gaps: list[float] = []
+
+    async def ticker() -> None:
+        last = time.perf_counter()
+        while True:
+            await trio.lowlevel.checkpoint()
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+
+    nursery.start_soon(ticker)
+    reply = await client.call("getMeetings", [])
+    await trio.sleep(0.01)  # the ticker records the gap the call left, if any
+    assert reply.ok and len(reply.root.findall("meetings/meeting")) == 1200
+    assert max(gaps) < in_loop / 2, (max(gaps), in_loop)
+    await client.aclose()
+
+
+HOSTILE = {
+    "html": b"<!DOCTYPE html><html><body><h1>502 Bad Gateway</h1></body></html>",
+    "empty": b"",
+    "garbage": bytes(range(256)) * 4,
+    "json": b'{"response": {"returncode": "SUCCESS"}}',
+    "noreturncode": b"<response><meetings/></response>",
+    "deep": b"<response><returncode>SUCCESS</returncode>"
+    + b"<a>" * 100_000
+    + b"</a>" * 100_000
+    + b"</response>",
+    "laughs": b'<?xml version="1.0"?><!DOCTYPE r [<!ENTITY a "aaaaaaaaaa">'
+    b'<!ENTITY b "&a;&a;&a;&a;&a;&a;&a;&a;&a;&a;"><!ENTITY c "&b;&b;&b;&b;&b;&b;&b;&b;&b;&b;">'
+    b'<!ENTITY d "&c;&c;&c;&c;&c;&c;&c;&c;&c;&c;"><!ENTITY e "&d;&d;&d;&d;&d;&d;&d;&d;&d;&d;">'
+    b'<!ENTITY f "&e;&e;&e;&e;&e;&e;&e;&e;&e;&e;"><!ENTITY g "&f;&f;&f;&f;&f;&f;&f;&f;&f;&f;">'
+    b'<!ENTITY h "&g;&g;&g;&g;&g;&g;&g;&g;&g;&g;"><!ENTITY i "&h;&h;&h;&h;&h;&h;&h;&h;&h;&h;">]>'
+    b"<response><returncode>SUCCESS</returncode><message>&i;</message></response>",
+    "external": b'<?xml version="1.0"?><!DOCTYPE r [<!ENTITY x SYSTEM "file:///etc/passwd">]>'
+    b"<response><returncode>SUCCESS</returncode><message>&x;</message></response>",
+    "hugetext": b"<response><returncode>SUCCESS</returncode><message>"
+    + b"x" * 11_000_000
+    + b"</message></response>",
+}
+
+
+async def test_nothing_a_backend_sends_crashes_or_blocks(nursery: trio.Nursery) -> None:
+    url = await _answering(nursery, HOSTILE)
+    client = _client(url)
+    for call in HOSTILE:
+        with trio.fail_after(5):
+            try:
+                reply = await client.call(call, [])
+            except BackendBadResponse:
+                continue
+        # Parsed: then no entity was expanded and nothing was read from disk.
+        assert call in ("laughs", "external"), call
+        assert len(reply.message) < 100 and "root:" not in reply.message, call
+    await client.aclose()
+
+
+# -- fairness between customers ----------------------------------------------------------------
+
+
+async def test_a_customer_flooding_a_slow_backend_does_not_starve_another(
+    make_stack: StackFactory,
+) -> None:
+    stack = await make_stack(
+        backends=1, proxy={"backend_connections": 4, "timeouts": {"pool": 0.5}}
+    )  # each customer may hold 2 of the 4 connections
+    assert stack.gateway.config.proxy.calls_per_customer == 2
+    assert text(await stack.create("flood", maxParticipants="1"), "returncode") == "SUCCESS"
+    calm = await stack.create("calm", "globex", maxParticipants="1")
+    assert text(calm, "returncode") == "SUCCESS"
+    stack.sims[0].behaviour = Behaviour(latency=1.0)
+    flood: list[str] = []
+
+    async def flooding() -> None:
+        root = await stack.call("getMeetingInfo", [("meetingID", "flood")])
+        flood.append(text(root, "messageKey") if text(root, "returncode") == "FAILED" else "ok")
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(12):
+            nursery.start_soon(flooding)
+        await trio.sleep(0.1)
+        with trio.fail_after(2.5):
+            calm = await stack.call("getMeetingInfo", [("meetingID", "calm")], "globex")
+    assert text(calm, "returncode") == "SUCCESS"
+    assert sorted(flood) == ["ok", "ok"] + ["serverUnavailable"] * 10
+    exposition = (await stack.http.get(stack.url + "/metrics")).text
+    assert 'outcome="customer_limit"} 10.0' in exposition

@@ -8,17 +8,30 @@ translated here, and only here, into :class:`proxy.errors.BackendError`:
   -> ``BackendUnavailable``: safe to try another backend;
 - no answer in time after sending -> ``BackendTimeout``;
 - anything that is not BBB's ``<response>`` XML with HTTP 200, or a
-  connection broken mid-answer -> ``BackendBadResponse``.
+  connection broken mid-answer, or an answer above ``max_answer_bytes``
+  -> ``BackendBadResponse``.
+
+Two bounds keep one peer from starving the rest:
+
+- *fairness*: a call made for a customer (``customer=``) waits at most the
+  pool timeout for one of that customer's ``calls_per_customer`` slots on this
+  backend, else ``BackendUnavailable`` (``serverUnavailable``) for that
+  customer alone; the other customers keep the rest of the pool;
+- *parsing off the event loop*: an answer above :data:`PARSE_IN_THREAD_BYTES`
+  is parsed in a worker thread, so a big getMeetings never stalls every other
+  request for the time lxml takes (tens of milliseconds per MiB).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Protocol
 from urllib.parse import urlsplit
 
+import trio
 from lxml import etree
 
 from proxy.backends import http
@@ -39,7 +52,14 @@ def _unobserved(backend: str, call: str, outcome: str, seconds: float) -> None:
     pass
 
 
-_PARSER = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=False)
+PARSE_IN_THREAD_BYTES = 256 * 1024  # about 2 ms of lxml: below it a thread costs more
+
+
+def _safe_parser() -> etree.XMLParser:
+    return etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=False)
+
+
+_PARSER = _safe_parser()  # the event loop's; worker threads make their own
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,15 +84,25 @@ class Reply:
         return (self.root.findtext(tag) or "").strip()
 
 
-def parse_reply(backend_id: str, content: bytes) -> Reply:
-    """Parse a BBB answer; anything else is ``BackendBadResponse``."""
+def parse_reply(backend_id: str, content: bytes, parser: etree.XMLParser | None = None) -> Reply:
+    """Parse a BBB answer; anything else is ``BackendBadResponse``.
+
+    Entities are not resolved, nothing is fetched, and lxml's limits (depth,
+    text size) stay on: a billion-laughs, deeply nested or external-entity
+    answer is ``BackendBadResponse``.
+    """
     try:
-        root = etree.fromstring(content, _PARSER)
+        root = etree.fromstring(content, parser if parser is not None else _PARSER)
     except etree.XMLSyntaxError:
         raise BackendBadResponse(backend_id, "answer is not XML") from None
     if root.tag != "response" or root.find("returncode") is None:
         raise BackendBadResponse(backend_id, f"unexpected XML root <{root.tag}>")
     return Reply(root)
+
+
+def _parse_in_thread(backend_id: str, content: bytes) -> Reply:
+    # lxml parsers must not be shared between threads: one per parse (cheap next to it).
+    return parse_reply(backend_id, content, _safe_parser())
 
 
 class Transport(Protocol):
@@ -95,8 +125,14 @@ class BackendClient:
         self.observer: Observer = _unobserved
         self._path = urlsplit(backend.url).path
         self._transport: Transport = transport or http.Pool(
-            backend.url, settings.timeouts, settings.backend_connections
+            backend.url,
+            settings.timeouts,
+            settings.backend_connections,
+            max_answer_bytes=settings.max_answer_bytes,
         )
+        self._share = settings.calls_per_customer
+        self._share_wait = settings.timeouts.pool
+        self._per_customer: dict[str, trio.CapacityLimiter] = {}
 
     @property
     def id(self) -> str:
@@ -116,14 +152,21 @@ class BackendClient:
         *,
         body: bytes | None = None,
         content_type: str | None = None,
+        customer: str | None = None,
     ) -> Reply:
         """Send ``call`` and parse BBB's answer.
+
+        ``customer``: the customer the call is made for (its fair share applies);
+        None for the gateway's own calls (polls, ending preempted meetings).
 
         Error handling: raises ``BackendUnavailable``, ``BackendTimeout`` or
         ``BackendBadResponse`` as described in the module docstring; a BBB
         ``FAILED`` answer is a normal :class:`Reply` with ``ok == False``.
         """
-        return parse_reply(self.id, await self.fetch(call, params, body, content_type))
+        content = await self.fetch(call, params, body, content_type, customer=customer)
+        if len(content) <= PARSE_IN_THREAD_BYTES:
+            return parse_reply(self.id, content)
+        return await trio.to_thread.run_sync(_parse_in_thread, self.id, content)
 
     async def fetch(
         self,
@@ -131,18 +174,43 @@ class BackendClient:
         params: Sequence[tuple[str, str]],
         body: bytes | None = None,
         content_type: str | None = None,
+        *,
+        customer: str | None = None,
     ) -> bytes:
-        """The raw body of a 200 answer to ``call`` (used where BBB answers JSON)."""
-        started = time.perf_counter()
-        outcome = "ok"
-        target = f"{self._path}/{call}?{self._query(call, params)}"
+        """The raw body of a 200 answer to ``call`` (used where BBB answers JSON).
+
+        Error handling: as :meth:`call`.
+        """
+        async with self._customer_slot(call, customer):
+            started = time.perf_counter()
+            outcome = "ok"
+            target = f"{self._path}/{call}?{self._query(call, params)}"
+            try:
+                return await self._fetch(target, body, content_type)
+            except BackendError as exc:
+                outcome = type(exc).__name__.removeprefix("Backend").lower()
+                raise
+            finally:
+                self.observer(self.id, call, outcome, time.perf_counter() - started)
+
+    @asynccontextmanager
+    async def _customer_slot(self, call: str, customer: str | None) -> AsyncIterator[None]:
+        """Hold one of ``customer``'s slots on this backend for the call (none for our own)."""
+        if customer is None:
+            yield
+            return
+        slots = self._per_customer.get(customer)
+        if slots is None:
+            slots = self._per_customer[customer] = trio.CapacityLimiter(self._share)
+        with trio.move_on_after(self._share_wait) as waiting:
+            await slots.acquire()
+        if waiting.cancelled_caught:
+            self.observer(self.id, call, "customer_limit", 0.0)
+            raise BackendUnavailable(self.id, f"{customer} has {self._share} calls in flight")
         try:
-            return await self._fetch(target, body, content_type)
-        except BackendError as exc:
-            outcome = type(exc).__name__.removeprefix("Backend").lower()
-            raise
+            yield
         finally:
-            self.observer(self.id, call, outcome, time.perf_counter() - started)
+            slots.release()
 
     async def _fetch(self, target: str, body: bytes | None, content_type: str | None) -> bytes:
         method = "GET" if body is None else "POST"

@@ -31,9 +31,12 @@ from urllib.parse import urlsplit
 import h11
 import trio
 
+from proxy.bbb.numbers import parse_int
 from proxy.config import Timeouts
 
-MAX_ANSWER_BYTES = 64 * 1024 * 1024  # a getMeetings of a very busy server stays far below
+# Default cap on one answer ([proxy] max_answer_bytes).  A getMeetings of 500 meetings with
+# 100 attendees each is 15.1 MiB (docs/decisions.md, "Bounds on what a peer sends").
+MAX_ANSWER_BYTES = 16 * 1024 * 1024
 IDLE_SECONDS = 30.0  # idle connections older than this are closed rather than reused
 USER_AGENT = b"bbb-proxy"
 
@@ -88,6 +91,7 @@ class Pool:
         timeouts: Timeouts,
         size: int,
         ssl_context: ssl.SSLContext | None = None,
+        max_answer_bytes: int = MAX_ANSWER_BYTES,
     ) -> None:
         parts = urlsplit(base_url)
         self._tls = parts.scheme == "https"
@@ -96,6 +100,7 @@ class Pool:
         default_port = self._port == (443 if self._tls else 80)
         self._host_header = (parts.netloc if not default_port else self._host).encode()
         self._timeouts = timeouts
+        self._max_answer = max_answer_bytes
         self._slots = trio.CapacityLimiter(size)
         self._idle: list[_Connection] = []
         self._ssl = (ssl_context or ssl.create_default_context()) if self._tls else None
@@ -163,7 +168,7 @@ class Pool:
             with _deadline(self._timeouts.write, "sending the request"):
                 await _send(connection.stream, data)
             with _deadline(self._timeouts.read, "waiting for the answer"):
-                answer = await _read_answer(connection)
+                answer = await _read_answer(connection, self._max_answer)
         except BaseException:
             await trio.aclose_forcefully(connection.stream)
             raise
@@ -204,8 +209,8 @@ def _deadline(seconds: float, phase: str) -> Iterator[None]:
         raise Timeout(f"timed out {phase}")
 
 
-async def _read_answer(connection: _Connection) -> Answer:
-    """Read one whole answer."""
+async def _read_answer(connection: _Connection, limit: int) -> Answer:
+    """Read one whole answer, at most ``limit`` bytes of body (else :class:`ProtocolFailed`)."""
     conn = connection.h11
     status, location = 0, ""
     chunks: list[bytes] = []
@@ -217,16 +222,27 @@ async def _read_answer(connection: _Connection) -> Answer:
             conn.receive_data(data)
         elif isinstance(event, h11.Response):
             status = event.status_code
-            location = dict(event.headers).get(b"location", b"").decode("latin-1")
+            headers = dict(event.headers)
+            location = headers.get(b"location", b"").decode("latin-1")
+            _check_declared_size(headers.get(b"content-length", b""), limit)
         elif isinstance(event, h11.Data):
             size += len(event.data)
-            if size > MAX_ANSWER_BYTES:
-                raise ProtocolFailed("answer too large")
+            if size > limit:
+                raise ProtocolFailed(f"answer larger than {limit} bytes")
             chunks.append(bytes(event.data))
         elif isinstance(event, h11.EndOfMessage):
             return Answer(status, b"".join(chunks), location)
         elif isinstance(event, h11.ConnectionClosed):
             raise ProtocolFailed("connection closed before the answer was complete")
+
+
+def _check_declared_size(content_length: bytes, limit: int) -> None:
+    """Refuse at once an answer whose Content-Length says it is too large."""
+    if not content_length:
+        return  # chunked, or read until close: counted as it comes
+    declared = parse_int(content_length.decode("latin-1"))
+    if declared is None or declared > limit:  # None: more digits than any answer needs
+        raise ProtocolFailed(f"answer larger than {limit} bytes")
 
 
 def _next_event(conn: h11.Connection) -> object:

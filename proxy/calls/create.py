@@ -129,9 +129,12 @@ async def _send(gw: Gateway, req: ApiRequest, reservation: Reservation) -> Reply
     client = gw.client(reservation.backend_id)
     started = trio.current_time()
     try:
+        who = req.customer.id  # its fair share of the backend's connections applies
         if req.body:
-            return await client.call("create", params, body=req.body, content_type=req.content_type)
-        return await client.call("create", params)
+            return await client.call(
+                "create", params, body=req.body, content_type=req.content_type, customer=who
+            )
+        return await client.call("create", params, customer=who)
     except BackendTimeout:
         gw.observe_latency(reservation.backend_id, trio.current_time() - started)
         raise

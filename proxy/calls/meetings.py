@@ -44,9 +44,12 @@ def backend_params(req: ApiRequest, reservation: Reservation) -> list[tuple[str,
 async def forward(gw: Gateway, req: ApiRequest, reservation: Reservation) -> Reply:
     client = gw.client(reservation.backend_id)
     params = backend_params(req, reservation)
+    who = req.customer.id  # its fair share of the backend's connections applies
     if req.body is not None:
-        return await client.call(req.call, params, body=req.body, content_type=req.content_type)
-    return await client.call(req.call, params)
+        return await client.call(
+            req.call, params, body=req.body, content_type=req.content_type, customer=who
+        )
+    return await client.call(req.call, params, customer=who)
 
 
 async def released_if_gone(gw: Gateway, reply: Reply, reservation: Reservation) -> None:
