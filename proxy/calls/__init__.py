@@ -104,20 +104,28 @@ def _verified(gw: Gateway, incoming: Incoming) -> ApiRequest:
     if len(incoming.raw_query) > gw.config.proxy.max_query_bytes:
         raise ValidationError("The request is too large")
     body = bodies.parse(incoming.content_type, incoming.body)
-    if incoming.call == "join" and body.form:
-        raise ChecksumError()  # join's parameters come from the signed URL query only
-    params = None
-    if customer is not None:
-        params = checksum.signed_params(
-            incoming.call, incoming.raw_query, customer.secrets, body.form
-        )
-    if customer is None or params is None:
-        raise ChecksumError()
+    customer, params = _signed(customer, incoming, body)
     if not customer.enabled:
         raise ApiNotEnabled()
     xml = bodies.checked_xml(incoming.call, body)
     media = body.media_type if xml is not None else None
     return ApiRequest(customer, incoming.call, params, xml, media)
+
+
+def _signed(
+    customer: Customer | None, incoming: Incoming, body: bodies.Body
+) -> tuple[Customer, list[tuple[str, str]]]:
+    """The customer and the parameters its checksum covers; anything else is checksumError.
+
+    join takes its parameters from the signed URL query only: a join with body
+    parameters is refused whatever its checksum.
+    """
+    if customer is None or (incoming.call == "join" and body.form):
+        raise ChecksumError()
+    params = checksum.signed_params(incoming.call, incoming.raw_query, customer.secrets, body.form)
+    if params is None:
+        raise ChecksumError()
+    return customer, params
 
 
 def _customer(gw: Gateway, incoming: Incoming) -> Customer | None:
