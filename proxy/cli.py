@@ -6,7 +6,7 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import trio
 
@@ -18,26 +18,77 @@ from proxy.server import serve_gateway
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``bbb-proxy``; the exit code.
+
+    Error handling: 2 for a configuration error, 3 for a ledger state that cannot be
+    loaded or a ``state_dir`` that cannot be written, each with one line on stderr and
+    no traceback, also when the error comes out of a task group; 130 on Ctrl-C.
+    """
     args = _parser().parse_args(argv)
     setup_logging(args.log_level)
     try:
-        if args.command == "serve":
-            path = args.config or os.environ.get("BBB_PROXY_CONFIG")
-            if not path:
-                raise ConfigError("no configuration: pass --config PATH or set BBB_PROXY_CONFIG")
-            config = load(path)
-            trio.run(lambda: serve_gateway(config, handle_signals=True))
-        else:
-            trio.run(lambda: demo.run_demo(args.port, args.backends))
-    except ConfigError as exc:
-        print(f"bbb-proxy: configuration error: {exc}", file=sys.stderr)
-        return 2
-    except StateError as exc:
-        print(f"bbb-proxy: cannot load the saved state: {exc}", file=sys.stderr)
-        return 3
-    except KeyboardInterrupt:
-        return 130
+        _run(args)
+    except BaseException as exc:
+        return _exit_code(_single(exc))
     return 0
+
+
+def _run(args: argparse.Namespace) -> None:
+    if args.command == "serve":
+        path = args.config or os.environ.get("BBB_PROXY_CONFIG")
+        if not path:
+            raise ConfigError("no configuration: pass --config PATH or set BBB_PROXY_CONFIG")
+        config = load(path)
+        trio.run(lambda: serve_gateway(config, handle_signals=True))
+    else:
+        trio.run(lambda: demo.run_demo(args.port, args.backends))
+
+
+def _single(exc: BaseException) -> BaseException:
+    """The one kind of error a task group holds (its first), else the group itself."""
+    if not isinstance(exc, BaseExceptionGroup):
+        return exc
+    leaves = list(_leaves(exc))
+    kinds = {_code(leaf) for leaf in leaves}
+    return leaves[0] if len(kinds) == 1 and None not in kinds else exc
+
+
+def _leaves(exc: BaseException) -> Iterator[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            yield from _leaves(inner)
+    else:
+        yield exc
+
+
+def _exit_code(exc: BaseException) -> int:
+    match exc:
+        case ConfigError():
+            _say(f"configuration error: {exc}")
+        case StateError():
+            _say(f"ledger state in state_dir: {exc}")
+        case KeyboardInterrupt():
+            pass
+        case _:
+            raise exc
+    code = _code(exc)
+    assert code is not None
+    return code
+
+
+_EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
+    (ConfigError, 2),
+    (StateError, 3),
+    (KeyboardInterrupt, 130),
+)
+
+
+def _code(exc: BaseException) -> int | None:
+    return next((code for kind, code in _EXIT_CODES if isinstance(exc, kind)), None)
+
+
+def _say(message: str) -> None:
+    print("bbb-proxy: " + " ".join(message.split()), file=sys.stderr)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -12,6 +12,7 @@ client must see it (a ``messageKey`` and a ``message`` in BBB's envelope)::
     │   ├── NotFound                notFound
     │   ├── SubscriptionExhausted   subscriptionExhausted
     │   └── NoServerCapacity        noServerCapacity
+    ├── StorageUnavailable          serverUnavailable: the ledger cannot make a change durable
     └── BackendError                a BBB server failed us (never the customer's fault)
         ├── BackendTimeout          no answer within the configured phase timeout
         ├── BackendUnavailable      connection refused, reset, DNS, TLS
@@ -24,7 +25,8 @@ customer turn any ``ProxyError`` into BBB's envelope with :func:`from_error`
 in :mod:`proxy.bbb.envelope`.
 
 ``ConfigError`` and ``StateError`` stand apart: they stop start-up with a message naming the
-key, or the state file and offset.
+key, or the state file and offset.  Once the gateway runs, a failing ``state_dir`` is a
+``StorageUnavailable`` to the request that needed the write, never a ``StateError``.
 """
 
 from __future__ import annotations
@@ -81,6 +83,17 @@ class SubscriptionExhausted(ApiError):
 class NoServerCapacity(ApiError):
     message_key = "noServerCapacity"
     message = "No server has room for a meeting of this size"
+
+
+class StorageUnavailable(ProxyError):
+    """The ledger's journal cannot write now (``state_dir`` full, read-only or too slow).
+
+    ``serverUnavailable``, as for a server that cannot be reached: the client may retry,
+    and will succeed once the journal writes again (docs/decisions.md, "Storage faults").
+    """
+
+    message_key = "serverUnavailable"
+    message = "The gateway cannot record this change right now; try again shortly"
 
 
 class BackendError(ProxyError):

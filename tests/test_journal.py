@@ -371,17 +371,7 @@ async def test_without_fsync_nothing_is_fsynced_but_all_is_written(tmp_path: Pat
     assert contents(load_state(tmp_path)[0]) == contents(applied(records(3)))
 
 
-async def test_a_failed_write_fails_the_journal_for_good(tmp_path: Path) -> None:
-    state, position = load_state(tmp_path)
-    journal = FileJournal(tmp_path, position)
-    (tmp_path / segment_name(1)).mkdir()  # where the segment file should go
-    journal.append(Reserve(reservation()))
-    with pytest.raises(StateError, match=rf"cannot write {tmp_path / segment_name(1)}"):
-        await journal.flush()
-    with pytest.raises(StateError, match="failed"):
-        journal.append(Confirm(reservation().key))
-    with pytest.raises(StateError, match="failed"):
-        await journal.snapshot(state)
+# A failed write no longer fails the journal for good: tests/test_storage_faults.py.
 
 
 # -- the durable ledger ------------------------------------------------------------------------

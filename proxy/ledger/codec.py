@@ -22,12 +22,16 @@ thing written.  So a line that fails its framing (no newline, bad CRC, not JSON)
 *torn* when no intact line follows it; everything from it on is dropped.  A damaged
 line with an intact one after it is *corruption* and stops start-up, as does a line
 whose CRC is right but whose content is not a record (that is a bug or a foreign file,
-not a crash), and a gap in ``seq`` (an acknowledged record went missing).
+not a crash), and a gap in ``seq`` (an acknowledged record went missing).  Content that is
+not a record includes values no gateway writes and the ledger cannot count with: a
+negative size or duration, a time that is not a finite number, an unknown ``op``.
+Every such error is a ``StateError`` naming the file and the byte offset of the record.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 import operator
 import zlib
 from collections.abc import Iterable, Sequence
@@ -101,6 +105,7 @@ _RELEASE = _Shape({"seq": (int,), "reason": (str,)})
 class Entry:
     seq: int
     record: Record
+    offset: int = 0  # of its line in the segment, for messages
 
 
 def encode_record(seq: int, record: Record) -> bytes:
@@ -146,6 +151,9 @@ def reservation_from_fields(payload: Any) -> Reservation:
     customer, meeting, backend, backend_meeting, size, duration, asked, created_at, confirmed = (
         _RESERVATION.read(payload)
     )
+    _check_counts(connections=size, duration=duration)
+    if not math.isfinite(created_at):
+        raise _Invalid(f"field 'created_at' is {created_at!r}")
     return Reservation(
         customer,
         meeting,
@@ -157,6 +165,12 @@ def reservation_from_fields(payload: Any) -> Reservation:
         float(created_at),
         confirmed,
     )
+
+
+def _check_counts(**counts: int) -> None:
+    for name, value in counts.items():
+        if value < 0:
+            raise _Invalid(f"field {name!r} is {value!r}")
 
 
 def _frame(body: bytes) -> bytes:
@@ -204,9 +218,10 @@ def scan_segment(data: bytes, source: str) -> Segment:
 
 def _decode_body(body: bytes, source: str, offset: int) -> Entry:
     try:
-        return decode_record(orjson.loads(body))
+        entry = decode_record(orjson.loads(body))
     except (orjson.JSONDecodeError, _Invalid) as e:
         raise StateError(f"{source}: invalid record at byte {offset}: {e}") from None
+    return Entry(entry.seq, entry.record, offset)
 
 
 def _check_tail(data: bytes, offset: int, source: str) -> None:
@@ -284,15 +299,25 @@ def replay(snapshot: Snapshot, segments: Sequence[tuple[str, Segment]]) -> tuple
     one another without a gap.
     """
     state = LedgerState()
-    for reservation in snapshot.reservations:
-        state.apply(Reserve(reservation))
+    for index, reservation in enumerate(snapshot.reservations):
+        _apply(state, Reserve(reservation), f"snapshot reservation {index}")
     last = snapshot.seq
     for source, segment in segments:
         for entry in segment.entries:
             if entry.seq <= snapshot.seq:
                 continue
             if entry.seq != last + 1:
-                raise StateError(f"{source}: record {entry.seq} follows record {last}")
-            state.apply(entry.record)
+                raise StateError(
+                    f"{source}: record {entry.seq} follows record {last} (at byte {entry.offset})"
+                )
+            _apply(state, entry.record, f"{source}: record at byte {entry.offset}")
             last = entry.seq
     return state, last
+
+
+def _apply(state: LedgerState, record: Record, where: str) -> None:
+    """``state.apply``, which is total; should it ever raise, start-up stops with ``where``."""
+    try:
+        state.apply(record)
+    except Exception as e:  # a bug in the model must not become a raw traceback at start-up
+        raise StateError(f"{where} cannot be applied: {type(e).__name__}: {e}") from e

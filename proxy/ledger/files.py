@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 SNAPSHOT = "snapshot"
 SNAPSHOT_TMP = "snapshot.tmp"
 LOCK = "lock"
+PROBE = "write-probe"
+PROBE_BYTES = 4096  # one page: a full file system refuses it
 SEGMENT_PREFIX = "journal."
 
 
@@ -123,12 +125,31 @@ def _truncate(path: Path, length: int) -> None:
         os.close(fd)
 
 
+def probe_writable(state_dir: Path) -> None:
+    """Write, fsync and remove a small file: start-up's proof that ``state_dir`` takes writes.
+
+    Error handling: ``StateError`` naming the file (full, read-only, no permission).
+    """
+    path = state_dir / PROBE
+    with _os_errors("write", path):
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                _write_all(fd, b"\0" * PROBE_BYTES)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        finally:
+            with contextlib.suppress(OSError):
+                path.unlink()
+
+
 def lock_state_dir(state_dir: Path) -> int:
     """Take the directory's lock (a file descriptor to close on exit), or raise StateError."""
     _ensure_dir(state_dir)
     path = state_dir / LOCK
     with _os_errors("open", path):
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)  # flock needs no write access
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
@@ -143,44 +164,45 @@ def lock_state_dir(state_dir: Path) -> int:
 
 
 class SegmentFile:
-    """The segment being appended to; writes are serialized by the journal's flush lock."""
+    """Appends to the current segment; writes are serialized by the journal's flush lock.
+
+    The file is opened for each batch and closed after it: between batches nothing
+    under ``state_dir`` is open for writing (the lock is held on a read-only
+    descriptor), so the file system can be remounted read-only, by an operator or by
+    the kernel after an error, and a write after that fails cleanly with ``EROFS``.
+    """
 
     def __init__(self, state_dir: Path, fsync: bool) -> None:
         self.state_dir = state_dir
         self.fsync = fsync
-        self._generation = 0
-        self._fd: int | None = None
+        self._created = 0  # the last generation whose file (and directory entry) exists
 
     def append(self, generation: int, data: bytes) -> int:
         """Write ``data`` at the end of segment ``generation``; returns the fsyncs done."""
         path = self.state_dir / segment_name(generation)
         with _os_errors("write", path):
-            fsyncs = self._open(generation, path)
-            _write_all(self._fd_or_raise(), data)
-            if self.fsync:
-                os.fsync(self._fd_or_raise())
-                fsyncs += 1
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                fsyncs = self._created_now(generation)
+                _write_all(fd, data)
+                if self.fsync:
+                    os.fsync(fd)
+                    fsyncs += 1
+            finally:
+                os.close(fd)
         return fsyncs
 
-    def _open(self, generation: int, path: Path) -> int:
-        if self._fd is not None and self._generation == generation:
+    def _created_now(self, generation: int) -> int:
+        if self._created == generation:
             return 0
-        self.close()
-        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        self._generation = generation
+        self._created = generation
         if not self.fsync:
             return 0
         _fsync_dir(self.state_dir)  # the new file's directory entry must survive too
         return 1
 
-    def _fd_or_raise(self) -> int:
-        assert self._fd is not None
-        return self._fd
-
     def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        """Nothing stays open between batches; kept for the journal's close."""
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -198,19 +220,35 @@ def _fsync_dir(path: Path) -> None:
 
 
 def write_snapshot(state_dir: Path, snapshot: Snapshot, retired: tuple[int, ...]) -> int:
-    """Replace the snapshot atomically, then remove the segments it covers; returns fsyncs."""
+    """Replace the snapshot atomically, then remove the segments it covers; returns fsyncs.
+
+    Error handling: ``StateError`` if the snapshot is not in place; a covered segment that
+    cannot be removed is only logged.
+    """
     tmp, final = state_dir / SNAPSHOT_TMP, state_dir / SNAPSHOT
     with _os_errors("write", tmp):
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            _write_all(fd, encode_snapshot(snapshot))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                _write_all(fd, encode_snapshot(snapshot))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError:
+            with contextlib.suppress(OSError):
+                tmp.unlink()  # give a full disk its space back for the next attempt
+            raise
     with _os_errors("rename to", final):
         os.replace(tmp, final)
         _fsync_dir(state_dir)
     for generation in retired:
-        with _os_errors("remove", state_dir / segment_name(generation)):
-            (state_dir / segment_name(generation)).unlink(missing_ok=True)
+        _remove_covered(state_dir / segment_name(generation))
     return 2
+
+
+def _remove_covered(path: Path) -> None:
+    """Remove a segment the new snapshot covers; one left behind is skipped at load."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as e:
+        log.warning("cannot remove %s, which the snapshot covers: %s", path, e.strerror or e)

@@ -10,16 +10,28 @@ duplicate and waits for it to settle (:meth:`Ledger.wait_settled`): if the
 first create succeeded, the second is sent to the same backend and gets BBB's
 ``duplicateWarning``; if it failed, the second is admitted afresh.  So
 concurrent creates of one meetingID make exactly one backend meeting.
+
+Storage faults (docs/decisions.md).  The state in memory is authoritative; the journal
+is its durable copy and may fail for a while (full, read-only or frozen ``state_dir``).
+Changes are applied first, then made durable as soon as the journal can:
+:meth:`Ledger.confirm`, :meth:`Ledger.release` and :meth:`Ledger.record` never raise
+for a storage fault, so background work (reconciliation, end notices) goes on.  What
+acknowledges a change to a customer asks for durability: :meth:`Ledger.admit` refuses a
+new meeting while the journal cannot write, and :meth:`Ledger.durable` raises
+:class:`~proxy.errors.StorageUnavailable` (``serverUnavailable``) when the change is not
+on disk within the journal's timeout.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import trio
 
+from proxy.errors import StorageUnavailable
 from proxy.ledger.model import (
     Admit,
     BackendSpec,
@@ -42,11 +54,13 @@ class Journal(Protocol):
 
     def append(self, record: Record) -> None: ...
 
-    async def flush(self) -> None: ...
+    async def flush(self) -> None:
+        """Make every appended record durable; raises ``StorageUnavailable`` if it cannot."""
+        ...
 
     @property
     def failed(self) -> bool:
-        """True once a write failed: nothing more can be made durable."""
+        """True while nothing can be made durable (a write failed, or is overdue)."""
         ...
 
 
@@ -89,12 +103,17 @@ class Ledger:
         backends: Sequence[BackendSpec],
         choose: Chooser,
     ) -> Decision:
-        """Decide a create and, if admitted, reserve it (and release its victims) at once."""
+        """Decide a create and, if admitted, reserve it (and release its victims) at once.
+
+        Error handling: ``StorageUnavailable`` for a new meeting while the journal cannot
+        write (nothing is changed); a repeated create of a held meeting is decided as usual.
+        """
         key = (request.customer, request.meeting_id)
         decision = self.state.admit(
             request, limit, backends, choose, self.clock(), may_move=not self.settling(key)
         )
         if isinstance(decision, Admit):
+            self.check_writable()
             if decision.replaces is not None:  # failover: its old pin goes in the same step
                 self._record(Release(decision.replaces.key, "moved"))
             for victim in decision.victims:
@@ -114,28 +133,46 @@ class Ledger:
             await event.wait()
 
     async def confirm(self, key: MeetingKey) -> None:
+        """The backend has the meeting.  Never raises for storage (see the module docstring)."""
         self._record(Confirm(key))
         self._settle(key)
-        await self.journal.flush()
+        await self._flush_if_possible()
 
     async def release(self, key: MeetingKey, reason: str) -> Reservation | None:
-        """Free a meeting's connections; returns what was released, if it was held."""
+        """Free a meeting's connections; returns what was released, if it was held.
+
+        Never raises for storage (see the module docstring).
+        """
         if self.state.get(key) is None:
             self._settle(key)
             return None
         released = self._record(Release(key, reason))
         self._settle(key)
-        await self.journal.flush()
+        await self._flush_if_possible()
         return released
 
     async def record(self, record: Record) -> None:
-        """Apply one record (adoption by reconciliation) and make it durable."""
+        """Apply one record (adoption by reconciliation).  Never raises for storage."""
         self._record(record)
-        await self.journal.flush()
+        await self._flush_if_possible()
 
     async def durable(self) -> None:
-        """Return once every record applied so far is on stable storage."""
+        """Return once every record applied so far is on stable storage.
+
+        Error handling: ``StorageUnavailable`` if the journal cannot write them (within
+        its timeout); they stay applied in memory and reach the disk when it recovers.
+        """
         await self.journal.flush()
+
+    def check_writable(self) -> None:
+        """Raise ``StorageUnavailable`` now if a change could not be made durable."""
+        if self.journal.failed:
+            raise StorageUnavailable()
+
+    async def _flush_if_possible(self) -> None:
+        # The journal has logged the fault; the change waits in memory for its recovery.
+        with contextlib.suppress(StorageUnavailable):
+            await self.journal.flush()
 
     def _record(self, record: Record) -> Reservation | None:
         self.journal.append(record)
