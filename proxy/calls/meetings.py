@@ -83,6 +83,7 @@ async def end(gw: Gateway, req: ApiRequest) -> Answer:
     reservation = pinned(gw, req)
     if reservation is None:
         raise NotFound()
+    gw.ledger.check_writable()  # a failed journal: serverUnavailable, the meeting goes on
     reply = await forward(gw, req, reservation)
     if reply.ok:
         await released_if_current(gw, reservation, "end")
