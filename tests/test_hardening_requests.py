@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 from urllib.parse import parse_qsl, quote_plus, urlencode, urlsplit
 
@@ -18,7 +19,7 @@ import httpx
 import pytest
 from lxml import etree
 
-from proxy.bbb import checksum
+from proxy.bbb import bodies, checksum
 from proxy.config import Customer
 from proxy.errors import ValidationError
 from proxy.request import ApiRequest
@@ -516,3 +517,125 @@ def test_signed_params_are_only_what_the_checksum_covers() -> None:
     twice = [*body, ("checksum", sign("create", canonical(body)))]
     assert checksum.signed_params("create", empty, secrets, twice) is None
     assert checksum.signed_params("create", "", secrets, twice) == body
+
+
+def test_signed_params_edge_cases() -> None:
+    secrets = [SECRET]
+    # No parameters at all (getMeetings): signed, and nothing to pass on.
+    assert (
+        checksum.signed_params("getMeetings", f"checksum={sign('getMeetings', '')}", secrets) == []
+    )
+    assert (
+        checksum.signed_params("getMeetings", f"&checksum={sign('getMeetings', '')}", secrets) == []
+    )
+    # Control characters are dropped before checking, and from the parameters too.
+    cs = sign("end", "meetingID=room-1")
+    assert checksum.signed_params("end", f"meeting\nID=room-1\t&checksum={cs}", secrets) == [
+        ("meetingID", "room-1")
+    ]
+    # An empty checksum, a wrong secret, a second checksum in the body: refused.
+    assert checksum.signed_params("end", "meetingID=room-1&checksum=", secrets) is None
+    assert checksum.signed_params("end", f"meetingID=room-1&checksum={cs}", ["other"]) is None
+    body = [("meetingID", "m"), ("name", "Room")]
+    cs = sign("create", canonical(body))
+    two = [*body, ("checksum", cs), ("checksum", cs)]
+    assert checksum.signed_params("create", "", secrets, two) is None
+    # The canonical form may cover URL parameters too: all of them are then signed.
+    url_cs = sign("create", canonical([("meetingID", "m"), ("name", "Room")]))
+    assert checksum.signed_params(
+        "create", f"meetingID=m&checksum={url_cs}", secrets, [("name", "Room")]
+    ) == [("meetingID", "m"), ("name", "Room")]
+    # Without any checksum: refused, whatever the body holds.
+    assert checksum.signed_params("create", "meetingID=m", secrets, body) is None
+
+
+# -- unit checks of proxy.bbb.bodies -------------------------------------------------------------
+
+
+def test_media_type() -> None:
+    assert bodies.media_type("Text/XML; charset=utf-8") == "text/xml"
+    assert bodies.media_type(None) == ""
+    assert bodies.media_type(" application/x-www-form-urlencoded ") == bodies.FORM
+
+
+def _refused(fn: Callable[[], object]) -> str:
+    with pytest.raises(ValidationError) as caught:
+        fn()
+    return caught.value.message_key
+
+
+def test_parse_reads_each_body_type() -> None:
+    for content_type in [None, "", "text/plain", bodies.FORM, "application/xml"]:
+        assert bodies.parse(content_type, b"") == bodies.Body()
+    form = bodies.parse(bodies.FORM + "; charset=UTF-8", b"a=1+2&b=&c=%C3%A9&a=3")
+    assert form == bodies.Body((("a", "1 2"), ("b", ""), ("c", "é"), ("a", "3")), None, bodies.FORM)
+    xml = bodies.parse("Text/Xml", b"<modules/>")
+    assert xml == bodies.Body((), b"<modules/>", "text/xml")
+    fields = multipart([("meetingID", "room 1"), ("name", "Café")])
+    parsed = bodies.parse(MULTIPART["Content-Type"], fields)
+    assert parsed == bodies.Body(
+        (("meetingID", "room 1"), ("name", "Café")), None, bodies.MULTIPART
+    )
+    for content_type in [None, "text/plain", "application/json", "multipartform-data"]:
+        assert _refused(partial(bodies.parse, content_type, b"a=1")) == "unsupportedContentType"
+
+
+def test_form_bodies_are_bounded() -> None:
+    many = "&".join(f"p{i}=1" for i in range(bodies.MAX_FIELDS)).encode()
+    assert len(bodies.form_params(many)) == bodies.MAX_FIELDS
+    assert _refused(lambda: bodies.form_params(many + b"&one=more")) == "validationError"
+    assert bodies.form_params(b"\xff=\xfe") == (("\ufffd", "\ufffd"),)
+
+
+def test_multipart_bodies() -> None:
+    ct = MULTIPART["Content-Type"]
+    assert bodies.multipart_params(ct, b"--BOUNDARY--\r\n") == ()
+    assert bodies.multipart_params(ct, multipart([("a", "x" * 70000)])) == (("a", "x" * 70000),)
+    raw = b'--BOUNDARY\r\nContent-Disposition: form-data; name="a"\r\n\r\n\xff\r\n--BOUNDARY--\r\n'
+    assert bodies.multipart_params(ct, raw) == (("a", "\ufffd"),)
+    assert _refused(lambda: bodies.multipart_params("multipart/form-data", b"x")) == (
+        "unsupportedContentType"
+    )
+    no_ascii = 'multipart/form-data; boundary="Bé"'
+    assert _refused(lambda: bodies.multipart_params(no_ascii, b"x")) == "unsupportedContentType"
+    with_file = multipart([("a", "1")], ("file", b"%PDF"))
+    assert _refused(lambda: bodies.multipart_params(ct, with_file)) == "unsupportedContentType"
+    for broken in [
+        multipart([("a", "1")])[:-10],  # no closing boundary
+        b"--BOUNDARY\r\nX-Other: 1\r\n\r\nvalue\r\n--BOUNDARY--\r\n",  # no Content-Disposition
+        b"garbage",
+        b"--BOUNDARY\r\nContent-Disposition: form-data; name=\xff\r\n\r\nv\r\n--BOUNDARY--\r\n",
+    ]:
+        assert _refused(partial(bodies.multipart_params, ct, broken)) == "validationError"
+    too_many = multipart([(f"p{i}", "1") for i in range(bodies.MAX_FIELDS + 1)])
+    assert _refused(lambda: bodies.multipart_params(ct, too_many)) == "validationError"
+
+
+def test_checked_xml() -> None:
+    def checked(call: str, data: bytes) -> bytes | None:
+        return bodies.checked_xml(call, bodies.parse("application/xml", data))
+
+    assert bodies.checked_xml("create", bodies.Body()) is None
+    assert checked("insertDocument", b"<?xml version='1.0'?>\n<modules >\n</modules>") == (
+        b"<modules>\n</modules>"
+    )
+    assert checked("create", '<modules a="é"/>'.encode()) == b'<modules a="&#233;"/>'
+    assert _refused(lambda: checked("end", b"<modules/>")) == "unsupportedContentType"
+    for bad in [
+        *DOCTYPE_BODIES,
+        b"<modules>",
+        b"<other/>",
+        b"",
+        b"\xff",
+        b"<modules>&x;</modules>",
+    ]:
+        data = bad or b" "
+        assert _refused(partial(checked, "create", data)) == "validationError"
+    deep = b"<modules>" + b"<a>" * 300 + b"</a>" * 300 + b"</modules>"
+    assert _refused(lambda: checked("create", deep)) == "validationError"
+    message = ""
+    try:
+        checked("create", b"<!DOCTYPE modules><modules/>")
+    except ValidationError as error:
+        message = error.message
+    assert message == "The XML body must not have a DOCTYPE"
