@@ -96,6 +96,9 @@ def create_app(gw: Gateway) -> QuartTrio:
     async def http_error(error: HTTPException) -> Response:
         if error.code == 413:
             return _response(Answer.xml(envelope.from_error(_too_large())))
+        if error.code == 408:  # the body did not come within [proxy.timeouts] client_read
+            late = ValidationError("The request body did not arrive in time")
+            return _response(Answer.xml(envelope.from_error(late)))
         if "/bigbluebutton/" in request.path:
             return _response(Answer.xml(envelope.failure("unsupportedRequest", "Not found")))
         return Response(f"{error.code} {error.name}\n", error.code or 500)

@@ -20,11 +20,12 @@ BOUND = 1.0  # client_read and client_idle in these tests, seconds
 SLACK = 2.5  # a loaded 2-core machine: closed within BOUND + SLACK
 
 
-async def _closed_after(stack: Stack, head: bytes, trickle: bytes) -> float:
+async def _closed_after(stack: Stack, head: bytes, trickle: bytes) -> tuple[float, bytes]:
     """Open a connection, send ``head``, then one byte of ``trickle`` every 0.2 s.
 
-    Returns the seconds until the gateway closed the connection.
+    Returns the seconds until the gateway closed the connection, and what it sent.
     """
+    received = b""
     port = int(urlsplit(stack.url).port or 0)
     started = trio.current_time()
     stream = await trio.open_tcp_stream("127.0.0.1", port)
@@ -42,12 +43,12 @@ async def _closed_after(stack: Stack, head: bytes, trickle: bytes) -> float:
 
         nursery.start_soon(send_slowly)
         try:
-            while await stream.receive_some(65536):
-                pass
+            while data := await stream.receive_some(65536):
+                received += data
         except trio.BrokenResourceError:
             pass  # reset by the gateway: closed too
         nursery.cancel_scope.cancel()
-    return trio.current_time() - started
+    return trio.current_time() - started, received
 
 
 async def test_slow_clients_are_closed_within_the_bound_while_others_are_served(
@@ -69,9 +70,12 @@ async def test_slow_clients_are_closed_within_the_bound_while_others_are_served(
         (slow_head, b"X-Slow: " + b"y" * 1000),  # a head that trickles in: the idle bound
     ]
     times: list[float] = []
+    answers: list[bytes] = []
 
     async def one(head: bytes, trickle: bytes) -> None:
-        times.append(await _closed_after(stack, head, trickle))
+        seconds, answer = await _closed_after(stack, head, trickle)
+        times.append(seconds)
+        answers.append(answer)
 
     with trio.fail_after(BOUND + SLACK + 5):
         async with trio.open_nursery() as nursery:
@@ -86,6 +90,9 @@ async def test_slow_clients_are_closed_within_the_bound_while_others_are_served(
     assert max(times) < BOUND + SLACK, sorted(times)[-5:]
     assert min(times) >= BOUND * 0.9  # closed by the bound, not refused for another reason
     assert stack.gateway.ledger.get(("acme", "slow")) is None
+    late = [a for a in answers if b"did not arrive in time" in a]
+    assert len(late) >= len(range(0, 200, 3))  # each trickled body, told so in BBB's XML
+    assert all(b"<messageKey>validationError</messageKey>" in a for a in late)
 
 
 # -- what a backend sends ----------------------------------------------------------------------
