@@ -203,3 +203,18 @@ async def test_timeouts_errors_and_refused_connections(
             assert await call_customer_url(http, site.url + "/x", allow_private=True) is False
     assert await call_customer_url(http, "http://127.0.0.1:9/x", allow_private=True) is False
     assert OUTCOMES["failed"] == before + 4
+
+
+async def test_an_unexpected_exception_in_the_http_client_is_caught(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def broken(request: httpx.Request) -> httpx.Response:
+        raise RuntimeError("a bug deep in the client, e.g. for ?checksum=s3cr3t")
+
+    before = OUTCOMES["failed"]
+    async with httpx.AsyncClient(transport=httpx.MockTransport(broken)) as client:
+        url = "http://127.0.0.1:8/x?checksum=s3cr3t"
+        with caplog.at_level(logging.WARNING):
+            assert await call_customer_url(client, url, allow_private=True) is False
+    assert OUTCOMES["failed"] == before + 1
+    assert "callback http://127.0.0.1:8/x?checksum=*** failed: RuntimeError" in caplog.text
