@@ -11,16 +11,26 @@
 from __future__ import annotations
 
 import hashlib
+import subprocess
+import sys
+import zlib
 from collections import Counter
 from collections.abc import Mapping
+from pathlib import Path
 
+import orjson
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from lxml import etree
 
+from proxy import cli
 from proxy.bbb.rewrite import MAX_MEETING_ID, SEPARATOR, backend_meeting_id
-from proxy.ledger.model import Confirm, LedgerState, Release, Reservation, Reserve
+from proxy.errors import StateError
+from proxy.ledger.codec import encode_record, reservation_fields
+from proxy.ledger.files import load_state, segment_name
+from proxy.ledger.model import Confirm, LedgerState, Record, Release, Reservation, Reserve
 from tests.harness import StackFactory, text, wait_until
 
 CUSTOMERS = ["acme", "globex", "a", "a-b", "x" * 63]
@@ -228,3 +238,117 @@ def test_newer_reserve_of_a_held_backend_meeting_replaces_the_older() -> None:
     assert state.apply(Release(old.key, "gone")) is None
     assert state.apply(Release(new.key, "gone")) == new
     assert len(state) == 0 and consistency_errors(state) == []
+
+
+# -- 3. replay never bricks a gateway ----------------------------------------------------------
+
+GOOD = Reservation("acme", "m1", "bbb-1", "acme~m1", 5, 60, 0, 1000.5)
+
+
+def framed(payload: dict[str, object]) -> bytes:
+    """A journal line with a right CRC around ``payload``: content damage, not a torn write."""
+    body = orjson.dumps(payload)
+    return b"%08x %s\n" % (zlib.crc32(body), body)
+
+
+def reserve_fields(**changes: object) -> dict[str, object]:
+    return {"seq": 2, "op": "reserve", **reservation_fields(GOOD), **changes}
+
+
+BAD_RECORDS = {
+    "negative connections": (reserve_fields(connections=-5), "field 'connections' is -5"),
+    "negative duration": (reserve_fields(duration=-1), "field 'duration' is -1"),
+    "non-string customer": (reserve_fields(customer=7), "field 'customer' is 7"),
+    "non-string meeting": (
+        {"seq": 2, "op": "confirm", "customer": "acme", "meeting_id": ["m1"]},
+        "field 'meeting_id' is ['m1']",
+    ),
+    "unknown kind": (
+        {"seq": 2, "op": "adopt", "customer": "acme", "meeting_id": "m1"},
+        "unknown op 'adopt'",
+    ),
+    "huge created_at": (reserve_fields(created_at=1e400), "created_at"),
+    "a gap in seq": (
+        {"seq": 5, "op": "release", "customer": "acme", "meeting_id": "m1", "reason": "end"},
+        "record 5 follows record 1",
+    ),
+}
+
+
+def config_file(tmp_path: Path, state_dir: Path) -> Path:
+    path = tmp_path / "gateway.toml"
+    path.write_text(
+        f'[proxy]\nbind = "127.0.0.1:1"\npublic_url = "http://127.0.0.1:1"\n'
+        f'state_dir = "{state_dir}"\n'
+        '[[backends]]\nid = "bbb-1"\nurl = "http://127.0.0.1:1/bigbluebutton/"\n'
+        'secret = "s"\ncapacity = 10\n'
+        '[[customers]]\nid = "acme"\nsecret = "c"\nmax_connections = 10\n'
+        "default_max_participants = 3\ndefault_duration = 60\n"
+    )
+    return path
+
+
+def bbb_proxy(*args: str) -> subprocess.CompletedProcess[str]:
+    """``python -m proxy.cli ARGS`` as a process of its own."""
+    command = [sys.executable, "-m", "proxy.cli", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+
+
+@pytest.mark.parametrize("case", sorted(BAD_RECORDS))
+def test_a_record_that_cannot_be_applied_stops_start_up_with_exit_3(
+    tmp_path: Path, case: str
+) -> None:
+    payload, reason = BAD_RECORDS[case]
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    first = encode_record(1, Reserve(GOOD))
+    segment = state_dir / segment_name(1)
+    segment.write_bytes(first + framed(payload) + encode_record(3, Confirm(GOOD.key)))
+
+    done = bbb_proxy("serve", "--config", str(config_file(tmp_path, state_dir)))
+    assert done.returncode == 3, done.stderr
+    assert "Traceback" not in done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith("bbb-proxy: ledger state in state_dir: ")
+    assert str(segment) in line and f"byte {len(first)}" in line, line
+    assert reason in line, line
+
+
+def test_a_configuration_error_exits_2_with_one_line(tmp_path: Path) -> None:
+    done = bbb_proxy("serve", "--config", str(tmp_path / "missing.toml"))
+    assert done.returncode == 2, done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith("bbb-proxy: configuration error: ") and "missing.toml" in line
+
+
+def test_a_journal_with_aliased_meetings_loads_with_the_newer_one(tmp_path: Path) -> None:
+    """What an old gateway wrote for a long meetingID and its hashed form sent short."""
+    long = long_id("class")
+    shared = backend_meeting_id("acme", long)
+    older = Reservation("acme", long, "bbb-1", shared, 5, 60, 0, 1000.0, True)
+    newer = Reservation("acme", hashed(long), "bbb-1", shared, 3, 60, 0, 2000.0, True)
+    records: list[Record] = [
+        Reserve(older),
+        Reserve(newer),
+        Release(older.key, "gone"),
+        Confirm(newer.key),
+    ]
+    data = b"".join(encode_record(seq, r) for seq, r in enumerate(records, 1))
+    (tmp_path / segment_name(1)).write_bytes(data)
+    state, _ = load_state(tmp_path)
+    assert list(state) == [newer]
+    assert consistency_errors(state) == []
+
+
+def test_the_cli_unwraps_a_state_error_out_of_a_task_group(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def failing(args: object) -> None:
+        inner = ExceptionGroup("nursery", [StateError("cannot write /s/journal: No space")])
+        raise ExceptionGroup("outer", [inner])
+
+    monkeypatch.setattr(cli, "_run", failing)
+    assert cli.main(["serve", "--config", "x"]) == 3
+    assert capsys.readouterr().err == (
+        "bbb-proxy: ledger state in state_dir: cannot write /s/journal: No space\n"
+    )
