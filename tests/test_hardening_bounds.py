@@ -214,17 +214,23 @@ async def test_nothing_a_backend_sends_crashes_or_blocks(nursery: trio.Nursery) 
 # -- fairness between customers ----------------------------------------------------------------
 
 
-async def test_a_customer_flooding_a_slow_backend_does_not_starve_another(
-    make_stack: StackFactory,
-) -> None:
+async def _slow_shared_backend(make_stack: StackFactory) -> Stack:
+    """One backend answering in 1 s, 4 pooled connections (2 per customer); a meeting each."""
     stack = await make_stack(
         backends=1, proxy={"backend_connections": 4, "timeouts": {"pool": 0.5}}
-    )  # each customer may hold 2 of the 4 connections
+    )
     assert stack.gateway.config.proxy.calls_per_customer == 2
     assert text(await stack.create("flood", maxParticipants="1"), "returncode") == "SUCCESS"
     calm = await stack.create("calm", "globex", maxParticipants="1")
     assert text(calm, "returncode") == "SUCCESS"
     stack.sims[0].behaviour = Behaviour(latency=1.0)
+    return stack
+
+
+async def test_a_customer_flooding_a_slow_backend_does_not_starve_another(
+    make_stack: StackFactory,
+) -> None:
+    stack = await _slow_shared_backend(make_stack)
     flood: list[str] = []
 
     async def flooding() -> None:
@@ -241,3 +247,16 @@ async def test_a_customer_flooding_a_slow_backend_does_not_starve_another(
     assert sorted(flood) == ["ok", "ok"] + ["serverUnavailable"] * 10
     exposition = (await stack.http.get(stack.url + "/metrics")).text
     assert 'outcome="customer_limit"} 10.0' in exposition
+
+
+async def test_a_flood_of_get_meetings_does_not_starve_another_customer(
+    make_stack: StackFactory,
+) -> None:
+    stack = await _slow_shared_backend(make_stack)
+    async with trio.open_nursery() as nursery:
+        for _ in range(12):
+            nursery.start_soon(stack.call, "getMeetings", [])
+        await trio.sleep(0.1)
+        with trio.fail_after(2.5):
+            calm = await stack.call("getMeetingInfo", [("meetingID", "calm")], "globex")
+    assert text(calm, "returncode") == "SUCCESS"

@@ -227,7 +227,7 @@ async def get_meetings(gw: Gateway, req: ApiRequest) -> Answer:
         async with trio.open_nursery() as nursery:
             for backend_id in gw.in_service():
                 if backend_id in holding:
-                    nursery.start_soon(_collect, gw, backend_id, replies)
+                    nursery.start_soon(_collect, gw, backend_id, replies, req.customer.id)
     meetings = [
         rewrite.serialise(m)
         for backend in gw.config.backends
@@ -246,9 +246,9 @@ async def get_meetings(gw: Gateway, req: ApiRequest) -> Answer:
     )
 
 
-async def _collect(gw: Gateway, backend_id: str, replies: dict[str, Reply]) -> None:
+async def _collect(gw: Gateway, backend_id: str, replies: dict[str, Reply], customer: str) -> None:
     try:
-        reply = await gw.client(backend_id).call("getMeetings", [])
+        reply = await gw.client(backend_id).call("getMeetings", [], customer=customer)
     except BackendError as exc:
         log.warning("getMeetings: leaving out %s: %s", backend_id, exc)
         return
