@@ -228,3 +228,26 @@ async def test_a_late_not_found_answer_never_releases_the_next_meeting(
     assert text(answers["create"], "returncode") == "SUCCESS"
     again = held(stack)
     assert again is not None and again.confirmed
+
+
+async def test_a_notice_made_before_instances_calls_the_customer_but_releases_nothing(
+    stack: Stack, nursery: trio.Nursery
+) -> None:
+    receiver = await start_receiver(nursery)
+    await stack.create("room-1")
+    reservation = held(stack)
+    assert reservation is not None
+    backend = stack.gateway.client(reservation.backend_id).backend
+    # What an older gateway signed: no c= (built with the signer itself, without it).
+    params = [
+        ("k", "callback"),
+        ("b", backend.id),
+        ("m", reservation.backend_meeting_id),
+        ("i", "room-1"),
+        ("cb", f"{receiver.url}/ended"),
+    ]
+    legacy = callbacks._signed_url(stack.url, backend, params)
+    assert "&c=" not in legacy
+    assert (await stack.http.get(legacy)).status_code == 200
+    await wait_until(lambda: receiver.seen == ["/ended?"])
+    assert held(stack) == reservation
