@@ -218,6 +218,22 @@ async def test_slow_backend_gets_no_new_meetings_while_others_answer(
     assert slow not in placed and len(set(placed)) == 2
 
 
+async def test_a_slow_create_counts_in_the_latency_average(
+    nursery: trio.Nursery, tmp_path: Path, closing: list[Stack]
+) -> None:
+    stack, servers = await start(nursery, tmp_path, health={"interval": 600})  # no polls now
+    closing.append(stack)
+    before = {b.id: stack.gateway.health[b.id].latency for b in stack.config.backends}
+    assert all(latency is not None and latency < 0.5 for latency in before.values())
+    for server in servers:
+        server.sim.behaviour.latency = 1.2
+    assert text(await stack.create("room-1"), "returncode") == "SUCCESS"
+    used = backend_of(stack, "room-1")
+    after = stack.gateway.health[used].latency
+    assert after is not None and after > 0.3  # 3/4 of the old average + 1/4 of >= 1.2 s
+    assert all(stack.gateway.health[b].latency == before[b] for b in before if b != used)
+
+
 # -- chaos: kill a server under a Moodle-like load ---------------------------------------------
 
 

@@ -128,21 +128,21 @@ async def _send(gw: Gateway, req: ApiRequest, reservation: Reservation) -> Reply
     """The create on the reservation's backend; its answer time feeds the latency average."""
     params = backend_params(gw, req, reservation)
     client = gw.client(reservation.backend_id)
+    who = req.customer.id  # its fair share of the backend's connections applies
     started = trio.current_time()
     try:
-        who = req.customer.id  # its fair share of the backend's connections applies
         if req.body:
-            return await client.call(
+            reply = await client.call(
                 "create", params, body=req.body, content_type=req.content_type, customer=who
             )
-        return await client.call("create", params, customer=who)
+        else:
+            reply = await client.call("create", params, customer=who)
     except BackendTimeout:
         gw.observe_latency(reservation.backend_id, trio.current_time() - started)
         raise
-    except BackendError:
-        raise  # refused or broken: says nothing of latency
-    else:
-        gw.observe_latency(reservation.backend_id, trio.current_time() - started)
+    # A refused or broken connection (any other BackendError) says nothing of latency.
+    gw.observe_latency(reservation.backend_id, trio.current_time() - started)
+    return reply
 
 
 def backend_params(gw: Gateway, req: ApiRequest, reservation: Reservation) -> list[tuple[str, str]]:
