@@ -198,6 +198,28 @@ async def test_a_returning_backend_keeps_meetings_not_recreated_elsewhere(
     assert gw.failover.get("kept") == len(there)
 
 
+async def test_with_no_live_server_a_down_servers_meeting_answers_server_unavailable(
+    nursery: trio.Nursery, tmp_path: Path, closing: list[Stack]
+) -> None:
+    stack, servers = await start(nursery, tmp_path, count=1, health=FAST)
+    closing.append(stack)
+    gw = stack.gateway
+    assert text(await stack.create("room-1"), "returncode") == "SUCCESS"
+    servers[0].kill()
+    await wait_until(lambda: gw.backend_down("bbb-1"))
+    answer = await stack.create("room-1")
+    assert (text(answer, "returncode"), text(answer, "messageKey")) == (
+        "FAILED",
+        "serverUnavailable",
+    )
+    assert backend_of(stack, "room-1") == "bbb-1"  # the pin stays for its return
+    assert gw.ledger.state.customer_used("acme") == 0
+    await servers[0].revive(nursery)
+    await wait_until(lambda: not gw.backend_down("bbb-1"))
+    assert gw.ledger.state.customer_used("acme") == 5
+    assert text(await stack.create("room-1"), "messageKey") == "duplicateWarning"
+
+
 async def test_slow_backend_gets_no_new_meetings_while_others_answer(
     nursery: trio.Nursery, tmp_path: Path, closing: list[Stack]
 ) -> None:

@@ -49,7 +49,7 @@ async def create(gw: Gateway, req: ApiRequest) -> Answer:
         )
         match decision:
             case Refuse(error):
-                raise refused or error  # every backend with room refused: not a capacity issue
+                raise refused or _on_down_backend(gw, request) or error
             case Duplicate(reservation) if gw.ledger.settling(reservation.key):
                 await gw.ledger.wait_settled(reservation.key)
             case Duplicate(reservation):
@@ -73,6 +73,15 @@ async def create(gw: Gateway, req: ApiRequest) -> Answer:
                     refused = exc
                     if len(excluded) >= MAX_ATTEMPTS:
                         raise
+
+
+def _on_down_backend(gw: Gateway, request: CreateRequest) -> BackendUnavailable | None:
+    """A meeting pinned to a DOWN backend that no live one can take: the server is the
+    problem, not capacity (every backend with room refusing is the caller's other case)."""
+    pinned = gw.ledger.get((request.customer, request.meeting_id))
+    if pinned is None or not gw.backend_down(pinned.backend_id):
+        return None
+    return BackendUnavailable(pinned.backend_id, "down, and no other server can take the meeting")
 
 
 def _create_request(req: ApiRequest) -> CreateRequest:
