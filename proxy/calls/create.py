@@ -11,6 +11,12 @@ customer's) or cannot be reached before anything was sent is skipped for the
 next backend on the ring.  A backend that timed out or broke mid-answer may
 have created the meeting, so no other backend is tried: the reservation is
 released and the customer gets an error it can retry.
+
+Failover: a create of a meeting pinned to a DOWN backend is admitted afresh
+on a live one, its old pin released in the same step (``Admit.replaces``, see
+:mod:`proxy.ledger.model`); with no live backend to take it, the answer is
+``serverUnavailable``.  Every create's answer time feeds the backend's latency
+average (:mod:`proxy.health`).
 """
 
 from __future__ import annotations
