@@ -8,7 +8,7 @@ again on the same port later, with the meetings it had.
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -21,7 +21,10 @@ import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.config import HealthSettings
+from proxy.backends import http
+from proxy.backends.client import Transport
+from proxy.backends.monitor import poll_once
+from proxy.config import Config, HealthSettings
 from proxy.ledger.files import load_state
 from proxy.ledger.model import (
     Admit,
@@ -87,6 +90,7 @@ async def start(
     health: dict[str, Any] | None = None,
     latencies: tuple[float, ...] = (),
     ledger: Ledger | None = None,
+    transports: Callable[[Config], Callable[[str], Transport | None]] | None = None,
 ) -> tuple[Stack, list[Server]]:
     servers = []
     for i in range(count):
@@ -109,7 +113,10 @@ async def start(
         "health": health or {},
     }
     config = config_for([s.url for s in servers], customers=[MOODLE], proxy=proxy)
-    gateway, binds = await nursery.start(partial(serve_gateway, config, ledger=ledger))
+    factory = transports(config) if transports else lambda _id: None
+    gateway, binds = await nursery.start(
+        partial(serve_gateway, config, ledger=ledger, transport_factory=factory)
+    )
     client = httpx.AsyncClient(timeout=30)  # above the gateway's read timeout, as an LMS's
     return Stack(
         gateway, binds[0], [s.sim for s in servers], [s.url for s in servers], client, config
@@ -196,6 +203,58 @@ async def test_a_returning_backend_keeps_meetings_not_recreated_elsewhere(
     assert [backend_of(stack, m) for m in there] == [dead] * len(there)  # adopted back
     assert state.customer_used("acme") == 20
     assert gw.failover.get("kept") == len(there)
+
+
+class Skewed:
+    """A real connection pool whose creates leave late and whose polls' answers arrive late:
+    the order the race needs (list made, create confirmed, list read)."""
+
+    def __init__(self, pool: http.Pool) -> None:
+        self.pool = pool
+
+    async def request(
+        self, method: str, target: str, body: bytes | None = None, content_type: str | None = None
+    ) -> http.Answer:
+        if "/create?" in target:
+            await trio.sleep(0.3)
+        answer = await self.pool.request(method, target, body, content_type)
+        if "/getMeetings?" in target:
+            await trio.sleep(1.0)
+        return answer
+
+    async def aclose(self) -> None:
+        await self.pool.aclose()
+
+
+def skewed(config: Config) -> Callable[[str], Transport | None]:
+    urls = {b.id: b.url for b in config.backends}
+    timeouts, size = config.proxy.timeouts, config.proxy.backend_connections
+    return lambda backend_id: Skewed(http.Pool(urls[backend_id], timeouts, size))
+
+
+async def test_a_create_confirmed_while_a_poll_was_in_flight_is_not_released(
+    nursery: trio.Nursery, tmp_path: Path, closing: list[Stack]
+) -> None:
+    """Seen under load: a join right after a SUCCESS create answered unknown.  The create
+    was admitted before the poll, the backend made its list before the create arrived, and
+    the create was confirmed before the list was read."""
+    stack, _ = await start(nursery, tmp_path, count=1, health={"interval": 600}, transports=skewed)
+    closing.append(stack)
+    answers = []
+
+    async def create() -> None:
+        answers.append(await stack.create("room-1"))
+
+    async with trio.open_nursery() as racing:
+        racing.start_soon(create)
+        await wait_until(lambda: stack.gateway.ledger.get(("acme", "room-1")) is not None)
+        racing.start_soon(poll_once, stack.gateway, "bbb-1")  # its list: no room-1 yet
+    assert text(answers[0], "returncode") == "SUCCESS"
+    held = stack.gateway.ledger.get(("acme", "room-1"))
+    assert held is not None and held.confirmed
+    assert (await join_location(stack, "room-1")).startswith(stack.sim_urls[0])
+    await poll_once(stack.gateway, "bbb-1")  # a list made after the create keeps it too
+    assert stack.gateway.ledger.get(("acme", "room-1")) == held
 
 
 async def test_with_no_live_server_a_down_servers_meeting_answers_server_unavailable(
