@@ -257,6 +257,24 @@ async def test_a_create_confirmed_while_a_poll_was_in_flight_is_not_released(
     assert stack.gateway.ledger.get(("acme", "room-1")) == held
 
 
+async def test_another_instance_listed_under_the_id_does_not_keep_the_reservation(
+    nursery: trio.Nursery, tmp_path: Path, closing: list[Stack]
+) -> None:
+    stack, _ = await start(nursery, tmp_path, count=1, health={"interval": 600})
+    closing.append(stack)
+    assert text(await stack.create("room-1"), "returncode") == "SUCCESS"
+    held = stack.gateway.ledger.get(("acme", "room-1"))
+    assert held is not None
+    (meeting,) = stack.sims[0].meetings.values()
+    assert meeting.metadata["bbb-proxy-created"] == repr(held.created_at)
+    meeting.metadata["bbb-proxy-created"] = repr(held.created_at - 60)  # an older instance
+    await poll_once(stack.gateway, "bbb-1")
+    assert stack.gateway.ledger.get(("acme", "room-1")) is None  # ours is not listed
+    await poll_once(stack.gateway, "bbb-1")  # the one listed is adopted, as what it is
+    adopted = stack.gateway.ledger.get(("acme", "room-1"))
+    assert adopted is not None and adopted.created_at == held.created_at - 60
+
+
 async def test_with_no_live_server_a_down_servers_meeting_answers_server_unavailable(
     nursery: trio.Nursery, tmp_path: Path, closing: list[Stack]
 ) -> None:
