@@ -168,6 +168,8 @@ class _StateCollector(Collector):
             ("records_written", "Ledger records written to the journal"),
             ("fsyncs", "fsync calls made by the journal"),
             ("snapshots", "Ledger snapshots written"),
+            ("failures", "Journal writes that failed or overran journal_timeout"),
+            ("recoveries", "Times the journal wrote again after failing"),
         ):
             yield CounterMetricFamily(f"bbb_proxy_journal_{field}", doc, getattr(stats, field))
 

@@ -411,3 +411,26 @@ def test_a_read_only_state_dir_at_start_up_exits_3(tmp_path: Path, small_fs: Pat
     finally:
         subprocess.run(["mount", "-o", "remount,rw", str(small_fs)], check=True)
     assert_exit_3(done, str(state_dir), "Read-only file system")
+
+
+async def test_journal_failures_and_recoveries_are_in_the_metrics(tmp_path: Path) -> None:
+    from proxy.config import from_mapping
+    from proxy.gateway import open_gateway
+    from proxy.metrics import Metrics
+
+    ledger, journal = faulty_journal(tmp_path)
+    config = from_mapping(
+        {
+            "proxy": {"public_url": "http://127.0.0.1:1", "state_dir": str(tmp_path)},
+            "backends": [{"id": "b1", "url": "http://127.0.0.1:1/", "secret": "s", "capacity": 10}],
+            "customers": [],
+        }
+    )
+    segments(journal).error = errno.ENOSPC
+    await ledger.record(Reserve(reservation("m1")))
+    segments(journal).error = None
+    assert await journal.recover(ledger.state)
+    async with open_gateway(config, ledger) as gw:
+        exposition = Metrics(gw).exposition().decode()
+    assert "bbb_proxy_journal_failures_total 1.0" in exposition
+    assert "bbb_proxy_journal_recoveries_total 1.0" in exposition

@@ -317,7 +317,7 @@ class FileJournal:
         return self._failed is not None or self._overrunning()
 
     def _overrunning(self) -> bool:
-        started = min(self._io.values(), default=math.inf)
+        started = min(self._io.copy().values(), default=math.inf)  # threads remove entries
         return trio.current_time() - started > self.timeout
 
     def close(self) -> None:
@@ -414,7 +414,7 @@ async def _compact_periodically(journal: FileJournal, ledger: Ledger, every: flo
         if journal.changed_since_snapshot and not journal.failed:
             try:
                 await journal.snapshot(ledger.state)
-            except StateError:
+            except Exception:  # a background task: logged, never the end of the gateway
                 log.exception("ledger snapshot failed; the journal keeps every record")
 
 
@@ -422,7 +422,10 @@ async def _recover_periodically(journal: FileJournal, ledger: Ledger, every: flo
     while True:
         await journal.wait_failed()
         await trio.sleep(every)
-        await journal.recover(ledger.state)
+        try:
+            await journal.recover(ledger.state)
+        except Exception:  # a background task: logged, never the end of the gateway
+            log.exception("ledger journal recovery failed; retrying")
 
 
 async def _final_snapshot(journal: FileJournal, ledger: Ledger) -> None:
