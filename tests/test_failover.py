@@ -275,6 +275,25 @@ async def test_another_instance_listed_under_the_id_does_not_keep_the_reservatio
     assert adopted is not None and adopted.created_at == held.created_at - 60
 
 
+async def test_a_backend_claiming_huge_meetings_gets_no_more_than_the_subscription(
+    nursery: trio.Nursery, tmp_path: Path, closing: list[Stack]
+) -> None:
+    stack, _ = await start(nursery, tmp_path, count=1, health={"interval": 600})
+    closing.append(stack)
+    gw = stack.gateway
+    for n in range(3):
+        assert text(await stack.create(f"lost-{n}"), "returncode") == "SUCCESS"
+    for n in range(3):  # the ledger lost them (e.g. state_dir restored from an old backup)
+        await gw.ledger.release(("acme", f"lost-{n}"), "end")
+    for meeting in stack.sims[0].meetings.values():
+        meeting.max_participants = 10**9
+    await poll_once(gw, "bbb-1")
+    assert gw.ledger.state.customer_used("acme") == 20  # the subscription, not 3 * 10^9
+    adopted = [gw.ledger.get(("acme", f"lost-{n}")) for n in range(3)]
+    assert [r.connections if r else 0 for r in adopted] == [20, 0, 0]
+    assert gw.failover["adopt-clamped"] == 3
+
+
 async def test_with_no_live_server_a_down_servers_meeting_answers_server_unavailable(
     nursery: trio.Nursery, tmp_path: Path, closing: list[Stack]
 ) -> None:
