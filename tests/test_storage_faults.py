@@ -434,3 +434,38 @@ async def test_journal_failures_and_recoveries_are_in_the_metrics(tmp_path: Path
         exposition = Metrics(gw).exposition().decode()
     assert "bbb_proxy_journal_failures_total 1.0" in exposition
     assert "bbb_proxy_journal_recoveries_total 1.0" in exposition
+
+
+async def test_a_frozen_disk_answers_in_bounded_time_and_resumes(
+    make_stack: StackFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Over real sockets: today every create and end hung while /readyz said ready."""
+    monkeypatch.setattr(journal_module, "SegmentFile", FaultySegments)
+    stack = await make_stack(proxy={"journal_timeout": 0.5})
+    journal = stack.gateway.ledger.journal
+    assert isinstance(journal, FileJournal)
+    assert text(await stack.create("kept", maxParticipants="2"), "returncode") == "SUCCESS"
+    segments(journal).thawed.clear()
+    try:
+        started = time.monotonic()
+        answer = await stack.create("frozen", maxParticipants="2")
+        assert text(answer, "messageKey") == "serverUnavailable"
+        assert time.monotonic() - started < 3
+        assert await ready(stack) == 503
+        started = time.monotonic()
+        ended = await stack.call("end", [("meetingID", "kept")])
+        assert text(ended, "messageKey") == "serverUnavailable"
+        assert time.monotonic() - started < 1
+        info = await stack.call("getMeetingInfo", [("meetingID", "kept")])
+        assert text(info, "returncode") == "SUCCESS"
+    finally:
+        segments(journal).thawed.set()
+    await until(lambda: not journal.failed)
+    assert await ready(stack) == 200
+    # the refused create's meeting exists on its server and is held: the retry finds it
+    again = await stack.create("frozen", maxParticipants="2")
+    assert text(again, "returncode") == "SUCCESS"
+    assert text(again, "messageKey") == "duplicateWarning"
+    assert text(await stack.call("end", [("meetingID", "kept")]), "returncode") == "SUCCESS"
+    on_disk = load_state(Path(stack.config.proxy.state_dir))[0]
+    assert held(on_disk) == held(stack.gateway.ledger.state)
