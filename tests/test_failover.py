@@ -294,6 +294,31 @@ async def test_a_backend_claiming_huge_meetings_gets_no_more_than_the_subscripti
     assert gw.failover["adopt-clamped"] == 3
 
 
+async def test_a_reconciliation_bug_is_counted_and_polling_goes_on(
+    nursery: trio.Nursery, tmp_path: Path, closing: list[Stack], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stack, servers = await start(nursery, tmp_path, health=FAST)
+    closing.append(stack)
+    gw = stack.gateway
+
+    def broken(*_args: object) -> None:
+        raise RuntimeError("a bug in reconciliation")
+
+    monkeypatch.setattr("proxy.backends.monitor.plan", broken)
+    await wait_until(lambda: gw.task_failures.get("monitor", 0) >= 4)
+    exposition = (await stack.http.get(stack.url + "/metrics")).text
+    assert 'bbb_proxy_task_failures_total{kind="monitor"}' in exposition
+    assert text(await stack.create("room-1"), "returncode") == "SUCCESS"  # still serving
+    servers[0].kill()  # and health still moves: the failing step is after it
+    await wait_until(lambda: gw.backend_down("bbb-1"))
+    monkeypatch.undo()
+    failures = gw.task_failures["monitor"]
+    await servers[0].revive(nursery)
+    await wait_until(lambda: not gw.backend_down("bbb-1"))
+    await trio.sleep(0.5)
+    assert gw.task_failures["monitor"] == failures
+
+
 async def test_with_no_live_server_a_down_servers_meeting_answers_server_unavailable(
     nursery: trio.Nursery, tmp_path: Path, closing: list[Stack]
 ) -> None:
