@@ -5,13 +5,14 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
 import trio
 
 from proxy.backends.outbound import call_customer_url, checked_address, is_public
-from proxy.bbb.customer_urls import OUTCOMES, problem
+from proxy.bbb.customer_urls import MAX_URL_CHARS, OUTCOMES, port_of, problem
 
 type Answerer = Callable[[trio.SocketStream, bytes], Awaitable[None]]
 
@@ -218,3 +219,42 @@ async def test_an_unexpected_exception_in_the_http_client_is_caught(
             assert await call_customer_url(client, url, allow_private=True) is False
     assert OUTCOMES["failed"] == before + 1
     assert "callback http://127.0.0.1:8/x?checksum=*** failed: RuntimeError" in caplog.text
+
+
+def test_limits_at_their_boundaries() -> None:
+    base = "http://lms.test/"
+    assert problem(base + "x" * (MAX_URL_CHARS - len(base))) is None
+    assert problem(base + "x" * (MAX_URL_CHARS - len(base) + 1))
+    assert problem(f"http://{'a' * 63}.test/") is None
+    assert problem(f"http://{'a' * 64}.test/")
+    host = ("a" * 62 + ".") * 4  # 252 characters with its trailing dot
+    assert problem(f"http://{host[:-1]}b/") is None  # 252 + 1
+    assert problem(f"http://{host}bc/")  # 254
+    assert problem("http://lms.test.:8080/ended") is None  # a fully qualified name
+    assert problem("http://lms.test:65535/") is None
+    assert problem("http://lms.test:65536/")
+    assert port_of(urlsplit("https://lms.test/")) == 443
+    assert port_of(urlsplit("http://lms.test/")) == 80
+    assert port_of(urlsplit("http://lms.test:8080/")) == 8080
+
+
+async def test_the_request_goes_to_the_checked_address_named_as_the_customer_wrote_it() -> None:
+    seen: list[httpx.Request] = []
+
+    def record(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(204)
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(record)) as client:
+        assert await call_customer_url(client, "http://localhost/e?a=1", allow_private=True)
+        assert await call_customer_url(client, "https://localhost:8443/c", allow_private=True)
+        assert await call_customer_url(client, "http://[::1]:81/v6", allow_private=True)
+    plain, tls, v6 = seen
+    assert plain.headers["host"] == "localhost"
+    assert plain.url.host in ("127.0.0.1", "::1") and plain.url.port in (80, None)
+    assert (plain.url.path, plain.url.query) == ("/e", b"a=1")
+    assert "sni_hostname" not in plain.extensions
+    assert tls.headers["host"] == "localhost:8443"
+    assert tls.extensions["sni_hostname"] == "localhost"
+    assert tls.url.scheme == "https" and tls.url.port == 8443
+    assert v6.headers["host"] == "[::1]:81"
