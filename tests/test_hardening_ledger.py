@@ -185,7 +185,8 @@ def reservations(confirmed: st.SearchStrategy[bool]) -> st.SearchStrategy[Reserv
 
 class LedgerMachine(RuleBasedStateMachine):
     """Random interleavings of reserve/confirm/release/adopt with colliding keys and
-    colliding backend meetings; apply never raises and the indexes stay consistent."""
+    colliding backend meetings, and backends going down and up (failover's suspension);
+    apply never raises and the indexes stay consistent."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -215,6 +216,15 @@ class LedgerMachine(RuleBasedStateMachine):
         before = self.state.get(key)
         assert self.state.apply(Release(key, reason)) == before
         assert self.state.get(key) is None
+
+    @rule(backend=st.sampled_from(["b1", "b2"]))
+    def backend_down(self, backend: str) -> None:
+        """Failover: a DOWN backend's reservations stop counting against subscriptions."""
+        self.state.suspend(backend)
+
+    @rule(backend=st.sampled_from(["b1", "b2"]))
+    def backend_up(self, backend: str) -> None:
+        self.state.resume(backend)
 
     @invariant()
     def consistent(self) -> None:
