@@ -255,7 +255,7 @@ def test_newer_reserve_of_a_held_backend_meeting_replaces_the_older() -> None:
 GOOD = Reservation("acme", "m1", "bbb-1", "acme~m1", 5, 60, 0, 1000.5)
 
 
-def framed(payload: dict[str, object]) -> bytes:
+def framed(payload: object) -> bytes:
     """A journal line with a right CRC around ``payload``: content damage, not a torn write."""
     body = orjson.dumps(payload)
     return b"%08x %s\n" % (zlib.crc32(body), body)
@@ -278,6 +278,13 @@ BAD_RECORDS = {
         "unknown op 'adopt'",
     ),
     "huge created_at": (reserve_fields(created_at=1e400), "created_at"),
+    "not an object": (["reserve", "acme", "m1"], "not a JSON object"),
+    "missing field": ({"seq": 2, "op": "release", "customer": "acme"}, "'meeting_id'"),
+    "a count that is true": (reserve_fields(connections=True), "field 'connections' is True"),
+    "release without reason": (
+        {"seq": 2, "op": "release", "customer": "acme", "meeting_id": "m1"},
+        "field 'reason' is None",
+    ),
     "a gap in seq": (
         {"seq": 5, "op": "release", "customer": "acme", "meeting_id": "m1", "reason": "end"},
         "record 5 follows record 1",
@@ -362,3 +369,37 @@ def test_the_cli_unwraps_a_state_error_out_of_a_task_group(
     assert capsys.readouterr().err == (
         "bbb-proxy: ledger state in state_dir: cannot write /s/journal: No space\n"
     )
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_ctrl_c_exits_130(monkeypatch: pytest.MonkeyPatch, grouped: bool) -> None:
+    def interrupted(args: object) -> None:
+        if grouped:
+            raise BaseExceptionGroup("nursery", [KeyboardInterrupt()])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_run", interrupted)
+    assert cli.main(["serve"]) == 130
+
+
+def test_a_bug_out_of_a_task_group_is_not_called_a_state_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def mixed(args: object) -> None:
+        raise ExceptionGroup("nursery", [StateError("disk"), RuntimeError("bug")])
+
+    monkeypatch.setattr(cli, "_run", mixed)
+    with pytest.raises(ExceptionGroup):
+        cli.main(["serve"])
+
+
+def test_a_snapshot_that_cannot_be_applied_exits_3(tmp_path: Path) -> None:
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    body = orjson.dumps([reservation_fields(GOOD) | {"connections": -1}])
+    header = b"bbb-ledger-snapshot 1 1 1 %08x\n" % zlib.crc32(body)
+    (state_dir / "snapshot").write_bytes(header + body)
+    done = bbb_proxy("serve", "--config", str(config_file(tmp_path, state_dir)))
+    assert done.returncode == 3, done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert str(state_dir / "snapshot") in line and "field 'connections' is -1" in line
