@@ -469,3 +469,20 @@ async def test_a_frozen_disk_answers_in_bounded_time_and_resumes(
     assert text(await stack.call("end", [("meetingID", "kept")]), "returncode") == "SUCCESS"
     on_disk = load_state(Path(stack.config.proxy.state_dir))[0]
     assert held(on_disk) == held(stack.gateway.ledger.state)
+
+
+def test_journal_timeout_is_read_from_the_config() -> None:
+    from proxy.config import from_mapping
+    from proxy.errors import ConfigError
+
+    def proxy_config(**proxy: object) -> dict[str, object]:
+        return {
+            "proxy": {"public_url": "http://127.0.0.1:1", **proxy},
+            "backends": [{"id": "b1", "url": "http://127.0.0.1:1/", "secret": "s", "capacity": 10}],
+            "customers": [],
+        }
+
+    assert from_mapping(proxy_config()).proxy.journal_timeout == 2.0
+    assert from_mapping(proxy_config(journal_timeout=0.5)).proxy.journal_timeout == 0.5
+    with pytest.raises(ConfigError, match="journal_timeout"):
+        from_mapping(proxy_config(journal_timeout=-1))
