@@ -341,7 +341,6 @@ class LedgerState:
         self._pending -= not r.confirmed
         return r
 
-
     def _count(self, r: Reservation, amount: int) -> None:
         """Move ``r``'s customer's counters by ``amount`` connections."""
         by_customer = self._backend_customers.setdefault(r.backend_id, {})
