@@ -8,6 +8,7 @@ Layout (decisions without I/O first, the trio layer last)::
     render.py    the XML answers, element for element as bbb-web's templates
     meetings.py  create, end, getMeetingInfo, getMeetings, isMeetingRunning, ...
     join.py      join: admission, redirects, join errors
+    recordings.py  recordings: made at end, getRecordings filters, publish/delete/update
     core.py      Simulator: state, checksum check, dispatch, time
     app.py       quart-trio app: behaviour modes, background ticker, notifications
     server.py    serve_simulator (hypercorn, trio worker)

@@ -23,7 +23,7 @@ from proxy.bbb import checksum
 from proxy.bbb.envelope import failure, from_error
 from proxy.errors import ApiError, ChecksumError, UnsupportedRequest
 
-from . import join, meetings, render
+from . import join, meetings, recordings, render
 from .deadlines import Deadlines
 from .model import (
     ApiRequest,
@@ -48,10 +48,10 @@ HANDLERS: dict[str, Handler] = {
     "getMeetings": meetings.get_meetings,
     "insertDocument": meetings.insert_document,
     "sendChatMessage": meetings.send_chat_message,
-    "getRecordings": meetings.get_recordings,
-    "publishRecordings": meetings.change_recordings,
-    "deleteRecordings": meetings.change_recordings,
-    "updateRecordings": meetings.change_recordings,
+    "getRecordings": recordings.get_recordings,
+    "publishRecordings": recordings.publish_recordings,
+    "deleteRecordings": recordings.delete_recordings,
+    "updateRecordings": recordings.update_recordings,
 }
 # bbb-api.md §1: "POST is allowed for create, end, getMeetingInfo, getMeetings,
 # isMeetingRunning, getRecordings, updateRecordings, ..., insertDocument".
@@ -87,6 +87,7 @@ class Simulator:
         clock: Callable[[], float] = time.time,
         expire_unjoined_minutes: float | None = 5,
         ended_linger_seconds: float = 1.0,
+        processing_seconds: float = 0.0,
     ) -> None:
         self.secret = secret
         self.server_name = server_name
@@ -105,6 +106,8 @@ class Simulator:
         self._arrivals = itertools.count()
         self._expire_unjoined_minutes = expire_unjoined_minutes
         self._ended_linger_seconds = ended_linger_seconds
+        # Recordings of record=true meetings (recordings.py); processing for processing_seconds.
+        self.recordings = recordings.RecordingStore(server_name, processing_seconds)
 
     @property
     def expire_unjoined_minutes(self) -> float | None:
@@ -214,6 +217,7 @@ class Simulator:
     def tick(self) -> None:
         """End meetings whose time is up; forget ended ones that lingered long enough."""
         now = self.now_ms()
+        self.recordings.tick(now)
         for meeting in self._due(now):
             if meeting.ended:
                 if now >= meeting.end_time + self.ended_linger_seconds * 1000:
@@ -270,6 +274,8 @@ class Simulator:
         meeting.ended = True
         meeting.end_time = self.now_ms()
         meeting.forcibly_ended = forcibly
+        if meeting.record:
+            self.recordings.from_meeting(meeting, meeting.end_time)
         for attendee in list(meeting.attendees.values()):
             self.remove_attendee(meeting, attendee)
         # As bbb-web's MeetingService: the endCallbackUrl metadata gets recordingmarks

@@ -1,5 +1,5 @@
 """The meeting calls: create, end, getMeetingInfo, getMeetings, isMeetingRunning,
-insertDocument, sendChatMessage and the (empty) recording calls.
+insertDocument and sendChatMessage (recordings: :mod:`.recordings`).
 
 Each handler decides an answer from the simulator's state and the request;
 none does I/O.  End notifications are queued on the simulator and sent by the
@@ -195,20 +195,3 @@ def send_chat_message(sim: Simulator, req: ApiRequest, params: Params) -> Reply:
     text = params.required("message", "validationError", "You must provide a message")
     meeting.chat_messages.append((params.given("userName") or "System", text))
     return Reply.xml(render.empty_message())
-
-
-# --- recordings: a simulator never records ---------------------------------
-
-
-def get_recordings(sim: Simulator, req: ApiRequest, params: Params) -> Reply:
-    return Reply.xml(render.no_recordings())
-
-
-def change_recordings(sim: Simulator, req: ApiRequest, params: Params) -> Reply:
-    """publish/delete/updateRecordings: no recording ever matches."""
-    params.required("recordID", "missingParamRecordID", "You must specify a recordID.")
-    if req.call == "publishRecordings":
-        params.required(
-            "publish", "missingParamPublish", "You must specify a publish value true or false."
-        )
-    raise NotFound("We could not find recordings")
