@@ -88,6 +88,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 SECONDS = 1.0
+# A snapshot holds the whole ledger, a batch a few records: it may take this many times
+# journal_timeout before it counts as overdue.
+SNAPSHOT_TIMEOUTS = 30
 
 
 # -- the journal -------------------------------------------------------------------------------
@@ -118,8 +121,9 @@ class FileJournal:
     ``fsync=False`` still writes every batch before ``flush`` returns (a crash of the
     process loses nothing) but leaves it to the OS when it reaches the disk (a power
     loss may lose the latest records); snapshots are fsynced either way.  ``timeout``
-    bounds each file operation (``[proxy] journal_timeout``; unbounded by default, for
-    tests under a mock clock that jumps while a worker thread works).
+    bounds each batch's write (``[proxy] journal_timeout``; unbounded by default, for
+    tests under a mock clock that jumps while a worker thread works), and
+    ``snapshot_timeout`` (default ``SNAPSHOT_TIMEOUTS`` times ``timeout``) each snapshot.
     """
 
     def __init__(
@@ -130,10 +134,14 @@ class FileJournal:
         fsync: bool = True,
         snapshot_records: int = 100_000,
         timeout: float = math.inf,
+        snapshot_timeout: float | None = None,
     ) -> None:
         self.state_dir = state_dir
         self.snapshot_records = snapshot_records
         self.timeout = timeout
+        self.snapshot_timeout = (
+            SNAPSHOT_TIMEOUTS * timeout if snapshot_timeout is None else snapshot_timeout
+        )
         self._file = SegmentFile(state_dir, fsync)
         self._appended = self._durable = position.last_seq
         self._pending: list[bytes] = []
@@ -147,7 +155,7 @@ class FileJournal:
         self._failed: StateError | None = None
         self._failed_event = trio.Event()
         self._buffering = True  # False while failed: the recovery snapshot will cover it all
-        self._io: dict[int, float] = {}  # file operations in worker threads: start times
+        self._io: dict[int, float] = {}  # file operations in worker threads: their deadlines
         self._io_ids = itertools.count()
         self._counts = dict.fromkeys(
             ("written", "bytes", "flushes", "batches", "fsyncs", "failures", "recoveries"), 0
@@ -205,7 +213,8 @@ class FileJournal:
         ``_Overran`` raised.  ``_io`` lists running operations until they return.
         """
         io_id = next(self._io_ids)
-        self._io[io_id] = trio.current_time()
+        self._io[io_id] = deadline
+        started = trio.current_time()
 
         def tracked() -> T:
             try:
@@ -216,7 +225,8 @@ class FileJournal:
         with trio.CancelScope(shield=True), trio.CancelScope(deadline=deadline):
             return await trio.to_thread.run_sync(tracked, abandon_on_cancel=True)
         raise _Overran(
-            f"{getattr(fn, '__name__', fn)} in {self.state_dir} took over {self.timeout} s"
+            f"{getattr(fn, '__name__', fn)} in {self.state_dir} "
+            f"took over {deadline - started:.3g} s"
         )
 
     def _fail(self, error: StateError | _Overran) -> None:
@@ -285,7 +295,7 @@ class FileJournal:
             return True
 
     async def _write_snapshot(self, covered: Snapshot, retired: tuple[int, ...]) -> None:
-        deadline = trio.current_time() + self.timeout
+        deadline = trio.current_time() + self.snapshot_timeout
         try:
             fsyncs = await self._run_io(deadline, write_snapshot, self.state_dir, covered, retired)
         except _Overran as e:
@@ -313,12 +323,12 @@ class FileJournal:
 
     @property
     def failed(self) -> bool:
-        """Cannot make changes durable now: a write failed, or one has run past ``timeout``."""
+        """Cannot make changes durable now: a write failed, or one has run past its bound."""
         return self._failed is not None or self._overrunning()
 
     def _overrunning(self) -> bool:
-        started = min(self._io.copy().values(), default=math.inf)  # threads remove entries
-        return trio.current_time() - started > self.timeout
+        deadline = min(self._io.copy().values(), default=math.inf)  # threads remove entries
+        return trio.current_time() > deadline
 
     def close(self) -> None:
         """Close the segment file (blocking, but only a ``close``)."""
