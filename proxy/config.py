@@ -46,6 +46,7 @@ class Timeouts:
     write: float = 5 * SECONDS
     pool: float = 2 * SECONDS
     get_meetings: float = 5 * SECONDS  # deadline for the whole getMeetings fan-out
+    get_recordings: float = 10 * SECONDS  # deadline for the getRecordings fan-out
     # Towards API clients (hypercorn and the request body), not backends:
     client_read: float = 30 * SECONDS  # a request's body must arrive whole within this
     client_idle: float = 5 * SECONDS  # idle keep-alive connection; also bounds a request head

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 
 from proxy.bbb import envelope
@@ -56,7 +56,7 @@ class ApiRequest:
 
 @dataclass(frozen=True, slots=True)
 class Answer:
-    body: str | bytes
+    body: str | bytes | AsyncIterator[bytes]  # an iterator is streamed (getRecordings)
     status: int = 200
     headers: Mapping[str, str] = field(default_factory=lambda: envelope.HEADERS)
 
@@ -67,6 +67,17 @@ class Answer:
     @classmethod
     def redirect(cls, location: str) -> Answer:
         return cls("", 302, {"Location": location, "Cache-Control": "no-cache"})
+
+    @classmethod
+    def stream(cls, chunks: AsyncIterator[bytes]) -> Answer:
+        """BBB XML written as it is produced; ``chunks`` must not raise."""
+        return cls(chunks)
+
+    async def buffered(self) -> Answer:
+        """This answer with a streamed body read whole (for tests)."""
+        if isinstance(self.body, str | bytes):
+            return self
+        return Answer(b"".join([chunk async for chunk in self.body]), self.status, self.headers)
 
     @classmethod
     def json(cls, body: bytes) -> Answer:

@@ -122,8 +122,13 @@ def restore_meeting(meeting: etree._Element, meeting_id: str, asked_duration: in
     _set_text(meeting, "meetingID", meeting_id)
     _set_text(meeting, "duration", str(asked_duration))
     metadata = meeting.find("metadata")
-    if metadata is None:
-        return
+    if metadata is not None:
+        restore_metadata(metadata)
+
+
+def restore_metadata(metadata: etree._Element) -> None:
+    """Remove the gateway's own metadata from a ``<metadata>``; the customer's kept
+    end-callback URL gets its name back (meetings and recordings alike)."""
     for child in list(metadata):
         tag = child.tag if isinstance(child.tag, str) else ""
         if tag == "endcallbackurl" or (tag.startswith(TAG_PREFIX) and tag != KEPT_END_CALLBACK):

@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from proxy.bbb import bodies, checksum, envelope
-from proxy.calls import meetings
+from proxy.calls import meetings, recordings
 from proxy.calls.create import create
 from proxy.config import Customer
 from proxy.errors import (
@@ -52,6 +52,7 @@ CALLS: dict[str, Handler] = {
     "getMeetings": meetings.get_meetings,
     "insertDocument": meetings.insert_document,
     "sendChatMessage": meetings.send_chat_message,
+    "getRecordings": recordings.get_recordings,
 }
 
 

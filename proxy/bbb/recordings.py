@@ -1,0 +1,192 @@
+"""getRecordings over the pool, decided without I/O: filters, the order, pages, rewriting.
+
+A customer's getRecordings is answered from every backend in service
+(:mod:`proxy.calls.recordings` does the I/O).  What is decided here:
+
+*Filters* (bbb-api.md §2, bbb-web 2.6+): ``recordID`` (comma list, prefix match; when
+given, ``meetingID`` is ignored) goes to the backends as it is, since recordIDs are the
+backends' own (a recording's recordID is the internalMeetingID the customer saw in
+getMeetingInfo); ``meetingID`` (comma list) is namespaced per customer
+(:func:`proxy.bbb.rewrite.backend_meeting_id`), the backend turns each into its sha1
+prefix; ``state`` goes as it is (the backend's default ``published,unpublished`` and
+``any`` apply); ``meta_*`` goes as it is, and the gateway adds
+``meta_bbb-proxy-customer=<customer>`` so a backend lists only that customer's
+recordings.  A customer's filter on the gateway's own metadata matches nothing: that
+metadata does not exist for the customer.  Each recording listed is checked again
+(:func:`owner`: both the customer tag and the namespaced meetingID must agree) before
+it is shown.
+
+*Order and pages*: a backend's own order is not stable (bbb-web collects recordings in a
+``HashSet``), so ``offset``/``limit`` are never sent to a backend.  The pool's order is
+(startTime, recordID, backend's place in the configuration), ascending; ``offset`` and
+``limit`` are read as bbb-web reads them (:func:`page_of`) and applied to that one list,
+so pages are disjoint and together complete while the pool does not change.  A paged
+answer ends with ``<totalElements>`` (the count over the pool), as bbb-web's does.
+
+*Rewriting*: each recording's ``meetingID`` and ``metadata/meetingId`` become the
+customer's meetingID and the gateway's metadata is removed, as for meetings
+(:func:`proxy.bbb.rewrite.restore_metadata`).  Playback URLs stay as the backend wrote
+them: they point at the BBB server that holds the recording.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+from lxml import etree
+
+from proxy.bbb import rewrite
+from proxy.bbb.envelope import element
+from proxy.bbb.numbers import parse_count, parse_int
+
+MAX_LIMIT = 100
+HEAD = b"<response><returncode>SUCCESS</returncode><recordings>"
+NO_RECORDINGS = (
+    "<messageKey>noRecordings</messageKey>"
+    "<message>There are no recordings for the meeting(s).</message>"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    """``offset``/``limit`` as bbb-web reads them; ``limit`` None: not paged."""
+
+    offset: int = 0
+    limit: int | None = None
+
+    def window(self, total_before: int) -> bool:
+        """Whether the recording at position ``total_before`` of the pool's list is shown."""
+        if self.limit is None:
+            return True
+        return self.offset <= total_before < self.offset + self.limit
+
+    @property
+    def end(self) -> int | None:
+        """How many of the pool's first recordings can matter (None: all)."""
+        return None if self.limit is None else self.offset + self.limit
+
+
+def page_of(params: Sequence[tuple[str, str]]) -> Page:
+    """bbb-web's reading: an unreadable or negative ``offset`` is 0; ``limit`` is clamped
+    to 1..100, and without a readable ``limit`` nothing is paged (``offset`` ignored)."""
+    values = rewrite.first_values(params)
+    offset = parse_int(values.get("offset", ""), max_digits=9, signed=True)
+    limit = parse_int(values.get("limit", ""), max_digits=9, signed=True)
+    if limit is None:
+        return Page()
+    return Page(max(0, offset or 0), min(MAX_LIMIT, max(1, limit)))
+
+
+def split_ids(value: str | None) -> list[str]:
+    """A comma list as ``ParamsProcessorUtil.decodeIds`` splits it: trimmed, empties dropped."""
+    return [part.strip() for part in (value or "").split(",") if part.strip()]
+
+
+def backend_filters(
+    customer: str, params: Sequence[tuple[str, str]]
+) -> list[tuple[str, str]] | None:
+    """The getRecordings parameters each backend is sent; None when nothing can match
+    (a filter on the gateway's own metadata)."""
+    values = rewrite.first_values(params)
+    out: list[tuple[str, str]] = []
+    record_ids = split_ids(values.get("recordID"))
+    meeting_ids = split_ids(values.get("meetingID"))
+    if record_ids:
+        out.append(("recordID", ",".join(record_ids)))
+    elif meeting_ids:
+        namespaced = [rewrite.backend_meeting_id(customer, m) for m in meeting_ids]
+        out.append(("meetingID", ",".join(namespaced)))
+    if "state" in values:
+        out.append(("state", values["state"]))
+    for key, value in values.items():
+        if key.lower().startswith("meta_"):
+            if rewrite.is_reserved_param(key):
+                return None
+            out.append((key, value))
+    out.append((f"meta_{rewrite.CUSTOMER_TAG}", customer))
+    return out
+
+
+# -- one backend's answer -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Listed:
+    """One recording ready to be shown, with its place in the pool's order."""
+
+    start_time: int
+    record_id: str
+    backend_rank: int
+    xml: str  # the rewritten <recording>, serialised
+
+
+def owner(recording: etree._Element) -> tuple[str, str] | None:
+    """(customer, customer's meetingID) of a recording of a meeting the gateway made."""
+    metadata = recording.find("metadata")
+    if metadata is None:
+        return None
+    customer = metadata.findtext(rewrite.CUSTOMER_TAG)
+    meeting_id = metadata.findtext(rewrite.MEETING_TAG)
+    if not customer or meeting_id is None:
+        return None
+    if not rewrite.owned_by(customer, recording.findtext("meetingID") or ""):
+        return None
+    return customer, meeting_id
+
+
+def restore_recording(recording: etree._Element, meeting_id: str) -> None:
+    """Rewrite one ``<recording>`` in place for the customer's eyes."""
+    found = recording.find("meetingID")
+    if found is not None:
+        found.text = meeting_id
+    metadata = recording.find("metadata")
+    if metadata is not None:
+        rewrite.restore_metadata(metadata)
+        named = metadata.find("meetingId")  # bbb-web copies the meetingID into the metadata
+        if named is not None:
+            named.text = meeting_id
+
+
+def listed(customer: str, backend_rank: int, root: etree._Element) -> list[Listed]:
+    """The customer's recordings in one backend's answer, rewritten, in the pool's order."""
+    found = []
+    for recording in root.iterfind("recordings/recording"):
+        owned = owner(recording)
+        if owned is None or owned[0] != customer:
+            continue
+        restore_recording(recording, owned[1])
+        start = parse_count(recording.findtext("startTime"), max_digits=15)
+        record_id = (recording.findtext("recordID") or "").strip()
+        recording.tail = None
+        found.append(Listed(start, record_id, backend_rank, rewrite.serialise(recording)))
+    found.sort()
+    return found
+
+
+def kept(found: list[Listed], page: Page) -> list[Listed]:
+    """What of one backend's sorted list can appear in the page (the rest is dropped early)."""
+    return found if page.end is None else found[: page.end]
+
+
+# -- the pool's answer --------------------------------------------------------------------------
+
+
+def merged(lists: Iterable[list[Listed]], page: Page) -> Iterator[Listed]:
+    """The page of the pool's list: the backends' sorted lists merged, then windowed."""
+    for position, item in enumerate(heapq.merge(*lists)):
+        if page.end is not None and position >= page.end:
+            return
+        if page.window(position):
+            yield item
+
+
+def tail(shown: int, total: int, page: Page) -> bytes:
+    """What closes the answer: noRecordings when nothing was shown, totalElements when paged."""
+    parts = "</recordings>"
+    if not shown:
+        parts += NO_RECORDINGS
+    if page.limit is not None:
+        parts += element("totalElements", total)
+    return (parts + "</response>").encode()
