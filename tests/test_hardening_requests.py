@@ -519,6 +519,11 @@ def test_signed_params_are_only_what_the_checksum_covers() -> None:
     assert checksum.signed_params("create", "", secrets, twice) == body
 
 
+def test_canonical_form_sorts_by_name_only() -> None:
+    # Repeated names keep the order they were sent in (a stable sort on the name).
+    assert checksum.canonical_query([("b", "1"), ("a", "2"), ("a", "1")]) == "a=2&a=1&b=1"
+
+
 def test_signed_params_edge_cases() -> None:
     secrets = [SECRET]
     # No parameters at all (getMeetings): signed, and nothing to pass on.
@@ -558,9 +563,19 @@ def test_media_type() -> None:
     assert bodies.media_type(" application/x-www-form-urlencoded ") == bodies.FORM
 
 
-def _refused(fn: Callable[[], object]) -> str:
+MESSAGES = {
+    "unsupportedContentType": "POST request Content-Type is missing or unsupported",
+    "too many": "The request body has too many parameters",
+    "multipart": "The multipart body could not be parsed",
+    "xml": "The XML body could not be parsed",
+}
+
+
+def _refused(fn: Callable[[], object], message: str | None = None) -> str:
     with pytest.raises(ValidationError) as caught:
         fn()
+    if message is not None:
+        assert caught.value.message == MESSAGES[message]
     return caught.value.message_key
 
 
@@ -577,13 +592,16 @@ def test_parse_reads_each_body_type() -> None:
         (("meetingID", "room 1"), ("name", "Café")), None, bodies.MULTIPART
     )
     for content_type in [None, "text/plain", "application/json", "multipartform-data"]:
-        assert _refused(partial(bodies.parse, content_type, b"a=1")) == "unsupportedContentType"
+        refused = partial(bodies.parse, content_type, b"a=1")
+        assert _refused(refused, "unsupportedContentType") == "unsupportedContentType"
 
 
 def test_form_bodies_are_bounded() -> None:
     many = "&".join(f"p{i}=1" for i in range(bodies.MAX_FIELDS)).encode()
     assert len(bodies.form_params(many)) == bodies.MAX_FIELDS
-    assert _refused(lambda: bodies.form_params(many + b"&one=more")) == "validationError"
+    assert (
+        _refused(lambda: bodies.form_params(many + b"&one=more"), "too many") == "validationError"
+    )
     assert bodies.form_params(b"\xff=\xfe") == (("\ufffd", "\ufffd"),)
 
 
@@ -606,7 +624,9 @@ def test_multipart_bodies() -> None:
         b"garbage",
         b"--BOUNDARY\r\nContent-Disposition: form-data; name=\xff\r\n\r\nv\r\n--BOUNDARY--\r\n",
     ]:
-        assert _refused(partial(bodies.multipart_params, ct, broken)) == "validationError"
+        assert _refused(partial(bodies.multipart_params, ct, broken), "multipart") == (
+            "validationError"
+        )
     too_many = multipart([(f"p{i}", "1") for i in range(bodies.MAX_FIELDS + 1)])
     assert _refused(lambda: bodies.multipart_params(ct, too_many)) == "validationError"
 
@@ -632,7 +652,7 @@ def test_checked_xml() -> None:
         data = bad or b" "
         assert _refused(partial(checked, "create", data)) == "validationError"
     deep = b"<modules>" + b"<a>" * 300 + b"</a>" * 300 + b"</modules>"
-    assert _refused(lambda: checked("create", deep)) == "validationError"
+    assert _refused(lambda: checked("create", deep), "xml") == "validationError"
     message = ""
     try:
         checked("create", b"<!DOCTYPE modules><modules/>")

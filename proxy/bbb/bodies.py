@@ -95,7 +95,7 @@ def form_params(data: bytes) -> Params:
     """An urlencoded body's parameters, decoded as a query's are (UTF-8, blanks kept)."""
     try:
         pairs = parse_qsl(
-            data.decode("utf-8", "replace"), keep_blank_values=True, max_num_fields=MAX_FIELDS
+            data.decode(errors="replace"), keep_blank_values=True, max_num_fields=MAX_FIELDS
         )
     except ValueError:  # more than MAX_FIELDS fields
         raise ValidationError("The request body has too many parameters") from None
@@ -105,11 +105,11 @@ def form_params(data: bytes) -> Params:
 def multipart_params(content_type: str, data: bytes) -> Params:
     """The text fields of a ``multipart/form-data`` body; a file part is refused."""
     _, options = parse_options_header(content_type)
-    boundary = options.get("boundary", "")
+    boundary = options.get("boundary")
     if not boundary or not boundary.isascii():
         raise unsupported()
     try:
-        return _decode_multipart(boundary.encode("ascii"), data)
+        return _decode_multipart(boundary.encode(), data)
     except ValidationError:
         raise
     except (ValueError, LookupError, TypeError, AttributeError, RequestEntityTooLarge):
@@ -122,22 +122,19 @@ def _decode_multipart(boundary: bytes, data: bytes) -> Params:
     decoder = MultipartDecoder(boundary, max_parts=MAX_FIELDS)
     decoder.receive_data(data)
     decoder.receive_data(None)
-    fields: list[tuple[str, str]] = []
-    name: str | None = None
-    value = bytearray()
-    for _ in range(len(data) + 2 * MAX_FIELDS + 8):  # every event consumes input
+    fields: list[tuple[str, bytearray]] = []
+    # Every event but the last consumes input (complete input that makes no progress
+    # raises ValueError), so this bound is never reached; it only guards the event loop.
+    for _ in range(len(data) + 2):
         event = decoder.next_event()
         if isinstance(event, File):
             raise unsupported()
         if isinstance(event, Field):
-            name, value = event.name, bytearray()
-        elif isinstance(event, Data) and name is not None:
-            value += event.data
-            if not event.more_data:
-                fields.append((name, value.decode("utf-8", "replace")))
-                name = None
+            fields.append((event.name, bytearray()))
+        elif isinstance(event, Data) and fields:
+            fields[-1][1].extend(event.data)
         elif isinstance(event, Epilogue):
-            return tuple(fields)
+            return tuple((name, value.decode(errors="replace")) for name, value in fields)
     raise ValidationError("The multipart body could not be parsed")
 
 
