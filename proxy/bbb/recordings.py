@@ -190,3 +190,54 @@ def tail(shown: int, total: int, page: Page) -> bytes:
     if page.limit is not None:
         parts += element("totalElements", total)
     return (parts + "</response>").encode()
+
+
+# -- publish / delete / update: routed to the backends holding each recordID --------------------
+
+CHANGES = frozenset({"publishRecordings", "deleteRecordings", "updateRecordings"})
+MISSING_RECORD_ID = ("missingParamRecordID", "You must specify a recordID.")
+MISSING_PUBLISH = ("missingParamPublish", "You must specify a publish value true or false.")
+NOT_FOUND = "We could not find recordings"
+
+
+def missing_param(call: str, params: Sequence[tuple[str, str]]) -> tuple[str, str] | None:
+    """bbb-web's parameter checks of a recording change, before anything is looked up:
+    (messageKey, message) of the first one that fails, or None."""
+    values = rewrite.first_values(params)
+    if not split_ids(values.get("recordID")):
+        return MISSING_RECORD_ID
+    if call == "publishRecordings" and not values.get("publish"):
+        return MISSING_PUBLISH
+    return None
+
+
+def lookup_filters(customer: str, record_ids: Sequence[str]) -> list[tuple[str, str]]:
+    """The getRecordings that finds which backend holds which of ``record_ids``."""
+    return [
+        ("recordID", ",".join(record_ids)),
+        ("state", "any"),
+        (f"meta_{rewrite.CUSTOMER_TAG}", customer),
+    ]
+
+
+def held(customer: str, root: etree._Element, record_ids: Sequence[str]) -> list[str]:
+    """Which of ``record_ids`` (exactly, not by prefix) one backend's lookup answer holds
+    for ``customer``; another customer's recording is not there."""
+    wanted = set(record_ids)
+    found = []
+    for recording in root.iterfind("recordings/recording"):
+        record_id = (recording.findtext("recordID") or "").strip()
+        owned = owner(recording)
+        if record_id in wanted and owned is not None and owned[0] == customer:
+            found.append(record_id)
+            wanted.discard(record_id)
+    return found
+
+
+def change_params(
+    params: Sequence[tuple[str, str]], record_ids: Sequence[str]
+) -> list[tuple[str, str]]:
+    """A change's parameters for one backend: its share of the recordIDs; the gateway's
+    own metadata can never be set by a customer (updateRecordings ``meta_bbb-proxy-*``)."""
+    kept = rewrite.without(params, ["recordID"])
+    return [("recordID", ",".join(record_ids)), *kept]

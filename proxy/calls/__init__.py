@@ -53,6 +53,9 @@ CALLS: dict[str, Handler] = {
     "insertDocument": meetings.insert_document,
     "sendChatMessage": meetings.send_chat_message,
     "getRecordings": recordings.get_recordings,
+    "publishRecordings": recordings.change_recordings,
+    "deleteRecordings": recordings.change_recordings,
+    "updateRecordings": recordings.change_recordings,
 }
 
 
