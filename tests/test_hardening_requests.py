@@ -429,8 +429,9 @@ def test_integer_reads_ascii_digits_only() -> None:
     assert integer("") is None
     assert integer("999999999") == 999999999
     for bad in ["²", "١٢", "1_0", "+5", "1e3", "0x10", "1234567890", "--1", "9" * 5000]:
-        with pytest.raises(ValidationError):
+        with pytest.raises(ValidationError) as caught:
             integer(bad)
+        assert caught.value.message == "Parameter n must be an integer"
 
 
 # -- 5. /metrics behind a bearer token -----------------------------------------------------------
