@@ -8,6 +8,7 @@ to a default.  Times are in seconds unless the name says minutes.
 
 from __future__ import annotations
 
+import logging
 import re
 import tomllib
 from collections.abc import Callable, Mapping
@@ -18,6 +19,8 @@ from typing import Any
 from proxy.bbb.checksum import SUPPORTED_ALGORITHMS
 from proxy.errors import ConfigError
 
+log = logging.getLogger(__name__)
+
 SECONDS = 1.0
 MINUTES = 60 * SECONDS
 KIB = 1024
@@ -25,6 +28,8 @@ MIB = 1024 * KIB
 
 _ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 _NO_STRINGS: list[str] = []
+# Keys of earlier releases that are accepted, with a warning, so an upgrade does not stop on them.
+RETIRED_HEALTH_KEYS = frozenset({"release_after"})  # failover suspends instead (docs/decisions.md)
 BACKEND_MODES = ("active", "drain", "disabled")
 
 DEFAULT_WELCOME = (
@@ -217,7 +222,9 @@ def _timeouts(t: Mapping[str, Any]) -> Timeouts:
 
 
 def _health(t: Mapping[str, Any]) -> HealthSettings:
-    _only(t, "proxy.health", set(HealthSettings.__dataclass_fields__))
+    _only(t, "proxy.health", set(HealthSettings.__dataclass_fields__) | RETIRED_HEALTH_KEYS)
+    for key in RETIRED_HEALTH_KEYS & set(t):
+        log.warning("proxy.health.%s is no longer used and is ignored (see the README)", key)
     d = HealthSettings()
     return HealthSettings(
         interval=_get(t, "proxy.health", "interval", _seconds, d.interval),
