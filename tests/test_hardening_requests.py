@@ -534,6 +534,12 @@ def test_signed_params_edge_cases() -> None:
     assert (
         checksum.signed_params("getMeetings", f"&checksum={sign('getMeetings', '')}", secrets) == []
     )
+    # Blank values are parameters too.
+    cs = sign("create", "meetingID=m&welcome=")
+    assert checksum.signed_params("create", f"meetingID=m&welcome=&checksum={cs}", secrets) == [
+        ("meetingID", "m"),
+        ("welcome", ""),
+    ]
     # Control characters are dropped before checking, and from the parameters too.
     cs = sign("end", "meetingID=room-1")
     assert checksum.signed_params("end", f"meeting\nID=room-1\t&checksum={cs}", secrets) == [
@@ -641,6 +647,11 @@ def test_checked_xml() -> None:
         b"<modules>\n</modules>"
     )
     assert checked("create", '<modules a="é"/>'.encode()) == b'<modules a="&#233;"/>'
+    cdata = b'<modules><module name="settings"><![CDATA[{"a": "<b>"}]]></module></modules>'
+    assert checked("create", cdata) == cdata  # CDATA kept as sent
+    with pytest.raises(ValidationError) as caught:
+        checked("create", b"<other/>")
+    assert caught.value.message == "The XML body must be a <modules> document"
     assert _refused(lambda: checked("end", b"<modules/>")) == "unsupportedContentType"
     for bad in [
         *DOCTYPE_BODIES,
