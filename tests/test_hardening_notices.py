@@ -7,6 +7,7 @@ notice replayed later, nor one for a meeting the ledger does not hold.
 
 from __future__ import annotations
 
+import logging
 import random
 from urllib.parse import quote, urlencode
 
@@ -19,9 +20,10 @@ from lxml import etree
 from proxy.bbb import callbacks
 from proxy.bbb.callbacks import SIGNED
 from proxy.bbb.checksum import signed_query
+from proxy.calls import ended
 from proxy.config import Backend
 from proxy.ledger.journal import FileJournal
-from proxy.ledger.model import Reservation
+from proxy.ledger.model import Record, Release, Reservation
 from proxy.simulator.model import append_query
 from tests.harness import (
     BACKEND_SECRET,
@@ -72,8 +74,13 @@ async def recreated(stack: Stack, receiver: Receiver) -> Reservation:
 
 @pytest.mark.parametrize("ended_by", ["customer-end", "backend"])
 async def test_late_notice_never_releases_the_next_meeting_of_the_same_id(
-    make_stack: StackFactory, nursery: trio.Nursery, ended_by: str
+    make_stack: StackFactory,
+    nursery: trio.Nursery,
+    ended_by: str,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    caplog.set_level(logging.INFO, logger="proxy.calls.ended")
     stack = await make_stack(backends=1)
     receiver = await start_receiver(nursery)
     first = await recreated(stack, receiver)
@@ -93,12 +100,41 @@ async def test_late_notice_never_releases_the_next_meeting_of_the_same_id(
     assert held(stack) == second
     assert stack.gateway.ledger.statistics().connections_by_customer == {"acme": 10}
     assert records(stack) == before  # nothing journalled for an old instance
-    # The new meeting's own notice still releases it.
+    ignored = "end notice of another instance of ('acme', 'room-1') on bbb-1: ignored"
+    assert [r.getMessage() for r in caplog.records].count(ignored) == len(old_notices)
+    # The new meeting's own notice still releases it, as "ended".
+    journalled: list[Record] = []
+    journal = stack.gateway.ledger.journal
+    append = journal.append
+
+    def spy(record: Record) -> None:
+        journalled.append(record)
+        append(record)
+
+    monkeypatch.setattr(journal, "append", spy)
     new_notices = notices_of(stack)
     assert new_notices != old_notices
-    await end_on_backend(stack)
-    await wait_until(lambda: held(stack) is None)
-    assert (await stack.http.get(new_notices[0])).status_code == 200  # replay: nothing left
+    assert (await stack.http.get(new_notices[0])).status_code == 200
+    assert held(stack) is None
+    assert journalled == [Release(KEY, "ended")]
+    assert "meeting ('acme', 'room-1') ended on bbb-1" in [r.getMessage() for r in caplog.records]
+    assert (await stack.http.get(new_notices[1])).status_code == 200  # nothing left to release
+    assert journalled == [Release(KEY, "ended")]
+
+
+async def test_a_failing_customer_call_is_supervised_and_counted(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def broken(*args: object) -> bool:
+        raise RuntimeError("planted")
+
+    monkeypatch.setattr(ended, "call_customer_url", broken)
+    await stack.create("room-1", meetingEndedURL="https://lms.test/ended")
+    _, callback = notices_of(stack)
+    assert (await stack.http.get(callback)).status_code == 200
+    await wait_until(lambda: stack.gateway.task_failures == {"customer-url": 1})
+    assert held(stack) is None
+    assert (await stack.http.get(f"{stack.url}/healthz")).status_code == 200
 
 
 async def test_notice_for_a_meeting_not_in_the_ledger_changes_nothing(stack: Stack) -> None:

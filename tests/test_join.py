@@ -257,6 +257,9 @@ FALLBACK = "https://gw.test/"
         ([("logoutURL", "https://a.test/ ~")], "https://a.test/%20~"),
         ([("logoutURL", "mailto:x@a.test")], FALLBACK),
         ([("logoutURL", "https:a.test")], FALLBACK),
+        ([("logoutURL", "https://a..bücher.test/")], FALLBACK),
+        ([("logoutURL", f"https://{'a' * 64}.test/")], f"https://{'a' * 64}.test/"),
+        ([("logoutURL", "https://bücher.test/ü")], "https://xn--bcher-kva.test/%C3%BC"),
     ],
 )
 def test_join_error_target(params: list[tuple[str, str]] | None, target: str | None) -> None:

@@ -80,10 +80,7 @@ def _ascii(url: str) -> str:
         netloc = parts.netloc if parts.netloc.isascii() else parts.netloc.encode("idna").decode()
     except UnicodeError:
         return ""
-    rest = "".join(
-        c if c.isascii() and c != " " else quote(c, safe="", errors="replace")
-        for c in url[len(head) :]
-    )
+    rest = "".join(c if c.isascii() and c != " " else quote(c) for c in url[len(head) :])
     return f"{parts.scheme}://{netloc}{rest}"
 
 
@@ -94,7 +91,7 @@ def join_error_in(location: str) -> ApiError | None:
     """
     try:
         query = urlsplit(location).query
-        values = first_values(parse_qsl(query, keep_blank_values=True))
+        values = first_values(parse_qsl(query))
         errors = orjson.loads(values.get("errors", ""))
     except (ValueError, orjson.JSONDecodeError):
         return None
