@@ -92,7 +92,7 @@ def _name(component: str) -> str:
 
 
 def find_checksum(raw_query: str) -> str | None:
-    """The value of the ``checksum`` parameter in a raw query string, if any."""
+    """The value of the first ``checksum`` component of a raw query string, if any."""
     for part in raw_query.split("&"):
         if part.startswith("checksum="):
             return part[len("checksum=") :]
@@ -100,7 +100,11 @@ def find_checksum(raw_query: str) -> str | None:
 
 
 def strip_checksum(raw_query: str, checksum: str) -> str:
-    """Remove the checksum the way bbb-web does (literal replacements, in order)."""
+    """Remove the checksum the way bbb-web does (literal replacements, in order).
+
+    Not used to verify: :func:`split_checksum` is the gateway's rule.  Kept as the
+    reference the tests compare it with (the same string for every query it accepts).
+    """
     query = raw_query.replace("&checksum=" + checksum, "")
     query = query.replace("checksum=" + checksum + "&", "")
     return query.replace("checksum=" + checksum, "")
