@@ -12,12 +12,25 @@ import pytest
 import trio
 from lxml import etree
 
-from proxy.bbb import rewrite
+from proxy.bbb import recordings, rewrite
+from proxy.bbb.checksum import signed_query
 from proxy.simulator import Simulator
+from proxy.simulator.model import ApiRequest, Reply
 from proxy.simulator.recordings import Recording
-from tests.harness import Stack, StackFactory, text
+from tests.harness import BACKEND_SECRET, Stack, StackFactory, text
 
 BASE = 1_700_000_000_000
+
+
+@pytest.fixture(params=["one-pass", "two-pass"], autouse=True)
+def passes(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test twice: bodies kept from the first pass, and (no budget) every body fetched
+    again by recordID, in small rounds and batches so that several of each are needed."""
+    if request.param == "two-pass":
+        monkeypatch.setattr(recordings, "EARLY_BYTES", 0)
+        monkeypatch.setattr(recordings, "ROUND", 7)
+        monkeypatch.setattr(recordings, "BATCH", 3)
+    return str(request.param)
 
 
 def seed(
@@ -231,3 +244,41 @@ async def test_many_recordings_are_listed_whole(make_stack: StackFactory) -> Non
     b = seed(stack.sims[1], "acme", "room", 300, start_ms=BASE + 1)
     with trio.fail_after(10):
         assert await listing(stack, []) == pool_order(a, b)
+
+
+async def test_a_backend_failing_the_second_pass_leaves_only_its_recordings_out(
+    make_stack: StackFactory, passes: str
+) -> None:
+    stack = await make_stack(backends=3)
+    groups = [
+        seed(sim, "acme", f"room-{i}", 5, start_ms=BASE + i) for i, sim in enumerate(stack.sims)
+    ]
+    sim = stack.sims[1]
+    original = sim.handle
+
+    def second_pass_fails(request: ApiRequest) -> Reply:
+        if request.call == "getRecordings" and "recordID=" in request.raw_query:
+            return Reply(500, "<html>oops</html>")
+        return original(request)
+
+    sim.handle = second_pass_fails  # type: ignore[method-assign]
+    root = await stack.call("getRecordings", [("limit", "100")])
+    if passes == "one-pass":
+        assert ids(root) == pool_order(*groups)
+    else:
+        assert ids(root) == pool_order(groups[0], groups[2])
+    assert root.findtext("totalElements") == "15"  # what the first pass counted
+
+
+async def test_listings_are_read_as_they_arrive_not_held_under_the_answer_cap(
+    make_stack: StackFactory,
+) -> None:
+    """A backend's listing is parsed as it streams in, so [proxy] max_answer_bytes (which
+    bounds answers held whole) does not bound it."""
+    cap = 64 * 1024
+    stack = await make_stack(backends=1, proxy={"max_answer_bytes": cap})
+    many = seed(stack.sims[0], "acme", "room", 200)
+    query = signed_query("getRecordings", [], BACKEND_SECRET)
+    direct = await stack.http.get(f"{stack.sim_urls[0]}/getRecordings?{query}")
+    assert len(direct.content) > 2 * cap
+    assert await listing(stack, []) == pool_order(many)

@@ -176,8 +176,10 @@ class BackendClient:
         content_type: str | None = None,
         *,
         customer: str | None = None,
+        sink: Callable[[bytes], None] | None = None,
     ) -> bytes:
-        """The raw body of a 200 answer to ``call`` (used where BBB answers JSON).
+        """The raw body of a 200 answer to ``call`` (used where BBB answers JSON); with
+        ``sink``, the body goes there as it arrives and b"" is returned.
 
         Error handling: as :meth:`call`.
         """
@@ -186,7 +188,7 @@ class BackendClient:
             outcome = "ok"
             target = f"{self._path}/{call}?{self._query(call, params)}"
             try:
-                return await self._fetch(target, body, content_type)
+                return await self._fetch(target, body, content_type, sink)
             except BackendError as exc:
                 outcome = type(exc).__name__.removeprefix("Backend").lower()
                 raise
@@ -212,10 +214,21 @@ class BackendClient:
         finally:
             slots.release()
 
-    async def _fetch(self, target: str, body: bytes | None, content_type: str | None) -> bytes:
+    async def _fetch(
+        self,
+        target: str,
+        body: bytes | None,
+        content_type: str | None,
+        sink: Callable[[bytes], None] | None = None,
+    ) -> bytes:
         method = "GET" if body is None else "POST"
         try:
-            answer = await self._transport.request(method, target, body, content_type)
+            if sink is not None and isinstance(self._transport, http.Pool):
+                answer = await self._transport.stream(method, target, sink)
+            else:
+                answer = await self._transport.request(method, target, body, content_type)
+                if sink is not None and answer.status == 200:
+                    sink(answer.body)  # a transport that cannot stream: handed over whole
         except http.ConnectFailed as exc:
             raise BackendUnavailable(self.id, str(exc)) from None
         except http.Timeout as exc:

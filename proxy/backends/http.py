@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import ssl
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -37,6 +37,8 @@ from proxy.config import Timeouts
 # Default cap on one answer ([proxy] max_answer_bytes).  A getMeetings of 500 meetings with
 # 100 attendees each is 15.1 MiB (docs/decisions.md, "Bounds on what a peer sends").
 MAX_ANSWER_BYTES = 16 * 1024 * 1024
+# A streamed answer (Pool.stream) is not kept, so it is capped far higher: 1 GiB.
+MAX_STREAMED_BYTES = 1024 * 1024 * 1024
 IDLE_SECONDS = 30.0  # idle connections older than this are closed rather than reused
 USER_AGENT = b"bbb-proxy"
 
@@ -109,13 +111,29 @@ class Pool:
         self, method: str, target: str, body: bytes | None = None, content_type: str | None = None
     ) -> Answer:
         """Send one request (``target`` is the path and query) and read the whole answer."""
+        return await self._request(method, target, body, content_type, None)
+
+    async def stream(self, method: str, target: str, sink: Callable[[bytes], None]) -> Answer:
+        """As :meth:`request`, but a 200 answer's body goes to ``sink`` as it arrives and is
+        not kept (``Answer.body`` is empty), capped at :data:`MAX_STREAMED_BYTES`.
+        ``sink`` must not raise."""
+        return await self._request(method, target, None, None, sink)
+
+    async def _request(
+        self,
+        method: str,
+        target: str,
+        body: bytes | None,
+        content_type: str | None,
+        sink: Callable[[bytes], None] | None,
+    ) -> Answer:
         with trio.move_on_after(self._timeouts.pool) as waiting:
             await self._slots.acquire()
         if waiting.cancelled_caught:
             raise ConnectFailed("no free connection in time")
         try:
             connection = await self._connection()
-            answer = await self._exchange(connection, method, target, body, content_type)
+            answer = await self._exchange(connection, method, target, body, content_type, sink)
         finally:
             self._slots.release()
         return answer
@@ -161,21 +179,22 @@ class Pool:
         target: str,
         body: bytes | None,
         content_type: str | None,
+        sink: Callable[[bytes], None] | None = None,
     ) -> Answer:
         try:
-            events = self._request(method, target, body, content_type)
+            events = self._events(method, target, body, content_type)
             data = b"".join(connection.h11.send(e) or b"" for e in events)
             with _deadline(self._timeouts.write, "sending the request"):
                 await _send(connection.stream, data)
             with _deadline(self._timeouts.read, "waiting for the answer"):
-                answer = await _read_answer(connection, self._max_answer)
+                answer = await _read_answer(connection, self._max_answer, sink)
         except BaseException:
             await trio.aclose_forcefully(connection.stream)
             raise
         await self._keep_or_close(connection)
         return answer
 
-    def _request(
+    def _events(
         self, method: str, target: str, body: bytes | None, content_type: str | None
     ) -> list[h11.Request | h11.Data | h11.EndOfMessage]:
         headers = [(b"Host", self._host_header), (b"User-Agent", USER_AGENT)]
@@ -209,8 +228,13 @@ def _deadline(seconds: float, phase: str) -> Iterator[None]:
         raise Timeout(f"timed out {phase}")
 
 
-async def _read_answer(connection: _Connection, limit: int) -> Answer:
-    """Read one whole answer, at most ``limit`` bytes of body (else :class:`ProtocolFailed`)."""
+async def _read_answer(
+    connection: _Connection, limit: int, sink: Callable[[bytes], None] | None = None
+) -> Answer:
+    """Read one whole answer, at most ``limit`` bytes of body (else :class:`ProtocolFailed`).
+
+    With ``sink``, a 200 answer's body is handed to it as it comes, not kept, and capped at
+    :data:`MAX_STREAMED_BYTES` instead."""
     conn = connection.h11
     status, location = 0, ""
     chunks: list[bytes] = []
@@ -224,12 +248,19 @@ async def _read_answer(connection: _Connection, limit: int) -> Answer:
             status = event.status_code
             headers = dict(event.headers)
             location = headers.get(b"location", b"").decode("latin-1")
+            if sink is not None and status == 200:
+                limit = MAX_STREAMED_BYTES
+            else:
+                sink = None
             _check_declared_size(headers.get(b"content-length", b""), limit)
         elif isinstance(event, h11.Data):
             size += len(event.data)
             if size > limit:
                 raise ProtocolFailed(f"answer larger than {limit} bytes")
-            chunks.append(bytes(event.data))
+            if sink is not None:
+                sink(bytes(event.data))
+            else:
+                chunks.append(bytes(event.data))
         elif isinstance(event, h11.EndOfMessage):
             return Answer(status, b"".join(chunks), location)
         elif isinstance(event, h11.ConnectionClosed):

@@ -31,8 +31,7 @@ them: they point at the BBB server that holds the recording.
 
 from __future__ import annotations
 
-import heapq
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from lxml import etree
@@ -109,17 +108,101 @@ def backend_filters(
     return out
 
 
-# -- one backend's answer -----------------------------------------------------------------------
+# -- one backend's answer, read as it arrives ---------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True, order=True)
 class Listed:
-    """One recording ready to be shown, with its place in the pool's order."""
+    """One recording's place in the pool's order (its body is kept apart, if at all)."""
 
     start_time: int
     record_id: str
     backend_rank: int
-    xml: str  # the rewritten <recording>, serialised
+
+
+type Found = Callable[[Listed, etree._Element | None], None]
+
+
+class AnswerReader:
+    """One backend's getRecordings answer, parsed incrementally as its bytes arrive.
+
+    Each of the customer's ``<recording>`` is handed to ``found`` with its :class:`Listed`
+    key as soon as its end tag is read, rewritten (:func:`restore_recording`) when
+    ``bodies()`` says bodies are wanted, else as None; then it is dropped from the tree, so
+    memory does not grow with the answer.  Other customers'
+    recordings are skipped.  Entities are not resolved and nothing is fetched.
+
+    Error handling: :meth:`feed` and :meth:`close` never raise; an answer that is not
+    BBB's XML sets :attr:`broken`.  :attr:`ok` says whether ``returncode`` was SUCCESS.
+    """
+
+    def __init__(
+        self, customer: str, backend_rank: int, found: Found, bodies: Callable[[], bool]
+    ) -> None:
+        self._customer = customer
+        self._rank = backend_rank
+        self._found = found
+        self._bodies = bodies
+        self._parser = etree.XMLPullParser(
+            events=("end",),
+            tag=("recording", "returncode"),
+            resolve_entities=False,
+            no_network=True,
+            huge_tree=False,
+        )
+        self.returncode = ""
+        self.broken = False
+
+    @property
+    def ok(self) -> bool:
+        return not self.broken and self.returncode == "SUCCESS"
+
+    def feed(self, data: bytes) -> None:
+        if self.broken:
+            return
+        try:
+            self._parser.feed(data)
+            self._drain()
+        except etree.XMLSyntaxError:
+            self.broken = True
+
+    def close(self) -> None:
+        if self.broken:
+            return
+        try:
+            root = self._parser.close()
+            self._drain()
+        except etree.XMLSyntaxError:
+            self.broken = True
+            return
+        if root.tag != "response":
+            self.broken = True
+
+    def _drain(self) -> None:
+        for _, found in self._parser.read_events():
+            if not isinstance(found, etree._Element):
+                continue  # only "end" events are asked for: always elements
+            if found.tag == "returncode":
+                if not self.returncode and found.getparent() is not None:
+                    self.returncode = (found.text or "").strip()
+                continue
+            self._recording(found)
+
+    def _recording(self, recording: etree._Element) -> None:
+        parent = recording.getparent()
+        owned = owner(recording)
+        listed = parent is not None and parent.tag == "recordings"
+        if listed and owned is not None and owned[0] == self._customer:
+            start = parse_count(recording.findtext("startTime"), max_digits=15)
+            record_id = (recording.findtext("recordID") or "").strip()
+            body: etree._Element | None = None
+            if self._bodies():
+                restore_recording(recording, owned[1])
+                recording.tail = None
+                body = recording
+            self._found(Listed(start, record_id, self._rank), body)
+        if parent is not None:
+            parent.remove(recording)  # done with it: the tree stays small
 
 
 def owner(recording: etree._Element) -> tuple[str, str] | None:
@@ -149,37 +232,65 @@ def restore_recording(recording: etree._Element, meeting_id: str) -> None:
             named.text = meeting_id
 
 
-def listed(customer: str, backend_rank: int, root: etree._Element) -> list[Listed]:
-    """The customer's recordings in one backend's answer, rewritten, in the pool's order."""
-    found = []
-    for recording in root.iterfind("recordings/recording"):
-        owned = owner(recording)
-        if owned is None or owned[0] != customer:
-            continue
-        restore_recording(recording, owned[1])
-        start = parse_count(recording.findtext("startTime"), max_digits=15)
-        record_id = (recording.findtext("recordID") or "").strip()
-        recording.tail = None
-        found.append(Listed(start, record_id, backend_rank, rewrite.serialise(recording)))
-    found.sort()
-    return found
-
-
-def kept(found: list[Listed], page: Page) -> list[Listed]:
-    """What of one backend's sorted list can appear in the page (the rest is dropped early)."""
-    return found if page.end is None else found[: page.end]
-
-
 # -- the pool's answer --------------------------------------------------------------------------
 
 
-def merged(lists: Iterable[list[Listed]], page: Page) -> Iterator[Listed]:
-    """The page of the pool's list: the backends' sorted lists merged, then windowed."""
-    for position, item in enumerate(heapq.merge(*lists)):
-        if page.end is not None and position >= page.end:
+ROUND = 500  # recordings whose bodies are fetched together, once the order is known
+BATCH = 50  # recordIDs per request: the URL stays under about 3 KB
+EARLY_BYTES = 512 * 1024  # bodies kept from the first pass, at most
+
+
+def window(keys: Iterable[Listed], page: Page) -> list[Listed]:
+    """The page of the pool's list: every backend's keys in the pool's order, windowed."""
+    ordered = sorted(keys)
+    return ordered if page.limit is None else ordered[page.offset : page.offset + page.limit]
+
+
+def rounds(shown: list[Listed]) -> Iterator[list[Listed]]:
+    for start in range(0, len(shown), ROUND):
+        yield shown[start : start + ROUND]
+
+
+def batches(missing: Iterable[Listed]) -> list[tuple[int, list[str]]]:
+    """The bodies of one round still to fetch, as (backend rank, up to BATCH recordIDs)."""
+    by_rank: dict[int, list[str]] = {}
+    for item in missing:
+        by_rank.setdefault(item.backend_rank, []).append(item.record_id)
+    return [
+        (rank, ids[i : i + BATCH])
+        for rank, ids in sorted(by_rank.items())
+        for i in range(0, len(ids), BATCH)
+    ]
+
+
+class Bodies:
+    """Serialised recordings by (backend rank, recordID), kept up to ``budget`` bytes.
+
+    The first pass keeps bodies while they fit (a course's few recordings are then listed
+    in one round trip); past the budget it keeps none, and every body is fetched again,
+    a round at a time, once the order is known."""
+
+    def __init__(self, budget: int | None = None) -> None:
+        self._budget = EARLY_BYTES if budget is None else budget
+        self._size = 0
+        self._bodies: dict[tuple[int, str], str] = {}
+        self.full = False
+
+    def keep(self, item: Listed, xml: str) -> None:
+        if self.full:
             return
-        if page.window(position):
-            yield item
+        self._size += len(xml)
+        if self._size > self._budget:
+            self.full = True
+            self._bodies.clear()
+            return
+        self._bodies[(item.backend_rank, item.record_id)] = xml
+
+    def take(self, item: Listed) -> str | None:
+        return self._bodies.pop((item.backend_rank, item.record_id), None)
+
+    def has(self, item: Listed) -> bool:
+        return (item.backend_rank, item.record_id) in self._bodies
 
 
 def tail(shown: int, total: int, page: Page) -> bytes:

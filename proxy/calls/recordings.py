@@ -27,10 +27,11 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import trio
+from lxml import etree
 
 from proxy.backends.client import Reply
 from proxy.bbb import recordings, rewrite
@@ -44,11 +45,11 @@ CHUNK = 50  # recordings per write
 
 @dataclass
 class Collected:
-    """What the fan-out brought back: per backend, its page-relevant recordings and count."""
+    """The first pass: per backend that answered whole, its keys; the bodies that fit."""
 
-    lists: dict[str, list[recordings.Listed]] = field(default_factory=dict)
-    totals: dict[str, int] = field(default_factory=dict)
-    failed: set[str] = field(default_factory=set)  # answered, but with an error
+    keys: dict[str, list[recordings.Listed]] = field(default_factory=dict)
+    bodies: recordings.Bodies = field(default_factory=recordings.Bodies)
+    failed: set[str] = field(default_factory=set)  # answered, but not a whole SUCCESS
 
 
 async def get_recordings(gw: Gateway, req: ApiRequest) -> Answer:
@@ -60,31 +61,36 @@ async def get_recordings(gw: Gateway, req: ApiRequest) -> Answer:
 async def _listing(
     gw: Gateway, customer: str, filters: list[tuple[str, str]] | None, page: recordings.Page
 ) -> AsyncIterator[bytes]:
+    """The answer, in two passes: every backend's keys (and the bodies that fit), then
+    the page's bodies a round at a time, fetched by recordID from the backends holding them."""
     yield recordings.HEAD
     collected = Collected()
     if filters is not None:
-        await _collect_all(gw, customer, filters, page, collected)
-    shown = 0
-    chunk: list[str] = []
-    for item in recordings.merged(collected.lists.values(), page):
-        chunk.append(item.xml)
-        shown += 1
-        if len(chunk) == CHUNK:
+        await _first_pass(gw, customer, filters, collected)
+    every = [key for keys in collected.keys.values() for key in keys]
+    shown = recordings.window(every, page)
+    written = 0
+    for round_ in recordings.rounds(shown):
+        fetched = await _bodies(gw, customer, [k for k in round_ if not collected.bodies.has(k)])
+        chunk: list[str] = []
+        for item in round_:
+            xml = collected.bodies.take(item) or fetched.get((item.backend_rank, item.record_id))
+            if xml is not None:
+                chunk.append(xml)
+            if len(chunk) == CHUNK:
+                written += len(chunk)
+                yield "".join(chunk).encode()
+                chunk = []
+        written += len(chunk)
+        if chunk:
             yield "".join(chunk).encode()
-            chunk = []
-    if chunk:
-        yield "".join(chunk).encode()
-    yield recordings.tail(shown, sum(collected.totals.values()), page)
+    yield recordings.tail(written, len(every), page)
 
 
-async def _collect_all(
-    gw: Gateway,
-    customer: str,
-    filters: list[tuple[str, str]],
-    page: recordings.Page,
-    collected: Collected,
+async def _first_pass(
+    gw: Gateway, customer: str, filters: list[tuple[str, str]], collected: Collected
 ) -> None:
-    """Ask every backend in service at once; keep what came before the deadline."""
+    """Ask every backend in service at once; keep what came whole before the deadline."""
     started = time.perf_counter()
     asked = gw.in_service()
     ranks = {b.id: rank for rank, b in enumerate(gw.config.backends)}
@@ -92,37 +98,94 @@ async def _collect_all(
         async with trio.open_nursery() as nursery:
             for backend_id in asked:
                 nursery.start_soon(
-                    _collect, gw, backend_id, ranks[backend_id], customer, filters, page, collected
+                    _keys_of, gw, backend_id, ranks[backend_id], customer, filters, collected
                 )
     for backend_id in asked:
-        if backend_id not in collected.totals and backend_id not in collected.failed:
+        if backend_id not in collected.keys and backend_id not in collected.failed:
             log.warning("getRecordings: leaving out %s: no answer before the deadline", backend_id)
             client = gw.client(backend_id)
             client.observer(backend_id, "getRecordings", "deadline", time.perf_counter() - started)
 
 
-async def _collect(
+async def _keys_of(
     gw: Gateway,
     backend_id: str,
     rank: int,
     customer: str,
     filters: list[tuple[str, str]],
-    page: recordings.Page,
     collected: Collected,
 ) -> None:
+    keys: list[recordings.Listed] = []
+
+    def found(item: recordings.Listed, recording: etree._Element | None) -> None:
+        keys.append(item)
+        if recording is not None:
+            collected.bodies.keep(item, rewrite.serialise(recording))
+
+    def wanted() -> bool:
+        return not collected.bodies.full
+
+    if await _read(gw, backend_id, rank, customer, filters, found, wanted):
+        collected.keys[backend_id] = keys
+    else:
+        collected.failed.add(backend_id)
+
+
+async def _read(
+    gw: Gateway,
+    backend_id: str,
+    rank: int,
+    customer: str,
+    params: list[tuple[str, str]],
+    found: recordings.Found,
+    bodies: Callable[[], bool],
+) -> bool:
+    """One getRecordings read as it arrives; whether it was a whole SUCCESS answer."""
+    reader = recordings.AnswerReader(customer, rank, found, bodies)
     try:
-        reply = await gw.client(backend_id).call("getRecordings", filters, customer=customer)
+        await gw.client(backend_id).fetch(
+            "getRecordings", params, customer=customer, sink=reader.feed
+        )
     except BackendError as exc:
         log.warning("getRecordings: leaving out %s: %s", backend_id, exc)
-        collected.failed.add(backend_id)
-        return
-    if not reply.ok:
-        log.warning("getRecordings: leaving out %s: it answered %s", backend_id, reply.message_key)
-        collected.failed.add(backend_id)
-        return
-    found = recordings.listed(customer, rank, reply.root)
-    collected.totals[backend_id] = len(found)
-    collected.lists[backend_id] = recordings.kept(found, page)
+        return False
+    reader.close()
+    if not reader.ok:
+        what = "not BBB's XML" if reader.broken else f"returncode {reader.returncode!r}"
+        log.warning("getRecordings: leaving out %s: it answered %s", backend_id, what)
+    return reader.ok
+
+
+def _always() -> bool:
+    return True
+
+
+async def _bodies(
+    gw: Gateway, customer: str, missing: list[recordings.Listed]
+) -> dict[tuple[int, str], str]:
+    """The bodies of ``missing``, asked by recordID (exact) from the backends holding them,
+    all at once, within the deadline; a backend that fails leaves its recordings out."""
+    fetched: dict[tuple[int, str], str] = {}
+    backends = gw.config.backends
+
+    async def fetch(rank: int, record_ids: list[str]) -> None:
+        wanted = set(record_ids)
+
+        def found(item: recordings.Listed, recording: etree._Element | None) -> None:
+            if recording is not None and item.record_id in wanted:
+                fetched[(rank, item.record_id)] = rewrite.serialise(recording)
+
+        params = recordings.lookup_filters(customer, record_ids)
+        if not await _read(gw, backends[rank].id, rank, customer, params, found, _always):
+            log.warning(
+                "getRecordings: %d recordings of %s left out", len(record_ids), backends[rank].id
+            )
+
+    with trio.move_on_after(gw.config.proxy.timeouts.get_recordings):
+        async with trio.open_nursery() as nursery:
+            for rank, record_ids in recordings.batches(missing):
+                nursery.start_soon(fetch, rank, record_ids)
+    return fetched
 
 
 # -- publish / delete / update ----------------------------------------------------------------

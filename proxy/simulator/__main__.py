@@ -29,6 +29,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--expire-unjoined-minutes", type=float, default=5.0, help="negative: never expire"
     )
+    parser.add_argument(
+        "--seed-recordings", type=int, default=0, help="published recordings on each server"
+    )
+    parser.add_argument("--seed-meeting-id", default="seeded", help="their meetingID")
+    parser.add_argument(
+        "--seed-meta", action="append", default=[], metavar="KEY=VALUE", help="their metadata"
+    )
     return parser.parse_args(argv)
 
 
@@ -43,6 +50,13 @@ async def run(args: argparse.Namespace) -> None:
                 behaviour=Behaviour(latency=args.latency, mode=args.mode),
                 expire_unjoined_minutes=expire,
             )
+            if args.seed_recordings:
+                sim.recordings.seed(
+                    args.seed_recordings,
+                    meeting_id=args.seed_meeting_id,
+                    metadata=dict(m.partition("=")[::2] for m in args.seed_meta),
+                    start_ms=1_700_000_000_000 + index,  # distinct recordIDs per server
+                )
             url = await nursery.start(partial(serve_simulator, sim, args.host, port))
             print(url, flush=True)
 

@@ -246,7 +246,10 @@ class RecordingStore:
 
     def select(self, filters: Filters) -> Iterator[Recording]:
         """The recordings ``filters`` asks for, in (startTime, recordID) order."""
-        found = (r for r in self.by_id.values() if filters.matches(r))
+        candidates: Iterable[Recording] = self.by_id.values()
+        if filters.prefixes and all(p in self.by_id for p in filters.prefixes):
+            candidates = self.exact(filters.prefixes)  # whole recordIDs: no scan (as BBB's index)
+        found = (r for r in candidates if filters.matches(r))
         return iter(sorted(found, key=lambda r: (r.start_time, r.record_id)))
 
     def exact(self, record_ids: Iterable[str]) -> list[Recording]:
