@@ -19,10 +19,11 @@ import httpx
 import pytest
 from lxml import etree
 
-from proxy.bbb import bodies, checksum
+from proxy import calls as calls_module
+from proxy.bbb import bodies, checksum, envelope
 from proxy.config import Customer
 from proxy.errors import ValidationError
-from proxy.request import ApiRequest
+from proxy.request import Answer, ApiRequest
 from proxy.simulator import Simulator
 from proxy.simulator.model import ApiRequest as SimRequest
 from proxy.simulator.model import Reply
@@ -671,3 +672,36 @@ def test_checked_xml() -> None:
     except ValidationError as error:
         message = error.message
     assert message == "The XML body must not have a DOCTYPE"
+
+
+# -- unit checks of the dispatcher's and the answer's small pieces -------------------------------
+
+
+def test_result_labels() -> None:
+    failed = Answer.xml(envelope.failure("notFound", "gone"))
+    assert calls_module.result_of(failed) == "notFound"
+    assert calls_module.result_of(Answer.xml(envelope.success([("running", False)]))) == "success"
+    bare = Answer.xml("<response><returncode>FAILED</returncode></response>")
+    assert calls_module.result_of(bare) == "failed"
+    empty = "<response><returncode>FAILED</returncode><messageKey></messageKey></response>"
+    assert calls_module.result_of(Answer.xml(empty)) == "failed"
+    assert calls_module.result_of(Answer.json(b'{"returncode": "FAILED"}')) == "success"
+    assert calls_module.result_of(Answer.redirect("http://x/")) == "success"
+
+
+def test_version_document() -> None:
+    assert calls_module.version_document().body == (
+        "<response><returncode>SUCCESS</returncode><version>2.0</version>"
+        "<apiVersion>2.0</apiVersion><bbbVersion></bbbVersion></response>"
+    )
+
+
+def test_answer_constructors() -> None:
+    redirect = Answer.redirect("http://x/?a=1")
+    assert (redirect.body, redirect.status) == ("", 302)
+    assert dict(redirect.headers) == {"Location": "http://x/?a=1", "Cache-Control": "no-cache"}
+    json = Answer.json(b"{}")
+    assert (json.body, json.status) == (b"{}", 200)
+    assert dict(json.headers) == {"Content-Type": "application/json", "Cache-Control": "no-cache"}
+    xml = Answer.xml("<response/>")
+    assert (xml.body, xml.status, dict(xml.headers)) == ("<response/>", 200, envelope.HEADERS)
