@@ -34,6 +34,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
+import orjson
 from lxml import etree
 
 from proxy.bbb import rewrite
@@ -352,3 +353,31 @@ def change_params(
     own metadata can never be set by a customer (updateRecordings ``meta_bbb-proxy-*``)."""
     kept = rewrite.without(params, ["recordID"])
     return [("recordID", ",".join(record_ids)), *kept]
+
+
+# -- text tracks: JSON, as bbb-web's RecordingController answers them ----------------------------
+
+JSON_CALLS = frozenset({"getRecordingTextTracks", "putRecordingTextTrack"})
+MISSING_RECORD_ID_JSON = ("paramError", "Missing param recordID.")
+
+
+def json_failure(message_key: str, message: str) -> bytes:
+    """BBB's JSON error: ``{"response": {"returncode": "FAILED", "messageKey", "message"}}``."""
+    body = {"response": {"returncode": "FAILED", "messageKey": message_key, "message": message}}
+    return orjson.dumps(body)
+
+
+def no_recording(record_id: str) -> tuple[str, str]:
+    return "noRecordings", f"No recording found for {record_id}"
+
+
+def text_tracks_answer(content: bytes) -> bytes | None:
+    """A backend's getRecordingTextTracks answer if it is BBB's JSON shape, else None."""
+    try:
+        body = orjson.loads(content)
+    except orjson.JSONDecodeError:
+        return None
+    response = body.get("response") if isinstance(body, dict) else None
+    if not isinstance(response, dict) or response.get("returncode") not in ("SUCCESS", "FAILED"):
+        return None
+    return orjson.dumps(body)

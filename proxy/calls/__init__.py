@@ -56,6 +56,7 @@ CALLS: dict[str, Handler] = {
     "publishRecordings": recordings.change_recordings,
     "deleteRecordings": recordings.change_recordings,
     "updateRecordings": recordings.change_recordings,
+    "getRecordingTextTracks": recordings.get_recording_text_tracks,
 }
 
 
@@ -150,4 +151,6 @@ def _error_answer(
 ) -> Answer:
     if incoming.call == "join":  # only a verified request may choose the error target
         return meetings.join_error(gw, None if req is None else req.params, error)
+    if incoming.call in recordings.JSON_CALLS:  # BBB answers these in JSON, errors too
+        return recordings.json_error(error)
     return Answer.xml(envelope.from_error(error))

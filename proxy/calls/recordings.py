@@ -35,7 +35,14 @@ from lxml import etree
 
 from proxy.backends.client import Reply
 from proxy.bbb import recordings, rewrite
-from proxy.errors import BackendError, BackendUnavailable, NotFound, ValidationError
+from proxy.errors import (
+    BackendBadResponse,
+    BackendError,
+    BackendUnavailable,
+    NotFound,
+    ProxyError,
+    ValidationError,
+)
 from proxy.gateway import Gateway
 from proxy.request import Answer, ApiRequest
 
@@ -154,6 +161,49 @@ async def _read(
         what = "not BBB's XML" if reader.broken else f"returncode {reader.returncode!r}"
         log.warning("getRecordings: leaving out %s: it answered %s", backend_id, what)
     return reader.ok
+
+
+# -- text tracks -------------------------------------------------------------------------------
+
+
+async def get_recording_text_tracks(gw: Gateway, req: ApiRequest) -> Answer:
+    """The recording's text tracks, from the backend holding it; BBB's JSON, errors too.
+
+    Error handling: a missing recordID is ``paramError``, another customer's or a missing
+    recording ``noRecordings`` (the same answer), a backend that cannot be asked
+    ``serverUnavailable``, all as BBB's JSON error.
+    """
+    record_id = (req.first("recordID") or "").strip()
+    if not record_id:
+        return Answer.json(recordings.json_failure(*recordings.MISSING_RECORD_ID_JSON))
+    where, unanswered = await _locate(gw, req.customer.id, [record_id])
+    if not where:
+        if unanswered:
+            return json_error(BackendUnavailable(unanswered[0], "could not be asked"))
+        return Answer.json(recordings.json_failure(*recordings.no_recording(record_id)))
+    backend_id = next(iter(where))
+    try:
+        content = await gw.client(backend_id).fetch(
+            req.call, [("recordID", record_id)], customer=req.customer.id
+        )
+    except BackendError as exc:
+        log.warning("getRecordingTextTracks of %s failed: %s", backend_id, exc)
+        return json_error(exc)
+    answer = recordings.text_tracks_answer(content)
+    if answer is None:
+        log.warning(
+            "getRecordingTextTracks: %s answered something else than BBB's JSON", backend_id
+        )
+        return json_error(BackendBadResponse(backend_id, "not BBB's JSON"))
+    return Answer.json(answer)
+
+
+JSON_CALLS = recordings.JSON_CALLS
+
+
+def json_error(error: ProxyError) -> Answer:
+    """BBB's JSON error envelope (the text-track calls answer JSON)."""
+    return Answer.json(recordings.json_failure(error.message_key, error.message))
 
 
 def _always() -> bool:

@@ -147,4 +147,6 @@ def to_response(reply: Reply) -> Response:
     if reply.location is not None:
         headers = {"Location": reply.location, "Cache-Control": "no-cache"}
         return Response("", reply.status, headers=headers)
-    return Response(reply.body, reply.status, headers=dict(HEADERS))
+    return Response(
+        reply.body, reply.status, headers={**HEADERS, "Content-Type": reply.content_type}
+    )

@@ -52,6 +52,7 @@ HANDLERS: dict[str, Handler] = {
     "publishRecordings": recordings.publish_recordings,
     "deleteRecordings": recordings.delete_recordings,
     "updateRecordings": recordings.update_recordings,
+    "getRecordingTextTracks": recordings.get_recording_text_tracks,
 }
 # bbb-api.md §1: "POST is allowed for create, end, getMeetingInfo, getMeetings,
 # isMeetingRunning, getRecordings, updateRecordings, ..., insertDocument".

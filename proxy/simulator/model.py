@@ -125,6 +125,11 @@ class Reply:
         return cls(200, body)
 
     @classmethod
+    def json(cls, body: str) -> Reply:
+        """A JSON answer (the text-track calls)."""
+        return cls(200, body, "application/json")
+
+    @classmethod
     def redirect(cls, location: str) -> Reply:
         return cls(302, "", "text/plain;charset=utf-8", location)
 

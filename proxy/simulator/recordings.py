@@ -36,6 +36,8 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import orjson
+
 from proxy.bbb.envelope import element
 from proxy.bbb.numbers import parse_int
 from proxy.errors import ApiError, NotFound
@@ -74,6 +76,7 @@ class Recording:
     free_join: bool = False
     breakout_rooms: list[str] = field(default_factory=list)  # child recordIDs, for a parent
     formats: tuple[str, ...] = ()
+    text_tracks: list[dict[str, str]] = field(default_factory=list)  # getRecordingTextTracks
 
     @property
     def published(self) -> bool:
@@ -306,6 +309,38 @@ def _named(sim: Simulator, params: Params) -> list[Recording]:
     if not found:
         raise NotFound(NOT_FOUND)
     return found
+
+
+# -- text tracks (JSON, as RecordingController answers them) ----------------------------------
+
+
+def json_failure(key: str, message: str) -> Reply:
+    body = {"response": {"returncode": "FAILED", "messageKey": key, "message": message}}
+    return Reply.json(orjson.dumps(body).decode())
+
+
+def get_recording_text_tracks(sim: Simulator, req: ApiRequest, params: Params) -> Reply:
+    """``{"response": {"returncode": "SUCCESS", "tracks": [...]}}``; JSON errors too."""
+    record_id = params.given("recordID")
+    if record_id is None:
+        return json_failure("paramError", "Missing param recordID.")
+    recording = sim.recordings.by_id.get(record_id.strip())
+    if recording is None:
+        return json_failure("noRecordings", f"No recording found for {record_id}")
+    body = {"response": {"returncode": "SUCCESS", "tracks": recording.text_tracks}}
+    return Reply.json(orjson.dumps(body).decode())
+
+
+def text_track(server_name: str, record_id: str, lang: str, label: str) -> dict[str, str]:
+    """One uploaded subtitle track, as bbb-web lists it."""
+    return {
+        "href": f"https://{server_name}/textTrack/{_sha1(record_id + lang)}/{record_id}"
+        f"/subtitles_{lang}.vtt",
+        "kind": "subtitles",
+        "label": label,
+        "lang": lang,
+        "source": "upload",
+    }
 
 
 # -- XML ---------------------------------------------------------------------------------------
