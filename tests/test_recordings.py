@@ -14,6 +14,7 @@ from lxml import etree
 
 from proxy.bbb import recordings, rewrite
 from proxy.bbb.checksum import signed_query
+from proxy.health import Health, State
 from proxy.simulator import Simulator
 from proxy.simulator.model import ApiRequest, Reply
 from proxy.simulator.recordings import Recording
@@ -282,3 +283,16 @@ async def test_listings_are_read_as_they_arrive_not_held_under_the_answer_cap(
     direct = await stack.http.get(f"{stack.sim_urls[0]}/getRecordings?{query}")
     assert len(direct.content) > 2 * cap
     assert await listing(stack, []) == pool_order(many)
+
+
+async def test_a_down_backend_is_not_waited_for(make_stack: StackFactory) -> None:
+    stack = await make_stack(backends=2, proxy={"timeouts": {"get_recordings": 5}})
+    up = seed(stack.sims[0], "acme", "room", 2)
+    (down,) = seed(stack.sims[1], "acme", "room", 1, start_ms=BASE + 1)
+    stack.sims[1].behaviour.mode = "hang"
+    stack.gateway.set_health("bbb-2", Health(state=State.DOWN))
+    started = time.perf_counter()
+    assert await listing(stack, []) == pool_order(up)
+    changed = await stack.call("deleteRecordings", [("recordID", down.record_id)])
+    assert changed.findtext("messageKey") == "serverUnavailable"  # it may be there: not notFound
+    assert time.perf_counter() - started < 2

@@ -332,20 +332,6 @@ def lookup_filters(customer: str, record_ids: Sequence[str]) -> list[tuple[str, 
     ]
 
 
-def held(customer: str, root: etree._Element, record_ids: Sequence[str]) -> list[str]:
-    """Which of ``record_ids`` (exactly, not by prefix) one backend's lookup answer holds
-    for ``customer``; another customer's recording is not there."""
-    wanted = set(record_ids)
-    found = []
-    for recording in root.iterfind("recordings/recording"):
-        record_id = (recording.findtext("recordID") or "").strip()
-        owned = owner(recording)
-        if record_id in wanted and owned is not None and owned[0] == customer:
-            found.append(record_id)
-            wanted.discard(record_id)
-    return found
-
-
 def change_params(
     params: Sequence[tuple[str, str]], record_ids: Sequence[str]
 ) -> list[tuple[str, str]]:

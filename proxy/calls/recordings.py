@@ -99,7 +99,7 @@ async def _first_pass(
 ) -> None:
     """Ask every backend in service at once; keep what came whole before the deadline."""
     started = time.perf_counter()
-    asked = gw.in_service()
+    asked = askable(gw, "getRecordings")
     ranks = {b.id: rank for rank, b in enumerate(gw.config.backends)}
     with trio.move_on_after(gw.config.proxy.timeouts.get_recordings):
         async with trio.open_nursery() as nursery:
@@ -112,6 +112,18 @@ async def _first_pass(
             log.warning("getRecordings: leaving out %s: no answer before the deadline", backend_id)
             client = gw.client(backend_id)
             client.observer(backend_id, "getRecordings", "deadline", time.perf_counter() - started)
+
+
+def askable(gw: Gateway, call: str) -> list[str]:
+    """The backends in service that are not DOWN by health: a dead server's recordings are
+    left out at once rather than after the deadline (logged)."""
+    asked = []
+    for backend_id in gw.in_service():
+        if gw.backend_down(backend_id):
+            log.warning("%s: leaving out %s: it is DOWN", call, backend_id)
+        else:
+            asked.append(backend_id)
+    return asked
 
 
 async def _keys_of(
@@ -154,12 +166,12 @@ async def _read(
             "getRecordings", params, customer=customer, sink=reader.feed
         )
     except BackendError as exc:
-        log.warning("getRecordings: leaving out %s: %s", backend_id, exc)
+        log.warning("getRecordings of %s failed, leaving it out: %s", backend_id, exc)
         return False
     reader.close()
     if not reader.ok:
         what = "not BBB's XML" if reader.broken else f"returncode {reader.returncode!r}"
-        log.warning("getRecordings: leaving out %s: it answered %s", backend_id, what)
+        log.warning("getRecordings of %s answered %s, leaving it out", backend_id, what)
     return reader.ok
 
 
@@ -208,6 +220,10 @@ def json_error(error: ProxyError) -> Answer:
 
 def _always() -> bool:
     return True
+
+
+def _never() -> bool:
+    return False
 
 
 async def _bodies(
@@ -271,25 +287,26 @@ async def _locate(
     where: dict[str, list[str]] = {}
     answered: set[str] = set()
     filters = recordings.lookup_filters(customer, record_ids)
+    wanted = set(record_ids)
 
     async def ask(backend_id: str) -> None:
-        try:
-            reply = await gw.client(backend_id).call("getRecordings", filters, customer=customer)
-        except BackendError as exc:
-            log.warning("recording lookup: could not ask %s: %s", backend_id, exc)
-            return
-        if reply.ok:
+        held: list[str] = []
+
+        def found(item: recordings.Listed, recording: etree._Element | None) -> None:
+            if item.record_id in wanted and item.record_id not in held:
+                held.append(item.record_id)  # exactly: a prefix match is not this recording
+
+        if await _read(gw, backend_id, 0, customer, filters, found, _never):
             answered.add(backend_id)
-            held = recordings.held(customer, reply.root, record_ids)
             if held:
                 where[backend_id] = held
 
-    asked = gw.in_service()
+    asked = askable(gw, "recording lookup")
     with trio.move_on_after(gw.config.proxy.timeouts.get_recordings):
         async with trio.open_nursery() as nursery:
             for backend_id in asked:
                 nursery.start_soon(ask, backend_id)
-    return where, [b for b in asked if b not in answered]
+    return where, [b for b in gw.in_service() if b not in answered]
 
 
 async def _change(
