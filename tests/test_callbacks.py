@@ -137,3 +137,55 @@ async def test_loopback_host_refused_unless_allowed() -> None:
     assert await checked_address("localhost", 80, allow_private=False) is None
     assert await checked_address("127.0.0.1", 80, allow_private=True) == "127.0.0.1"
     assert await checked_address("no-such-host.invalid", 80, allow_private=True) is None
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        [("k", "ended"), ("b", "b1")],
+        [("k", "ended"), ("b", "b1"), ("m", "acme~r")],
+        [("k", "ended"), ("b", "b1"), ("i", "r")],
+        [("k", "other"), ("b", "b1"), ("m", "acme~r"), ("i", "r")],
+        [("b", "b1"), ("m", "acme~r"), ("i", "r")],
+    ],
+)
+def test_genuinely_signed_but_incomplete_urls_are_refused(params: list[tuple[str, str]]) -> None:
+    """Signed with the right key, but not a URL the gateway makes: still refused."""
+    url = callbacks._signed_url("http://gw", B1, params)
+    assert callbacks.verify(query_of(url), BACKENDS) is None
+
+
+def test_a_url_made_before_instances_verifies_without_one() -> None:
+    params = [
+        ("k", "callback"),
+        ("b", "b1"),
+        ("m", "acme~r"),
+        ("i", "r"),
+        ("cb", "https://x.test/"),
+    ]
+    notice = callbacks.verify(query_of(callbacks._signed_url("http://gw", B1, params)), BACKENDS)
+    assert notice == callbacks.EndNotice(
+        "callback", "b1", "acme~r", "r", "", CustomerUrls(("https://x.test/",)), "false"
+    )
+    assert not callbacks.releases(notice, CREATED)
+
+
+@pytest.mark.parametrize(
+    ("appended", "marks"),
+    [
+        ("", "false"),
+        ("&recordingmarks=true", "true"),
+        ("&recordingmarks=TRUE", "false"),
+        ("&recordingmarks=false&recordingmarks=true", "false"),
+    ],
+)
+def test_recordingmarks_as_bbb_appends_them(appended: str, marks: str) -> None:
+    _, callback = callbacks.ended_urls("http://gw", B1, "acme~r", "r", URLS, CREATED)
+    notice = callbacks.verify(query_of(callback) + appended, BACKENDS)
+    assert notice is not None and notice.recordingmarks == marks
+
+
+def test_a_signature_with_a_lone_surrogate_is_refused() -> None:
+    ended, _ = callbacks.ended_urls("http://gw", B1, "acme~r", "r", URLS, CREATED)
+    query = query_of(ended)
+    assert callbacks.verify(query[: query.index("&sig=")] + "&sig=\udc80", BACKENDS) is None

@@ -154,24 +154,22 @@ def _callable(url: str, name: str) -> tuple[str, ...]:
 
 def verify(raw_query: str, backends: dict[str, Backend]) -> EndNotice | None:
     """The notice a signed meeting-ended URL carries, or None if it is not ours."""
-    params = parse_qsl(raw_query, keep_blank_values=True)
+    params = parse_qsl(raw_query)  # the gateway never signs an empty value
     signed = [(k, v) for k, v in params if k in SIGNED]
-    values = first_values(signed)
-    signature = next((v for k, v in params if k == "sig"), "")
+    values, given = first_values(signed), first_values(params)
     backend = backends.get(values.get("b", ""))
-    if backend is None or values.get("k") not in KINDS or "m" not in values:
+    if backend is None or values.get("k") not in KINDS or not {"m", "i"} <= values.keys():
         return None
     # Bytes, not str: compare_digest raises TypeError on a str that is not ASCII.
     expected = _sign(backend, signed).encode()
-    if not hmac.compare_digest(expected, signature.encode("utf-8", "replace")):
+    if not hmac.compare_digest(expected, given.get("sig", "").encode("utf-8", "replace")):
         return None
-    marks = next((v for k, v in params if k == "recordingmarks"), "false")
     urls = CustomerUrls(
         tuple(v for k, v in signed if k == "cb"), tuple(v for k, v in signed if k == "ecb")
     )
     return EndNotice(
-        values["k"], backend.id, values["m"], values.get("i", ""), values.get("c", ""), urls,
-        "true" if marks == "true" else "false",
+        values["k"], backend.id, values["m"], values["i"], values.get("c", ""), urls,
+        "true" if given.get("recordingmarks") == "true" else "false",
     )  # fmt: skip
 
 
