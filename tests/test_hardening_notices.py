@@ -22,6 +22,7 @@ from proxy.bbb.callbacks import SIGNED
 from proxy.bbb.checksum import signed_query
 from proxy.calls import ended
 from proxy.config import Backend
+from proxy.errors import StateError
 from proxy.ledger.journal import FileJournal
 from proxy.ledger.model import Record, Release, Reservation
 from proxy.simulator.model import append_query
@@ -287,3 +288,19 @@ async def test_a_notice_made_before_instances_calls_the_customer_but_releases_no
     assert (await stack.http.get(legacy)).status_code == 200
     await wait_until(lambda: receiver.seen == ["/ended?"])
     assert held(stack) == reservation
+
+
+async def test_a_release_that_cannot_be_journalled_still_calls_the_customer(
+    stack: Stack, nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    receiver = await start_receiver(nursery)
+    await stack.create("room-1", meetingEndedURL=f"{receiver.url}/ended")
+
+    async def full_disk(*args: object) -> None:
+        raise StateError("the journal in /state failed: [Errno 28] No space left on device")
+
+    monkeypatch.setattr(stack.gateway.ledger, "release", full_disk)
+    _, callback = notices_of(stack)
+    response = await stack.http.get(callback)
+    assert (response.status_code, response.text) == (200, "ok\n")
+    await wait_until(lambda: receiver.seen == ["/ended?"])
