@@ -77,6 +77,9 @@ def test_success_keeps_field_order() -> None:
         ("count", "3"),
     ]
     assert envelope.success() == "<response><returncode>SUCCESS</returncode></response>"
+    assert envelope.success([("a", 1), ("b", "x")]) == (
+        "<response><returncode>SUCCESS</returncode><a>1</a><b>x</b></response>"
+    )
 
 
 async def test_headers(make_stack: StackFactory) -> None:
@@ -116,14 +119,14 @@ def decoded_errors(location: str) -> object:
     ],
 )
 def test_join_error_location(logout_url: str, kept_query: str) -> None:
-    location = envelope.join_error_location(logout_url, "notFound", 'No "room" & <no> joy')
+    location = envelope.join_error_location(logout_url, "notFound", 'No "room/1" & <no> joy')
     parts = urlsplit(location)
     assert (parts.scheme, parts.netloc, parts.path) == ("https", "lms.example", "/logout")
     assert parts.query.startswith(kept_query + "errors=")
-    assert decoded_errors(location) == [{"key": "notFound", "message": 'No "room" & <no> joy'}]
+    assert decoded_errors(location) == [{"key": "notFound", "message": 'No "room/1" & <no> joy'}]
     # The JSON is fully percent-encoded: no raw separators leak into the query.
     raw = parts.query[len(kept_query) + len("errors=") :]
-    assert not set(raw) & set('&="[]{} ')
+    assert not set(raw) & set('&="[]{}/ ')
 
 
 def test_join_error_location_keeps_fragment() -> None:
