@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from functools import partial
 from typing import Any
 from urllib.parse import parse_qsl, quote_plus, urlencode, urlsplit
@@ -705,3 +705,61 @@ def test_answer_constructors() -> None:
     assert dict(json.headers) == {"Content-Type": "application/json", "Cache-Control": "no-cache"}
     xml = Answer.xml("<response/>")
     assert (xml.body, xml.status, dict(xml.headers)) == ("<response/>", 200, envelope.HEADERS)
+
+
+def test_meeting_id_is_checked_as_bbb_web_checks_it() -> None:
+    customer = Customer("acme", ("s",), 10, 5, 30)
+
+    def meeting_id(*params: tuple[str, str]) -> str:
+        return ApiRequest(customer, "create", list(params)).meeting_id()
+
+    assert meeting_id(("meetingID", " ab "), ("meetingID", "other")) == "ab"
+    assert meeting_id(("meetingID", "x" * 256)) == "x" * 256
+    cases = [
+        ((), "missingParamMeetingID", "You must provide a meeting ID"),
+        ((("meetingID", "  "),), "missingParamMeetingID", "You must provide a meeting ID"),
+        (
+            (("meetingID", "a"),),
+            "validationError",
+            "Meeting ID must be between 2 and 256 characters",
+        ),
+        (
+            (("meetingID", "x" * 257),),
+            "validationError",
+            "Meeting ID must be between 2 and 256 characters",
+        ),
+        ((("meetingID", "a,b"),), "validationError", "Meeting ID cannot contain ','"),
+    ]
+    for params, key, message in cases:
+        with pytest.raises(ValidationError) as caught:
+            meeting_id(*params)
+        assert (caught.value.message_key, caught.value.message) == (key, message)
+
+
+async def test_a_streamed_answer_reads_whole() -> None:
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b"<response>"
+        yield b"</response>"
+
+    streamed = Answer.stream(chunks())
+    whole = await streamed.buffered()
+    assert (whole.body, whole.status, whole.headers) == (
+        b"<response></response>",
+        200,
+        streamed.headers,
+    )
+    assert await whole.buffered() is whole
+
+
+async def test_a_backend_failure_is_logged_with_the_call(
+    stack: Stack, caplog: pytest.LogCaptureFixture
+) -> None:
+    await stack.create("logged")
+    sim, _ = stack.backend_meeting("acme", "logged")
+    sim.behaviour.mode = "http500"
+    root = await stack.call("getMeetingInfo", [("meetingID", "logged")])
+    assert text(root, "messageKey") == "internalError"
+    assert any(
+        r.getMessage().startswith("getMeetingInfo failed: BackendBadResponse(bbb-")
+        for r in caplog.records
+    ), [r.getMessage() for r in caplog.records]
