@@ -304,3 +304,23 @@ async def test_a_release_that_cannot_be_journalled_still_calls_the_customer(
     response = await stack.http.get(callback)
     assert (response.status_code, response.text) == (200, "ok\n")
     await wait_until(lambda: receiver.seen == ["/ended?"])
+
+
+async def test_an_adopted_meeting_is_still_released_by_its_own_notice(
+    make_stack: StackFactory,
+) -> None:
+    """The ledger lost a meeting and the poll adopted it back: the same instance, by its tag."""
+    health = {"interval": 0.05, "timeout": 0.04, "down_after": 10_000, "up_after": 1}
+    stack = await make_stack(backends=1, proxy={"health": health})
+    await stack.create("room-1")
+    original = held(stack)
+    assert original is not None
+    notices = notices_of(stack)
+    stack.gateway.ledger.state.apply(Release(KEY, "lost"))  # as if state_dir had been lost
+    await wait_until(lambda: held(stack) is not None)
+    adopted = held(stack)
+    assert adopted is not None and adopted.created_at == original.created_at
+    stack.sims[0].behaviour.mode = "http500"  # polls fail from now on: none adopts it again
+    await wait_until(lambda: not stack.gateway.accepts_meetings("bbb-1"))
+    assert (await stack.http.get(notices[0])).status_code == 200
+    assert held(stack) is None
