@@ -5,11 +5,19 @@ from __future__ import annotations
 
 import hashlib
 import time
+import warnings
+from functools import partial
 from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs
 
 import httpx
+import jwt
 import pytest
 import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve
+from jwt.warnings import InsecureKeyLengthWarning
 from lxml import etree
 
 from proxy.bbb.checksum import signed_query
@@ -239,3 +247,73 @@ async def test_seeding_ten_thousand_is_quick(server: Server) -> None:
     root = await server.call("getRecordings", [("limit", "100"), ("offset", "9950")])
     assert len(root.findall("recordings/recording")) == 50
     assert root.findtext("totalElements") == "10000"
+
+
+async def start_form_receiver(nursery: trio.Nursery, seen: list[tuple[str, str, bytes]]) -> str:
+    """An HTTP endpoint recording (method, content type, body) of every request."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        headers = dict(scope["headers"])
+        seen.append((scope["method"], headers.get(b"content-type", b"").decode(), body))
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    config = HypercornConfig()
+    config.bind = ["127.0.0.1:0"]
+    config.accesslog = None
+    binds = await nursery.start(partial(serve, app, config, mode="asgi"))
+    return str(binds[0])
+
+
+def decoded(token: str, secret: str) -> dict[str, Any]:
+    """The JWT's claims, verified with ``secret`` (short test secrets: no length warning)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", InsecureKeyLengthWarning)
+        return dict(jwt.decode(token, secret, algorithms=["HS256"]))
+
+
+async def test_recording_ready_is_posted_with_bbbs_jwt(
+    server: Server, nursery: trio.Nursery
+) -> None:
+    seen: list[tuple[str, str, bytes]] = []
+    receiver = await start_form_receiver(nursery, seen)
+    record_id = await recorded_meeting(
+        server, "room-r", ("meta_bbb-recording-ready-url", f"{receiver}/ready?x=1")
+    )
+    await recorded_meeting(server, "room-quiet")  # no URL: no POST
+    await server.call("getRecordings", [])  # a request: processing is done by now
+    with trio.fail_after(5):
+        while len(seen) < 2:  # noqa: ASYNC110 - the receiver is another server
+            await trio.sleep(0.01)
+    await trio.sleep(0.1)
+    assert len(seen) == 2  # once per published format (presentation, video)
+    for method, content_type, body in seen:
+        assert (method, content_type) == ("POST", "application/x-www-form-urlencoded")
+        (token,) = parse_qs(body.decode())["signed_parameters"]
+        assert jwt.get_unverified_header(token) == {"alg": "HS256", "typ": "JWT"}
+        claims = decoded(token, SECRET)
+        assert claims == {"meeting_id": "room-r", "record_id": record_id}
+        with pytest.raises(jwt.InvalidSignatureError):
+            decoded(token, "another secret")
+
+
+async def test_recording_ready_falls_back_to_the_bn_and_canvas_keys(server: Server) -> None:
+    for key in ("bn-recording-ready-url", "canvas-recording-ready-url"):
+        await recorded_meeting(server, f"room-{key}", (f"meta_{key}", f"http://127.0.0.1:9/{key}"))
+    await server.call("getRecordings", [])
+    urls = [url for url, _ in server.sim.recordings.ready_sent]
+    assert sorted(set(urls)) == [
+        "http://127.0.0.1:9/bn-recording-ready-url",
+        "http://127.0.0.1:9/canvas-recording-ready-url",
+    ]

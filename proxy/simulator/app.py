@@ -4,8 +4,8 @@ This layer only reads requests, applies the :class:`~.model.Behaviour`
 (latency first, then the failure mode), asks the simulator for a decision and
 writes it.  It owns two kinds of background work, both in the app's nursery
 (alive while the app serves): a ticker that lets meetings end by time even
-when nobody asks, and the end notifications (``GET meetingEndedURL`` /
-``endcallbackurl``), sent without delaying the ``end`` answer.
+when nobody asks, and the notifications (``GET meetingEndedURL`` /
+``endcallbackurl``; the recording-ready POSTs), sent without delaying any answer.
 
 Error handling: a notification that fails (refused, timeout, HTTP error) is
 dropped, as bbb-web drops it; nothing else here catches errors.
@@ -28,6 +28,7 @@ from .meetings import FORM_TYPES
 from .model import ApiRequest, Reply
 
 Notify = Callable[[str], Awaitable[None]]
+NotifyReady = Callable[[str, str], Awaitable[None]]  # (url, JWT)
 
 SECONDS = 1.0
 NOTIFY_TIMEOUT = 2 * SECONDS
@@ -50,8 +51,22 @@ async def send_notification(url: str) -> None:
         pass
 
 
+async def send_recording_ready(url: str, token: str) -> None:
+    """One recording-ready POST (``signed_parameters=<JWT>``); a failure is dropped, as the
+    post_publish script logs it and gives up."""
+    try:
+        async with httpx.AsyncClient(timeout=NOTIFY_TIMEOUT) as client:
+            await client.post(url, data={"signed_parameters": token})
+    except (httpx.HTTPError, OSError):
+        pass
+
+
 def create_app(
-    sim: Simulator, *, notify: Notify = send_notification, tick_interval: float = TICK_INTERVAL
+    sim: Simulator,
+    *,
+    notify: Notify = send_notification,
+    notify_ready: NotifyReady = send_recording_ready,
+    tick_interval: float = TICK_INTERVAL,
 ) -> QuartTrio:
     """A quart-trio app serving ``sim`` at ``/bigbluebutton/api`` and ``/html5client/join``.
 
@@ -63,6 +78,8 @@ def create_app(
     def flush() -> None:
         for url in sim.take_notifications():
             app.nursery.start_soon(notify, url)
+        for url, token in sim.recordings.take_ready():
+            app.nursery.start_soon(notify_ready, url, token)
 
     async def tick_forever() -> None:
         with trio.CancelScope() as scope:

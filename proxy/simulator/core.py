@@ -108,7 +108,7 @@ class Simulator:
         self._expire_unjoined_minutes = expire_unjoined_minutes
         self._ended_linger_seconds = ended_linger_seconds
         # Recordings of record=true meetings (recordings.py); processing for processing_seconds.
-        self.recordings = recordings.RecordingStore(server_name, processing_seconds)
+        self.recordings = recordings.RecordingStore(server_name, processing_seconds, secret)
 
     @property
     def expire_unjoined_minutes(self) -> float | None:

@@ -24,6 +24,13 @@ one, and a stable one makes tests exact.
 
 publish/delete/updateRecordings match recordIDs exactly; none matching is ``notFound``.
 
+Recording ready (bbb-api.md §4): when processing publishes a recording whose metadata names a
+``bbb-recording-ready-url`` (else ``bn-``, else ``canvas-recording-ready-url``), a POST to it
+is queued once per published format, as the post_publish script runs once per format: form
+field ``signed_parameters``, an HS256 JWT signed with the server's secret (raw), payload
+``{"meeting_id": <external meetingID>, "record_id": <recordID>}``, no ``exp``/``iat``.  The
+trio layer sends each once (:meth:`RecordingStore.take_ready`), no retry.
+
 Nothing here does I/O.  :meth:`RecordingStore.seed` adds many published recordings at
 once for tests and benchmarks.
 """
@@ -32,11 +39,14 @@ from __future__ import annotations
 
 import hashlib
 import heapq
+import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import jwt
 import orjson
+from jwt.warnings import InsecureKeyLengthWarning
 
 from proxy.bbb.envelope import element
 from proxy.bbb.numbers import parse_int
@@ -56,6 +66,7 @@ NOT_FOUND = "We could not find recordings"
 MISSING_RECORD_ID = ("missingParamRecordID", "You must specify a recordID.")
 MISSING_PUBLISH = ("missingParamPublish", "You must specify a publish value true or false.")
 FORMATS = ("presentation", "video")
+READY_URL_KEYS = ("bbb-recording-ready-url", "bn-recording-ready-url", "canvas-recording-ready-url")
 
 
 @dataclass
@@ -105,6 +116,14 @@ class Filters:
         return all(recording.metadata.get(k) == v for k, v in self.meta)
 
 
+def signed_jwt(payload: Mapping[str, str], secret: str) -> str:
+    """An HS256 JWT with ``secret`` used raw, as BBB signs it, whatever its length (pyjwt
+    warns below 32 bytes; a BBB secret is what it is)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", InsecureKeyLengthWarning)
+        return jwt.encode(dict(payload), secret, algorithm="HS256")
+
+
 def split_ids(value: str | None) -> list[str]:
     """A comma list as ``ParamsProcessorUtil.decodeIds``: trimmed, empty items dropped."""
     return [part.strip() for part in (value or "").split(",") if part.strip()]
@@ -151,9 +170,12 @@ def _sha1(text: str) -> str:
 class RecordingStore:
     """Every recording of one server, by recordID, and the ones still processing."""
 
-    def __init__(self, server_name: str, processing_seconds: float = 0.0) -> None:
+    def __init__(self, server_name: str, processing_seconds: float = 0.0, secret: str = "") -> None:
         self.server_name = server_name
         self.processing_seconds = processing_seconds
+        self.secret = secret  # signs the recording-ready JWTs
+        self.ready_sent: list[tuple[str, str]] = []  # every (url, JWT) handed out, in order
+        self._ready: list[tuple[str, str]] = []
         self.by_id: dict[str, Recording] = {}
         self._processing: list[tuple[int, str]] = []  # (due ms, recordID), a heap
         self._children: dict[str, list[str]] = {}  # parent internal id -> child recordIDs
@@ -208,8 +230,23 @@ class RecordingStore:
             if recording is not None and recording.state == "processing":
                 recording.state = "published"
                 recording.formats = FORMATS
+                self._ready.extend(self._ready_notices(recording))
                 done.append(recording)
         return done
+
+    def _ready_notices(self, recording: Recording) -> list[tuple[str, str]]:
+        url = next((recording.metadata[k] for k in READY_URL_KEYS if recording.metadata.get(k)), "")
+        if not url:
+            return []
+        payload = {"meeting_id": recording.meeting_id, "record_id": recording.record_id}
+        token = signed_jwt(payload, self.secret)
+        return [(url, token) for _ in recording.formats]
+
+    def take_ready(self) -> list[tuple[str, str]]:
+        """The recording-ready POSTs to send now, (url, JWT), each handed out once."""
+        ready, self._ready = self._ready, []
+        self.ready_sent.extend(ready)
+        return ready
 
     def seed(
         self,
