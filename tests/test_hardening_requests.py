@@ -763,3 +763,14 @@ async def test_a_backend_failure_is_logged_with_the_call(
         r.getMessage().startswith("getMeetingInfo failed: BackendBadResponse(bbb-")
         for r in caplog.records
     ), [r.getMessage() for r in caplog.records]
+
+
+async def test_the_query_limit_is_inclusive(make_stack: StackFactory) -> None:
+    query = urlencode([("meetingID", "sized"), ("pad", "x" * 100)])
+    signed = f"{query}&checksum={sign('getMeetingInfo', query)}"
+    stack = await make_stack(proxy={"max_query_bytes": len(signed)})
+    at_limit = await stack.http.get(f"{stack.api()}/getMeetingInfo?{signed}")
+    assert key(at_limit) == "notFound"  # verified and served: the meeting does not exist
+    over = await stack.http.get(f"{stack.api()}/getMeetingInfo?{signed}&")
+    assert key(over) == "validationError"
+    assert text(etree.fromstring(over.content), "message") == "The request is too large"
