@@ -272,6 +272,16 @@ def assert_http_bbb_answer(response: httpx.Response) -> None:
 @FUZZ
 @given(incoming=requests())
 @example(incoming=Incoming("acme", "", "create", _signed("create", ODD_SIZE)))
+@example(  # a multipart part whose name werkzeug reads as None (found by this test)
+    incoming=Incoming(
+        "acme",
+        "",
+        "create",
+        _signed("create", ""),
+        b'--XyZ\r\nContent-Disposition: form-data; name="\r"\r\n\r\nroom-1\r\n--XyZ--\r\n',
+        "multipart/form-data; boundary=XyZ",
+    )
+)
 @example(incoming=Incoming("acme", "", "join", "a=1&checksum=x&checksum=y", b"role=MODERATOR"))
 def test_handle_answers_bbb_xml_whatever_the_request(running: Running, incoming: Incoming) -> None:
     result, answer = running.run(handled, running.stack.gateway, incoming)

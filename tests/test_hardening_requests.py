@@ -635,6 +635,15 @@ def test_multipart_bodies() -> None:
         assert _refused(partial(bodies.multipart_params, ct, broken), "multipart") == (
             "validationError"
         )
+    for nameless in [b"form-data", b'form-data; name="\r"', b"form-data; filename=x"]:
+        part = b"--BOUNDARY\r\nContent-Disposition: " + nameless + b"\r\n\r\nv\r\n--BOUNDARY--\r\n"
+        with pytest.raises(ValidationError) as caught:
+            bodies.multipart_params(ct, part)
+        assert caught.value.message_key in ("validationError", "unsupportedContentType")
+    unnamed = b"--BOUNDARY\r\nContent-Disposition: form-data\r\n\r\nv\r\n--BOUNDARY--\r\n"
+    with pytest.raises(ValidationError) as caught:
+        bodies.multipart_params(ct, unnamed)
+    assert caught.value.message == "A multipart field has no name"
     too_many = multipart([(f"p{i}", "1") for i in range(bodies.MAX_FIELDS + 1)])
     assert _refused(lambda: bodies.multipart_params(ct, too_many)) == "validationError"
 

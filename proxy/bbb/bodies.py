@@ -130,6 +130,8 @@ def _decode_multipart(boundary: bytes, data: bytes) -> Params:
         if isinstance(event, File):
             raise unsupported()
         if isinstance(event, Field):
+            if not isinstance(event.name, str):  # werkzeug gives None for a part without a name
+                raise ValidationError("A multipart field has no name")
             fields.append((event.name, bytearray()))
         elif isinstance(event, Data) and fields:
             fields[-1][1].extend(event.data)
