@@ -102,7 +102,8 @@ async def test_late_notice_never_releases_the_next_meeting_of_the_same_id(
     assert stack.gateway.ledger.statistics().connections_by_customer == {"acme": 10}
     assert records(stack) == before  # nothing journalled for an old instance
     ignored = "end notice of another instance of ('acme', 'room-1') on bbb-1: ignored"
-    assert [r.getMessage() for r in caplog.records].count(ignored) == len(old_notices)
+    # At least the two replays (the backend's own ended notice may also have come late).
+    assert [r.getMessage() for r in caplog.records].count(ignored) >= len(old_notices)
     # The new meeting's own notice still releases it, as "ended".
     journalled: list[Record] = []
     journal = stack.gateway.ledger.journal
