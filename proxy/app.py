@@ -18,9 +18,10 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from proxy import admin
-from proxy.bbb import callbacks, envelope
+from proxy.bbb import callbacks, envelope, recording_ready
 from proxy.calls import Incoming, handle, version_document
 from proxy.calls.ended import meeting_ended
+from proxy.calls.recording_ready import ReadyQueue
 from proxy.errors import ValidationError
 from proxy.gateway import Gateway
 from proxy.metrics import Metrics
@@ -36,6 +37,17 @@ def create_app(gw: Gateway) -> QuartTrio:
     metrics = Metrics(gw)
     for client in gw.clients.values():
         client.observer = metrics.observe_backend
+    ready = ReadyQueue.open(gw)  # recording-ready deliveries, resumed from state_dir
+
+    @app.before_serving
+    async def deliver_recording_ready() -> None:
+        gw.spawn("recording-ready", ready.deliver_forever)
+
+    @app.route(recording_ready.PATH, methods=["POST"])
+    async def recording_ready_notice() -> Response:
+        body = await request.get_data(cache=False, as_text=False, parse_form_data=False)
+        status = await ready.receive(request.query_string.decode("utf-8", "replace"), body)
+        return Response(f"{status}\n", status, content_type="text/plain")
 
     @app.route("/<customer>/bigbluebutton/api", methods=["GET", "POST"])
     @app.route("/<customer>/bigbluebutton/api/", methods=["GET", "POST"])

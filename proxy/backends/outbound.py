@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+from collections.abc import Mapping
 from urllib.parse import SplitResult, urlsplit, urlunsplit
 
 import httpx
@@ -95,41 +96,71 @@ async def call_customer_url(http: httpx.AsyncClient, url: str, allow_private: bo
     cannot be called, a host that is not public, and any failure of the call
     are logged (URL redacted) and counted, and answer False.
     """
+    status = await _called(http, url, allow_private, None)
+    return status is not None and 200 <= status < 300
+
+
+async def post_customer_url(
+    http: httpx.AsyncClient, url: str, form: Mapping[str, str], allow_private: bool
+) -> int | None:
+    """POST ``form`` (urlencoded) to ``url``, checked as :func:`call_customer_url` checks
+    it: the HTTP status, 0 when no answer came, None when the URL may not be called.
+
+    Error handling: as :func:`call_customer_url`, never raises.
+    """
+    return await _called(http, url, allow_private, form)
+
+
+async def _called(
+    http: httpx.AsyncClient, url: str, allow: bool, form: Mapping[str, str] | None
+) -> int | None:
     reason = problem(url)
     if reason is not None:
-        return _refused(url, reason, "invalid")
+        _refused(url, reason, "invalid")
+        return None
     try:
-        return await _call(http, url, urlsplit(url), allow_private)
+        return await _call(http, url, urlsplit(url), allow, form)
     except Exception as exc:  # never raises: whatever httpx or the codecs find
         log.warning("callback %s failed: %s", shown(url), type(exc).__name__)
         OUTCOMES["failed"] += 1
-        return False
+        return 0
 
 
-async def _call(http: httpx.AsyncClient, url: str, parts: SplitResult, allow: bool) -> bool:
+async def _call(
+    http: httpx.AsyncClient,
+    url: str,
+    parts: SplitResult,
+    allow: bool,
+    form: Mapping[str, str] | None = None,
+) -> int | None:
     host, port = ascii_host(parts.hostname or ""), port_of(parts)
     address = await checked_address(host, port, allow)
     if address is None:
-        return _refused(url, "host is not public or does not resolve", "refused")
+        _refused(url, "host is not public or does not resolve", "refused")
+        return None
     literal = f"[{address}]" if ":" in address else address
     target = urlunsplit((parts.scheme, f"{literal}:{port}", parts.path, parts.query, ""))
     named = f"[{host}]" if ":" in host else host
     headers = {"Host": named if parts.port is None else f"{named}:{port}"}
     extensions = {"sni_hostname": host} if parts.scheme == "https" else {}
     try:
-        response = await http.get(target, headers=headers, extensions=extensions)
+        if form is None:
+            response = await http.get(target, headers=headers, extensions=extensions)
+        else:
+            response = await http.post(
+                target, data=dict(form), headers=headers, extensions=extensions
+            )
     except httpx.HTTPError as exc:
         log.warning("callback %s failed: %s", shown(url), type(exc).__name__)
         OUTCOMES["failed"] += 1
-        return False
+        return 0
     ok = 200 <= response.status_code < 300
     OUTCOMES["ok" if ok else "failed"] += 1
     if not ok:
         log.warning("callback %s answered HTTP %d", shown(url), response.status_code)
-    return ok
+    return response.status_code
 
 
-def _refused(url: str, reason: str, outcome: str) -> bool:
+def _refused(url: str, reason: str, outcome: str) -> None:
     log.warning("not calling %s: %s", shown(url), reason)
     OUTCOMES[outcome] += 1
-    return False

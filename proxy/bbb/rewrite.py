@@ -27,6 +27,11 @@ MEETING_TAG = TAG_PREFIX + "meeting"
 DURATION_TAG = TAG_PREFIX + "duration"
 CREATED_TAG = TAG_PREFIX + "created"  # the reservation's created_at: names the meeting instance
 KEPT_END_CALLBACK = TAG_PREFIX + "endcallbackurl"
+# Recording-ready URLs (recording_ready.py): the gateway's own under the customer's key, the
+# customer's kept aside under the gateway's prefix, and given back its name on the way out.
+READY_URL_KEYS = ("bbb-recording-ready-url", "bn-recording-ready-url", "canvas-recording-ready-url")
+KEPT_READY = {TAG_PREFIX + key: key for key in READY_URL_KEYS}
+READY_PATH = "/callbacks/v1/recording-ready"
 
 
 def backend_meeting_id(customer: str, meeting_id: str) -> str:
@@ -128,13 +133,17 @@ def restore_meeting(meeting: etree._Element, meeting_id: str, asked_duration: in
 
 def restore_metadata(metadata: etree._Element) -> None:
     """Remove the gateway's own metadata from a ``<metadata>``; the customer's kept
-    end-callback URL gets its name back (meetings and recordings alike)."""
+    end-callback and recording-ready URLs get their names back (meetings and recordings)."""
     for child in list(metadata):
         tag = child.tag if isinstance(child.tag, str) else ""
-        if tag == "endcallbackurl" or (tag.startswith(TAG_PREFIX) and tag != KEPT_END_CALLBACK):
-            metadata.remove(child)  # the gateway's own (see callbacks.py)
+        kept = tag == KEPT_END_CALLBACK or tag in KEPT_READY
+        ours = tag in READY_URL_KEYS and READY_PATH + "?" in (child.text or "")
+        if ours or tag == "endcallbackurl" or (tag.startswith(TAG_PREFIX) and not kept):
+            metadata.remove(child)  # the gateway's own (see callbacks.py, recording_ready.py)
         elif tag == KEPT_END_CALLBACK:
             child.tag = "endcallbackurl"  # the customer's own, kept aside
+        elif tag in KEPT_READY:
+            child.tag = KEPT_READY[tag]
 
 
 def _set_text(parent: etree._Element, tag: str, text: str) -> None:

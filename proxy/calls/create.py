@@ -26,7 +26,7 @@ import logging
 import trio
 
 from proxy.backends.client import Reply
-from proxy.bbb import callbacks, rewrite
+from proxy.bbb import callbacks, recording_ready, rewrite
 from proxy.errors import BackendError, BackendTimeout, BackendUnavailable, ValidationError
 from proxy.gateway import Gateway
 from proxy.ledger.model import Admit, CreateRequest, Duplicate, Refuse, Reservation
@@ -165,6 +165,7 @@ def backend_params(gw: Gateway, req: ApiRequest, reservation: Reservation) -> li
     params = rewrite.without(req.params, ["meetingID", "maxParticipants", "duration"])
     params = apply_default_texts(params, gw.config.texts)
     params, customer_urls, kept = callbacks.split_customer_urls(params)
+    params, ready_url = recording_ready.split(params)
     ended, end_callback = callbacks.ended_urls(
         gw.config.proxy.public_url,
         gw.client(reservation.backend_id).backend,
@@ -187,6 +188,13 @@ def backend_params(gw: Gateway, req: ApiRequest, reservation: Reservation) -> li
             reservation.created_at,
         ),
         *kept,
+        *recording_ready.backend_params(
+            gw.config.proxy.public_url,
+            gw.client(reservation.backend_id).backend,
+            reservation.customer,
+            reservation.meeting_id,
+            ready_url,
+        ),
     ]
 
 

@@ -39,17 +39,16 @@ from __future__ import annotations
 
 import hashlib
 import heapq
-import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-import jwt
 import orjson
-from jwt.warnings import InsecureKeyLengthWarning
 
 from proxy.bbb.envelope import element
 from proxy.bbb.numbers import parse_int
+from proxy.bbb.recording_ready import READY_KEYS as READY_URL_KEYS
+from proxy.bbb.recording_ready import signed_jwt
 from proxy.errors import ApiError, NotFound
 
 from . import render
@@ -66,7 +65,6 @@ NOT_FOUND = "We could not find recordings"
 MISSING_RECORD_ID = ("missingParamRecordID", "You must specify a recordID.")
 MISSING_PUBLISH = ("missingParamPublish", "You must specify a publish value true or false.")
 FORMATS = ("presentation", "video")
-READY_URL_KEYS = ("bbb-recording-ready-url", "bn-recording-ready-url", "canvas-recording-ready-url")
 
 
 @dataclass
@@ -114,14 +112,6 @@ class Filters:
         if recording.state not in self.states:
             return False
         return all(recording.metadata.get(k) == v for k, v in self.meta)
-
-
-def signed_jwt(payload: Mapping[str, str], secret: str) -> str:
-    """An HS256 JWT with ``secret`` used raw, as BBB signs it, whatever its length (pyjwt
-    warns below 32 bytes; a BBB secret is what it is)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", InsecureKeyLengthWarning)
-        return jwt.encode(dict(payload), secret, algorithm="HS256")
 
 
 def split_ids(value: str | None) -> list[str]:
