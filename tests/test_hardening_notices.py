@@ -37,6 +37,7 @@ from tests.harness import (
 )
 
 KEY = ("acme", "room-1")
+QUICK_POLLS = {"interval": 0.05, "timeout": 0.04, "down_after": 10_000, "up_after": 1}
 
 
 def held(stack: Stack) -> Reservation | None:
@@ -82,7 +83,7 @@ async def test_late_notice_never_releases_the_next_meeting_of_the_same_id(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     caplog.set_level(logging.INFO, logger="proxy.calls.ended")
-    stack = await make_stack(backends=1)
+    stack = await make_stack(backends=1, proxy={"health": QUICK_POLLS})
     receiver = await start_receiver(nursery)
     first = await recreated(stack, receiver)
     old_notices = notices_of(stack)
@@ -104,7 +105,10 @@ async def test_late_notice_never_releases_the_next_meeting_of_the_same_id(
     ignored = "end notice of another instance of ('acme', 'room-1') on bbb-1: ignored"
     # At least the two replays (the backend's own ended notice may also have come late).
     assert [r.getMessage() for r in caplog.records].count(ignored) >= len(old_notices)
-    # The new meeting's own notice still releases it, as "ended".
+    # The new meeting's own notice still releases it, as "ended".  Polls fail from now
+    # on, so none adopts the meeting back (it still runs on the backend).
+    stack.sims[0].behaviour.mode = "http500"
+    await wait_until(lambda: not stack.gateway.accepts_meetings("bbb-1"))
     journalled: list[Record] = []
     journal = stack.gateway.ledger.journal
     append = journal.append
@@ -311,8 +315,7 @@ async def test_an_adopted_meeting_is_still_released_by_its_own_notice(
     make_stack: StackFactory,
 ) -> None:
     """The ledger lost a meeting and the poll adopted it back: the same instance, by its tag."""
-    health = {"interval": 0.05, "timeout": 0.04, "down_after": 10_000, "up_after": 1}
-    stack = await make_stack(backends=1, proxy={"health": health})
+    stack = await make_stack(backends=1, proxy={"health": QUICK_POLLS})
     await stack.create("room-1")
     original = held(stack)
     assert original is not None
