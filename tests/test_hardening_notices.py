@@ -17,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from lxml import etree
 
+from proxy.backends.monitor import poll_once
 from proxy.bbb import callbacks
 from proxy.bbb.callbacks import SIGNED
 from proxy.bbb.checksum import signed_query
@@ -37,7 +38,17 @@ from tests.harness import (
 )
 
 KEY = ("acme", "room-1")
-QUICK_POLLS = {"interval": 0.05, "timeout": 0.04, "down_after": 10_000, "up_after": 1}
+
+
+async def no_more_polls(stack: Stack) -> None:
+    """From now on no poll answers, so none adopts a released meeting back.
+
+    The meeting still runs on the backend; a poll answered after its release would
+    adopt it.  A poll already past the simulator's mode check gets its answer at once.
+    """
+    for sim in stack.sims:
+        sim.behaviour.mode = "hang"
+    await trio.sleep(0.05)
 
 
 def held(stack: Stack) -> Reservation | None:
@@ -83,7 +94,7 @@ async def test_late_notice_never_releases_the_next_meeting_of_the_same_id(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     caplog.set_level(logging.INFO, logger="proxy.calls.ended")
-    stack = await make_stack(backends=1, proxy={"health": QUICK_POLLS})
+    stack = await make_stack(backends=1)
     receiver = await start_receiver(nursery)
     first = await recreated(stack, receiver)
     old_notices = notices_of(stack)
@@ -105,10 +116,8 @@ async def test_late_notice_never_releases_the_next_meeting_of_the_same_id(
     ignored = "end notice of another instance of ('acme', 'room-1') on bbb-1: ignored"
     # At least the two replays (the backend's own ended notice may also have come late).
     assert [r.getMessage() for r in caplog.records].count(ignored) >= len(old_notices)
-    # The new meeting's own notice still releases it, as "ended".  Polls fail from now
-    # on, so none adopts the meeting back (it still runs on the backend).
-    stack.sims[0].behaviour.mode = "http500"
-    await wait_until(lambda: not stack.gateway.accepts_meetings("bbb-1"))
+    # The new meeting's own notice still releases it, as "ended".
+    await no_more_polls(stack)
     journalled: list[Record] = []
     journal = stack.gateway.ledger.journal
     append = journal.append
@@ -315,16 +324,15 @@ async def test_an_adopted_meeting_is_still_released_by_its_own_notice(
     make_stack: StackFactory,
 ) -> None:
     """The ledger lost a meeting and the poll adopted it back: the same instance, by its tag."""
-    stack = await make_stack(backends=1, proxy={"health": QUICK_POLLS})
+    stack = await make_stack(backends=1)
     await stack.create("room-1")
     original = held(stack)
     assert original is not None
     notices = notices_of(stack)
     stack.gateway.ledger.state.apply(Release(KEY, "lost"))  # as if state_dir had been lost
-    await wait_until(lambda: held(stack) is not None)
+    await poll_once(stack.gateway, "bbb-1")  # the monitor's own poll
     adopted = held(stack)
     assert adopted is not None and adopted.created_at == original.created_at
-    stack.sims[0].behaviour.mode = "http500"  # polls fail from now on: none adopts it again
-    await wait_until(lambda: not stack.gateway.accepts_meetings("bbb-1"))
+    await no_more_polls(stack)
     assert (await stack.http.get(notices[0])).status_code == 200
     assert held(stack) is None
