@@ -10,9 +10,10 @@ import orjson
 import pytest
 from lxml import etree
 
+from proxy.backends.monitor import poll_once
 from proxy.bbb import redirects
 from proxy.bbb.checksum import signed_query
-from tests.harness import Stack, StackFactory, query_of, text, wait_until
+from tests.harness import Stack, StackFactory, query_of, text
 
 FIXTURE = Path(__file__).parent / "fixtures" / "bbb" / "bigbluebutton"
 JOIN = [("meetingID", "room-1"), ("fullName", "Ada"), ("role", "VIEWER")]
@@ -125,16 +126,16 @@ async def test_join_redirect_false_backend_failure_is_bbbs_envelope(
 
 # -- a meeting on a DOWN backend ---------------------------------------------------------------
 
-FAST_HEALTH = {"health": {"interval": 0.05, "timeout": 0.04, "down_after": 1, "up_after": 1}}
-
 
 async def test_join_of_a_meeting_on_a_down_backend_is_an_error(make_stack: StackFactory) -> None:
-    stack = await make_stack(backends=1, proxy=FAST_HEALTH)
+    stack = await make_stack(backends=1)
     await stack.create("room-1")
     reservation = stack.gateway.ledger.get(("acme", "room-1"))
     assert reservation is not None
     stack.sims[0].behaviour.mode = "http500"
-    await wait_until(lambda: stack.gateway.backend_down(reservation.backend_id))
+    for _ in range(stack.config.proxy.health.down_after):  # the monitor's own polls
+        await poll_once(stack.gateway, reservation.backend_id)
+    assert stack.gateway.backend_down(reservation.backend_id)
     logout = ("logoutURL", "https://lms.test/bye")
     response = await stack.http.get(stack.signed("join", [*JOIN, logout]))
     assert join_error(response) == ("https://lms.test/bye", "serverUnavailable")
