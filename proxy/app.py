@@ -15,10 +15,11 @@ import time
 import orjson
 from quart import Response, request
 from quart_trio import QuartTrio
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from proxy import admin
 from proxy.bbb import callbacks, envelope, recording_ready
+from proxy.bbb import recordings as rules
 from proxy.calls import Incoming, handle, version_document
 from proxy.calls.ended import meeting_ended
 from proxy.calls.recording_ready import ReadyQueue
@@ -33,7 +34,8 @@ HOME = "This is a BigBlueButton API gateway; the API is at /<customer>/bigbluebu
 
 def create_app(gw: Gateway) -> QuartTrio:
     app = QuartTrio(__name__)
-    app.config["MAX_CONTENT_LENGTH"] = gw.config.proxy.max_body_bytes
+    # The largest body any call may have; each call's own bound is checked in _incoming.
+    app.config["MAX_CONTENT_LENGTH"] = max(gw.config.proxy.max_body_bytes, _upload_limit(gw))
     metrics = Metrics(gw)
     for client in gw.clients.values():
         client.observer = metrics.observe_backend
@@ -106,6 +108,9 @@ def create_app(gw: Gateway) -> QuartTrio:
 
     @app.errorhandler(HTTPException)
     async def http_error(error: HTTPException) -> Response:
+        if error.code == 413 and request.path.rstrip("/").endswith("/putRecordingTextTrack"):
+            key, message = rules.too_large_track(gw.config.proxy.max_text_track_bytes)
+            return _response(Answer.json(rules.json_failure(key, message)))
         if error.code == 413:
             return _response(Answer.xml(envelope.from_error(_too_large())))
         if error.code == 408:  # the body did not come within [proxy.timeouts] client_read
@@ -127,17 +132,35 @@ def create_app(gw: Gateway) -> QuartTrio:
 
 async def _api(gw: Gateway, metrics: Metrics, customer: str | None, call: str) -> Response:
     started = time.perf_counter()
-    incoming = await _incoming(customer, call)
+    incoming = await _incoming(customer, call, _body_limit(gw, call))
     result, answer = await handle(gw, incoming)
     metrics.observe(call, result, time.perf_counter() - started)
     return _response(answer)
 
 
-async def _incoming(customer: str | None, call: str) -> Incoming:
-    """The request as :func:`proxy.calls.handle` reads it; the body is parsed there."""
+def _upload_limit(gw: Gateway) -> int:
+    return gw.config.proxy.max_text_track_bytes + rules.UPLOAD_OVERHEAD
+
+
+def _body_limit(gw: Gateway, call: str) -> int:
+    """A call's body bound: putRecordingTextTrack's file has its own."""
+    if call.strip("/") == "putRecordingTextTrack":
+        return _upload_limit(gw)
+    return gw.config.proxy.max_body_bytes
+
+
+async def _incoming(customer: str | None, call: str, limit: int) -> Incoming:
+    """The request as :func:`proxy.calls.handle` reads it; the body is parsed there.
+
+    Error handling: a body above ``limit`` raises werkzeug's 413 (answered by the
+    error handler), refused by its Content-Length before it is read when it has one."""
     body = b""
     if request.method == "POST":
+        if (request.content_length or 0) > limit:
+            raise RequestEntityTooLarge()
         body = await request.get_data(cache=False, as_text=False, parse_form_data=False)
+        if len(body) > limit:
+            raise RequestEntityTooLarge()
     return Incoming(
         customer_id=customer,
         host=request.headers.get("Host", ""),

@@ -86,6 +86,7 @@ class ProxySettings:
     logout_url: str = ""  # where failed joins are sent; default: public_url
     max_query_bytes: int = 64 * KIB
     max_body_bytes: int = 4 * MIB
+    max_text_track_bytes: int = 4 * MIB  # putRecordingTextTrack's file, at most
     backend_connections: int = 16  # pooled connections per BBB server
     customer_backend_calls: int = 0  # in flight per customer per backend; 0: half the pool
     max_answer_bytes: int = 16 * MIB  # a backend answer larger than this is refused
@@ -200,6 +201,9 @@ def _proxy(t: Mapping[str, Any]) -> ProxySettings:
         logout_url=_get(t, "proxy", "logout_url", _string, d.logout_url),
         max_query_bytes=_get(t, "proxy", "max_query_bytes", _positive, d.max_query_bytes),
         max_body_bytes=_get(t, "proxy", "max_body_bytes", _positive, d.max_body_bytes),
+        max_text_track_bytes=_get(
+            t, "proxy", "max_text_track_bytes", _positive, d.max_text_track_bytes
+        ),
         backend_connections=_get(
             t, "proxy", "backend_connections", _positive, d.backend_connections
         ),

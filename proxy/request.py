@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from proxy.bbb import envelope
 from proxy.bbb.numbers import parse_int
+from proxy.bbb.recordings import TrackFile
 from proxy.config import Customer
 from proxy.errors import ValidationError
 
@@ -20,6 +21,7 @@ class ApiRequest:
     params: list[tuple[str, str]]  # what the checksum covers (checksum.signed_params), decoded
     body: bytes | None = None  # a checked XML <modules> body, re-serialised (bodies.checked_xml)
     content_type: str | None = None  # the XML body's media type, e.g. "text/xml"
+    upload: TrackFile | None = None  # putRecordingTextTrack's file part
 
     def first(self, name: str) -> str | None:
         """The first value of ``name``, as bbb-web reads it."""

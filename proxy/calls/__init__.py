@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from proxy.bbb import bodies, checksum, envelope
+from proxy.bbb import recordings as rules
 from proxy.calls import meetings, recordings
 from proxy.calls.create import create
 from proxy.config import Customer
@@ -57,6 +58,7 @@ CALLS: dict[str, Handler] = {
     "deleteRecordings": recordings.change_recordings,
     "updateRecordings": recordings.change_recordings,
     "getRecordingTextTracks": recordings.get_recording_text_tracks,
+    "putRecordingTextTrack": recordings.put_recording_text_track,
 }
 
 
@@ -108,13 +110,18 @@ def _verified(gw: Gateway, incoming: Incoming) -> ApiRequest:
     customer = _customer(gw, incoming)
     if len(incoming.raw_query) > gw.config.proxy.max_query_bytes:
         raise ValidationError("The request is too large")
-    body = bodies.parse(incoming.content_type, incoming.body)
+    upload = None
+    if incoming.call == "putRecordingTextTrack":  # the one call whose body carries a file
+        limit = gw.config.proxy.max_text_track_bytes
+        body, upload = rules.upload_body(incoming.content_type, incoming.body, limit)
+    else:
+        body = bodies.parse(incoming.content_type, incoming.body)
     customer, params = _signed(customer, incoming, body)
     if not customer.enabled:
         raise ApiNotEnabled()
     xml = bodies.checked_xml(incoming.call, body)
     media = body.media_type if xml is not None else None
-    return ApiRequest(customer, incoming.call, params, xml, media)
+    return ApiRequest(customer, incoming.call, params, xml, media, upload)
 
 
 def _signed(

@@ -26,6 +26,7 @@ before anything is streamed, by :func:`proxy.calls.handle`.
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -206,6 +207,52 @@ async def get_recording_text_tracks(gw: Gateway, req: ApiRequest) -> Answer:
         log.warning(
             "getRecordingTextTracks: %s answered something else than BBB's JSON", backend_id
         )
+        return json_error(BackendBadResponse(backend_id, "not BBB's JSON"))
+    return Answer.json(answer)
+
+
+async def put_recording_text_track(gw: Gateway, req: ApiRequest) -> Answer:
+    """The customer's upload, sent only to the backend holding the recording; BBB's JSON.
+
+    The file was read whole by the web layer, within ``[proxy] max_text_track_bytes``
+    (it is not streamed through); it is sent as the only part of a new multipart body,
+    with recordID, kind, lang and label in the signed query, as bbb-web takes them.
+
+    Error handling: bbb-web's JSON errors in its order (``paramError`` for recordID,
+    ``noRecordings``, also for another customer's recording, ``paramError`` /
+    ``invalidKind`` / ``invalidLang``, ``empty_uploaded_text_track``), then
+    ``serverUnavailable`` / ``internalError`` for a holder that could not be asked or
+    answered something else than BBB's JSON; the holder's own JSON answer as it came.
+    """
+    record_id = (req.first("recordID") or "").strip()
+    if not record_id:
+        return Answer.json(recordings.json_failure(*recordings.MISSING_RECORD_ID_JSON))
+    where, unanswered = await _locate(gw, req.customer.id, [record_id])
+    if not where:
+        if unanswered:
+            return json_error(BackendUnavailable(unanswered[0], "could not be asked"))
+        return Answer.json(recordings.json_failure(*recordings.no_recording(record_id)))
+    upload = recordings.track_upload(record_id, req.params)
+    if isinstance(upload, tuple):
+        return Answer.json(recordings.json_failure(*upload))
+    if req.upload is None or not req.upload.data:
+        return Answer.json(recordings.json_failure(*recordings.EMPTY_UPLOAD))
+    backend_id = next(iter(where))
+    body, content_type = recordings.track_body(req.upload, secrets.token_hex(16))
+    try:
+        content = await gw.client(backend_id).fetch(
+            req.call,
+            recordings.track_params(upload),
+            body,
+            content_type,
+            customer=req.customer.id,
+        )
+    except BackendError as exc:
+        log.warning("putRecordingTextTrack to %s failed: %s", backend_id, exc)
+        return json_error(exc)
+    answer = recordings.upload_answer(content)
+    if answer is None:
+        log.warning("putRecordingTextTrack: %s answered something else than BBB's JSON", backend_id)
         return json_error(BackendBadResponse(backend_id, "not BBB's JSON"))
     return Answer.json(answer)
 

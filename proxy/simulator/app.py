@@ -136,9 +136,11 @@ async def read_api_request(call: str) -> ApiRequest:
     """The parts of the current request the simulator decides on."""
     content_type = request.mimetype.lower()
     form: tuple[tuple[str, str], ...] = ()
+    files: tuple[tuple[str, bytes], ...] = ()
     body = b""
     if content_type in FORM_TYPES:
         form = tuple((await request.form).items(multi=True))
+        files = tuple((k, f.read()) for k, f in (await request.files).items(multi=True))
     else:
         body = await _get_body()
     return ApiRequest(
@@ -149,6 +151,7 @@ async def read_api_request(call: str) -> ApiRequest:
         content_type=content_type,
         body=body,
         origin=f"{request.scheme}://{request.host}",
+        files=files,
     )
 
 

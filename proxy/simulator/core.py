@@ -53,6 +53,7 @@ HANDLERS: dict[str, Handler] = {
     "deleteRecordings": recordings.delete_recordings,
     "updateRecordings": recordings.update_recordings,
     "getRecordingTextTracks": recordings.get_recording_text_tracks,
+    "putRecordingTextTrack": recordings.put_recording_text_track,
 }
 # bbb-api.md §1: "POST is allowed for create, end, getMeetingInfo, getMeetings,
 # isMeetingRunning, getRecordings, updateRecordings, ..., insertDocument".
@@ -66,6 +67,7 @@ POST_CALLS = frozenset(
         "getRecordings",
         "updateRecordings",
         "insertDocument",
+        "putRecordingTextTrack",
     }
 )
 

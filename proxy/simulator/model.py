@@ -109,6 +109,7 @@ class ApiRequest:
     content_type: str = ""  # media type only, lower-case, no parameters
     body: bytes = b""
     origin: str = "http://127.0.0.1"  # scheme://host[:port] the client used
+    files: tuple[tuple[str, bytes], ...] = ()  # multipart file parts: (name, content)
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import hashlib
 import heapq
+import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -169,6 +170,7 @@ class RecordingStore:
         self.by_id: dict[str, Recording] = {}
         self._processing: list[tuple[int, str]] = []  # (due ms, recordID), a heap
         self._children: dict[str, list[str]] = {}  # parent internal id -> child recordIDs
+        self.uploads: list[tuple[str, str, str, bytes]] = []  # (recordID, kind, lang, file)
 
     def __len__(self) -> int:
         return len(self.by_id)
@@ -358,16 +360,61 @@ def get_recording_text_tracks(sim: Simulator, req: ApiRequest, params: Params) -
     return Reply.json(orjson.dumps(body).decode())
 
 
-def text_track(server_name: str, record_id: str, lang: str, label: str) -> dict[str, str]:
-    """One uploaded subtitle track, as bbb-web lists it."""
+def text_track(
+    server_name: str, record_id: str, lang: str, label: str, kind: str = "subtitles"
+) -> dict[str, str]:
+    """One uploaded text track, as bbb-web lists it."""
     return {
         "href": f"https://{server_name}/textTrack/{_sha1(record_id + lang)}/{record_id}"
-        f"/subtitles_{lang}.vtt",
-        "kind": "subtitles",
+        f"/{kind}_{lang}.vtt",
+        "kind": kind,
         "label": label,
         "lang": lang,
         "source": "upload",
     }
+
+
+_LANG = re.compile(r"[A-Za-z]{2,8}(?:[-_][A-Za-z0-9]{1,8})*")
+
+
+def put_recording_text_track(sim: Simulator, req: ApiRequest, params: Params) -> Reply:
+    """RecordingController's putRecordingTextTrack: recordID, kind, lang, optional label in
+    the query, the ``file`` part in a multipart body; checked in bbb-web's order.  bbb-web
+    hands the file to its captions queue and lists it once processed; the simulator lists it
+    at once (replacing a track of the same kind and lang)."""
+    record_id = (params.given("recordID") or "").strip()
+    if not record_id:
+        return json_failure("paramError", "Missing param recordID.")
+    recording = sim.recordings.by_id.get(record_id)
+    if recording is None:
+        return json_failure("noRecordings", f"No recording found for {record_id}")
+    kind = (params.given("kind") or "").strip()
+    if not kind:
+        return json_failure("paramError", "Missing param kind.")
+    if kind not in ("subtitles", "captions"):
+        message = f"Invalid kind parameter, expected='subtitles|captions' actual={kind}"
+        return json_failure("invalidKind", message)
+    lang = (params.given("lang") or "").strip()
+    if not lang:
+        return json_failure("paramError", "Missing param lang.")
+    if not _LANG.fullmatch(lang):
+        return json_failure("invalidLang", f"Malformed lang param, received={lang}")
+    label = (params.given("label") or "").strip() or lang
+    data = next((content for name, content in req.files if name == "file"), b"")
+    if not data:
+        return json_failure("empty_uploaded_text_track", "Empty uploaded text track.")
+    kept = [t for t in recording.text_tracks if (t["kind"], t["lang"]) != (kind, lang)]
+    recording.text_tracks = [*kept, text_track(sim.server_name, record_id, lang, label, kind)]
+    sim.recordings.uploads.append((record_id, kind, lang, data))
+    body = {
+        "response": {
+            "messageKey": "upload_text_track_success",
+            "message": "Text track uploaded successfully",
+            "recordId": record_id,
+            "returncode": "SUCCESS",
+        }
+    }
+    return Reply.json(orjson.dumps(body).decode())
 
 
 # -- XML ---------------------------------------------------------------------------------------
