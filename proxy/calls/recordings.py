@@ -55,7 +55,7 @@ CHUNK = 50  # recordings per write
 class Collected:
     """The first pass: per backend that answered whole, its keys; the bodies that fit."""
 
-    keys: dict[str, list[recordings.Listed]] = field(default_factory=dict)
+    keys: dict[str, list[bytes]] = field(default_factory=dict)  # recordings.packed
     bodies: recordings.Bodies = field(default_factory=recordings.Bodies)
     failed: set[str] = field(default_factory=set)  # answered, but not a whole SUCCESS
 
@@ -78,7 +78,8 @@ async def _listing(
     every = [key for keys in collected.keys.values() for key in keys]
     shown = recordings.window(every, page)
     written = 0
-    for round_ in recordings.rounds(shown):
+    for packed in recordings.rounds(shown):
+        round_ = [recordings.unpacked(key) for key in packed]
         fetched = await _bodies(gw, customer, [k for k in round_ if not collected.bodies.has(k)])
         chunk: list[str] = []
         for item in round_:
@@ -135,10 +136,10 @@ async def _keys_of(
     filters: list[tuple[str, str]],
     collected: Collected,
 ) -> None:
-    keys: list[recordings.Listed] = []
+    keys: list[bytes] = []
 
     def found(item: recordings.Listed, recording: etree._Element | None) -> None:
-        keys.append(item)
+        keys.append(recordings.packed(item))
         if recording is not None:
             collected.bodies.keep(item, rewrite.serialise(recording))
 

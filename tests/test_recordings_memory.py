@@ -1,0 +1,45 @@
+"""The first pass of getRecordings keeps one packed bytes key per recording: it must sort
+exactly as the (startTime, recordID, backend rank) order and give the key back unchanged."""
+
+from __future__ import annotations
+
+import sys
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from proxy.bbb import recordings
+from proxy.bbb.recordings import Listed, Page
+
+LISTED = st.builds(
+    Listed,
+    st.integers(0, 10**15 - 1),
+    st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\0"), max_size=12),
+    st.integers(0, 999),
+)
+
+
+@given(st.lists(LISTED, max_size=30))
+def test_packed_keys_sort_as_the_pool_order(items: list[Listed]) -> None:
+    keys = [recordings.packed(item) for item in items]
+    assert [recordings.unpacked(k) for k in recordings.window(keys, Page())] == sorted(items)
+
+
+@given(LISTED)
+def test_packed_round_trips(item: Listed) -> None:
+    assert recordings.unpacked(recordings.packed(item)) == item
+
+
+def test_a_recordid_sorts_before_one_it_prefixes_on_a_later_backend() -> None:
+    short, longer = Listed(5, "abc", 9), Listed(5, "abc-1", 0)
+    assert sorted([recordings.packed(longer), recordings.packed(short)]) == [
+        recordings.packed(short),
+        recordings.packed(longer),
+    ]
+
+
+def test_a_bbb_key_is_smaller_than_the_object() -> None:
+    item = Listed(1_700_000_000_000, "a" * 40 + "-1700000000000", 3)
+    key = recordings.packed(item)
+    as_object = sys.getsizeof(item) + sys.getsizeof(item.record_id) + sys.getsizeof(item.start_time)
+    assert sys.getsizeof(key) <= 100 < as_object
