@@ -7,14 +7,16 @@ import sys
 
 from hypothesis import given
 from hypothesis import strategies as st
+from lxml import etree
 
-from proxy.bbb import recordings
+from proxy.bbb import recordings, rewrite
 from proxy.bbb.recordings import Listed, Page
+from tests.test_recordings_rules import answer, recording
 
 LISTED = st.builds(
     Listed,
     st.integers(0, 10**15 - 1),
-    st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\0"), max_size=12),
+    st.text(st.characters(codec="utf-8", exclude_characters="\0"), max_size=12),
     st.integers(0, 999),
 )
 
@@ -43,3 +45,23 @@ def test_a_bbb_key_is_smaller_than_the_object() -> None:
     key = recordings.packed(item)
     as_object = sys.getsizeof(item) + sys.getsizeof(item.record_id) + sys.getsizeof(item.start_time)
     assert sys.getsizeof(key) <= 100 < as_object
+
+
+def test_a_big_read_is_parsed_a_slice_at_a_time() -> None:
+    """A 64 KiB read holds about 50 recordings; the reader must not let libxml2 build them
+    all before it drops the first (the tree of 20 such reads was most of the memory growth)."""
+    backend_id = rewrite.backend_meeting_id("acme", "room")
+    data = answer(*(recording(f"r{i}", str(i), "acme", "room", backend_id) for i in range(200)))
+    assert len(data) > 10 * recordings.FEED
+    present: list[int] = []
+
+    def found(item: Listed, element: etree._Element | None) -> None:
+        assert element is not None
+        parent = element.getparent()
+        present.append(0 if parent is None else len(parent))
+
+    reader = recordings.AnswerReader("acme", 0, found, lambda: True)
+    reader.feed(data)  # in one piece, as one big read arrives
+    reader.close()
+    assert reader.ok and len(present) == 200
+    assert max(present) <= recordings.FEED // 250 + 2  # each recording is over 250 bytes
