@@ -5,12 +5,17 @@ from __future__ import annotations
 
 import sys
 
+import pytest
+import trio
 from hypothesis import given
 from hypothesis import strategies as st
 from lxml import etree
 
+from proxy.backends import http
 from proxy.bbb import recordings, rewrite
 from proxy.bbb.recordings import Listed, Page
+from tests.harness import StackFactory
+from tests.test_recordings import seed
 from tests.test_recordings_rules import answer, recording
 
 LISTED = st.builds(
@@ -65,3 +70,29 @@ def test_a_big_read_is_parsed_a_slice_at_a_time() -> None:
     reader.close()
     assert reader.ok and len(present) == 200
     assert max(present) <= recordings.FEED // 250 + 2  # each recording is over 250 bytes
+
+
+async def test_streamed_listings_read_small_pieces(
+    make_stack: StackFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """20 listings streamed at once each hold one read: those reads are STREAM_READ bytes,
+    other answers (held whole anyway) keep 64 KiB reads."""
+    sizes: list[int] = []
+    original = http._receive
+
+    async def receive(stream: trio.abc.Stream, size: int = 65536) -> bytes:
+        sizes.append(size)
+        return await original(stream, size)
+
+    monkeypatch.setattr(http, "_receive", receive)
+    stack = await make_stack(backends=2)
+    seed(stack.sims[0], "acme", "room", 30)
+    await stack.create("other")
+    created = set(sizes)
+    sizes.clear()
+    root = await stack.call("getRecordings", [])
+    assert len(root.findall("recordings/recording")) == 30
+    assert created == {65536}
+    # both servers' listings were streamed in small reads (a background poll, if one ran
+    # meanwhile, reads 64 KiB: not asserted against)
+    assert sizes.count(http.STREAM_READ) >= 2 and http.STREAM_READ <= 16 * 1024

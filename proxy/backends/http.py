@@ -39,6 +39,7 @@ from proxy.config import Timeouts
 MAX_ANSWER_BYTES = 16 * 1024 * 1024
 # A streamed answer (Pool.stream) is not kept, so it is capped far higher: 1 GiB.
 MAX_STREAMED_BYTES = 1024 * 1024 * 1024
+STREAM_READ = 16 * 1024  # a streamed answer's reads: 20 listings at once hold 20 of them
 IDLE_SECONDS = 30.0  # idle connections older than this are closed rather than reused
 USER_AGENT = b"bbb-proxy"
 
@@ -242,7 +243,7 @@ async def _read_answer(
     while True:
         event = _next_event(conn)
         if event is h11.NEED_DATA:
-            data = await _receive(connection.stream)
+            data = await _receive(connection.stream, STREAM_READ if sink else 65536)
             conn.receive_data(data)
         elif isinstance(event, h11.Response):
             status = event.status_code
@@ -290,8 +291,8 @@ async def _send(stream: trio.abc.Stream, data: bytes) -> None:
         raise ProtocolFailed(f"connection broke: {type(exc).__name__}") from None
 
 
-async def _receive(stream: trio.abc.Stream) -> bytes:
+async def _receive(stream: trio.abc.Stream, size: int = 65536) -> bytes:
     try:
-        return bytes(await stream.receive_some(65536))
+        return bytes(await stream.receive_some(size))
     except (trio.BrokenResourceError, OSError, ssl.SSLError) as exc:
         raise ProtocolFailed(f"connection broke: {type(exc).__name__}") from None
