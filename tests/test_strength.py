@@ -11,7 +11,10 @@ import random
 from fractions import Fraction
 
 import pytest
+from lxml import etree
 
+from proxy.bbb import rewrite
+from proxy.bbb.numbers import parse_count, parse_int
 from proxy.placement import BackendLoad, Ring
 
 # -- placement: the bound of "consistent hashing with bounded loads" ---------------------------
@@ -85,3 +88,167 @@ def test_the_bound_counts_the_new_meeting_in_the_total() -> None:
 def test_a_meeting_needs_a_size(size: int) -> None:
     with pytest.raises(ValueError, match="size"):
         Ring(["a"]).choose("k", size, {"a": BackendLoad("a", 10, 0, True)})
+
+
+# -- numbers from peers ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "signed", "expected"),
+    [
+        ("7", False, 7),
+        (" 42 ", False, 42),
+        ("9" * 18, False, 10**18 - 1),  # exactly MAX_DIGITS
+        ("1" * 19, False, None),
+        ("-5", False, None),  # unsigned unless asked
+        ("-5", True, -5),
+        ("-12", True, -12),
+        ("-a5", True, None),
+        ("--5", True, None),
+        ("-", True, None),
+        ("", False, None),
+        ("   ", False, None),
+        (None, False, None),
+        ("abc", False, None),
+        ("12a", False, None),
+        ("+5", True, None),
+        ("1_000", False, None),
+        ("²", False, None),
+        ("١٢", False, None),
+    ],
+)
+def test_parse_int(text: str | None, signed: bool, expected: int | None) -> None:
+    assert parse_int(text, signed=signed) == expected
+
+
+def test_parse_int_and_parse_count_limits() -> None:
+    assert parse_int("12345", max_digits=5) == 12345
+    assert parse_int("123456", max_digits=5) is None
+    assert parse_int("-12345", max_digits=5, signed=True) == -12345
+    assert parse_count("17") == 17
+    assert parse_count(None) == 0
+    assert parse_count("-3") == 0
+    assert parse_count("²") == 0
+    assert parse_count("1234", max_digits=3) == 0
+    assert parse_count("123", max_digits=3) == 123
+
+
+# -- rewriting between customer and backend ----------------------------------------------------
+
+
+def test_tags_are_the_gateways_marks_in_order() -> None:
+    assert rewrite.tags("acme", "room 1", 45) == [
+        ("meta_bbb-proxy-customer", "acme"),
+        ("meta_bbb-proxy-meeting", "room 1"),
+        ("meta_bbb-proxy-duration", "45"),
+    ]
+    assert rewrite.tags("acme", "r", 0, 1700000000.25)[-1] == (
+        "meta_bbb-proxy-created",
+        "1700000000.25",
+    )
+    assert len(rewrite.tags("acme", "r", 0, 0.0)) == 4  # 0.0 is an instance too
+
+
+@pytest.mark.parametrize(
+    ("name", "reserved"),
+    [
+        ("meta_bbb-proxy-customer", True),
+        ("META_BBB-PROXY-MEETING", True),
+        ("Meta_Bbb-Proxy-anything", True),
+        ("meta_bbb-proxyx", False),
+        ("bbb-proxy-customer", False),
+        ("meta_course", False),
+        ("xmeta_bbb-proxy-customer", False),
+    ],
+)
+def test_is_reserved_param(name: str, reserved: bool) -> None:
+    assert rewrite.is_reserved_param(name) is reserved
+
+
+def test_without_drops_names_in_any_case_and_the_gateways_tags() -> None:
+    params = [
+        ("MeetingID", "x"),
+        ("name", "y"),
+        ("meta_bbb-proxy-customer", "z"),
+        ("meta_other", "w"),
+        ("DURATION", "5"),
+    ]
+    assert rewrite.without(params, ["meetingID", "Duration"]) == [
+        ("name", "y"),
+        ("meta_other", "w"),
+    ]
+    assert rewrite.without(params, []) == [
+        ("MeetingID", "x"),
+        ("name", "y"),
+        ("meta_other", "w"),
+        ("DURATION", "5"),
+    ]
+
+
+def test_replace_param() -> None:
+    params = [("a", "1"), ("meetingID", "x"), ("b", "2"), ("meetingID", "y")]
+    assert rewrite.replace_param(params, "meetingID", "acme~x") == [
+        ("a", "1"),
+        ("meetingID", "acme~x"),
+        ("b", "2"),
+    ]
+    assert rewrite.replace_param([("a", "1")], "meetingID", "m") == [("a", "1"), ("meetingID", "m")]
+    assert rewrite.replace_param([], "meetingID", "m") == [("meetingID", "m")]
+
+
+def meeting_xml(
+    metadata: str, meeting_id: str = "acme~room-1", duration: str = "0"
+) -> etree._Element:
+    return etree.fromstring(
+        f"<meeting><meetingID>{meeting_id}</meetingID><duration>{duration}</duration>"
+        f"<metadata>{metadata}</metadata></meeting>"
+    )
+
+
+def test_restore_meeting_shows_the_customer_its_own() -> None:
+    meeting = meeting_xml(
+        "<course>Maths</course><bbb-proxy-customer>acme</bbb-proxy-customer>"
+        "<bbb-proxy-meeting>room-1</bbb-proxy-meeting><bbb-proxy-duration>45</bbb-proxy-duration>"
+        "<endcallbackurl>http://gw/callbacks/v1/ended?k=callback</endcallbackurl>"
+        "<bbb-proxy-endcallbackurl>https://lms.test/cb</bbb-proxy-endcallbackurl>"
+        "<!-- a comment --><bbb-origin>Moodle</bbb-origin>"
+    )
+    rewrite.restore_meeting(meeting, "room-1", 45)
+    assert meeting.findtext("meetingID") == "room-1"
+    assert meeting.findtext("duration") == "45"
+    metadata = meeting.find("metadata")
+    assert metadata is not None
+    tags = [c.tag if isinstance(c.tag, str) else "comment" for c in metadata]
+    assert tags == ["course", "endcallbackurl", "comment", "bbb-origin"]
+    assert metadata.findtext("endcallbackurl") == "https://lms.test/cb"
+    assert isinstance(rewrite.serialise(meeting), str)
+    assert rewrite.serialise(meeting).startswith("<meeting><meetingID>room-1</meetingID>")
+
+
+def test_restore_meeting_without_metadata_or_duration() -> None:
+    meeting = etree.fromstring("<response><meetingID>acme~r</meetingID></response>")
+    rewrite.restore_meeting(meeting, "r", 30)
+    assert rewrite.serialise(meeting) == "<response><meetingID>r</meetingID></response>"
+
+
+def test_meeting_owner_needs_both_marks_to_agree() -> None:
+    tags = (
+        "<bbb-proxy-customer>acme</bbb-proxy-customer>"
+        "<bbb-proxy-meeting>room-1</bbb-proxy-meeting><bbb-proxy-duration>45</bbb-proxy-duration>"
+    )
+    assert rewrite.meeting_owner(meeting_xml(tags)) == ("acme", "room-1", 45)
+    assert rewrite.meeting_owner(meeting_xml(tags, meeting_id="globex~room-1")) is None
+    assert rewrite.meeting_owner(meeting_xml(tags, meeting_id="acmex~room-1")) is None
+    no_duration = tags.replace("<bbb-proxy-duration>45</bbb-proxy-duration>", "")
+    assert rewrite.meeting_owner(meeting_xml(no_duration)) == ("acme", "room-1", 0)
+    bad_duration = tags.replace(">45<", ">²<")
+    assert rewrite.meeting_owner(meeting_xml(bad_duration)) == ("acme", "room-1", 0)
+    no_meeting = tags.replace("<bbb-proxy-meeting>room-1</bbb-proxy-meeting>", "")
+    assert rewrite.meeting_owner(meeting_xml(no_meeting)) is None
+    empty_customer = tags.replace(">acme<", "><")
+    assert rewrite.meeting_owner(meeting_xml(empty_customer, meeting_id="~room-1")) is None
+    bare = etree.fromstring("<meeting><meetingID>acme~room-1</meetingID></meeting>")
+    assert rewrite.meeting_owner(bare) is None
+    assert rewrite.owned_by("acme", "acme~x")
+    assert not rewrite.owned_by("acme", "acme")
+    assert not rewrite.owned_by("acme", "acmex~x")
