@@ -187,29 +187,11 @@ async def get_recording_text_tracks(gw: Gateway, req: ApiRequest) -> Answer:
     recording ``noRecordings`` (the same answer), a backend that cannot be asked
     ``serverUnavailable``, all as BBB's JSON error.
     """
-    record_id = (req.first("recordID") or "").strip()
-    if not record_id:
-        return Answer.json(recordings.json_failure(*recordings.MISSING_RECORD_ID_JSON))
-    where, unanswered = await _locate(gw, req.customer.id, [record_id])
-    if not where:
-        if unanswered:
-            return json_error(BackendUnavailable(unanswered[0], "could not be asked"))
-        return Answer.json(recordings.json_failure(*recordings.no_recording(record_id)))
-    backend_id = next(iter(where))
-    try:
-        content = await gw.client(backend_id).fetch(
-            req.call, [("recordID", record_id)], customer=req.customer.id
-        )
-    except BackendError as exc:
-        log.warning("getRecordingTextTracks of %s failed: %s", backend_id, exc)
-        return json_error(exc)
-    answer = recordings.text_tracks_answer(content)
-    if answer is None:
-        log.warning(
-            "getRecordingTextTracks: %s answered something else than BBB's JSON", backend_id
-        )
-        return json_error(BackendBadResponse(backend_id, "not BBB's JSON"))
-    return Answer.json(answer)
+    found = await _holder(gw, req)
+    if isinstance(found, Answer):
+        return found
+    backend_id, record_id = found
+    return await _json_from(gw, req, backend_id, [("recordID", record_id)])
 
 
 async def put_recording_text_track(gw: Gateway, req: ApiRequest) -> Answer:
@@ -225,40 +207,62 @@ async def put_recording_text_track(gw: Gateway, req: ApiRequest) -> Answer:
     ``serverUnavailable`` / ``internalError`` for a holder that could not be asked or
     answered something else than BBB's JSON; the holder's own JSON answer as it came.
     """
-    record_id = (req.first("recordID") or "").strip()
-    if not record_id:
-        return Answer.json(recordings.json_failure(*recordings.MISSING_RECORD_ID_JSON))
-    where, unanswered = await _locate(gw, req.customer.id, [record_id])
-    if not where:
-        if unanswered:
-            return json_error(BackendUnavailable(unanswered[0], "could not be asked"))
-        return Answer.json(recordings.json_failure(*recordings.no_recording(record_id)))
+    found = await _holder(gw, req)
+    if isinstance(found, Answer):
+        return found
+    backend_id, record_id = found
     upload = recordings.track_upload(record_id, req.params)
     if isinstance(upload, tuple):
         return Answer.json(recordings.json_failure(*upload))
     if req.upload is None or not req.upload.data:
         return Answer.json(recordings.json_failure(*recordings.EMPTY_UPLOAD))
-    backend_id = next(iter(where))
     body, content_type = recordings.track_body(req.upload, secrets.token_hex(16))
+    return await _json_from(
+        gw, req, backend_id, recordings.track_params(upload), body, content_type
+    )
+
+
+async def _holder(gw: Gateway, req: ApiRequest) -> tuple[str, str] | Answer:
+    """(the backend holding the request's recordID, that recordID), or BBB's JSON error."""
+    record_id = (req.first("recordID") or "").strip()
+    if not record_id:
+        return Answer.json(recordings.json_failure(*recordings.MISSING_RECORD_ID_JSON))
+    where, unanswered = await _locate(gw, req.customer.id, [record_id])
+    if where:
+        return next(iter(where)), record_id
+    if unanswered:
+        return json_error(BackendUnavailable(unanswered[0], "could not be asked"))
+    return Answer.json(recordings.json_failure(*recordings.no_recording(record_id)))
+
+
+async def _json_from(
+    gw: Gateway,
+    req: ApiRequest,
+    backend_id: str,
+    params: list[tuple[str, str]],
+    body: bytes | None = None,
+    content_type: str | None = None,
+) -> Answer:
+    """The holder's JSON answer to the text-track call, checked for BBB's shape."""
     try:
         content = await gw.client(backend_id).fetch(
-            req.call,
-            recordings.track_params(upload),
-            body,
-            content_type,
-            customer=req.customer.id,
+            req.call, params, body, content_type, customer=req.customer.id
         )
     except BackendError as exc:
-        log.warning("putRecordingTextTrack to %s failed: %s", backend_id, exc)
+        log.warning("%s of %s failed: %s", req.call, backend_id, exc)
         return json_error(exc)
-    answer = recordings.upload_answer(content)
+    answer = CHECKS[req.call](content)
     if answer is None:
-        log.warning("putRecordingTextTrack: %s answered something else than BBB's JSON", backend_id)
+        log.warning("%s: %s answered something else than BBB's JSON", req.call, backend_id)
         return json_error(BackendBadResponse(backend_id, "not BBB's JSON"))
     return Answer.json(answer)
 
 
 JSON_CALLS = recordings.JSON_CALLS
+CHECKS = {  # each text-track call's check of the holder's JSON answer
+    "getRecordingTextTracks": recordings.text_tracks_answer,
+    "putRecordingTextTrack": recordings.upload_answer,
+}
 
 
 def json_error(error: ProxyError) -> Answer:
