@@ -15,7 +15,7 @@ from lxml import etree
 
 from proxy.bbb import rewrite
 from proxy.bbb.numbers import parse_count, parse_int
-from proxy.placement import BackendLoad, Ring
+from proxy.placement import BackendLoad, Ring, RingStatistics
 
 # -- placement: the bound of "consistent hashing with bounded loads" ---------------------------
 
@@ -86,8 +86,18 @@ def test_the_bound_counts_the_new_meeting_in_the_total() -> None:
 
 @pytest.mark.parametrize("size", [0, -1])
 def test_a_meeting_needs_a_size(size: int) -> None:
-    with pytest.raises(ValueError, match="size"):
+    with pytest.raises(ValueError, match=r"^size must be >= 1$"):
         Ring(["a"]).choose("k", size, {"a": BackendLoad("a", 10, 0, True)})
+    with pytest.raises(ValueError, match=r"^epsilon must be >= 0$"):
+        Ring(["a"]).choose("k", 1, {"a": BackendLoad("a", 10, 0, True)}, epsilon=-0.1)
+
+
+def test_one_point_per_backend_is_a_ring() -> None:
+    ring = Ring(["a", "b"], vnodes=1)
+    assert ring.statistics() == RingStatistics(backends=2, vnodes=1)
+    assert sorted(ring.candidates("k")) == ["a", "b"]
+    with pytest.raises(ValueError, match=r"^vnodes must be >= 1$"):
+        Ring(["a"], vnodes=0)
 
 
 # -- numbers from peers ------------------------------------------------------------------------
