@@ -169,8 +169,12 @@ class Receiver:
     seen: list[str] = field(default_factory=list)
 
 
-async def start_receiver(nursery: trio.Nursery) -> Receiver:
-    receiver = Receiver("")
+type Respond = Callable[[dict[str, Any], bytes], int]  # (ASGI scope, body) -> HTTP status
+
+
+async def serve_endpoint(nursery: trio.Nursery, respond: Respond) -> str:
+    """An HTTP endpoint on loopback: reads each request's body whole, hands it with the
+    scope to ``respond`` and answers ``ok`` with the status it returns; its base URL."""
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
@@ -178,15 +182,31 @@ async def start_receiver(nursery: trio.Nursery) -> Receiver:
                 await send({"type": "lifespan.startup.complete"})
             await send({"type": "lifespan.shutdown.complete"})
             return
-        receiver.seen.append(scope["path"] + "?" + scope["query_string"].decode())
-        await send({"type": "http.response.start", "status": 200, "headers": []})
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        status = respond(scope, body)
+        await send({"type": "http.response.start", "status": status, "headers": []})
         await send({"type": "http.response.body", "body": b"ok"})
 
     config = HypercornConfig()
     config.bind = ["127.0.0.1:0"]
     config.accesslog = None
     binds = await nursery.start(partial(serve, app, config, mode="asgi"))
-    receiver.url = binds[0]
+    return str(binds[0])
+
+
+async def start_receiver(nursery: trio.Nursery) -> Receiver:
+    receiver = Receiver("")
+
+    def respond(scope: dict[str, Any], body: bytes) -> int:
+        receiver.seen.append(scope["path"] + "?" + scope["query_string"].decode())
+        return 200
+
+    receiver.url = await serve_endpoint(nursery, respond)
     return receiver
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
@@ -17,15 +16,13 @@ import httpx
 import jwt
 import pytest
 import trio
-from hypercorn.config import Config as HypercornConfig
-from hypercorn.trio import serve
 from jwt.warnings import InsecureKeyLengthWarning
 
 from proxy.bbb import recording_ready, rewrite
 from proxy.bbb.checksum import signed_query
 from proxy.server import serve_gateway
 from proxy.simulator import Simulator, serve_simulator
-from tests.harness import BACKEND_SECRET, SECRETS, Stack, config_for, free_port
+from tests.harness import BACKEND_SECRET, SECRETS, Stack, config_for, free_port, serve_endpoint
 
 
 @dataclass
@@ -44,28 +41,11 @@ class Receiver:
 async def start_receiver(nursery: trio.Nursery, statuses: list[int] | None = None) -> Receiver:
     receiver = Receiver(statuses=list(statuses or []))
 
-    async def app(scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "lifespan":
-            while (await receive())["type"] != "lifespan.shutdown":
-                await send({"type": "lifespan.startup.complete"})
-            await send({"type": "lifespan.shutdown.complete"})
-            return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+    def respond(scope: dict[str, Any], body: bytes) -> int:
         receiver.bodies.append(body)
-        status = receiver.statuses.pop(0) if receiver.statuses else 200
-        await send({"type": "http.response.start", "status": status, "headers": []})
-        await send({"type": "http.response.body", "body": b"ok"})
+        return receiver.statuses.pop(0) if receiver.statuses else 200
 
-    config = HypercornConfig()
-    config.bind = ["127.0.0.1:0"]
-    config.accesslog = None
-    binds = await nursery.start(partial(serve, app, config, mode="asgi"))
-    receiver.url = f"{binds[0]}/bbb/ready"
+    receiver.url = f"{await serve_endpoint(nursery, respond)}/bbb/ready"
     return receiver
 
 

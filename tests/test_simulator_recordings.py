@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import time
 import warnings
-from functools import partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
@@ -15,13 +14,12 @@ import httpx
 import jwt
 import pytest
 import trio
-from hypercorn.config import Config as HypercornConfig
-from hypercorn.trio import serve
 from jwt.warnings import InsecureKeyLengthWarning
 from lxml import etree
 
 from proxy.bbb.checksum import signed_query
 from proxy.simulator import Simulator, serve_simulator
+from tests.harness import serve_endpoint
 
 SECRET = "sim-recordings-secret"
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "bbb"
@@ -252,28 +250,12 @@ async def test_seeding_ten_thousand_is_quick(server: Server) -> None:
 async def start_form_receiver(nursery: trio.Nursery, seen: list[tuple[str, str, bytes]]) -> str:
     """An HTTP endpoint recording (method, content type, body) of every request."""
 
-    async def app(scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "lifespan":
-            while (await receive())["type"] != "lifespan.shutdown":
-                await send({"type": "lifespan.startup.complete"})
-            await send({"type": "lifespan.shutdown.complete"})
-            return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+    def respond(scope: dict[str, Any], body: bytes) -> int:
         headers = dict(scope["headers"])
         seen.append((scope["method"], headers.get(b"content-type", b"").decode(), body))
-        await send({"type": "http.response.start", "status": 200, "headers": []})
-        await send({"type": "http.response.body", "body": b"ok"})
+        return 200
 
-    config = HypercornConfig()
-    config.bind = ["127.0.0.1:0"]
-    config.accesslog = None
-    binds = await nursery.start(partial(serve, app, config, mode="asgi"))
-    return str(binds[0])
+    return await serve_endpoint(nursery, respond)
 
 
 def decoded(token: str, secret: str) -> dict[str, Any]:
