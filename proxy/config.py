@@ -8,6 +8,7 @@ to a default.  Times are in seconds unless the name says minutes.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import re
 import tomllib
@@ -23,6 +24,7 @@ log = logging.getLogger(__name__)
 
 SECONDS = 1.0
 MINUTES = 60 * SECONDS
+HOURS = 60 * MINUTES
 KIB = 1024
 MIB = 1024 * KIB
 
@@ -106,6 +108,20 @@ class ProxySettings:
         return self.logout_url or self.public_url + "/"
 
 
+type Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookSettings:
+    """The hooks API (``[webhooks]``): how many hooks, how long, and where they may point."""
+
+    max_hooks_per_customer: int = 100  # live hooks of one customer, all meetings together
+    hook_grace_after_end: float = 1 * HOURS  # a hook outlives its meeting's end by this
+    # Networks a callback URL may reach although they are not public (a private LMS);
+    # allow_private_callbacks = true allows every address.
+    allowed_callback_networks: tuple[Network, ...] = ()
+
+
 @dataclass(frozen=True, slots=True)
 class Backend:
     id: str
@@ -139,6 +155,7 @@ class Config:
     backends: tuple[Backend, ...]
     customers: tuple[Customer, ...]
     texts: Texts = field(default_factory=Texts)
+    webhooks: WebhookSettings = field(default_factory=WebhookSettings)
     _by_id: dict[str, Customer] = field(init=False, repr=False, compare=False)
     _by_host: dict[str, Customer] = field(init=False, repr=False, compare=False)
 
@@ -173,19 +190,22 @@ def load(path: str | Path) -> Config:
 
 
 def from_mapping(data: Mapping[str, Any]) -> Config:
-    _only(data, "", {"proxy", "backends", "customers", "texts"})
+    _only(data, "", {"proxy", "backends", "customers", "texts", "webhooks"})
     proxy = _proxy(_table(data, "proxy", "proxy"))
     backends = tuple(_backend(b, f"backends[{i}]") for i, b in enumerate(_array(data, "backends")))
     customers = tuple(
         _customer(c, f"customers[{i}]") for i, c in enumerate(_array(data, "customers"))
     )
     texts = _texts(_table(data, "texts", "texts"))
+    webhooks = _webhooks(_table(data, "webhooks", "webhooks"))
     _unique([b.id for b in backends], "backends", "id")
     _unique([c.id for c in customers], "customers", "id")
     _unique([h for c in customers for h in c.hosts], "customers", "hosts")
     if not backends:
         raise ConfigError("backends: at least one [[backends]] entry is required")
-    return Config(proxy=proxy, backends=backends, customers=customers, texts=texts)
+    return Config(
+        proxy=proxy, backends=backends, customers=customers, texts=texts, webhooks=webhooks
+    )
 
 
 def _proxy(t: Mapping[str, Any]) -> ProxySettings:
@@ -292,6 +312,30 @@ def _texts(t: Mapping[str, Any]) -> Texts:
             t, "texts", "moderator_only_message", _string, d.moderator_only_message
         ),
     )
+
+
+def _webhooks(t: Mapping[str, Any]) -> WebhookSettings:
+    _only(t, "webhooks", set(WebhookSettings.__dataclass_fields__))
+    d = WebhookSettings()
+    networks = _get(t, "webhooks", "allowed_callback_networks", _str_list, _NO_STRINGS)
+    return WebhookSettings(
+        max_hooks_per_customer=_get(
+            t, "webhooks", "max_hooks_per_customer", _positive, d.max_hooks_per_customer
+        ),
+        hook_grace_after_end=_get(
+            t, "webhooks", "hook_grace_after_end", _seconds, d.hook_grace_after_end
+        ),
+        allowed_callback_networks=tuple(
+            _network(n, f"webhooks.allowed_callback_networks[{i}]") for i, n in enumerate(networks)
+        ),
+    )
+
+
+def _network(value: str, where: str) -> Network:
+    try:
+        return ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        raise ConfigError(f"{where}: not an IP network ({value!r}; e.g. 10.1.2.0/24)") from None
 
 
 # -- checking helpers ---------------------------------------------------------------------------

@@ -1,0 +1,1 @@
+"""Per-meeting webhooks (issue 9): the hooks registry, event intake, privacy filter, delivery."""

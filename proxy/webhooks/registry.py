@@ -1,0 +1,354 @@
+"""The customers' hooks: who wants which meeting's events, and until when.
+
+A :class:`Hook` is registered by ``hooks/create`` for one meeting of one
+customer (``meeting_id`` is the customer's own meetingID, not the backend's),
+possibly before that meeting exists: LMSs register first and create later.
+It lives until ``hooks/destroy``, until delivery drops it (a receiver that
+keeps failing), or until its meeting has ended and
+``[webhooks] hook_grace_after_end`` has passed (recording events come after
+the end).  A create of the meeting again within the grace keeps it: the
+meeting runs again.
+
+:class:`HookState` is the pure model: it changes only through
+:meth:`HookState.apply` with a record, so the log of records replays to the
+same hooks after a restart.  Records (JSON objects, ``"type"`` first)::
+
+    {"type": "hook", "id", "customer", "meeting_id", "callback_url",
+     "event_ids": [..] | null, "algorithm", "created_at", "ended_at": float | null}
+    {"type": "destroyed", "id"}
+    {"type": "ended", "customer", "meeting_id", "at"}   # every hook of it so far
+    {"type": "started", "customer", "meeting_id"}       # the meeting runs (again)
+
+Expiry needs no record: an expired hook is dropped from memory when it is
+next looked at, and replaying ``hook`` + ``ended`` gives the same verdict.
+Times are epoch seconds from the registry's clock (``time.time``), so they
+keep their meaning across restarts.
+
+:class:`HookRegistry` is the thin service on a :class:`~proxy.store.Log`
+named ``hooks``: it applies a change, appends its record and flushes before
+the customer is answered, and compacts the log now and then.
+
+Error handling: :meth:`HookState.apply` raises ``StateError`` for a record it
+does not understand (never ``KeyError``).  :meth:`HookRegistry.create` and
+:meth:`HookRegistry.destroy` raise ``StorageUnavailable`` when the change cannot
+be made durable and ``ValidationError`` (``createHookError``) over the
+per-customer limit; :meth:`HookRegistry.meeting_ended`,
+:meth:`HookRegistry.meeting_started` and :meth:`HookRegistry.drop` never raise
+for storage (background work goes on; the change reaches the disk later).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, replace
+
+from proxy.errors import StateError, StorageUnavailable, ValidationError
+from proxy.store import Json, Log, Record
+
+log = logging.getLogger(__name__)
+
+COMPACT_AFTER = 256  # records appended beyond twice the live hooks before the log is compacted
+
+
+@dataclass(frozen=True, slots=True)
+class Hook:
+    id: str
+    customer: str
+    meeting_id: str  # the customer's meetingID
+    callback_url: str  # as registered (delivery signs it without any checksum of ours)
+    event_ids: frozenset[str] | None  # lower-case bbb-webhooks event ids; None: every event
+    algorithm: str  # sha1|sha256|sha384|sha512: what the hooks/create was signed with
+    created_at: float  # epoch seconds
+    ended_at: float | None = None  # its meeting's last end; it expires a grace later
+
+    def wants(self, event_id: str) -> bool:
+        return self.event_ids is None or event_id.lower() in self.event_ids
+
+    def expired(self, now: float, grace: float) -> bool:
+        return self.ended_at is not None and now >= self.ended_at + grace
+
+    def record(self) -> Record:
+        ids: Json = None if self.event_ids is None else sorted(self.event_ids)
+        return {
+            "type": "hook",
+            "id": self.id,
+            "customer": self.customer,
+            "meeting_id": self.meeting_id,
+            "callback_url": self.callback_url,
+            "event_ids": ids,
+            "algorithm": self.algorithm,
+            "created_at": self.created_at,
+            "ended_at": self.ended_at,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class HookStatistics:
+    hooks: int  # live hooks, all customers
+    customers: int  # customers with at least one
+
+
+class HookState:
+    """Every hook, by id, in creation order."""
+
+    def __init__(self) -> None:
+        self.hooks: dict[str, Hook] = {}
+
+    def apply(self, record: Mapping[str, Json]) -> None:
+        """Apply one record (see the module docstring); ``StateError`` if it is not one."""
+        kind = record.get("type")
+        handler = _APPLY.get(kind) if isinstance(kind, str) else None
+        if handler is None:
+            raise StateError(f"hooks: unknown record type {kind!r}")
+        handler(self, record)
+
+    def records(self) -> Iterator[Record]:
+        """The state as records: what compaction writes."""
+        return (hook.record() for hook in self.hooks.values())
+
+    def of(self, customer: str, meeting_id: str | None = None) -> list[Hook]:
+        """The customer's hooks (of one meeting, if given), in creation order."""
+        return [
+            h
+            for h in self.hooks.values()
+            if h.customer == customer and meeting_id in (None, h.meeting_id)
+        ]
+
+    def duplicate(self, customer: str, meeting_id: str, callback_url: str) -> Hook | None:
+        """bbb-webhooks' rule, per customer and meeting: one hook per callback URL."""
+        return next(
+            (h for h in self.of(customer, meeting_id) if h.callback_url == callback_url), None
+        )
+
+    def expired(self, now: float, grace: float) -> list[Hook]:
+        return [h for h in self.hooks.values() if h.expired(now, grace)]
+
+    def forget(self, hooks: Iterable[Hook]) -> None:
+        """Drop hooks from memory without a record (expired ones: replay agrees)."""
+        for hook in hooks:
+            self.hooks.pop(hook.id, None)
+
+    def _hook(self, record: Mapping[str, Json]) -> None:
+        hook = _hook_of(record)
+        self.hooks[hook.id] = hook
+
+    def _destroyed(self, record: Mapping[str, Json]) -> None:
+        self.hooks.pop(_text(record, "id"), None)
+
+    def _ended(self, record: Mapping[str, Json]) -> None:
+        at = _number(record, "at")
+        for hook in self.of(_text(record, "customer"), _text(record, "meeting_id")):
+            self.hooks[hook.id] = replace(hook, ended_at=at)
+
+    def _started(self, record: Mapping[str, Json]) -> None:
+        for hook in self.of(_text(record, "customer"), _text(record, "meeting_id")):
+            self.hooks[hook.id] = replace(hook, ended_at=None)
+
+
+_APPLY: dict[str, Callable[[HookState, Mapping[str, Json]], None]] = {
+    "hook": HookState._hook,
+    "destroyed": HookState._destroyed,
+    "ended": HookState._ended,
+    "started": HookState._started,
+}
+
+
+def _hook_of(record: Mapping[str, Json]) -> Hook:
+    ids = record.get("event_ids")
+    if ids is not None and not (isinstance(ids, list) and all(isinstance(i, str) for i in ids)):
+        raise StateError(f"hooks: event_ids must be a list of strings, not {ids!r}")
+    ended = record.get("ended_at")
+    return Hook(
+        id=_text(record, "id"),
+        customer=_text(record, "customer"),
+        meeting_id=_text(record, "meeting_id"),
+        callback_url=_text(record, "callback_url"),
+        event_ids=None if ids is None else frozenset(str(i) for i in ids),
+        algorithm=_text(record, "algorithm"),
+        created_at=_number(record, "created_at"),
+        ended_at=None if ended is None else _number(record, "ended_at"),
+    )
+
+
+def _text(record: Mapping[str, Json], key: str) -> str:
+    value = record.get(key)
+    if not isinstance(value, str):
+        raise StateError(f"hooks: {record.get('type')} record needs a string {key}, not {value!r}")
+    return value
+
+
+def _number(record: Mapping[str, Json], key: str) -> float:
+    value = record.get(key)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise StateError(f"hooks: {record.get('type')} record needs a number {key}, not {value!r}")
+    return float(value)
+
+
+class HookRegistry:
+    """The hooks as the API calls, the end notices and delivery use them."""
+
+    def __init__(
+        self,
+        log: Log,
+        state: HookState | None = None,
+        *,
+        max_per_customer: int = 1000,
+        grace: float = 3600.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.log = log
+        self.state = state if state is not None else HookState()
+        self.max_per_customer = max_per_customer
+        self.grace = grace
+        self.clock = clock
+        self._since_compaction = 0
+
+    def replay(self, records: Iterable[Mapping[str, Json]]) -> None:
+        """Apply what the log gave at start-up (``StateError`` if it is not hooks' records)."""
+        for record in records:
+            self.state.apply(record)
+            self._since_compaction += 1
+
+    # -- what delivery asks ---------------------------------------------------------------------
+
+    def matching(self, customer: str, meeting_id: str, event_id: str) -> list[Hook]:
+        """The live hooks of ``customer``'s meeting ``meeting_id`` that want ``event_id``."""
+        self._expire()
+        return [h for h in self.state.of(customer, meeting_id) if h.wants(event_id)]
+
+    def get(self, hook_id: str) -> Hook | None:
+        """A live hook by id (delivery looks its URL and algorithm up before each POST)."""
+        self._expire()
+        return self.state.hooks.get(hook_id)
+
+    async def drop(self, hook_id: str) -> Hook | None:
+        """Remove a hook whose receiver keeps failing; never raises for storage."""
+        hook = self.state.hooks.get(hook_id)
+        if hook is not None:
+            self._record({"type": "destroyed", "id": hook_id})
+            await self._flush_if_possible()
+        return hook
+
+    # -- what the API calls ask -----------------------------------------------------------------
+
+    def listed(self, customer: str, meeting_id: str | None = None) -> list[Hook]:
+        self._expire()
+        return self.state.of(customer, meeting_id)
+
+    async def create(
+        self,
+        customer: str,
+        meeting_id: str,
+        callback_url: str,
+        event_ids: frozenset[str] | None,
+        algorithm: str,
+    ) -> tuple[Hook, bool]:
+        """Register a hook, or find the one this customer has for that meeting and URL.
+
+        Returns ``(hook, duplicated)``.  A duplicate keeps the old hook as it was
+        (its event filter too), as bbb-webhooks does.
+
+        Error handling: ``ValidationError`` (``createHookError``) over the limit;
+        ``StorageUnavailable`` when the log cannot write (nothing is registered if
+        it has failed already).
+        """
+        self._expire()
+        old = self.state.duplicate(customer, meeting_id, callback_url)
+        if old is not None:
+            return old, True
+        if len(self.state.of(customer)) >= self.max_per_customer:
+            raise ValidationError(
+                f"This customer already has {self.max_per_customer} hooks, the most allowed; "
+                "destroy some first",
+                message_key="createHookError",
+            )
+        self._check_writable()
+        hook = Hook(
+            str(uuid.uuid4()),
+            customer,
+            meeting_id,
+            callback_url,
+            event_ids,
+            algorithm,
+            self.clock(),
+        )
+        self._record(hook.record())
+        await self.log.flush()
+        await self.compact_if_due()
+        return hook, False
+
+    async def destroy(self, customer: str, hook_id: str) -> bool:
+        """Remove one of ``customer``'s hooks; False if it has none of that id.
+
+        Error handling: ``StorageUnavailable`` when the log cannot write.
+        """
+        self._expire()
+        hook = self.state.hooks.get(hook_id)
+        if hook is None or hook.customer != customer:
+            return False
+        self._check_writable()
+        self._record({"type": "destroyed", "id": hook_id})
+        await self.log.flush()
+        await self.compact_if_due()
+        return True
+
+    # -- what the gateway learns of meetings ----------------------------------------------------
+
+    async def meeting_ended(self, customer: str, meeting_id: str, at: float | None = None) -> None:
+        """The meeting ended at ``at`` (default now): its hooks expire a grace later.
+
+        Never raises for storage; a meeting without hooks writes nothing.
+        """
+        if self.state.of(customer, meeting_id):
+            when = self.clock() if at is None else at
+            record: Record = {"type": "ended", "customer": customer, "meeting_id": meeting_id}
+            self._record(record | {"at": when})
+            await self._flush_if_possible()
+            await self.compact_if_due()
+
+    async def meeting_started(self, customer: str, meeting_id: str) -> None:
+        """The meeting was created (again): its hooks stop expiring.  Never raises for storage."""
+        if any(h.ended_at is not None for h in self.state.of(customer, meeting_id)):
+            self._record({"type": "started", "customer": customer, "meeting_id": meeting_id})
+            await self._flush_if_possible()
+
+    def statistics(self) -> HookStatistics:
+        hooks = self.state.hooks.values()
+        return HookStatistics(len(hooks), len({h.customer for h in hooks}))
+
+    # -- internals ------------------------------------------------------------------------------
+
+    def _expire(self) -> None:
+        expired = self.state.expired(self.clock(), self.grace)
+        for hook in expired:
+            log.info("hook %s of %s expired (its meeting ended)", hook.id, hook.customer)
+        self.state.forget(expired)
+
+    def _check_writable(self) -> None:
+        if self.log.failed:
+            raise StorageUnavailable()
+
+    def _record(self, record: Record) -> None:
+        self.state.apply(record)
+        self.log.append(record)
+        self._since_compaction += 1
+
+    async def _flush_if_possible(self) -> None:
+        with contextlib.suppress(StorageUnavailable):
+            await self.log.flush()
+
+    async def compact_if_due(self) -> None:
+        """Rewrite the log as the live hooks once it holds many more records than hooks.
+
+        Never raises for storage (the old log stays and is retried next time).
+        """
+        if self._since_compaction <= COMPACT_AFTER + 2 * len(self.state.hooks):
+            return
+        self._expire()
+        with contextlib.suppress(StorageUnavailable):
+            await self.log.compact(list(self.state.records()))
+            self._since_compaction = 0
