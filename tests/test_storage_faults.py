@@ -185,7 +185,7 @@ async def test_a_frozen_write_answers_within_the_timeout_and_resumes_after(
     assert not await journal.recover(ledger.state)  # the abandoned write still runs
 
     segments(journal).thawed.set()
-    await until(lambda: not journal._io)
+    await until(lambda: not journal._io.running)
     assert await journal.recover(ledger.state)
     journal.close()
     assert held(load_state(tmp_path)[0]) == held(ledger.state)

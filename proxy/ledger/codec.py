@@ -1,6 +1,7 @@
 """The ledger's on-disk formats and replay, as plain functions (no trio, no file I/O).
 
-Journal segment: one record per line, each line framed by a CRC32 of its JSON::
+Journal segment: one record per line, each line framed by a CRC32 of its JSON (the framing,
+and the torn-tail rule below, are :mod:`proxy.store.framing`'s, shared with every store log)::
 
     <crc32 of json, 8 lowercase hex digits> <json object>\\n
 
@@ -30,11 +31,12 @@ Every such error is a ``StateError`` naming the file and the byte offset of the 
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import operator
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Any, NoReturn
 
@@ -42,6 +44,7 @@ import orjson
 
 from proxy.errors import StateError
 from proxy.ledger.model import Confirm, LedgerState, Record, Release, Reservation, Reserve
+from proxy.store.framing import frame, scan_frames
 
 SNAPSHOT_MAGIC = b"bbb-ledger-snapshot"
 SNAPSHOT_VERSION = 1
@@ -110,7 +113,7 @@ class Entry:
 
 def encode_record(seq: int, record: Record) -> bytes:
     """One framed journal line for ``record`` numbered ``seq``."""
-    return _frame(orjson.dumps({"seq": seq, **_record_fields(record)}))
+    return frame(orjson.dumps({"seq": seq, **_record_fields(record)}))
 
 
 def decode_record(payload: Any) -> Entry:
@@ -173,22 +176,6 @@ def _check_counts(**counts: int) -> None:
             raise _Invalid(f"field {name!r} is {value!r}")
 
 
-def _frame(body: bytes) -> bytes:
-    return b"%08x %s\n" % (zlib.crc32(body), body)
-
-
-def _unframe(line: bytes) -> bytes | None:
-    """The JSON of one complete line (without its newline), or None if the frame is broken."""
-    if len(line) < 10 or line[8:9] != b" ":
-        return None
-    body = line[9:]
-    try:
-        crc = int(line[:8], 16)
-    except ValueError:
-        return None
-    return body if zlib.crc32(body) == crc else None
-
-
 # -- journal segments --------------------------------------------------------------------------
 
 
@@ -203,45 +190,16 @@ class Segment:
 
 def scan_segment(data: bytes, source: str) -> Segment:
     """Parse a journal file's bytes; a torn tail is reported, corruption raises StateError."""
-    entries: list[Entry] = []
-    offset = 0
-    while offset < len(data):
-        end = data.find(b"\n", offset)
-        body = None if end < 0 else _unframe(data[offset:end])
-        if body is None:
-            _check_tail(data, offset, source)
-            return Segment(tuple(entries), offset, torn=True)
-        entries.append(_decode_body(body, source, offset))
-        offset = end + 1
-    return Segment(tuple(entries), offset, torn=False)
+    frames = scan_frames(data, source, functools.partial(_decode_body, source=source))
+    return Segment(frames.items, frames.good_length, frames.torn)
 
 
-def _decode_body(body: bytes, source: str, offset: int) -> Entry:
+def _decode_body(body: bytes, offset: int, source: str) -> Entry:
     try:
         entry = decode_record(orjson.loads(body))
     except (orjson.JSONDecodeError, _Invalid) as e:
         raise StateError(f"{source}: invalid record at byte {offset}: {e}") from None
     return Entry(entry.seq, entry.record, offset)
-
-
-def _check_tail(data: bytes, offset: int, source: str) -> None:
-    """Raise unless nothing intact follows the damaged line at ``offset``."""
-    for line_start, line in _lines_after(data, offset):
-        if _unframe(line) is not None:
-            raise StateError(
-                f"{source}: corrupt record at byte {offset}, "
-                f"followed by an intact record at byte {line_start}"
-            )
-
-
-def _lines_after(data: bytes, offset: int) -> Iterable[tuple[int, bytes]]:
-    start = data.find(b"\n", offset) + 1
-    while 0 < start < len(data):
-        end = data.find(b"\n", start)
-        if end < 0:
-            return
-        yield start, data[start:end]
-        start = end + 1
 
 
 # -- snapshots ---------------------------------------------------------------------------------

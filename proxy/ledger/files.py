@@ -2,7 +2,8 @@
 
 The layout, the write order and why it survives a crash are described in
 :mod:`proxy.ledger.journal`; the formats in :mod:`proxy.ledger.codec`.  Every ``OSError``
-becomes :class:`~proxy.errors.StateError` here (:func:`_os_errors`), naming the file.
+becomes :class:`~proxy.errors.StateError` (:func:`proxy.store.files.os_errors`), naming the
+file.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import errno
 import fcntl
 import logging
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +26,7 @@ from proxy.ledger.codec import (
     scan_segment,
 )
 from proxy.ledger.model import LedgerState
+from proxy.store.files import fsync_dir, os_errors, replace_file, truncate, write_all
 
 log = logging.getLogger(__name__)
 
@@ -39,15 +40,6 @@ SEGMENT_PREFIX = "journal."
 
 def segment_name(generation: int) -> str:
     return f"{SEGMENT_PREFIX}{generation:08d}"
-
-
-@contextlib.contextmanager
-def _os_errors(action: str, path: Path) -> Iterator[None]:
-    """The one place where ``OSError`` becomes ``StateError``."""
-    try:
-        yield
-    except OSError as e:
-        raise StateError(f"cannot {action} {path}: {e.strerror or e}") from e
 
 
 # -- start-up (blocking; run it in a thread from trio) -----------------------------------------
@@ -70,7 +62,7 @@ def load_state(state_dir: Path) -> tuple[LedgerState, JournalPosition]:
     file and, where it applies, the byte offset.
     """
     _ensure_dir(state_dir)
-    with _os_errors("remove", state_dir / SNAPSHOT_TMP):
+    with os_errors("remove", state_dir / SNAPSHOT_TMP):
         (state_dir / SNAPSHOT_TMP).unlink(missing_ok=True)
     snapshot = _read_snapshot(state_dir / SNAPSHOT)
     generations = _generations(state_dir)
@@ -80,12 +72,12 @@ def load_state(state_dir: Path) -> tuple[LedgerState, JournalPosition]:
 
 
 def _ensure_dir(state_dir: Path) -> None:
-    with _os_errors("create state directory", state_dir):
+    with os_errors("create state directory", state_dir):
         state_dir.mkdir(parents=True, exist_ok=True)
 
 
 def _read_snapshot(path: Path) -> Snapshot:
-    with _os_errors("read", path):
+    with os_errors("read", path):
         try:
             data = path.read_bytes()
         except FileNotFoundError:
@@ -94,14 +86,14 @@ def _read_snapshot(path: Path) -> Snapshot:
 
 
 def _generations(state_dir: Path) -> list[int]:
-    with _os_errors("list", state_dir):
+    with os_errors("list", state_dir):
         names = [p.name for p in state_dir.iterdir()]
     suffixes = (n.removeprefix(SEGMENT_PREFIX) for n in names if n.startswith(SEGMENT_PREFIX))
     return sorted(int(s) for s in suffixes if s.isdigit())
 
 
 def _read_segment(path: Path) -> tuple[str, Segment]:
-    with _os_errors("read", path):
+    with os_errors("read", path):
         data = path.read_bytes()
     segment = scan_segment(data, str(path))
     if segment.torn:
@@ -111,18 +103,9 @@ def _read_segment(path: Path) -> tuple[str, Segment]:
             segment.good_length,
             len(data),
         )
-        with _os_errors("truncate", path):
-            _truncate(path, segment.good_length)
+        with os_errors("truncate", path):
+            truncate(path, segment.good_length)
     return str(path), segment
-
-
-def _truncate(path: Path, length: int) -> None:
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        os.ftruncate(fd, length)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def probe_writable(state_dir: Path) -> None:
@@ -131,11 +114,11 @@ def probe_writable(state_dir: Path) -> None:
     Error handling: ``StateError`` naming the file (full, read-only, no permission).
     """
     path = state_dir / PROBE
-    with _os_errors("write", path):
+    with os_errors("write", path):
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             try:
-                _write_all(fd, b"\0" * PROBE_BYTES)
+                write_all(fd, b"\0" * PROBE_BYTES)
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -148,7 +131,7 @@ def lock_state_dir(state_dir: Path) -> int:
     """Take the directory's lock (a file descriptor to close on exit), or raise StateError."""
     _ensure_dir(state_dir)
     path = state_dir / LOCK
-    with _os_errors("open", path):
+    with os_errors("open", path):
         fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)  # flock needs no write access
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -180,11 +163,11 @@ class SegmentFile:
     def append(self, generation: int, data: bytes) -> int:
         """Write ``data`` at the end of segment ``generation``; returns the fsyncs done."""
         path = self.state_dir / segment_name(generation)
-        with _os_errors("write", path):
+        with os_errors("write", path):
             fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             try:
                 fsyncs = self._created_now(generation)
-                _write_all(fd, data)
+                write_all(fd, data)
                 if self.fsync:
                     os.fsync(fd)
                     fsyncs += 1
@@ -198,25 +181,11 @@ class SegmentFile:
         self._created = generation
         if not self.fsync:
             return 0
-        _fsync_dir(self.state_dir)  # the new file's directory entry must survive too
+        fsync_dir(self.state_dir)  # the new file's directory entry must survive too
         return 1
 
     def close(self) -> None:
         """Nothing stays open between batches; kept for the journal's close."""
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_snapshot(state_dir: Path, snapshot: Snapshot, retired: tuple[int, ...]) -> int:
@@ -225,22 +194,9 @@ def write_snapshot(state_dir: Path, snapshot: Snapshot, retired: tuple[int, ...]
     Error handling: ``StateError`` if the snapshot is not in place; a covered segment that
     cannot be removed is only logged.
     """
-    tmp, final = state_dir / SNAPSHOT_TMP, state_dir / SNAPSHOT
-    with _os_errors("write", tmp):
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            try:
-                _write_all(fd, encode_snapshot(snapshot))
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        except OSError:
-            with contextlib.suppress(OSError):
-                tmp.unlink()  # give a full disk its space back for the next attempt
-            raise
-    with _os_errors("rename to", final):
-        os.replace(tmp, final)
-        _fsync_dir(state_dir)
+    final = state_dir / SNAPSHOT  # via SNAPSHOT_TMP, fsynced, renamed, directory fsynced
+    with os_errors("replace", final):
+        replace_file(final, encode_snapshot(snapshot))
     for generation in retired:
         _remove_covered(state_dir / segment_name(generation))
     return 2

@@ -45,7 +45,6 @@ Once running, the journal raises only ``StorageUnavailable`` (from ``flush``).
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
 import math
 import os
@@ -72,6 +71,7 @@ from proxy.ledger.files import (
 )
 from proxy.ledger.model import LedgerState, Record
 from proxy.ledger.service import Ledger
+from proxy.store.io import BoundedIo, Overran
 
 __all__ = [
     "LOCK",
@@ -109,10 +109,6 @@ class JournalStatistics:
     failures: int = 0  # writes that failed or overran the timeout
     recoveries: int = 0  # times the journal wrote again after a failure
     failed: bool = False  # cannot make changes durable now
-
-
-class _Overran(Exception):
-    """A file operation ran past the journal's timeout; its thread was left to finish."""
 
 
 class FileJournal:
@@ -155,8 +151,7 @@ class FileJournal:
         self._failed: StateError | None = None
         self._failed_event = trio.Event()
         self._buffering = True  # False while failed: the recovery snapshot will cover it all
-        self._io: dict[int, float] = {}  # file operations in worker threads: their deadlines
-        self._io_ids = itertools.count()
+        self._io = BoundedIo(state_dir)  # file operations in worker threads
         self._counts = dict.fromkeys(
             ("written", "bytes", "flushes", "batches", "fsyncs", "failures", "recoveries"), 0
         )
@@ -198,38 +193,14 @@ class FileJournal:
         upto = self._appended
         data = b"".join(batch)
         try:
-            fsyncs = await self._run_io(deadline, self._file.append, self._generation, data)
-        except (StateError, _Overran) as e:
+            fsyncs = await self._io.run(deadline, self._file.append, self._generation, data)
+        except (StateError, Overran) as e:
             self._fail(e)
             self._raise_if_failed()
         self._durable = upto
         self._count(written=len(batch), bytes=len(data), batches=1, fsyncs=fsyncs)
 
-    async def _run_io[*Ts, T](self, deadline: float, fn: Callable[[*Ts], T], *args: *Ts) -> T:
-        """``fn(*args)`` in a worker thread, waited for until ``deadline`` at most.
-
-        Shielded from outside cancellation (a write must not be abandoned half done by
-        a client that went away); past the deadline the thread is left to finish and
-        ``_Overran`` raised.  ``_io`` lists running operations until they return.
-        """
-        io_id = next(self._io_ids)
-        self._io[io_id] = deadline
-        started = trio.current_time()
-
-        def tracked() -> T:
-            try:
-                return fn(*args)
-            finally:
-                self._io.pop(io_id, None)
-
-        with trio.CancelScope(shield=True), trio.CancelScope(deadline=deadline):
-            return await trio.to_thread.run_sync(tracked, abandon_on_cancel=True)
-        raise _Overran(
-            f"{getattr(fn, '__name__', fn)} in {self.state_dir} "
-            f"took over {deadline - started:.3g} s"
-        )
-
-    def _fail(self, error: StateError | _Overran) -> None:
+    def _fail(self, error: StateError | Overran) -> None:
         """Stop writing segments; keep the state in memory until :meth:`recover` writes it."""
         if self._failed is None:
             self._failed = error if isinstance(error, StateError) else StateError(str(error))
@@ -270,7 +241,7 @@ class FileJournal:
         """
         if self._failed is None:
             return True
-        if self._io:
+        if self._io.running:
             return False
         async with self._snapshot_lock:
             async with self._flush_lock:
@@ -297,8 +268,8 @@ class FileJournal:
     async def _write_snapshot(self, covered: Snapshot, retired: tuple[int, ...]) -> None:
         deadline = trio.current_time() + self.snapshot_timeout
         try:
-            fsyncs = await self._run_io(deadline, write_snapshot, self.state_dir, covered, retired)
-        except _Overran as e:
+            fsyncs = await self._io.run(deadline, write_snapshot, self.state_dir, covered, retired)
+        except Overran as e:
             raise StateError(str(e)) from e
         self._snapshots += 1
         self._count(fsyncs=fsyncs)
@@ -324,15 +295,11 @@ class FileJournal:
     @property
     def failed(self) -> bool:
         """Cannot make changes durable now: a write failed, or one has run past its bound."""
-        return self._failed is not None or self._overrunning()
-
-    def _overrunning(self) -> bool:
-        deadline = min(self._io.copy().values(), default=math.inf)  # threads remove entries
-        return trio.current_time() > deadline
+        return self._failed is not None or self._io.overrunning()
 
     def close(self) -> None:
         """Close the segment file (blocking, but only a ``close``)."""
-        if not self._io:  # else a thread abandoned for its timeout may still use it
+        if not self._io.running:  # else a thread abandoned for its timeout may still use it
             self._file.close()
 
     def statistics(self) -> JournalStatistics:
