@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from urllib.parse import SplitResult, urlsplit, urlunsplit
 
 import httpx
 import trio
 
 from proxy.bbb.customer_urls import OUTCOMES, ascii_host, port_of, problem
+from proxy.config import Network
 from proxy.logs import shown
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,13 @@ def is_public(address: str) -> bool:
     return _public(ip)
 
 
+def _allowed(address: str, networks: Sequence[Network]) -> bool:
+    if is_public(address):
+        return True
+    ip = ipaddress.ip_address(address.split("%")[0])
+    return any(ip in network for network in networks)
+
+
 def _public(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     return ip.is_global and not ip.is_multicast
 
@@ -74,8 +82,11 @@ def _compatible(ip: ipaddress.IPv6Address) -> bool:
     return int(ip) >> 32 == 0 and int(ip) > 1
 
 
-async def checked_address(host: str, port: int, allow_private: bool) -> str | None:
-    """The address to connect to for ``host``, or None if any of its addresses is not public.
+async def checked_address(
+    host: str, port: int, allow_private: bool, allowed: Sequence[Network] = ()
+) -> str | None:
+    """The address to connect to for ``host``, or None if any of its addresses is not public
+    (nor in one of the ``allowed`` networks: ``[webhooks] allowed_callback_networks``).
 
     Error handling: None when the host does not resolve or cannot be encoded.
     """
@@ -84,7 +95,7 @@ async def checked_address(host: str, port: int, allow_private: bool) -> str | No
     except (OSError, UnicodeError):
         return None
     addresses = [str(info[4][0]) for info in infos]
-    if not addresses or not (allow_private or all(is_public(a) for a in addresses)):
+    if not addresses or not (allow_private or all(_allowed(a, allowed) for a in addresses)):
         return None
     return addresses[0]
 
@@ -111,8 +122,16 @@ async def post_customer_url(
     return await _called(http, url, allow_private, form)
 
 
+async def post_form_body(
+    http: httpx.AsyncClient, url: str, body: str, allow_private: bool
+) -> int | None:
+    """POST ``body``, already ``application/x-www-form-urlencoded``, byte for byte (a
+    webhook's checksum covers the exact body); otherwise as :func:`post_customer_url`."""
+    return await _called(http, url, allow_private, body)
+
+
 async def _called(
-    http: httpx.AsyncClient, url: str, allow: bool, form: Mapping[str, str] | None
+    http: httpx.AsyncClient, url: str, allow: bool, form: Mapping[str, str] | str | None
 ) -> int | None:
     reason = problem(url)
     if reason is not None:
@@ -131,7 +150,7 @@ async def _call(
     url: str,
     parts: SplitResult,
     allow: bool,
-    form: Mapping[str, str] | None = None,
+    form: Mapping[str, str] | str | None = None,
 ) -> int | None:
     host, port = ascii_host(parts.hostname or ""), port_of(parts)
     address = await checked_address(host, port, allow)
@@ -146,6 +165,11 @@ async def _call(
     try:
         if form is None:
             response = await http.get(target, headers=headers, extensions=extensions)
+        elif isinstance(form, str):
+            headers["Content-Type"] = "application/x-www-form-urlencoded"
+            response = await http.post(
+                target, content=form.encode("utf-8"), headers=headers, extensions=extensions
+            )
         else:
             response = await http.post(
                 target, data=dict(form), headers=headers, extensions=extensions

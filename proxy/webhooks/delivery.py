@@ -1,0 +1,326 @@
+"""Webhook delivery: events accepted durably, then POSTed to each hook as bbb-webhooks does.
+
+Two halves, one service (:class:`Webhooks`, the gateway's ``webhooks``):
+
+- :meth:`Webhooks.accept` (intake, for the events of one of a customer's meetings):
+  each event is scrubbed of personal data (:func:`proxy.webhooks.privacy.scrubbed`),
+  matched to the customer's hooks of that meeting
+  (:meth:`~proxy.webhooks.registry.HookRegistry.matching`), queued per hook in the
+  ``webhook-queue`` log (:mod:`proxy.webhooks.queue`), and the log is flushed before
+  ``accept`` returns: intake answers the backend 200 only then, so an accepted event
+  survives a restart or a ``kill -9``.  A log that cannot write raises
+  ``StorageUnavailable``; intake answers 503 and the backend sends the events again.
+- :meth:`Webhooks.deliver_forever` (a supervised background task): one worker per hook
+  with something queued sends the head of its queue, and only that (one POST in flight
+  per hook, so the order is kept), as :mod:`proxy.webhooks.callback` describes the form
+  and checksum; each POST SSRF-checked on the address actually connected to, redirects
+  not followed (:func:`proxy.backends.outbound.post_form_body`).
+
+Isolation: a receiver that is slow (each POST bounded by ``timeout``) or dead delays only
+its own hook.  Workers share a bound of ``max_in_flight`` POSTs in flight, each hook
+holding at most one; a hook's queue is bounded (``queue_per_hook``, the oldest pushed
+out beyond); a hook whose receiver has failed for ``drop_after`` seconds in a row is
+dropped (removed from the registry, as bbb-webhooks removes a hook whose retries ran
+out), logged and counted, with what was queued for it.  ``accept`` never waits for a
+delivery.
+
+Delivered at least once: a delivered event's ``done`` record is flushed in the
+background within :data:`FLUSH_EVERY` (one fsync for many deliveries), so a crash right
+after a delivery may send that event again after the restart; and an ``accept`` whose
+flush failed may be repeated by the backend.  An accepted event is never lost while its
+hook lives.
+
+Error handling: :meth:`Webhooks.accept` raises only ``StorageUnavailable``; nothing a
+backend or a receiver does makes delivery raise (a failed attempt is a retry, a bug in
+one attempt is logged and counted as a failed attempt).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+import httpx
+import trio
+
+from proxy.backends.outbound import post_form_body
+from proxy.errors import StorageUnavailable
+from proxy.logs import shown
+from proxy.store import Json, Log
+from proxy.webhooks.callback import form_body, outcome, retry_delay, signed_url
+from proxy.webhooks.privacy import scrubbed
+from proxy.webhooks.queue import DEFAULT_MAX_PER_HOOK, Pending, QueueState
+from proxy.webhooks.registry import Hook, HookRegistry
+
+log = logging.getLogger(__name__)
+
+SECONDS = 1.0
+FLUSH_EVERY = 0.2 * SECONDS  # delivered events' records reach the disk this soon
+COMPACT_AFTER = 4096  # records appended beyond twice what is queued before compacting
+DROP_REASONS = ("overflow", "hook-dropped", "hook-gone", "invalid")
+
+
+@dataclass(frozen=True, slots=True)
+class DeliverySettings:
+    """How hard delivery tries (``[webhooks]`` in the config; docs/decisions.md)."""
+
+    drop_after: float = 300 * SECONDS  # failing this long in a row: the hook is dropped
+    queue_per_hook: int = DEFAULT_MAX_PER_HOOK  # events; beyond, the oldest is pushed out
+    max_in_flight: int = 64  # POSTs at once, all hooks together (one per hook at most)
+    timeout: float = 5 * SECONDS  # one POST, whole (bbb-webhooks' requestTimeout)
+    allow_private: bool = False  # receivers on loopback/private addresses ([proxy])
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookStatistics:
+    """Counters since start-up, and the queues now (read by :mod:`proxy.metrics`)."""
+
+    accepted: int  # events intake handed over
+    queued: int  # copies queued: an event for two hooks counts twice
+    delivered: int  # answered 2xx
+    rejected: int  # answered 401: counted as delivered, as bbb-webhooks does
+    retried: int  # attempts that failed and will be made again
+    refused: int  # attempts not made: the URL's host is not public, or does not resolve
+    dropped_events: Mapping[str, int]  # by reason, see DROP_REASONS
+    dropped_hooks: int  # hooks removed because their receiver kept failing
+    queue_events: int  # queued now, all hooks
+    queue_hooks: int  # hooks with something queued now
+    deepest: int  # the longest queue now
+    in_flight: int  # POSTs in flight now
+
+
+@dataclass
+class _Counts:
+    kinds: Counter[str] = field(default_factory=Counter)
+    dropped: Counter[str] = field(default_factory=Counter)
+
+
+class Webhooks:
+    """The delivery queues, their log, and the workers that empty them."""
+
+    def __init__(
+        self,
+        hooks: HookRegistry,
+        log: Log,
+        http: httpx.AsyncClient,
+        settings: DeliverySettings,
+        *,
+        secret: Callable[[str], str | None],
+        domain: Callable[[str], str],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.hooks = hooks
+        self.log = log
+        self.http = http
+        self.settings = settings
+        self.queues = QueueState(settings.queue_per_hook)
+        self._secret = secret  # the customer's current secret; None: customer gone
+        self._domain = domain  # the callback form's "domain" for a customer
+        self._clock = clock
+        self._counts = _Counts()
+        self._slots = trio.CapacityLimiter(settings.max_in_flight)
+        self._workers: set[str] = set()
+        self._overflowing: set[str] = set()
+        self._nursery: trio.Nursery | None = None
+        self._dirty = trio.Event()
+        self._since_compaction = 0
+
+    def replay(self, records: Iterable[Mapping[str, Json]]) -> None:
+        """Apply what the log gave at start-up (``StateError`` if it is not queue records)."""
+        for record in records:
+            self.queues.apply(record)
+            self._since_compaction += 1
+
+    # -- accepting ------------------------------------------------------------------------------
+
+    async def accept(self, customer: str, meeting_id: str, events: list[dict[str, Json]]) -> None:
+        """Queue ``events`` of ``customer``'s meeting ``meeting_id`` for its hooks, durably.
+
+        Error handling: ``StorageUnavailable`` if the queue's log cannot make them
+        durable (at once if it has failed already: nothing is queued then).
+        """
+        if self.log.failed:
+            raise StorageUnavailable()
+        timestamp = int(self._clock() * 1000)
+        touched: list[str] = []
+        for event in events:
+            self._counts.kinds["accepted"] += 1
+            clean = scrubbed(event)
+            if not isinstance(clean, Mapping):
+                self._counts.dropped["invalid"] += 1
+                continue
+            for hook in self.hooks.matching(customer, meeting_id, event_id(clean)):
+                self._enqueue(hook, clean, timestamp)
+                touched.append(hook.id)
+        if touched:
+            await self.log.flush()
+        for hook_id in touched:
+            self._start_worker(hook_id)
+
+    def _enqueue(self, hook: Hook, event: Mapping[str, Json], timestamp: int) -> None:
+        record, pushed = self.queues.enqueue(hook.id, event, timestamp)
+        self._append(record)
+        self._counts.kinds["queued"] += 1
+        if pushed is None:
+            return
+        self._counts.dropped["overflow"] += 1
+        if hook.id not in self._overflowing:
+            self._overflowing.add(hook.id)
+            log.warning(
+                "hook %s of %s: %d events queued, the oldest are dropped",
+                hook.id,
+                hook.customer,
+                self.settings.queue_per_hook,
+            )
+
+    # -- delivering -----------------------------------------------------------------------------
+
+    async def deliver_forever(self) -> None:
+        """Deliver what is queued, and what is accepted later, until cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            try:
+                nursery.start_soon(self._flush_forever)
+                for hook_id in self.queues.hooks():
+                    self._start_worker(hook_id)
+                await trio.sleep_forever()
+            finally:
+                self._nursery = None
+
+    def _start_worker(self, hook_id: str) -> None:
+        if self._nursery is not None and hook_id not in self._workers:
+            self._workers.add(hook_id)
+            self._nursery.start_soon(self._worker, hook_id)
+
+    async def _worker(self, hook_id: str) -> None:
+        """Send ``hook_id``'s queue head by head; return once it is empty or the hook gone."""
+        failing_since: float | None = None
+        failures = 0
+        try:
+            while (pending := self.queues.head(hook_id)) is not None:
+                hook = self.hooks.get(hook_id)
+                secret = None if hook is None else self._secret(hook.customer)
+                if hook is None or secret is None:
+                    self._forget(hook_id, "hook-gone")
+                    return
+                started = trio.current_time()
+                result = await self._attempt(hook, pending, secret)
+                if result in ("delivered", "rejected"):
+                    self._done(hook, pending, result)
+                    failing_since, failures = None, 0
+                    continue
+                failing_since = started if failing_since is None else failing_since
+                failures += 1
+                left = failing_since + self.settings.drop_after - trio.current_time()
+                if left <= 0:
+                    await self._drop(hook, failures)
+                    return
+                self._counts.kinds["retried"] += 1
+                await trio.sleep(min(retry_delay(failures), left))
+        finally:
+            self._workers.discard(hook_id)
+            self._overflowing.discard(hook_id)
+
+    async def _attempt(self, hook: Hook, pending: Pending, secret: str) -> str:
+        """One POST of ``pending`` to ``hook``: its :func:`~proxy.webhooks.callback.outcome`."""
+        try:
+            body = form_body(self._domain(hook.customer), pending.event, pending.timestamp)
+            url = signed_url(hook.callback_url, body, secret, hook.algorithm)
+            status: int | None = 0  # no answer within the timeout
+            async with self._slots:
+                with trio.move_on_after(self.settings.timeout):
+                    status = await post_form_body(self.http, url, body, self.settings.allow_private)
+        except Exception:  # a bug must not stop the hook's worker: a failed attempt
+            log.exception("hook %s: delivery attempt failed", hook.id)
+            return "failed"
+        result = outcome(status)
+        if result == "refused":
+            self._counts.kinds["refused"] += 1
+        return result
+
+    def _done(self, hook: Hook, pending: Pending, result: str) -> None:
+        self._append(self.queues.delivered(pending))
+        self._counts.kinds[result] += 1
+        if result == "rejected":
+            log.warning(
+                "hook %s of %s: the receiver answered 401 (counted as delivered, "
+                "as bbb-webhooks does)",
+                hook.id,
+                hook.customer,
+            )
+
+    async def _drop(self, hook: Hook, failures: int) -> None:
+        """The receiver failed for ``drop_after`` seconds in a row: drop the hook."""
+        await self.hooks.drop(hook.id)
+        events = self._forget(hook.id, "hook-dropped")
+        self._counts.kinds["dropped_hooks"] += 1
+        log.warning(
+            "hook %s of %s (%s) dropped: %d attempts failed over %.0f s; %d events dropped",
+            hook.id,
+            hook.customer,
+            shown(hook.callback_url),
+            failures,
+            self.settings.drop_after,
+            events,
+        )
+
+    def _forget(self, hook_id: str, reason: str) -> int:
+        record, count = self.queues.drop(hook_id)
+        self._append(record)
+        self._counts.dropped[reason] += count
+        return count
+
+    # -- the log ----------------------------------------------------------------------------------
+
+    def _append(self, record: dict[str, Json]) -> None:
+        self.log.append(record)
+        self._since_compaction += 1
+        self._dirty.set()
+
+    async def _flush_forever(self) -> None:
+        """Flush what delivery appended (``done``, ``dropped``) soon after; compact when due."""
+        while True:
+            await self._dirty.wait()
+            self._dirty = trio.Event()
+            await trio.sleep(FLUSH_EVERY)
+            try:
+                await self.log.flush()
+                await self._compact_if_due()
+            except StorageUnavailable:
+                log.warning("webhook queue: delivery progress not durable yet; retrying")
+                await trio.sleep(1 * SECONDS)
+                self._dirty.set()
+
+    async def _compact_if_due(self) -> None:
+        if self._since_compaction > COMPACT_AFTER + 2 * self.queues.statistics().events:
+            await self.log.compact(list(self.queues.records()))
+            self._since_compaction = 0
+
+    # -- statistics -------------------------------------------------------------------------------
+
+    def statistics(self) -> WebhookStatistics:
+        kinds, queues = self._counts.kinds, self.queues.statistics()
+        return WebhookStatistics(
+            accepted=kinds["accepted"],
+            queued=kinds["queued"],
+            delivered=kinds["delivered"],
+            rejected=kinds["rejected"],
+            retried=kinds["retried"],
+            refused=kinds["refused"],
+            dropped_events={reason: self._counts.dropped[reason] for reason in DROP_REASONS},
+            dropped_hooks=kinds["dropped_hooks"],
+            queue_events=queues.events,
+            queue_hooks=queues.hooks,
+            deepest=queues.deepest,
+            in_flight=int(self._slots.borrowed_tokens),
+        )
+
+
+def event_id(event: Mapping[str, Json]) -> str:
+    """A mapped event's id (``data.id``, lower-cased as bbb-webhooks compares it); ``""``."""
+    data = event.get("data")
+    value = data.get("id") if isinstance(data, Mapping) else None
+    return value.lower() if isinstance(value, str) else ""
