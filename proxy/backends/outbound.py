@@ -123,22 +123,31 @@ async def post_customer_url(
 
 
 async def post_form_body(
-    http: httpx.AsyncClient, url: str, body: str, allow_private: bool
+    http: httpx.AsyncClient,
+    url: str,
+    body: str,
+    allow_private: bool,
+    allowed: Sequence[Network] = (),
 ) -> int | None:
     """POST ``body``, already ``application/x-www-form-urlencoded``, byte for byte (a
-    webhook's checksum covers the exact body); otherwise as :func:`post_customer_url`."""
-    return await _called(http, url, allow_private, body)
+    webhook's checksum covers the exact body); otherwise as :func:`post_customer_url`,
+    the ``allowed`` networks as :func:`checked_address` takes them."""
+    return await _called(http, url, allow_private, body, allowed)
 
 
 async def _called(
-    http: httpx.AsyncClient, url: str, allow: bool, form: Mapping[str, str] | str | None
+    http: httpx.AsyncClient,
+    url: str,
+    allow: bool,
+    form: Mapping[str, str] | str | None,
+    allowed: Sequence[Network] = (),
 ) -> int | None:
     reason = problem(url)
     if reason is not None:
         _refused(url, reason, "invalid")
         return None
     try:
-        return await _call(http, url, urlsplit(url), allow, form)
+        return await _call(http, url, urlsplit(url), allow, form, allowed)
     except Exception as exc:  # never raises: whatever httpx or the codecs find
         log.warning("callback %s failed: %s", shown(url), type(exc).__name__)
         OUTCOMES["failed"] += 1
@@ -151,9 +160,10 @@ async def _call(
     parts: SplitResult,
     allow: bool,
     form: Mapping[str, str] | str | None = None,
+    allowed: Sequence[Network] = (),
 ) -> int | None:
     host, port = ascii_host(parts.hostname or ""), port_of(parts)
-    address = await checked_address(host, port, allow)
+    address = await checked_address(host, port, allow, allowed)
     if address is None:
         _refused(url, "host is not public or does not resolve", "refused")
         return None
