@@ -26,6 +26,7 @@ from proxy.bbb.envelope import CONTENT_TYPE, HEADERS
 from .core import Simulator
 from .meetings import FORM_TYPES
 from .model import ApiRequest, Reply
+from .webhook_sender import Post, Poster, deliver_hook
 
 Notify = Callable[[str], Awaitable[None]]
 NotifyReady = Callable[[str, str], Awaitable[None]]  # (url, JWT)
@@ -67,19 +68,25 @@ def create_app(
     notify: Notify = send_notification,
     notify_ready: NotifyReady = send_recording_ready,
     tick_interval: float = TICK_INTERVAL,
+    post_hook: Post | None = None,
 ) -> QuartTrio:
     """A quart-trio app serving ``sim`` at ``/bigbluebutton/api`` and ``/html5client/join``.
 
-    ``notify`` sends one end notification (tests pass a recorder).
+    ``notify`` sends one end notification (tests pass a recorder); ``post_hook`` one
+    webhook POST (default: over HTTP, :class:`~.webhook_sender.Poster`).
     """
     app = QuartTrio(__name__)
     tickers: list[trio.CancelScope] = []  # one per serving of the app
+    poster = Poster()
+    post = post_hook or poster
 
     def flush() -> None:
         for url in sim.take_notifications():
             app.nursery.start_soon(notify, url)
         for url, token in sim.recordings.take_ready():
             app.nursery.start_soon(notify_ready, url, token)
+        for hook_id in sim.webhooks.take_work():
+            app.nursery.start_soon(deliver_hook, sim.webhooks, hook_id, post)
 
     async def tick_forever() -> None:
         with trio.CancelScope() as scope:
@@ -92,11 +99,13 @@ def create_app(
     @app.before_serving
     async def start_ticker() -> None:
         app.nursery.start_soon(tick_forever)
+        app.nursery.start_soon(poster.close_when_cancelled)
 
     @app.after_serving
     async def stop_ticker() -> None:
         while tickers:
             tickers.pop().cancel()
+        await poster.aclose()  # a later serving opens it again on first use
 
     async def api(call: str = "") -> Response:
         await trio.sleep(sim.behaviour.latency)
@@ -123,6 +132,13 @@ def create_app(
             )
         page = f"<!DOCTYPE html><html><body><p>joined {escape(found[0].name)}</p></body></html>"
         return Response(page, 200, content_type=HTML_TYPE)
+
+    @app.route("/html5client/leave")
+    async def html5_leave() -> Response:
+        """The user of a ``sessionToken`` leaves its meeting (the client's Leave button)."""
+        left = sim.leave(request.args.get("sessionToken", ""))
+        flush()
+        return Response("left\n" if left else "no such session\n", 200 if left else 404)
 
     return app
 
@@ -152,6 +168,9 @@ async def read_api_request(call: str) -> ApiRequest:
         body=body,
         origin=f"{request.scheme}://{request.host}",
         files=files,
+        remote_addr=request.remote_addr or "",
+        user_agent=request.headers.get("User-Agent", ""),
+        referer=request.headers.get("Referer", ""),
     )
 
 

@@ -23,7 +23,7 @@ from proxy.bbb import checksum
 from proxy.bbb.envelope import failure, from_error
 from proxy.errors import ApiError, ChecksumError, UnsupportedRequest
 
-from . import join, meetings, recordings, render
+from . import join, meetings, recordings, render, webhooks
 from .deadlines import Deadlines
 from .model import (
     ApiRequest,
@@ -111,6 +111,8 @@ class Simulator:
         self._ended_linger_seconds = ended_linger_seconds
         # Recordings of record=true meetings (recordings.py); processing for processing_seconds.
         self.recordings = recordings.RecordingStore(server_name, processing_seconds, secret)
+        # bbb-webhooks beside bbb-web: hooks/* calls and the events it posts.
+        self.webhooks = webhooks.WebhookService(server_name, secret, self.now_ms)
 
     @property
     def expire_unjoined_minutes(self) -> float | None:
@@ -140,6 +142,8 @@ class Simulator:
         self.tick()
         if request.call == "":
             return Reply.xml(render.version_document(request.origin + "/bigbluebutton/api"))
+        if request.call.startswith("hooks/"):
+            return self.webhooks.handle(request)
         query = parse_qsl(request.raw_query, keep_blank_values=True)
         params = Params([*query, *request.form_params])
         try:
@@ -187,8 +191,16 @@ class Simulator:
         return attendee
 
     def remove_attendee(self, meeting: Meeting, attendee: Attendee) -> None:
-        meeting.attendees.pop(attendee.internal_id, None)
+        if meeting.attendees.pop(attendee.internal_id, None) is not None:
+            self.webhooks.user_left(meeting, attendee)
         self._sessions.pop(attendee.session_token, None)
+
+    def leave(self, token: str) -> bool:
+        """The user of session ``token`` leaves its meeting; False if there is no such user."""
+        found = self.session(token)
+        if found is not None:
+            self.remove_attendee(*found)
+        return found is not None
 
     def session(self, token: str) -> tuple[Meeting, Attendee] | None:
         """The meeting and user a ``sessionToken`` from a join belongs to, if still valid."""
@@ -210,6 +222,7 @@ class Simulator:
         self.meetings[meeting.meeting_id] = meeting
         if not meeting.ended:
             self._bridges.add(meeting.voice_bridge)
+            self.webhooks.meeting_created(meeting)
         self._schedule(meeting)
 
     @property
@@ -220,7 +233,8 @@ class Simulator:
     def tick(self) -> None:
         """End meetings whose time is up; forget ended ones that lingered long enough."""
         now = self.now_ms()
-        self.recordings.tick(now)
+        for recording in self.recordings.tick(now):
+            self.webhooks.recording_published(recording)
         for meeting in self._due(now):
             if meeting.ended:
                 if now >= meeting.end_time + self.ended_linger_seconds * 1000:
@@ -281,6 +295,9 @@ class Simulator:
             self.recordings.from_meeting(meeting, meeting.end_time)
         for attendee in list(meeting.attendees.values()):
             self.remove_attendee(meeting, attendee)
+        self.webhooks.meeting_ended(meeting)
+        if meeting.record:
+            self.webhooks.recording_archived(meeting.internal_id, meeting.meeting_id)
         # As bbb-web's MeetingService: the endCallbackUrl metadata gets recordingmarks
         # and the meetingID appended; meetingEndedURL is called as given.
         callback = meeting.metadata.get("endcallbackurl", "")

@@ -50,6 +50,7 @@ def join(sim: Simulator, req: ApiRequest, params: Params) -> Reply:
         return Reply.xml(failure(error.message_key, error.message))
     except ApiError as error:
         return error_redirect(sim, params, error)
+    sim.webhooks.user_joined(meeting, attendee, req)
     url = f"{req.origin}/html5client/join?sessionToken={attendee.session_token}"
     if _redirects(params):
         return Reply.redirect(url)

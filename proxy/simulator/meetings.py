@@ -194,4 +194,5 @@ def send_chat_message(sim: Simulator, req: ApiRequest, params: Params) -> Reply:
     meeting = find_meeting(sim, params)
     text = params.required("message", "validationError", "You must provide a message")
     meeting.chat_messages.append((params.given("userName") or "System", text))
+    sim.webhooks.chat_sent(meeting, *meeting.chat_messages[-1])
     return Reply.xml(render.empty_message())

@@ -110,6 +110,9 @@ class ApiRequest:
     body: bytes = b""
     origin: str = "http://127.0.0.1"  # scheme://host[:port] the client used
     files: tuple[tuple[str, bytes], ...] = ()  # multipart file parts: (name, content)
+    remote_addr: str = ""  # the client's address and headers (webhook events carry them)
+    user_agent: str = ""
+    referer: str = ""
 
 
 @dataclass(frozen=True)

@@ -309,12 +309,14 @@ def publish_recordings(sim: Simulator, req: ApiRequest, params: Params) -> Reply
     for recording in found:
         if recording.state in ("published", "unpublished"):
             recording.state = "published" if publish.lower() == "true" else "unpublished"
+            sim.webhooks.recording_state(f"rap-{recording.state}", recording)
     return Reply.xml(render.response(element("published", publish.lower() == "true")))
 
 
 def delete_recordings(sim: Simulator, req: ApiRequest, params: Params) -> Reply:
     for recording in _named(sim, params):
         recording.state = "deleted"
+        sim.webhooks.recording_state("rap-deleted", recording)
     return Reply.xml(render.response(element("deleted", True)))
 
 
