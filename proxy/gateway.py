@@ -21,6 +21,8 @@ from proxy.health import Health, State, Thresholds, responsive, suspended, with_
 from proxy.ledger.model import BackendSpec
 from proxy.ledger.service import Ledger
 from proxy.placement import Ring
+from proxy.store import MemoryLog
+from proxy.webhooks.registry import HookRegistry
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +35,7 @@ class Gateway:
     ring: Ring
     nursery: trio.Nursery  # background work: only through spawn(), which supervises it
     outbound: httpx.AsyncClient  # calls to customers' URLs (see backends/outbound.py)
+    hooks: HookRegistry = field(default_factory=lambda: HookRegistry(MemoryLog()))  # issue 9
     health: dict[str, Health] = field(default_factory=dict)  # set by the backend monitor
     modes: dict[str, str] = field(default_factory=dict)  # active | drain | disabled
     task_failures: dict[str, int] = field(default_factory=dict)  # by task kind, for metrics
@@ -150,6 +153,7 @@ async def open_gateway(
                 clients=clients,
                 ring=Ring(b.id for b in config.backends),
                 nursery=nursery,
+                hooks=HookRegistry.configured(MemoryLog(), config.webhooks),  # serve: durable
                 outbound=outbound,
             )
             nursery.cancel_scope.cancel()

@@ -22,6 +22,7 @@ class ApiRequest:
     body: bytes | None = None  # a checked XML <modules> body, re-serialised (bodies.checked_xml)
     content_type: str | None = None  # the XML body's media type, e.g. "text/xml"
     upload: TrackFile | None = None  # putRecordingTextTrack's file part
+    algorithm: str = "sha1"  # of the checksum the request was signed with (hooks/create keeps it)
 
     def first(self, name: str) -> str | None:
         """The first value of ``name``, as bbb-web reads it."""

@@ -24,6 +24,7 @@ from proxy.config import Config, Timeouts
 from proxy.gateway import Gateway, open_gateway
 from proxy.ledger.journal import open_durable_ledger
 from proxy.ledger.service import Ledger
+from proxy.webhooks.registry import open_hooks
 
 log = logging.getLogger(__name__)
 SHUTDOWN_DEADLINE = 10.0  # seconds in-flight requests get after SIGTERM
@@ -90,6 +91,7 @@ async def _run(
 ) -> None:
     proxy = gw.config.proxy
     hyper = hypercorn_config(bind, 2 * proxy.max_query_bytes, proxy.timeouts)
+    open_hooks(gw)  # the customers' hooks (issue 9), from the "hooks" log in state_dir
     await reconcile_all(gw)
     stop = trio.Event()
     async with trio.open_nursery() as background:

@@ -112,6 +112,7 @@ async def reconcile(
         if unchanged(state.get(r.key), r):  # no await between this check and the release
             log.info("meeting %s ended on %s: releasing", r.key, backend_id)
             await gw.ledger.release(r.key, "gone")
+            await gw.hooks.meeting_ended(*r.key)  # its hooks expire a grace later
             gw.count("released")
     for r in todo.confirm:
         if unchanged(state.get(r.key), r):

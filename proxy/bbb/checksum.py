@@ -164,6 +164,17 @@ def signed_params(
     return None
 
 
+def algorithm_of(raw_query: str, body_params: Sequence[tuple[str, str]] = ()) -> str:
+    """The algorithm a request's one checksum was made with (by its length); sha1 if unknown.
+
+    For a request :func:`signed_params` accepted (delivery signs a hook's events
+    with the algorithm its hooks/create was signed with).
+    """
+    split = split_checksum(raw_query.translate(_CONTROL_CHARS))
+    given = None if split is None else _the_checksum(split, body_params)
+    return ALGORITHMS_BY_LENGTH.get(len(given or ""), "sha1")
+
+
 def _the_checksum(split: Split, body_params: Sequence[tuple[str, str]]) -> str | None:
     """The one checksum of the request: in the URL query, or else the body's only one."""
     in_body = [v for k, v in body_params if k == "checksum"]

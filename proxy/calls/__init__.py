@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from proxy.bbb import bodies, checksum, envelope
 from proxy.bbb import recordings as rules
-from proxy.calls import meetings, recordings
+from proxy.calls import hooks, meetings, recordings
 from proxy.calls.create import create
 from proxy.config import Customer
 from proxy.errors import (
@@ -59,6 +59,9 @@ CALLS: dict[str, Handler] = {
     "updateRecordings": recordings.change_recordings,
     "getRecordingTextTracks": recordings.get_recording_text_tracks,
     "putRecordingTextTrack": recordings.put_recording_text_track,
+    "hooks/create": hooks.create,
+    "hooks/list": hooks.list_hooks,
+    "hooks/destroy": hooks.destroy,
 }
 
 
@@ -121,7 +124,8 @@ def _verified(gw: Gateway, incoming: Incoming) -> ApiRequest:
         raise ApiNotEnabled()
     xml = bodies.checked_xml(incoming.call, body)
     media = body.media_type if xml is not None else None
-    return ApiRequest(customer, incoming.call, params, xml, media, upload)
+    algorithm = checksum.algorithm_of(incoming.raw_query, body.form)
+    return ApiRequest(customer, incoming.call, params, xml, media, upload, algorithm)
 
 
 def _signed(

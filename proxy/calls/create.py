@@ -125,6 +125,7 @@ async def _first_create(gw: Gateway, req: ApiRequest, reservation: Reservation) 
             raise BackendUnavailable(reservation.backend_id, f"refused: {reply.message_key}")
         return Answer.xml(rewrite.serialise(reply.root))
     await gw.ledger.confirm(reservation.key)
+    await gw.hooks.meeting_started(*reservation.key)  # runs (again): its hooks stay
     await gw.ledger.durable()  # SUCCESS only once on disk, else serverUnavailable (kept)
     return _answer(reply, reservation)
 

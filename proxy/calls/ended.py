@@ -51,3 +51,4 @@ async def _release(gw: Gateway, notice: callbacks.EndNotice) -> None:
         return
     log.info("meeting %s ended on %s", held.key, notice.backend_id)
     await gw.ledger.release(held.key, "ended")
+    await gw.hooks.meeting_ended(*held.key)  # its hooks expire a grace later

@@ -68,6 +68,7 @@ async def released_if_current(gw: Gateway, reservation: Reservation, reason: str
     held = gw.ledger.get(reservation.key)
     if held is not None and held.created_at == reservation.created_at:
         await gw.ledger.release(reservation.key, reason)
+        await gw.hooks.meeting_ended(*reservation.key)  # its hooks expire a grace later
 
 
 def restored(reply: Reply, reservation: Reservation) -> Answer:

@@ -26,7 +26,8 @@ keep their meaning across restarts.
 
 :class:`HookRegistry` is the thin service on a :class:`~proxy.store.Log`
 named ``hooks``: it applies a change, appends its record and flushes before
-the customer is answered, and compacts the log now and then.
+the customer is answered.  The log's owner compacts it to :meth:`HookRegistry.records`
+(the live hooks; ``LocalLog.maintain`` does it when the file has grown).
 
 Error handling: :meth:`HookState.apply` raises ``StateError`` for a record it
 does not understand (never ``KeyError``).  :meth:`HookRegistry.create` and
@@ -45,13 +46,19 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
+from proxy.config import WebhookSettings
 from proxy.errors import StateError, StorageUnavailable, ValidationError
-from proxy.store import Json, Log, Record
+from proxy.store import Json, Log, Record, open_local_log
+
+if TYPE_CHECKING:
+    from proxy.gateway import Gateway
 
 log = logging.getLogger(__name__)
 
-COMPACT_AFTER = 256  # records appended beyond twice the live hooks before the log is compacted
+PURGE_EVERY = 60.0  # seconds between sweeps of expired hooks out of memory
+_DEFAULTS = WebhookSettings()
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,11 +99,17 @@ class HookStatistics:
     customers: int  # customers with at least one
 
 
+type MeetingKey = tuple[str, str]  # (customer id, customer's meetingID)
+
+
 class HookState:
-    """Every hook, by id, in creation order."""
+    """Every hook, by id, in creation order, indexed by customer and by meeting."""
 
     def __init__(self) -> None:
         self.hooks: dict[str, Hook] = {}
+        self._by_customer: dict[str, dict[str, None]] = {}  # ordered sets of ids
+        self._by_meeting: dict[MeetingKey, dict[str, None]] = {}
+        self.ended: dict[MeetingKey, float] = {}  # meetings with hooks that will expire
 
     def apply(self, record: Mapping[str, Json]) -> None:
         """Apply one record (see the module docstring); ``StateError`` if it is not one."""
@@ -112,41 +125,82 @@ class HookState:
 
     def of(self, customer: str, meeting_id: str | None = None) -> list[Hook]:
         """The customer's hooks (of one meeting, if given), in creation order."""
-        return [
-            h
-            for h in self.hooks.values()
-            if h.customer == customer and meeting_id in (None, h.meeting_id)
-        ]
+        ids = (
+            self._by_customer.get(customer, {})
+            if meeting_id is None
+            else self._by_meeting.get((customer, meeting_id), {})
+        )
+        return [self.hooks[i] for i in ids]
+
+    def count(self, customer: str) -> int:
+        return len(self._by_customer.get(customer, ()))
 
     def duplicate(self, customer: str, meeting_id: str, callback_url: str) -> Hook | None:
         """bbb-webhooks' rule, per customer and meeting: one hook per callback URL."""
-        return next(
-            (h for h in self.of(customer, meeting_id) if h.callback_url == callback_url), None
-        )
+        hooks = self.of(customer, meeting_id)
+        return next((h for h in hooks if h.callback_url == callback_url), None)
 
     def expired(self, now: float, grace: float) -> list[Hook]:
-        return [h for h in self.hooks.values() if h.expired(now, grace)]
+        """Hooks whose meeting ended at least ``grace`` seconds before ``now``."""
+        due = [key for key, at in self.ended.items() if now >= at + grace]
+        return [h for key in due for h in self.of(*key) if h.expired(now, grace)]
 
     def forget(self, hooks: Iterable[Hook]) -> None:
         """Drop hooks from memory without a record (expired ones: replay agrees)."""
         for hook in hooks:
-            self.hooks.pop(hook.id, None)
+            self._remove(hook.id)
+            key = (hook.customer, hook.meeting_id)
+            if all(h.ended_at is None for h in self.of(*key)):
+                self.ended.pop(key, None)
+
+    def _add(self, hook: Hook) -> None:
+        self._remove(hook.id)
+        self.hooks[hook.id] = hook
+        self._by_customer.setdefault(hook.customer, {})[hook.id] = None
+        self._by_meeting.setdefault((hook.customer, hook.meeting_id), {})[hook.id] = None
+        if hook.ended_at is not None:
+            self._mark_ended((hook.customer, hook.meeting_id), hook.ended_at)
+
+    def _remove(self, hook_id: str) -> None:
+        hook = self.hooks.pop(hook_id, None)
+        if hook is None:
+            return
+        key = (hook.customer, hook.meeting_id)
+        _discard(self._by_customer, hook.customer, hook_id)
+        _discard(self._by_meeting, key, hook_id)
+        if key not in self._by_meeting:
+            self.ended.pop(key, None)
+
+    def _mark_ended(self, key: MeetingKey, at: float) -> None:
+        self.ended[key] = max(at, self.ended.get(key, at))
 
     def _hook(self, record: Mapping[str, Json]) -> None:
-        hook = _hook_of(record)
-        self.hooks[hook.id] = hook
+        self._add(_hook_of(record))
 
     def _destroyed(self, record: Mapping[str, Json]) -> None:
-        self.hooks.pop(_text(record, "id"), None)
+        self._remove(_text(record, "id"))
 
     def _ended(self, record: Mapping[str, Json]) -> None:
         at = _number(record, "at")
-        for hook in self.of(_text(record, "customer"), _text(record, "meeting_id")):
+        key = (_text(record, "customer"), _text(record, "meeting_id"))
+        for hook in self.of(*key):
             self.hooks[hook.id] = replace(hook, ended_at=at)
+        if key in self._by_meeting:
+            self.ended[key] = at
 
     def _started(self, record: Mapping[str, Json]) -> None:
-        for hook in self.of(_text(record, "customer"), _text(record, "meeting_id")):
+        key = (_text(record, "customer"), _text(record, "meeting_id"))
+        for hook in self.of(*key):
             self.hooks[hook.id] = replace(hook, ended_at=None)
+        self.ended.pop(key, None)
+
+
+def _discard[K](index: dict[K, dict[str, None]], key: K, hook_id: str) -> None:
+    ids = index.get(key)
+    if ids is not None:
+        ids.pop(hook_id, None)
+        if not ids:
+            del index[key]
 
 
 _APPLY: dict[str, Callable[[HookState, Mapping[str, Json]], None]] = {
@@ -189,41 +243,50 @@ def _number(record: Mapping[str, Json], key: str) -> float:
 
 
 class HookRegistry:
-    """The hooks as the API calls, the end notices and delivery use them."""
+    """The hooks as the API calls, the end notices and delivery use them.
+
+    Expired hooks are never answered; they leave memory at the next purge
+    (at most every :data:`PURGE_EVERY` seconds, and before a limit is checked).
+    """
 
     def __init__(
         self,
         log: Log,
-        state: HookState | None = None,
         *,
-        max_per_customer: int = 1000,
-        grace: float = 3600.0,
+        max_per_customer: int = _DEFAULTS.max_hooks_per_customer,
+        grace: float = _DEFAULTS.hook_grace_after_end,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.log = log
-        self.state = state if state is not None else HookState()
+        self.state = HookState()
         self.max_per_customer = max_per_customer
         self.grace = grace
         self.clock = clock
-        self._since_compaction = 0
+        self._next_purge = 0.0
+
+    @classmethod
+    def configured(cls, log: Log, settings: WebhookSettings) -> HookRegistry:
+        return cls(
+            log,
+            max_per_customer=settings.max_hooks_per_customer,
+            grace=settings.hook_grace_after_end,
+        )
 
     def replay(self, records: Iterable[Mapping[str, Json]]) -> None:
         """Apply what the log gave at start-up (``StateError`` if it is not hooks' records)."""
         for record in records:
             self.state.apply(record)
-            self._since_compaction += 1
 
     # -- what delivery asks ---------------------------------------------------------------------
 
     def matching(self, customer: str, meeting_id: str, event_id: str) -> list[Hook]:
         """The live hooks of ``customer``'s meeting ``meeting_id`` that want ``event_id``."""
-        self._expire()
-        return [h for h in self.state.of(customer, meeting_id) if h.wants(event_id)]
+        return [h for h in self._live(customer, meeting_id) if h.wants(event_id)]
 
     def get(self, hook_id: str) -> Hook | None:
         """A live hook by id (delivery looks its URL and algorithm up before each POST)."""
-        self._expire()
-        return self.state.hooks.get(hook_id)
+        hook = self.state.hooks.get(hook_id)
+        return None if hook is None or hook.expired(self.clock(), self.grace) else hook
 
     async def drop(self, hook_id: str) -> Hook | None:
         """Remove a hook whose receiver keeps failing; never raises for storage."""
@@ -236,8 +299,8 @@ class HookRegistry:
     # -- what the API calls ask -----------------------------------------------------------------
 
     def listed(self, customer: str, meeting_id: str | None = None) -> list[Hook]:
-        self._expire()
-        return self.state.of(customer, meeting_id)
+        """The customer's live hooks (of one meeting, if given), in creation order."""
+        return self._live(customer, meeting_id)
 
     async def create(
         self,
@@ -249,21 +312,21 @@ class HookRegistry:
     ) -> tuple[Hook, bool]:
         """Register a hook, or find the one this customer has for that meeting and URL.
 
-        Returns ``(hook, duplicated)``.  A duplicate keeps the old hook as it was
-        (its event filter too), as bbb-webhooks does.
+        Returns ``(hook, duplicated)``.  A duplicate is the old hook as it was
+        (its event filter and algorithm too), as bbb-webhooks answers it.
 
         Error handling: ``ValidationError`` (``createHookError``) over the limit;
         ``StorageUnavailable`` when the log cannot write (nothing is registered if
-        it has failed already).
+        it had failed already).
         """
-        self._expire()
+        self._purge(force=True)
         old = self.state.duplicate(customer, meeting_id, callback_url)
         if old is not None:
             return old, True
-        if len(self.state.of(customer)) >= self.max_per_customer:
+        if self.state.count(customer) >= self.max_per_customer:
             raise ValidationError(
-                f"This customer already has {self.max_per_customer} hooks, the most allowed; "
-                "destroy some first",
+                f"You have {self.max_per_customer} hooks already, the most this gateway "
+                "allows; destroy hooks you no longer need first",
                 message_key="createHookError",
             )
         self._check_writable()
@@ -278,22 +341,19 @@ class HookRegistry:
         )
         self._record(hook.record())
         await self.log.flush()
-        await self.compact_if_due()
         return hook, False
 
     async def destroy(self, customer: str, hook_id: str) -> bool:
-        """Remove one of ``customer``'s hooks; False if it has none of that id.
+        """Remove one of ``customer``'s live hooks; False if it has none of that id.
 
         Error handling: ``StorageUnavailable`` when the log cannot write.
         """
-        self._expire()
-        hook = self.state.hooks.get(hook_id)
+        hook = self.get(hook_id)
         if hook is None or hook.customer != customer:
             return False
         self._check_writable()
         self._record({"type": "destroyed", "id": hook_id})
         await self.log.flush()
-        await self.compact_if_due()
         return True
 
     # -- what the gateway learns of meetings ----------------------------------------------------
@@ -308,7 +368,6 @@ class HookRegistry:
             record: Record = {"type": "ended", "customer": customer, "meeting_id": meeting_id}
             self._record(record | {"at": when})
             await self._flush_if_possible()
-            await self.compact_if_due()
 
     async def meeting_started(self, customer: str, meeting_id: str) -> None:
         """The meeting was created (again): its hooks stop expiring.  Never raises for storage."""
@@ -316,14 +375,29 @@ class HookRegistry:
             self._record({"type": "started", "customer": customer, "meeting_id": meeting_id})
             await self._flush_if_possible()
 
+    def records(self) -> list[Record]:
+        """The live hooks as records: what the log's owner compacts it to."""
+        self._purge(force=True)
+        return list(self.state.records())
+
     def statistics(self) -> HookStatistics:
+        self._purge()
         hooks = self.state.hooks.values()
         return HookStatistics(len(hooks), len({h.customer for h in hooks}))
 
     # -- internals ------------------------------------------------------------------------------
 
-    def _expire(self) -> None:
-        expired = self.state.expired(self.clock(), self.grace)
+    def _live(self, customer: str, meeting_id: str | None) -> list[Hook]:
+        self._purge()
+        now = self.clock()
+        return [h for h in self.state.of(customer, meeting_id) if not h.expired(now, self.grace)]
+
+    def _purge(self, *, force: bool = False) -> None:
+        now = self.clock()
+        if not force and now < self._next_purge:
+            return
+        self._next_purge = now + PURGE_EVERY
+        expired = self.state.expired(now, self.grace)
         for hook in expired:
             log.info("hook %s of %s expired (its meeting ended)", hook.id, hook.customer)
         self.state.forget(expired)
@@ -335,20 +409,25 @@ class HookRegistry:
     def _record(self, record: Record) -> None:
         self.state.apply(record)
         self.log.append(record)
-        self._since_compaction += 1
 
     async def _flush_if_possible(self) -> None:
         with contextlib.suppress(StorageUnavailable):
             await self.log.flush()
 
-    async def compact_if_due(self) -> None:
-        """Rewrite the log as the live hooks once it holds many more records than hooks.
 
-        Never raises for storage (the old log stays and is retried next time).
-        """
-        if self._since_compaction <= COMPACT_AFTER + 2 * len(self.state.hooks):
-            return
-        self._expire()
-        with contextlib.suppress(StorageUnavailable):
-            await self.log.compact(list(self.state.records()))
-            self._since_compaction = 0
+def open_hooks(gw: Gateway) -> HookRegistry:
+    """Put the durable registry (the ``hooks`` log under ``state_dir``, replayed) in force.
+
+    Blocking: at start-up, before serving.  A supervised task recovers a failed log and
+    compacts it to the live hooks when it has grown.
+
+    Error handling: ``StateError`` for a log that cannot be read or holds a record
+    that is not a hook's (the CLI exits 3).
+    """
+    proxy = gw.config.proxy
+    store, records = open_local_log(proxy.state_dir, "hooks", timeout=proxy.journal_timeout)
+    registry = HookRegistry.configured(store, gw.config.webhooks)
+    registry.replay(records)
+    gw.hooks = registry
+    gw.spawn("hooks-store", store.maintain, registry.records)
+    return registry
