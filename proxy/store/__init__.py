@@ -45,12 +45,14 @@ from proxy.errors import StorageUnavailable
 if TYPE_CHECKING:
     from proxy.store.local import LocalLog
 
-__all__ = ["Json", "Log", "MemoryLog", "Record", "open_local_log"]
+__all__ = ["MAX_RECORD_BYTES", "Json", "Log", "MemoryLog", "Record", "open_local_log"]
 
 # What a record may hold.  Sequence and Mapping (not list and dict) so that a
 # ``list[str]`` or ``dict[str, int]`` is a Json value too; replay gives lists and dicts.
 type Json = bool | int | float | str | Sequence[Json] | Mapping[str, Json] | None
 type Record = dict[str, Json]
+
+MAX_RECORD_BYTES = 1 << 20  # a record's JSON, in every implementation
 
 
 class Log(Protocol):
@@ -59,8 +61,9 @@ class Log(Protocol):
     def append(self, record: Mapping[str, Json]) -> None:
         """Queue one record; it is durable once a later :meth:`flush` returns.
 
-        Error handling: never raises for a storage fault.  A record that is not JSON or
-        over the implementation's size bound is the caller's bug: ``ValueError``.
+        Error handling: never raises for a storage fault.  A record that is not JSON (a
+        NaN, bytes, a str that is not UTF-8) or whose JSON is over ``MAX_RECORD_BYTES`` is
+        the caller's bug: ``ValueError``.
         """
         ...
 
@@ -106,13 +109,16 @@ def open_local_log(state_dir: Path, name: str, *, timeout: float) -> tuple[Local
 
 
 def encode(record: Mapping[str, Json]) -> bytes:
-    """The JSON of one record; ``ValueError`` if it is not a JSON object of JSON values."""
+    """The JSON of one record; ``ValueError`` unless a JSON object of JSON values, bounded."""
     if not isinstance(record, Mapping):
         raise ValueError(f"a record is a JSON object, not {type(record).__name__}")
     try:
-        return orjson.dumps(_plain(record))
+        body = orjson.dumps(_plain(record))
     except TypeError as e:  # orjson.JSONEncodeError
         raise ValueError(f"not a JSON record: {e}") from None
+    if len(body) > MAX_RECORD_BYTES:
+        raise ValueError(f"a record of {len(body)} bytes is over {MAX_RECORD_BYTES}")
+    return body
 
 
 def _plain(value: object) -> object:

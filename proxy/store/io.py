@@ -58,4 +58,4 @@ class BoundedIo:
     def overrunning(self) -> bool:
         """An operation is running past its deadline (so the storage counts as failed)."""
         deadline = min(self._deadlines.copy().values(), default=math.inf)  # threads remove
-        return trio.current_time() > deadline
+        return deadline < math.inf and trio.current_time() > deadline

@@ -28,7 +28,7 @@ the bytes known durable, which removes a partly written batch, and writes the qu
 again; never while an abandoned write is still running in its thread.  A compaction also
 recovers, as it replaces the file.
 
-Bounds.  A record's line is at most ``MAX_RECORD_BYTES``; a log file at most
+Bounds.  A record's JSON is at most ``MAX_RECORD_BYTES``; a log file at most
 ``max_bytes``: a flush that would pass it fails (the owner must compact), and start-up
 refuses a larger file, so what is on disk can always be replayed.
 
@@ -52,15 +52,14 @@ import orjson
 import trio
 
 from proxy.errors import StateError, StorageUnavailable
-from proxy.store import Json, Record, encode
+from proxy.store import MAX_RECORD_BYTES, Json, Record, encode
 from proxy.store.files import fsync_dir, os_errors, truncate, write_all
-from proxy.store.framing import FRAME_OVERHEAD, frame, scan_frames
+from proxy.store.framing import frame, scan_frames
 from proxy.store.io import BoundedIo, Overran
 
 log = logging.getLogger(__name__)
 
 SECONDS = 1.0
-MAX_RECORD_BYTES = 1 << 20  # one framed line
 MAX_LOG_BYTES = 256 << 20  # one file, as written and as replayed
 COMPACTION_TIMEOUTS = 30  # a compaction may take this many times the write timeout
 COMPACT_MIN_BYTES = 1 << 20  # compaction_due: the file grew past twice its compacted size and this
@@ -131,7 +130,7 @@ def _decoder(source: str) -> Callable[[bytes, int], Record]:
             raise StateError(f"{source}: invalid record at byte {offset}: {e}") from None
         if not isinstance(value, dict):
             raise StateError(f"{source}: invalid record at byte {offset}: not a JSON object")
-        if len(body) + FRAME_OVERHEAD > MAX_RECORD_BYTES:
+        if len(body) > MAX_RECORD_BYTES:
             raise StateError(f"{source}: record at byte {offset} is over {MAX_RECORD_BYTES} B")
         return value
 
@@ -194,7 +193,7 @@ class LocalLog:
         """Queue ``record``; durable once a later :meth:`flush` returns.
 
         Error handling: never raises for a storage fault; ``ValueError`` for a record
-        that is not JSON or whose line is over ``MAX_RECORD_BYTES``.
+        that is not JSON or over ``MAX_RECORD_BYTES``.
         """
         line = self._line(record)
         self._pending.append(line)
@@ -204,10 +203,7 @@ class LocalLog:
 
     @staticmethod
     def _line(record: Mapping[str, Json]) -> bytes:
-        line = frame(encode(record))
-        if len(line) > MAX_RECORD_BYTES:
-            raise ValueError(f"a record of {len(line)} bytes is over {MAX_RECORD_BYTES}")
-        return line
+        return frame(encode(record))
 
     async def flush(self) -> None:
         """Return once every record appended so far is written and fsynced.
