@@ -51,9 +51,11 @@ async def fault_then_mend(
     return acknowledged
 
 
-async def check_recovers_by_itself(state_dir: Path, log: LocalLog, acknowledged: list[int]) -> None:
+async def check_recovers_by_itself(
+    state_dir: Path, log: LocalLog, acknowledged: list[int], task: Callable[[], Awaitable[None]]
+) -> None:
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(lambda: log.maintain(every=0.05))
+        nursery.start_soon(task)
         await until(lambda: not log.failed)
         nursery.cancel_scope.cancel()
     await log.flush()
@@ -79,7 +81,7 @@ async def test_a_full_disk_fails_the_flush_and_the_log_recovers_by_itself(
 
     acknowledged = await fault_then_mend(log, fault, mend)
     assert acknowledged[-1] >= 4
-    await check_recovers_by_itself(state_dir, log, acknowledged)
+    await check_recovers_by_itself(state_dir, log, acknowledged, lambda: log.maintain(every=0.05))
 
 
 async def test_a_read_only_disk_fails_the_flush_and_the_log_recovers_by_itself(
@@ -91,7 +93,7 @@ async def test_a_read_only_disk_fails_the_flush_and_the_log_recovers_by_itself(
         log, lambda: remount(small_fs, "ro"), lambda: remount(small_fs, "rw")
     )
     assert acknowledged == list(range(5))
-    await check_recovers_by_itself(state_dir, log, acknowledged)
+    await check_recovers_by_itself(state_dir, log, acknowledged, lambda: log.recover_forever(0.05))
 
 
 async def test_a_compaction_on_a_full_disk_leaves_the_old_file_whole(small_fs: Path) -> None:

@@ -11,10 +11,15 @@ customer is answered::
     state = HookState()
     for record in replayed:
         state.apply(record)
-    gw.spawn("store-recovery", log.recover_forever)   # a failed disk is retried by itself
+    gw.spawn("hooks-store", log.maintain, state.records)  # recovery, and compaction when due
     ...
-    state.apply(record); log.append(record); await log.flush()   # per change
-    await log.compact(state.records())                             # now and then
+    state.apply(record); log.append(record); await log.flush()   # per change, in one step
+
+``LocalLog.maintain(records)`` retries a failed disk every second and compacts from
+``records()`` when the file has doubled; an owner that compacts by itself spawns
+``LocalLog.recover_forever`` instead.  Apply and append in one synchronous step (no
+``await`` between): a compaction reads ``records()`` at once and counts every record
+appended after that call as later.
 
 A record is a JSON object (:data:`Json` values; no NaN or infinity, no bytes).  What
 :func:`open_local_log` replays is exactly what was appended and flushed, in order, with

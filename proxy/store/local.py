@@ -316,6 +316,10 @@ class LocalLog:
                 except StorageUnavailable as e:
                     log.warning("the %s log was not compacted: %s", self.name, e.__cause__)
 
+    async def recover_forever(self, every: float = RETRY_EVERY) -> None:
+        """:meth:`maintain` without compaction: for an owner that compacts by itself."""
+        await self.maintain(None, every=every)
+
     @property
     def failed(self) -> bool:
         """Cannot make records durable now: a write failed, or one runs past its bound."""
