@@ -39,7 +39,7 @@ async def test_admin_lists_without_secrets(make_stack: StackFactory) -> None:
 
 async def test_drain_takes_a_backend_out_of_placement(make_stack: StackFactory) -> None:
     stack = await make_stack(proxy={"admin_token": TOKEN})
-    response = await stack.http.post(
+    response = await stack.http.patch(
         f"{stack.url}/admin/v1/backends/bbb-1", headers=AUTH, json={"mode": "drain"}
     )
     assert response.status_code == 200
@@ -47,7 +47,7 @@ async def test_drain_takes_a_backend_out_of_placement(make_stack: StackFactory) 
         root = await stack.create(f"room-{i}", maxParticipants="1")
         assert text(root, "returncode") == "SUCCESS"
     assert {r.backend_id for r in stack.gateway.ledger.state} == {"bbb-2"}
-    bad = await stack.http.post(
+    bad = await stack.http.patch(
         f"{stack.url}/admin/v1/backends/bbb-1", headers=AUTH, json={"mode": "sleepy"}
     )
     assert bad.status_code == 400

@@ -35,21 +35,28 @@ log = logging.getLogger(__name__)
 
 
 async def monitor_backends(gw: Gateway) -> None:
-    """Poll every backend until cancelled."""
+    """Poll every backend until cancelled; a backend added at run time too."""
+    watched: set[str] = set()
     async with trio.open_nursery() as nursery:
-        for backend in gw.config.backends:
-            nursery.start_soon(_monitor_one, gw, backend.id)
+        while True:
+            for backend in gw.backends():
+                if backend.id not in watched:
+                    watched.add(backend.id)
+                    nursery.start_soon(_monitor_one, gw, backend.id, watched)
+            await gw.backends_changed()
 
 
-async def _monitor_one(gw: Gateway, backend_id: str) -> None:
+async def _monitor_one(gw: Gateway, backend_id: str, watched: set[str]) -> None:
+    """Poll one backend until it is removed (at run time)."""
     interval = gw.config.proxy.health.interval
     due = trio.current_time()
-    while True:
+    while backend_id in gw.clients:
         due += interval
         await trio.sleep_until(due)
-        if gw.modes[backend_id] != "disabled":
+        if gw.modes.get(backend_id, "disabled") != "disabled":
             await supervised_poll(gw, backend_id)
         due = max(due, trio.current_time() - interval)  # a poll that overran: no burst after
+    watched.discard(backend_id)
 
 
 async def supervised_poll(gw: Gateway, backend_id: str) -> None:
