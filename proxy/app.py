@@ -17,15 +17,16 @@ from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from proxy import admin
+from proxy import admin, request_log
 from proxy.bbb import callbacks, envelope, recording_ready
 from proxy.bbb import recordings as rules
-from proxy.calls import Incoming, handle, version_document
+from proxy.calls import Incoming, handle, result_of, version_document
 from proxy.calls.ended import meeting_ended
 from proxy.calls.recording_ready import ReadyQueue
 from proxy.errors import ValidationError
 from proxy.gateway import Gateway
 from proxy.metrics import Metrics
+from proxy.readiness import readiness
 from proxy.request import Answer
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ def create_app(gw: Gateway) -> QuartTrio:
     app.config["MAX_CONTENT_LENGTH"] = max(gw.config.proxy.max_body_bytes, _upload_limit(gw))
     metrics = Metrics(gw)
     for client in gw.clients.values():
-        client.observer = metrics.observe_backend
+        client.observer = request_log.observing(metrics.observe_backend)
     ready = ReadyQueue.open(gw)  # recording-ready deliveries, resumed from state_dir
 
     @app.before_serving
@@ -86,11 +87,8 @@ def create_app(gw: Gateway) -> QuartTrio:
 
     @app.route("/readyz")
     async def readyz() -> Response:
-        if gw.ledger.journal.failed:
-            return Response("ledger journal failed\n", 503, content_type="text/plain")
-        ready = any(gw.accepts_meetings(b.id) for b in gw.config.backends)
-        text = "ready\n" if ready else "no backend accepts meetings\n"
-        return Response(text, 200 if ready else 503, content_type="text/plain")
+        state = readiness(gw)  # why not ready, in the body (proxy/readiness.py)
+        return _json(state.document(), 200 if state.ready else 503)
 
     @app.route("/")
     async def home() -> Response:
@@ -132,9 +130,12 @@ def create_app(gw: Gateway) -> QuartTrio:
 
 async def _api(gw: Gateway, metrics: Metrics, customer: str | None, call: str) -> Response:
     started = time.perf_counter()
+    asked = request_log.asked_meeting_id(request.query_string.decode("utf-8", "replace"))
+    request_log.note_call(call, customer, asked)  # as asked; handle() notes it verified
     incoming = await _incoming(customer, call, _body_limit(gw, call))
     result, answer = await handle(gw, incoming)
     metrics.observe(call, result, time.perf_counter() - started)
+    request_log.note_result(result)
     return _response(answer)
 
 
@@ -205,4 +206,5 @@ def _too_large() -> ValidationError:
 
 
 def _response(answer: Answer) -> Response:
+    request_log.note_result(result_of(answer), unless_known=True)  # e.g. a 413's envelope
     return Response(answer.body, answer.status, headers=dict(answer.headers))

@@ -13,7 +13,7 @@ import trio
 from proxy import demo
 from proxy.config import load
 from proxy.errors import ConfigError, StateError
-from proxy.logs import setup_logging
+from proxy.logs import FORMATS, setup_logging
 from proxy.server import serve_gateway
 
 
@@ -25,7 +25,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     no traceback, also when the error comes out of a task group; 130 on Ctrl-C.
     """
     args = _parser().parse_args(argv)
-    setup_logging(args.log_level)
+    setup_logging(args.log_level, args.log_format or "auto")
     try:
         _run(args)
     except BaseException as exc:
@@ -39,6 +39,8 @@ def _run(args: argparse.Namespace) -> None:
         if not path:
             raise ConfigError("no configuration: pass --config PATH or set BBB_PROXY_CONFIG")
         config = load(path)
+        if args.log_format is None:  # the flag wins over [proxy] log_format
+            setup_logging(args.log_level, config.proxy.log_format)
         trio.run(lambda: serve_gateway(config, handle_signals=True))
     else:
         trio.run(lambda: demo.run_demo(args.port, args.backends))
@@ -94,6 +96,9 @@ def _say(message: str) -> None:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bbb-proxy", description=__doc__)
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING"])
+    parser.add_argument(
+        "--log-format", choices=FORMATS, help="default: [proxy] log_format, else auto"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the gateway")
     serve.add_argument("--config", help="TOML file (default: $BBB_PROXY_CONFIG)")

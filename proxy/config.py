@@ -97,6 +97,9 @@ class ProxySettings:
     admin_token: str = field(default="", repr=False)  # empty: the admin API is off
     metrics_token: str = field(default="", repr=False)  # empty: /metrics is open
     allow_private_callbacks: bool = False  # customer callbacks to private/loopback hosts
+    # Request logs (proxy.request_log): "auto" is JSON lines unless stderr is a terminal.
+    log_format: str = "auto"  # "auto" | "json" | "text"
+    trusted_proxies: tuple[str, ...] = ()  # peers whose X-Forwarded-For is believed (CIDRs)
 
     @property
     def calls_per_customer(self) -> int:
@@ -234,7 +237,26 @@ def _proxy(t: Mapping[str, Any]) -> ProxySettings:
         admin_token=_get(t, "proxy", "admin_token", _string, ""),
         metrics_token=_get(t, "proxy", "metrics_token", _string, ""),
         allow_private_callbacks=_get(t, "proxy", "allow_private_callbacks", _bool, False),
+        log_format=_get(t, "proxy", "log_format", _log_format, d.log_format),
+        trusted_proxies=_get(t, "proxy", "trusted_proxies", _cidrs, ()),
     )
+
+
+LOG_FORMATS = ("auto", "json", "text")
+
+
+def _log_format(value: Any) -> str:
+    if value not in LOG_FORMATS:
+        raise ValueError(f"must be one of {', '.join(LOG_FORMATS)}")
+    return str(value)
+
+
+def _cidrs(value: Any) -> tuple[str, ...]:
+    """Addresses or networks ("10.0.0.1", "10.0.0.0/8", "::1"), each normalised to a CIDR."""
+    try:
+        return tuple(str(ipaddress.ip_network(v, strict=False)) for v in _str_list(value))
+    except ValueError:
+        raise ValueError("must be a list of IP addresses or networks (e.g. 10.0.0.0/8)") from None
 
 
 def _timeouts(t: Mapping[str, Any]) -> Timeouts:

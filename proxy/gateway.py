@@ -21,6 +21,7 @@ from proxy.health import Health, State, Thresholds, responsive, suspended, with_
 from proxy.ledger.model import BackendSpec
 from proxy.ledger.service import Ledger
 from proxy.placement import Ring
+from proxy.store import Log
 from proxy.store import MemoryLog
 from proxy.webhooks.registry import HookRegistry
 
@@ -40,6 +41,10 @@ class Gateway:
     modes: dict[str, str] = field(default_factory=dict)  # active | drain | disabled
     task_failures: dict[str, int] = field(default_factory=dict)  # by task kind, for metrics
     failover: dict[str, int] = field(default_factory=dict)  # failover/reconcile events, metrics
+    # Counted events other than failover's, by (family, label); see tally() and proxy.metrics.
+    tallies: dict[tuple[str, str], int] = field(default_factory=dict)
+    # Durable stores by name ("hooks", "runtime", ...): /readyz is 503 while one has failed.
+    stores: dict[str, Log] = field(default_factory=dict)
     _in_flight: int = field(default=0, init=False)
     _idle: trio.Event = field(default_factory=trio.Event, init=False)
 
@@ -116,6 +121,13 @@ class Gateway:
         """Count a failover or reconciliation event (see :attr:`failover`)."""
         if n:
             self.failover[event] = self.failover.get(event, 0) + n
+
+    def tally(self, family: str, label: str, n: int = 1) -> None:
+        """Count ``n`` events of ``family`` (a metric of :data:`proxy.metrics.TALLIES`),
+        e.g. ``gw.tally("admin_changes", "customer_created")``.  ``label`` must come from a
+        small fixed set (never an id a peer chose): it becomes a Prometheus label."""
+        if n:
+            self.tallies[family, label] = self.tallies.get((family, label), 0) + n
 
     def backend_down(self, backend_id: str) -> bool:
         """DOWN by health: its meetings are not reachable, so a create re-places them

@@ -17,6 +17,7 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
+from proxy import request_log
 from proxy.app import create_app
 from proxy.backends.client import Transport
 from proxy.backends.monitor import monitor_backends, reconcile_all
@@ -120,7 +121,8 @@ async def _serve_app(
 ) -> None:
     quart = create_app(gw)
     quart.config["BODY_TIMEOUT"] = gw.config.proxy.timeouts.client_read  # the whole body
-    app = counted(gw, closing_unread(quart))
+    trusted = request_log.networks(gw.config.proxy.trusted_proxies)
+    app = counted(gw, request_log.logged(closing_unread(quart), trusted))
     await serve(app, hyper, shutdown_trigger=trio.sleep_forever, task_status=task_status)
 
 

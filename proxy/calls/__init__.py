@@ -19,6 +19,7 @@ import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from proxy import request_log
 from proxy.bbb import bodies, checksum, envelope
 from proxy.bbb import recordings as rules
 from proxy.calls import hooks, meetings, recordings
@@ -88,6 +89,7 @@ async def handle(gw: Gateway, incoming: Incoming) -> tuple[str, Answer]:
     req: ApiRequest | None = None  # set once the checksum verified
     try:
         req = _verified(gw, incoming)
+        request_log.note_call(req.call, req.customer.id, req.first("meetingID"))
         handler = _handler(gw, req)
         answer = await handler(gw, req)
     except ProxyError as error:

@@ -13,6 +13,7 @@ import logging
 import trio
 from lxml import etree
 
+from proxy import request_log
 from proxy.backends.client import Reply
 from proxy.bbb import envelope, redirects, rewrite
 from proxy.errors import (
@@ -162,6 +163,7 @@ async def join(gw: Gateway, req: ApiRequest) -> Answer:
     if gw.backend_down(reservation.backend_id):
         raise _down(reservation)
     params = backend_params(req, reservation)
+    request_log.note_backend(reservation.backend_id)  # the user is sent there
     return Answer.redirect(gw.client(reservation.backend_id).url("join", params))
 
 
