@@ -382,3 +382,9 @@ async def _create(
     async with httpx.AsyncClient(timeout=10) as http:
         response = await http.get(f"{base}/hooks/create?{query}")
     return etree.fromstring(response.content)
+
+
+async def test_the_hooks_store_is_part_of_readiness(stack: Stack) -> None:
+    response = await stack.http.get(f"{stack.url}/readyz")
+    assert response.json()["stores"]["hooks"] == "ok"
+    assert stack.gateway.stores["hooks"] is stack.gateway.hooks.log

@@ -419,7 +419,7 @@ def open_hooks(gw: Gateway) -> HookRegistry:
     """Put the durable registry (the ``hooks`` log under ``state_dir``, replayed) in force.
 
     Blocking: at start-up, before serving.  A supervised task recovers a failed log and
-    compacts it to the live hooks when it has grown.
+    compacts it to the live hooks when it has grown; /readyz reports it while it fails.
 
     Error handling: ``StateError`` for a log that cannot be read or holds a record
     that is not a hook's (the CLI exits 3).
@@ -429,5 +429,6 @@ def open_hooks(gw: Gateway) -> HookRegistry:
     registry = HookRegistry.configured(store, gw.config.webhooks)
     registry.replay(records)
     gw.hooks = registry
+    gw.stores["hooks"] = store  # /readyz is 503 while it cannot write
     gw.spawn("hooks-store", store.maintain, registry.records)
     return registry
