@@ -22,6 +22,7 @@ from proxy.bbb import recording_ready, rewrite
 from proxy.bbb.checksum import signed_query
 from proxy.server import serve_gateway
 from proxy.simulator import Simulator, serve_simulator
+from proxy.store.local import read_records
 from tests.harness import BACKEND_SECRET, SECRETS, Stack, config_for, free_port, serve_endpoint
 
 
@@ -174,7 +175,7 @@ async def test_a_restart_between_receiving_and_delivering_loses_nothing(
     sim = Simulator(BACKEND_SECRET, server_name="bbb-1.test", expire_unjoined_minutes=None)
     sim_url = await nursery.start(serve_simulator, sim)
     receiver = await start_receiver(nursery, statuses=[503, 503])
-    journal = tmp_path / "recording-ready.jsonl"
+    journal = tmp_path  # the "recording-ready" log (proxy.store) under state_dir
     async with trio.open_nursery() as first, httpx.AsyncClient(timeout=10) as http:
         _, binds = await first.start(serve_gateway, _config(sim_url, tmp_path))
         api = f"{binds[0]}/acme/bigbluebutton/api"
@@ -202,9 +203,11 @@ async def test_a_restart_between_receiving_and_delivering_loses_nothing(
         assert claims(token, SECRETS["acme"])["meeting_id"] == "kept"
 
 
-def _pending(journal: Path) -> dict[str, recording_ready.Delivery]:
-    lines = journal.read_bytes().splitlines() if journal.exists() else []
-    return recording_ready.Pending.replayed(lines).deliveries
+def _pending(state_dir: Path) -> dict[str, recording_ready.Delivery]:
+    pending = recording_ready.Pending()
+    for record in read_records(state_dir, "recording-ready"):  # the gateway may be writing
+        pending.apply(record)
+    return pending.deliveries
 
 
 def _config(sim_url: str, state: Path) -> Any:

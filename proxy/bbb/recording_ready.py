@@ -24,8 +24,9 @@ Delivery outcomes (:func:`outcome`): 2xx is done; 401, 404 and 410 are final (BB
 treats them so: secret mismatch, ignored, meeting deleted); a URL the gateway may not call
 is final; anything else is retried after :func:`backoff`, at most :data:`MAX_ATTEMPTS`.
 
-The queue (:class:`Pending`) is journaled as JSON lines: ``queue`` records (a delivery to
-make) and ``done`` records (it ended); replaying them gives the deliveries still to make.
+The queue (:class:`Pending`) lives on a :class:`~proxy.store.Log` named "recording-ready":
+``queue`` records (a delivery to make) and ``done`` records (it ended); replaying them gives
+the deliveries still to make, and compaction writes a ``queue`` record for each of those.
 
 Error handling: nothing here raises on what a peer sends; :func:`verify_url` and
 :func:`backend_claims` answer None for anything not genuine.
@@ -37,7 +38,7 @@ import hashlib
 import hmac
 import logging
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, urlencode
 
@@ -47,6 +48,8 @@ from jwt.warnings import InsecureKeyLengthWarning
 
 from proxy.bbb import customer_urls, rewrite
 from proxy.config import Backend
+from proxy.errors import StateError
+from proxy.store import Json, Record
 
 log = logging.getLogger(__name__)
 
@@ -216,15 +219,15 @@ def backoff(attempt: int) -> float:
     return float(min(1200, 2**attempt))
 
 
-# -- the journal's records -----------------------------------------------------------------------
+# -- the queue's records (a Log named "recording-ready", proxy.store) --------------------------
 
 
-def queue_record(delivery: Delivery) -> bytes:
-    return orjson.dumps({"op": "queue", **_fields(delivery)}) + b"\n"
+def queue_record(delivery: Delivery) -> Record:
+    return {"op": "queue", **_fields(delivery)}
 
 
-def done_record(delivery_id_: str, how: str) -> bytes:
-    return orjson.dumps({"op": "done", "id": delivery_id_, "how": how}) + b"\n"
+def done_record(delivery_id_: str, how: str) -> Record:
+    return {"op": "done", "id": delivery_id_, "how": how}
 
 
 def _fields(delivery: Delivery) -> dict[str, str]:
@@ -242,32 +245,41 @@ class Pending:
     """The deliveries still to make, in the order they were queued."""
 
     deliveries: dict[str, Delivery] = field(default_factory=dict)
-    skipped: int = 0  # records that could not be read (a torn last line, say)
+    skipped: int = 0  # lines of a legacy file that could not be read
 
-    def apply(self, line: bytes) -> None:
-        """One journal record; a record that cannot be read is counted and skipped."""
-        try:
-            record = orjson.loads(line)
-        except orjson.JSONDecodeError:
-            self.skipped += 1
-            return
-        if not isinstance(record, dict):
-            self.skipped += 1
-        elif record.get("op") == "queue" and _is_delivery(record):
+    def apply(self, record: Mapping[str, Json]) -> None:
+        """One record of the log.  Total: one it does not know is a ``StateError``."""
+        op = record.get("op")
+        if op == "queue" and _is_delivery(record):
             fields = {k: str(record[k]) for k in ("id", "url", "customer", "meeting_id")}
             self.deliveries[fields["id"]] = Delivery(record_id=str(record["record_id"]), **fields)
-        elif record.get("op") == "done" and isinstance(record.get("id"), str):
-            self.deliveries.pop(record["id"], None)
-        else:
-            self.skipped += 1
+        elif op == "done" and isinstance(record.get("id"), str):
+            self.deliveries.pop(str(record["id"]), None)
+        else:  # the keys only: a URL may carry the customer's tokens
+            raise StateError(f"not a recording-ready record: op {op!r}, keys {sorted(record)}")
+
+    def records(self) -> Iterator[Record]:
+        """What compaction writes: a ``queue`` record per delivery still to make."""
+        return (queue_record(d) for d in list(self.deliveries.values()))
 
     @classmethod
-    def replayed(cls, lines: Iterable[bytes]) -> Pending:
+    def from_legacy(cls, lines: Iterable[bytes]) -> Pending:
+        """The JSON lines file of earlier versions; a line it cannot read is skipped and
+        counted (that file had no framing to tell a torn line from a corrupt one)."""
         pending = cls()
         for line in lines:
             if line.strip():
-                pending.apply(line)
+                pending._apply_legacy(line)
         return pending
+
+    def _apply_legacy(self, line: bytes) -> None:
+        try:
+            record = orjson.loads(line)
+            if not isinstance(record, dict):
+                raise StateError("not a JSON object")
+            self.apply(record)
+        except (orjson.JSONDecodeError, StateError):
+            self.skipped += 1
 
 
 def _is_delivery(record: Mapping[str, object]) -> bool:

@@ -12,8 +12,9 @@ The rules (the gateway's URL, the JWTs, outcomes, the journal's records) are in
 - :meth:`ReadyQueue.deliver_forever` (a supervised task): POSTs each queued delivery to the
   customer's URL (SSRF-checked, :func:`proxy.backends.outbound.post_customer_url`), with a
   JWT signed with the customer's secret; done, final or retried with backoff; the end of
-  each is journaled.  At start-up the journal is replayed and rewritten with only what is
-  still to deliver (attempt counts start again).
+  each is recorded.  At start-up the log is replayed and compacted to what is still to
+  deliver (attempt counts start again).  The JSON lines file of earlier versions
+  (``recording-ready.jsonl``) is converted once, before the log is opened.
 
 Error handling: :meth:`receive` never raises for what a backend sends; the delivery loop
 logs a failed delivery and goes on.
@@ -21,57 +22,63 @@ logs a failed delivery and goes on.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import os
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import trio
 
 from proxy.backends.outbound import post_customer_url
 from proxy.bbb import recording_ready as rules
+from proxy.errors import StateError, StorageUnavailable
 from proxy.gateway import Gateway
+from proxy.store import Log, Record, open_local_log
+from proxy.store.files import os_errors
+from proxy.store.local import MAX_LOG_BYTES, create_log, log_path
 
 log = logging.getLogger(__name__)
-JOURNAL = "recording-ready.jsonl"
+LOG = "recording-ready"
+LEGACY = "recording-ready.jsonl"  # before proxy.store: JSON lines, converted at start-up
 CONCURRENT = 8  # deliveries in flight at once
 
 
 class ReadyQueue:
     """The deliveries still to make, their journal, and the task that makes them."""
 
-    def __init__(self, gw: Gateway, path: Path, pending: rules.Pending) -> None:
+    def __init__(
+        self,
+        gw: Gateway,
+        store: Log,
+        pending: rules.Pending,
+        maintain: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         self._gw = gw
-        self._path = path
+        self._log = store
+        self._maintain = maintain  # the local log's recovery and compaction task
         self._pending = pending
         self._due: dict[str, float] = dict.fromkeys(pending.deliveries, 0.0)  # trio time
         self._attempts: dict[str, int] = {}
         self._busy: set[str] = set()
-        self._write = trio.Lock()
         self._wake = trio.Event()
         self._slots = trio.CapacityLimiter(CONCURRENT)
 
     @classmethod
     def open(cls, gw: Gateway) -> ReadyQueue:
-        """Replay and compact the journal (blocking: at start-up, before serving)."""
-        path = Path(gw.config.proxy.state_dir) / JOURNAL
-        try:
-            lines = path.read_bytes().splitlines() if path.exists() else []
-        except OSError as exc:  # the ledger's own checks decide whether the gateway starts
-            log.error("recording-ready journal %s unreadable: %s", path, exc)
-            lines = []
-        pending = rules.Pending.replayed(lines)
-        if pending.skipped:
-            log.warning("recording-ready journal: %d unreadable records skipped", pending.skipped)
-        if lines:
-            content = b"".join(rules.queue_record(d) for d in pending.deliveries.values())
-            try:
-                _rewrite(path, content)
-            except OSError as exc:
-                log.error("recording-ready journal %s not compacted: %s", path, exc)
+        """Replay the log (blocking: at start-up, before serving).
+
+        Error handling: ``StateError`` naming the file for a log (or legacy file) that
+        cannot be read, or a record that is not a recording-ready record (the CLI exits 3).
+        """
+        state_dir = Path(gw.config.proxy.state_dir)
+        _convert_legacy(state_dir)
+        store, records = open_local_log(state_dir, LOG, timeout=gw.config.proxy.journal_timeout)
+        pending = _replayed(records, log_path(state_dir, LOG))
+        gw.stores[LOG] = store  # /readyz is 503 while it cannot write
         if pending.deliveries:
             log.info("recording-ready: %d deliveries to resume", len(pending.deliveries))
-        return cls(gw, path, pending)
+        return cls(gw, store, pending, lambda: store.maintain(pending.records))
 
     @property
     def pending(self) -> list[rules.Delivery]:
@@ -99,25 +106,30 @@ class ReadyQueue:
             target.meeting_id,
             record_id,
         )
-        try:
-            await self._append(rules.queue_record(delivery))
-        except OSError as exc:
-            log.error("recording-ready for %s not durable: %s", record_id, exc)
-            return 503
         self._pending.deliveries[delivery.id] = delivery
+        self._log.append(rules.queue_record(delivery))
         self._due[delivery.id] = 0.0
         self._wake.set()
+        try:
+            await self._log.flush()
+        except StorageUnavailable as exc:
+            log.error("recording-ready for %s not durable yet: %s", record_id, exc.__cause__)
+            return 503
         return 200
-
-    async def _append(self, record: bytes) -> None:
-        async with self._write:
-            await trio.to_thread.run_sync(_append_synced, self._path, record)
 
     # -- delivering --------------------------------------------------------------------------
 
     async def deliver_forever(self) -> None:
-        """Deliver what is due, sleep until the next is due or a notice comes; forever."""
+        """Deliver what is due, sleep until the next is due or a notice comes; forever.
+
+        First the log is compacted to what is still to deliver; its maintenance (recovery
+        of a failed disk, compaction when due) runs beside.
+        """
+        with contextlib.suppress(StorageUnavailable):  # maintain() compacts later
+            await self._log.compact(self._pending.records())
         async with trio.open_nursery() as nursery:
+            if self._maintain is not None:
+                nursery.start_soon(self._maintain)
             while True:
                 now = trio.current_time()
                 for delivery in self.pending:
@@ -160,47 +172,51 @@ class ReadyQueue:
             return "gave-up"
         self._attempts[delivery.id] = attempts
         self._due[delivery.id] = trio.current_time() + rules.backoff(attempts)
+        self._gw.tally("recording_ready_deliveries", "retry")
         return "retry"
 
     async def _finish(self, delivery: rules.Delivery, how: str) -> None:
-        """The delivery ended: journal it (a failed write means it is made again later)."""
-        try:
-            await self._append(rules.done_record(delivery.id, how))
-        except OSError as exc:
-            log.error("recording-ready %s: end not journaled: %s", delivery.id, exc)
+        """The delivery ended: record it (written once the log can, if it cannot now)."""
         self._pending.deliveries.pop(delivery.id, None)
+        self._log.append(rules.done_record(delivery.id, how))
+        try:
+            await self._log.flush()
+        except StorageUnavailable as exc:
+            log.error("recording-ready %s: end not durable yet: %s", delivery.id, exc.__cause__)
         self._due.pop(delivery.id, None)
         self._attempts.pop(delivery.id, None)
         log.info("recording-ready %s: %s", delivery.id, how)
+        self._gw.tally("recording_ready_deliveries", how)
 
 
-def _append_synced(path: Path, record: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-    try:
-        _write_all(fd, record)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _replayed(records: list[Record], path: Path) -> rules.Pending:
+    pending = rules.Pending()
+    for number, record in enumerate(records, 1):
+        try:
+            pending.apply(record)
+        except StateError as e:
+            raise StateError(f"{path}: record {number}: {e}") from None
+    return pending
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
+def _convert_legacy(state_dir: Path) -> None:
+    """Turn ``recording-ready.jsonl`` into the log (once), then remove it (blocking).
 
-
-def _rewrite(path: Path, content: bytes) -> None:
-    """Replace the journal with ``content``, atomically and durably."""
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        _write_all(fd, content)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+    A crash after the log is written and before the old file is removed leaves both:
+    the log wins, and the old file is removed then.
+    """
+    legacy = state_dir / LEGACY
+    with os_errors("read", legacy):
+        if not legacy.exists():
+            return
+        if not log_path(state_dir, LOG).exists():
+            with legacy.open("rb") as f:
+                data = f.read(MAX_LOG_BYTES + 1)
+            if len(data) > MAX_LOG_BYTES:
+                raise StateError(f"{legacy}: over {MAX_LOG_BYTES} bytes")
+            pending = rules.Pending.from_legacy(data.splitlines())
+            if pending.skipped:
+                log.warning("%s: %d unreadable records skipped", legacy, pending.skipped)
+            create_log(state_dir, LOG, pending.records())
+            log.info("%s converted to %s", legacy, log_path(state_dir, LOG))
+        legacy.unlink()

@@ -53,7 +53,7 @@ import trio
 
 from proxy.errors import StateError, StorageUnavailable
 from proxy.store import MAX_RECORD_BYTES, Json, Record, encode
-from proxy.store.files import fsync_dir, os_errors, truncate, write_all
+from proxy.store.files import fsync_dir, os_errors, replace_file, truncate, write_all
 from proxy.store.framing import frame, scan_frames
 from proxy.store.io import BoundedIo, Overran
 
@@ -103,6 +103,24 @@ def open_log(
         path, frames.good_length, exists=data is not None, timeout=timeout, max_bytes=max_bytes
     )
     return local, list(frames.items)
+
+
+def read_records(state_dir: Path, name: str, *, max_bytes: int = MAX_LOG_BYTES) -> list[Record]:
+    """The records of log ``name`` as start-up would replay them, changing nothing (a torn
+    tail is left in place): for inspecting a log another process writes, as tests do."""
+    path = log_path(state_dir, name)
+    data = _read_bounded(path, max_bytes) or b""
+    return list(scan_frames(data, str(path), _decoder(str(path))).items)
+
+
+def create_log(state_dir: Path, name: str, records: Iterable[Mapping[str, Json]]) -> None:
+    """Write log ``name`` holding ``records``, atomically (blocking): for converting the
+    file of an earlier format before :func:`open_log`.  ``StateError`` naming the file."""
+    path = log_path(state_dir, name)
+    content = b"".join(frame(encode(r)) for r in records)
+    with os_errors("write", path):
+        state_dir.mkdir(parents=True, exist_ok=True)
+        replace_file(path, content)
 
 
 def _tmp(path: Path) -> Path:
