@@ -106,8 +106,10 @@ def config_for(
     capacity: int = 100,
     customers: list[dict[str, Any]] | None = None,
     proxy: dict[str, Any] | None = None,
+    webhooks: dict[str, Any] | None = None,
 ) -> Config:
     data: dict[str, Any] = {
+        "webhooks": webhooks or {},
         "proxy": {"public_url": "http://127.0.0.1:1", "state_dir": "unused", **(proxy or {})},
         "backends": [
             {"id": f"bbb-{i + 1}", "url": url, "secret": BACKEND_SECRET, "capacity": capacity}
@@ -127,6 +129,7 @@ async def start_stack(
     customers: list[dict[str, Any]] | None = None,
     proxy: dict[str, Any] | None = None,
     ledger: Ledger | None = None,
+    webhooks: dict[str, Any] | None = None,
 ) -> Stack:
     sims = [
         Simulator(BACKEND_SECRET, server_name=f"bbb-{i + 1}.test", expire_unjoined_minutes=None)
@@ -140,7 +143,13 @@ async def start_stack(
         "public_url": f"http://127.0.0.1:{port}",
         "allow_private_callbacks": True,
     }
-    config = config_for(sim_urls, capacity=capacity, customers=customers, proxy=own | (proxy or {}))
+    config = config_for(
+        sim_urls,
+        capacity=capacity,
+        customers=customers,
+        proxy=own | (proxy or {}),
+        webhooks=webhooks,
+    )
     gateway, binds = await nursery.start(_serve, config, ledger)
     http = httpx.AsyncClient(timeout=10)
     return Stack(gateway, binds[0], sims, sim_urls, http, config)
@@ -169,7 +178,8 @@ class Receiver:
     seen: list[str] = field(default_factory=list)
 
 
-type Respond = Callable[[dict[str, Any], bytes], int]  # (ASGI scope, body) -> HTTP status
+# (ASGI scope, body) -> HTTP status, or an awaitable of it (a receiver that takes its time)
+type Respond = Callable[[dict[str, Any], bytes], int | Awaitable[int]]
 
 
 async def serve_endpoint(nursery: trio.Nursery, respond: Respond) -> str:
@@ -189,6 +199,8 @@ async def serve_endpoint(nursery: trio.Nursery, respond: Respond) -> str:
             if not message.get("more_body"):
                 break
         status = respond(scope, body)
+        if not isinstance(status, int):
+            status = await status
         await send({"type": "http.response.start", "status": status, "headers": []})
         await send({"type": "http.response.body", "body": b"ok"})
 

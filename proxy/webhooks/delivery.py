@@ -39,21 +39,25 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
-import httpx
 import trio
 
 from proxy.backends.outbound import post_form_body
+from proxy.config import Config, Network
 from proxy.errors import StorageUnavailable
 from proxy.logs import shown
-from proxy.store import Json, Log
+from proxy.store import Json, Log, open_local_log
 from proxy.webhooks.callback import form_body, outcome, retry_delay, signed_url
 from proxy.webhooks.privacy import scrubbed
 from proxy.webhooks.queue import DEFAULT_MAX_PER_HOOK, Pending, QueueState
 from proxy.webhooks.registry import Hook, HookRegistry
+
+if TYPE_CHECKING:
+    from proxy.gateway import Gateway
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +65,10 @@ SECONDS = 1.0
 FLUSH_EVERY = 0.2 * SECONDS  # delivered events' records reach the disk this soon
 COMPACT_AFTER = 4096  # records appended beyond twice what is queued before compacting
 DROP_REASONS = ("overflow", "hook-dropped", "hook-gone", "invalid")
+QUEUE_LOG = "webhook-queue"
+# Gateway.tally families (proxy.metrics.TALLIES): the counters of WebhookStatistics.
+EVENTS, DROPPED, HOOKS_DROPPED = "webhook_events", "webhook_dropped_events", "webhook_hooks_dropped"
+EVENT_OUTCOMES = ("accepted", "queued", "delivered", "rejected", "retried", "refused")
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +79,20 @@ class DeliverySettings:
     queue_per_hook: int = DEFAULT_MAX_PER_HOOK  # events; beyond, the oldest is pushed out
     max_in_flight: int = 64  # POSTs at once, all hooks together (one per hook at most)
     timeout: float = 5 * SECONDS  # one POST, whole (bbb-webhooks' requestTimeout)
-    allow_private: bool = False  # receivers on loopback/private addresses ([proxy])
+    allow_private: bool = False  # [proxy] allow_private_callbacks
+    allowed: tuple[Network, ...] = ()  # [webhooks] allowed_callback_networks
+
+    @classmethod
+    def of(cls, config: Config) -> DeliverySettings:
+        w = config.webhooks
+        return cls(
+            drop_after=w.drop_after,
+            queue_per_hook=w.queue_per_hook,
+            max_in_flight=w.max_in_flight,
+            timeout=w.delivery_timeout,
+            allow_private=config.proxy.allow_private_callbacks,
+            allowed=w.allowed_callback_networks,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,41 +113,24 @@ class WebhookStatistics:
     in_flight: int  # POSTs in flight now
 
 
-@dataclass
-class _Counts:
-    kinds: Counter[str] = field(default_factory=Counter)
-    dropped: Counter[str] = field(default_factory=Counter)
-
-
 class Webhooks:
     """The delivery queues, their log, and the workers that empty them."""
 
-    def __init__(
-        self,
-        hooks: HookRegistry,
-        log: Log,
-        http: httpx.AsyncClient,
-        settings: DeliverySettings,
-        *,
-        secret: Callable[[str], str | None],
-        domain: Callable[[str], str],
-        clock: Callable[[], float] = time.time,
-    ) -> None:
-        self.hooks = hooks
+    def __init__(self, gw: Gateway, log: Log, settings: DeliverySettings | None = None) -> None:
+        self._gw = gw  # its hooks, customers and outbound HTTP client, as they are now
         self.log = log
-        self.http = http
-        self.settings = settings
-        self.queues = QueueState(settings.queue_per_hook)
-        self._secret = secret  # the customer's current secret; None: customer gone
-        self._domain = domain  # the callback form's "domain" for a customer
-        self._clock = clock
-        self._counts = _Counts()
-        self._slots = trio.CapacityLimiter(settings.max_in_flight)
+        self.settings = settings if settings is not None else DeliverySettings.of(gw.config)
+        self.queues = QueueState(self.settings.queue_per_hook)
+        self._slots = trio.CapacityLimiter(self.settings.max_in_flight)
         self._workers: set[str] = set()
         self._overflowing: set[str] = set()
         self._nursery: trio.Nursery | None = None
         self._dirty = trio.Event()
         self._since_compaction = 0
+
+    @property
+    def hooks(self) -> HookRegistry:
+        return self._gw.hooks
 
     def replay(self, records: Iterable[Mapping[str, Json]]) -> None:
         """Apply what the log gave at start-up (``StateError`` if it is not queue records)."""
@@ -144,13 +148,13 @@ class Webhooks:
         """
         if self.log.failed:
             raise StorageUnavailable()
-        timestamp = int(self._clock() * 1000)
+        timestamp = int(time.time() * 1000)
         touched: list[str] = []
         for event in events:
-            self._counts.kinds["accepted"] += 1
+            self._count("accepted")
             clean = scrubbed(event)
             if not isinstance(clean, Mapping):
-                self._counts.dropped["invalid"] += 1
+                self._count_dropped("invalid")
                 continue
             for hook in self.hooks.matching(customer, meeting_id, event_id(clean)):
                 self._enqueue(hook, clean, timestamp)
@@ -163,10 +167,10 @@ class Webhooks:
     def _enqueue(self, hook: Hook, event: Mapping[str, Json], timestamp: int) -> None:
         record, pushed = self.queues.enqueue(hook.id, event, timestamp)
         self._append(record)
-        self._counts.kinds["queued"] += 1
+        self._count("queued")
         if pushed is None:
             return
-        self._counts.dropped["overflow"] += 1
+        self._count_dropped("overflow")
         if hook.id not in self._overflowing:
             self._overflowing.add(hook.id)
             log.warning(
@@ -196,33 +200,43 @@ class Webhooks:
             self._nursery.start_soon(self._worker, hook_id)
 
     async def _worker(self, hook_id: str) -> None:
-        """Send ``hook_id``'s queue head by head; return once it is empty or the hook gone."""
-        failing_since: float | None = None
-        failures = 0
+        """Empty ``hook_id``'s queue; a bug is logged and the worker goes on a second later."""
         try:
-            while (pending := self.queues.head(hook_id)) is not None:
-                hook = self.hooks.get(hook_id)
-                secret = None if hook is None else self._secret(hook.customer)
-                if hook is None or secret is None:
-                    self._forget(hook_id, "hook-gone")
-                    return
-                started = trio.current_time()
-                result = await self._attempt(hook, pending, secret)
-                if result in ("delivered", "rejected"):
-                    self._done(hook, pending, result)
-                    failing_since, failures = None, 0
-                    continue
-                failing_since = started if failing_since is None else failing_since
-                failures += 1
-                left = failing_since + self.settings.drop_after - trio.current_time()
-                if left <= 0:
-                    await self._drop(hook, failures)
-                    return
-                self._counts.kinds["retried"] += 1
-                await trio.sleep(min(retry_delay(failures), left))
-        finally:
+            while True:
+                try:
+                    return await self._drain(hook_id)
+                except Exception:
+                    log.exception("webhooks: the worker of hook %s failed; restarting it", hook_id)
+                    failures = self._gw.task_failures
+                    failures["webhook-worker"] = failures.get("webhook-worker", 0) + 1
+                    await trio.sleep(1 * SECONDS)
+        finally:  # no await between an empty queue and this: accept() starts a new worker
             self._workers.discard(hook_id)
             self._overflowing.discard(hook_id)
+
+    async def _drain(self, hook_id: str) -> None:
+        """Send the queue head by head; return once it is empty or the hook is gone."""
+        failing_since: float | None = None
+        failures = 0
+        while (pending := self.queues.head(hook_id)) is not None:
+            hook = self.hooks.get(hook_id)
+            secret = None if hook is None else self._secret(hook.customer)
+            if hook is None or secret is None:
+                self._forget(hook_id, "hook-gone")
+                return
+            started = trio.current_time()
+            result = await self._attempt(hook, pending, secret)
+            if result in ("delivered", "rejected"):
+                self._done(hook, pending, result)
+                failing_since, failures = None, 0
+                continue
+            failing_since = started if failing_since is None else failing_since
+            failures += 1
+            left = failing_since + self.settings.drop_after - trio.current_time()
+            if left <= 0:
+                return await self._drop(hook, failures)
+            self._count("retried")
+            await trio.sleep(min(retry_delay(failures), left))
 
     async def _attempt(self, hook: Hook, pending: Pending, secret: str) -> str:
         """One POST of ``pending`` to ``hook``: its :func:`~proxy.webhooks.callback.outcome`."""
@@ -230,20 +244,23 @@ class Webhooks:
             body = form_body(self._domain(hook.customer), pending.event, pending.timestamp)
             url = signed_url(hook.callback_url, body, secret, hook.algorithm)
             status: int | None = 0  # no answer within the timeout
+            s = self.settings
             async with self._slots:
-                with trio.move_on_after(self.settings.timeout):
-                    status = await post_form_body(self.http, url, body, self.settings.allow_private)
+                with trio.move_on_after(s.timeout):
+                    status = await post_form_body(
+                        self._gw.outbound, url, body, s.allow_private, s.allowed
+                    )
         except Exception:  # a bug must not stop the hook's worker: a failed attempt
             log.exception("hook %s: delivery attempt failed", hook.id)
             return "failed"
         result = outcome(status)
         if result == "refused":
-            self._counts.kinds["refused"] += 1
+            self._count("refused")
         return result
 
     def _done(self, hook: Hook, pending: Pending, result: str) -> None:
         self._append(self.queues.delivered(pending))
-        self._counts.kinds[result] += 1
+        self._count(result)
         if result == "rejected":
             log.warning(
                 "hook %s of %s: the receiver answered 401 (counted as delivered, "
@@ -256,7 +273,7 @@ class Webhooks:
         """The receiver failed for ``drop_after`` seconds in a row: drop the hook."""
         await self.hooks.drop(hook.id)
         events = self._forget(hook.id, "hook-dropped")
-        self._counts.kinds["dropped_hooks"] += 1
+        self._gw.tally(HOOKS_DROPPED, "failing")
         log.warning(
             "hook %s of %s (%s) dropped: %d attempts failed over %.0f s; %d events dropped",
             hook.id,
@@ -270,8 +287,20 @@ class Webhooks:
     def _forget(self, hook_id: str, reason: str) -> int:
         record, count = self.queues.drop(hook_id)
         self._append(record)
-        self._counts.dropped[reason] += count
+        self._count_dropped(reason, count)
         return count
+
+    def _secret(self, customer_id: str) -> str | None:
+        """The customer's current secret (the first while rotating); None: customer gone."""
+        customer = self._gw.customer(customer_id)
+        return customer.secrets[0] if customer is not None and customer.secrets else None
+
+    def _domain(self, customer_id: str) -> str:
+        """The form's ``domain``: the customer's own host name, else the gateway's."""
+        customer = self._gw.customer(customer_id)
+        if customer is not None and customer.hosts:
+            return customer.hosts[0]
+        return urlsplit(self._gw.config.proxy.public_url).hostname or ""
 
     # -- the log ----------------------------------------------------------------------------------
 
@@ -302,21 +331,31 @@ class Webhooks:
     # -- statistics -------------------------------------------------------------------------------
 
     def statistics(self) -> WebhookStatistics:
-        kinds, queues = self._counts.kinds, self.queues.statistics()
+        tallies, queues = self._gw.tallies, self.queues.statistics()
+
+        def count(family: str, label: str) -> int:
+            return tallies.get((family, label), 0)
+
         return WebhookStatistics(
-            accepted=kinds["accepted"],
-            queued=kinds["queued"],
-            delivered=kinds["delivered"],
-            rejected=kinds["rejected"],
-            retried=kinds["retried"],
-            refused=kinds["refused"],
-            dropped_events={reason: self._counts.dropped[reason] for reason in DROP_REASONS},
-            dropped_hooks=kinds["dropped_hooks"],
+            accepted=count(EVENTS, "accepted"),
+            queued=count(EVENTS, "queued"),
+            delivered=count(EVENTS, "delivered"),
+            rejected=count(EVENTS, "rejected"),
+            retried=count(EVENTS, "retried"),
+            refused=count(EVENTS, "refused"),
+            dropped_events={reason: count(DROPPED, reason) for reason in DROP_REASONS},
+            dropped_hooks=count(HOOKS_DROPPED, "failing"),
             queue_events=queues.events,
             queue_hooks=queues.hooks,
             deepest=queues.deepest,
             in_flight=int(self._slots.borrowed_tokens),
         )
+
+    def _count(self, outcome: str) -> None:
+        self._gw.tally(EVENTS, outcome)
+
+    def _count_dropped(self, reason: str, n: int = 1) -> None:
+        self._gw.tally(DROPPED, reason, n)
 
 
 def event_id(event: Mapping[str, Json]) -> str:
@@ -324,3 +363,27 @@ def event_id(event: Mapping[str, Json]) -> str:
     data = event.get("data")
     value = data.get("id") if isinstance(data, Mapping) else None
     return value.lower() if isinstance(value, str) else ""
+
+
+def open_webhooks(gw: Gateway) -> Webhooks:
+    """Put durable delivery (the ``webhook-queue`` log under ``state_dir``, replayed) in
+    force as ``gw.webhooks``, and start delivering.
+
+    Blocking: at start-up, before serving, after :func:`~proxy.webhooks.registry.open_hooks`.
+    Supervised tasks deliver, and recover a failed log / compact a grown one.
+
+    Error handling: ``StateError`` for a log that cannot be read or holds a record
+    that is not the queue's (the CLI exits 3).
+    """
+    proxy = gw.config.proxy
+    store, records = open_local_log(proxy.state_dir, QUEUE_LOG, timeout=proxy.journal_timeout)
+    webhooks = Webhooks(gw, store)
+    webhooks.replay(records)
+    if webhooks.queues.hooks():
+        stats = webhooks.queues.statistics()
+        log.info("webhooks: %d events to deliver to %d hooks", stats.events, stats.hooks)
+    gw.webhooks = webhooks
+    gw.stores[QUEUE_LOG] = store
+    gw.spawn("webhook-queue-store", store.maintain, webhooks.queues.records)
+    gw.spawn("webhooks", webhooks.deliver_forever)
+    return webhooks
