@@ -123,6 +123,12 @@ class WebhookSettings:
     # Networks a callback URL may reach although they are not public (a private LMS);
     # allow_private_callbacks = true allows every address.
     allowed_callback_networks: tuple[Network, ...] = ()
+    # Delivery (proxy.webhooks.delivery): a receiver failing this long in a row loses its
+    # hook; a hook's queue holds at most queue_per_hook events (then the oldest go).
+    drop_after: float = 5 * MINUTES
+    queue_per_hook: int = 1000
+    max_in_flight: int = 64  # POSTs to receivers at once, all hooks (one per hook)
+    delivery_timeout: float = 5 * SECONDS  # one POST, whole (as bbb-webhooks)
 
 
 @dataclass(frozen=True, slots=True)
@@ -350,6 +356,10 @@ def _webhooks(t: Mapping[str, Any]) -> WebhookSettings:
         allowed_callback_networks=tuple(
             _network(n, f"webhooks.allowed_callback_networks[{i}]") for i, n in enumerate(networks)
         ),
+        drop_after=_get(t, "webhooks", "drop_after", _seconds, d.drop_after),
+        queue_per_hook=_get(t, "webhooks", "queue_per_hook", _positive, d.queue_per_hook),
+        max_in_flight=_get(t, "webhooks", "max_in_flight", _positive, d.max_in_flight),
+        delivery_timeout=_get(t, "webhooks", "delivery_timeout", _seconds, d.delivery_timeout),
     )
 
 
