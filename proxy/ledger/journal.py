@@ -71,7 +71,7 @@ from proxy.ledger.files import (
 )
 from proxy.ledger.model import LedgerState, Record
 from proxy.ledger.service import Ledger
-from proxy.store.io import BoundedIo, Overran
+from proxy.store.io import BoundedIo, Overran, commit_within
 
 __all__ = [
     "LOCK",
@@ -178,13 +178,12 @@ class FileJournal:
         if self._durable >= target:
             return
         self._raise_if_failed()
-        with trio.move_on_after(self.timeout) as waiting:
-            async with self._flush_lock:
-                if self._durable < target:  # else a batch written meanwhile included ours
-                    await self._write_pending(waiting.deadline)
-                return
-        raise StorageUnavailable() from StateError(
-            f"the journal in {self.state_dir} did not write within {self.timeout} s"
+        await commit_within(
+            self.timeout,
+            self._flush_lock,
+            lambda: self._durable >= target,
+            self._write_pending,
+            f"the journal in {self.state_dir}",
         )
 
     async def _write_pending(self, deadline: float) -> None:

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import trio
+
+from proxy.errors import StateError, StorageUnavailable
 
 
 class Overran(Exception):
@@ -59,3 +61,24 @@ class BoundedIo:
         """An operation is running past its deadline (so the storage counts as failed)."""
         deadline = min(self._deadlines.copy().values(), default=math.inf)  # threads remove
         return deadline < math.inf and trio.current_time() > deadline
+
+
+async def commit_within(
+    seconds: float,
+    lock: trio.Lock,
+    covered: Callable[[], bool],
+    write: Callable[[float], Awaitable[None]],
+    what: str,
+) -> None:
+    """A group commit: under ``lock``, ``write(deadline)`` unless ``covered()`` (a batch
+    written while this caller waited included its records); all within ``seconds``.
+
+    Error handling: ``StorageUnavailable`` (from a ``StateError`` naming ``what``) past
+    ``seconds``; whatever ``write`` raises.
+    """
+    with trio.move_on_after(seconds) as waiting:
+        async with lock:
+            if not covered():
+                await write(waiting.deadline)
+            return
+    raise StorageUnavailable() from StateError(f"{what} did not write within {seconds} s")

@@ -55,7 +55,7 @@ from proxy.errors import StateError, StorageUnavailable
 from proxy.store import MAX_RECORD_BYTES, Json, Record, encode
 from proxy.store.files import fsync_dir, os_errors, replace_file, truncate, write_all
 from proxy.store.framing import frame, scan_frames
-from proxy.store.io import BoundedIo, Overran
+from proxy.store.io import BoundedIo, Overran, commit_within
 
 log = logging.getLogger(__name__)
 
@@ -233,13 +233,12 @@ class LocalLog:
         target = self._appended
         if self._durable >= target:
             return
-        with trio.move_on_after(self.timeout) as waiting:
-            async with self._lock:
-                if self._durable < target:  # else a batch written meanwhile included ours
-                    await self._write_pending(waiting.deadline)
-                return
-        raise StorageUnavailable() from StateError(
-            f"{self.path} did not write within {self.timeout} s"
+        await commit_within(
+            self.timeout,
+            self._lock,
+            lambda: self._durable >= target,
+            self._write_pending,
+            str(self.path),
         )
 
     async def _write_pending(self, deadline: float) -> None:
