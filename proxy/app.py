@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import math
 import time
 
 import orjson
@@ -28,6 +29,8 @@ from proxy.gateway import Gateway
 from proxy.metrics import Metrics
 from proxy.readiness import readiness
 from proxy.request import Answer
+from proxy.webhooks import intake as webhook_intake
+from proxy.request_body import GatewayRequest, chunks, streams_body
 
 log = logging.getLogger(__name__)
 HOME = "This is a BigBlueButton API gateway; the API is at /<customer>/bigbluebutton/api.\n"
@@ -35,12 +38,13 @@ HOME = "This is a BigBlueButton API gateway; the API is at /<customer>/bigbluebu
 
 def create_app(gw: Gateway) -> QuartTrio:
     app = QuartTrio(__name__)
+    app.request_class = GatewayRequest  # upload bodies read as they arrive (request_body.py)
     # The largest body any call may have; each call's own bound is checked in _incoming.
     app.config["MAX_CONTENT_LENGTH"] = max(gw.config.proxy.max_body_bytes, _upload_limit(gw))
     metrics = Metrics(gw)
-    for client in gw.clients.values():
-        client.observer = request_log.observing(metrics.observe_backend)
+    gw.observe_backends(request_log.observing(metrics.observe_backend))  # added ones too
     ready = ReadyQueue.open(gw)  # recording-ready deliveries, resumed from state_dir
+    webhook_intake.install(app, gw)  # backends' webhook events in; the gateway's hook on each
 
     @app.before_serving
     async def deliver_recording_ready() -> None:
@@ -50,6 +54,7 @@ def create_app(gw: Gateway) -> QuartTrio:
     async def recording_ready_notice() -> Response:
         body = await request.get_data(cache=False, as_text=False, parse_form_data=False)
         status = await ready.receive(request.query_string.decode("utf-8", "replace"), body)
+        metrics.recording_ready_notice(status)
         return Response(f"{status}\n", status, content_type="text/plain")
 
     @app.route("/<customer>/bigbluebutton/api", methods=["GET", "POST"])
@@ -75,10 +80,8 @@ def create_app(gw: Gateway) -> QuartTrio:
         known = await meeting_ended(gw, request.query_string.decode("utf-8", "replace"))
         return Response("ok\n" if known else "unknown\n", 200 if known else 403)
 
-    @app.route("/admin/v1/<path:what>", methods=["GET", "POST"])
+    @app.route("/admin/v1/<path:what>", methods=admin.METHODS)
     async def admin_api(what: str) -> Response:
-        if not admin.authorised(gw, request.headers.get("Authorization")):
-            return _json({"error": "not found"}, 404)
         return await _admin(gw, what)
 
     @app.route("/healthz")
@@ -114,6 +117,8 @@ def create_app(gw: Gateway) -> QuartTrio:
         if error.code == 408:  # the body did not come within [proxy.timeouts] client_read
             late = ValidationError("The request body did not arrive in time")
             return _response(Answer.xml(envelope.from_error(late)))
+        if request.path.startswith("/admin/") and error.code in (404, 405):
+            return _json({"error": "not found"}, 404)  # no route, no method: the same 404
         if "/bigbluebutton/" in request.path:
             return _response(Answer.xml(envelope.failure("unsupportedRequest", "Not found")))
         return Response(f"{error.code} {error.name}\n", error.code or 500)
@@ -153,15 +158,22 @@ def _body_limit(gw: Gateway, call: str) -> int:
 async def _incoming(customer: str | None, call: str, limit: int) -> Incoming:
     """The request as :func:`proxy.calls.handle` reads it; the body is parsed there.
 
+    An upload's body (:func:`proxy.request_body.streams_body`) is not read here: the call
+    reads it as it arrives, within the same ``limit`` and the body's time bound.
+
     Error handling: a body above ``limit`` raises werkzeug's 413 (answered by the
     error handler), refused by its Content-Length before it is read when it has one."""
     body = b""
+    stream = None
     if request.method == "POST":
         if (request.content_length or 0) > limit:
             raise RequestEntityTooLarge()
-        body = await request.get_data(cache=False, as_text=False, parse_form_data=False)
-        if len(body) > limit:
-            raise RequestEntityTooLarge()
+        if streams_body(request.method, request.path):
+            stream = chunks(request.body, request.body_timeout or math.inf)
+        else:
+            body = await request.get_data(cache=False, as_text=False, parse_form_data=False)
+            if len(body) > limit:
+                raise RequestEntityTooLarge()
     return Incoming(
         customer_id=customer,
         host=request.headers.get("Host", ""),
@@ -169,25 +181,18 @@ async def _incoming(customer: str | None, call: str, limit: int) -> Incoming:
         raw_query=request.query_string.decode("utf-8", "replace"),
         body=body,
         content_type=request.headers.get("Content-Type"),
+        stream=stream,
     )
 
 
 async def _admin(gw: Gateway, what: str) -> Response:
-    parts = what.strip("/").split("/")
-    if request.method == "GET" and parts == ["backends"]:
-        return _json(admin.backends(gw))
-    if request.method == "GET" and parts == ["customers"]:
-        return _json(admin.customers(gw))
-    if request.method == "GET" and parts == ["meetings"]:
-        return _json(admin.meetings(gw, request.args.get("customer")))
-    if request.method == "POST" and len(parts) == 2 and parts[0] == "backends":
-        body = await request.get_json(force=True, silent=True)
-        mode = body.get("mode") if isinstance(body, dict) else None
-        error = admin.set_mode(gw, parts[1], mode)
-        return _json(
-            {"error": error} if error else {"id": parts[1], "mode": mode}, 400 if error else 200
-        )
-    return _json({"error": "not found"}, 404)
+    """The admin API (:mod:`proxy.admin`): the token first, then one call."""
+    if not admin.authorised(gw, request.headers.get("Authorization")):
+        return _json({"error": "not found"}, 404)
+    body = await request.get_data(cache=False, as_text=False, parse_form_data=False)
+    call = admin.Call(request.method, tuple(what.split("/")), request.args.to_dict(), body)
+    status, document = await admin.handle(gw, call)
+    return _json(document, status)
 
 
 def bearer_matches(token: str, header: str | None) -> bool:

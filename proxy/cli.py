@@ -1,4 +1,10 @@
-"""``bbb-proxy serve --config PATH`` and ``bbb-proxy demo``."""
+"""``bbb-proxy``: ``serve``, ``demo``, ``check-config`` and the admin subcommands.
+
+``bbb-proxy serve --config PATH`` runs the gateway; ``bbb-proxy check-config FILE``
+checks a configuration file and exits; ``customers``, ``backends``, ``meetings`` and
+``status`` talk to a running gateway's admin API (:mod:`proxy.admin_cli`).
+``--log-level`` (and ``--log-format``) may come before or after the subcommand.
+"""
 
 from __future__ import annotations
 
@@ -6,28 +12,38 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import NoReturn
 
 import trio
 
-from proxy import demo
-from proxy.config import load
+from proxy import admin_cli, demo
+from proxy.config import Config, load
 from proxy.errors import ConfigError, StateError
 from proxy.logs import FORMATS, setup_logging
-from proxy.server import serve_gateway
+from proxy.server import check_listen, serve_gateway
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``bbb-proxy``; the exit code.
 
-    Error handling: 2 for a configuration error, 3 for a ledger state that cannot be
-    loaded or a ``state_dir`` that cannot be written, each with one line on stderr and
-    no traceback, also when the error comes out of a task group; 130 on Ctrl-C.
+    Error handling: 2 for a usage or configuration error (a ``bind`` that cannot be
+    listened on: busy, unresolvable), 3 for a ledger state that cannot be loaded or a
+    ``state_dir`` that cannot be written, each with one line on stderr and no traceback,
+    also when the error comes out of a task group; 130 on Ctrl-C.  The admin
+    subcommands: 1 when the API refused, 2 when the gateway cannot be reached.
     """
-    args = _parser().parse_args(argv)
+    try:
+        args = _parser().parse_args(argv)
+    except _UsageError as exc:
+        _say(f"usage error: {exc} (see bbb-proxy --help)")
+        return 2
     setup_logging(args.log_level, args.log_format or "auto")
     try:
         _run(args)
+    except admin_cli.Failed as failed:
+        _say(str(failed))
+        return failed.code
     except BaseException as exc:
         return _exit_code(_single(exc))
     return 0
@@ -41,9 +57,25 @@ def _run(args: argparse.Namespace) -> None:
         config = load(path)
         if args.log_format is None:  # the flag wins over [proxy] log_format
             setup_logging(args.log_level, config.proxy.log_format)
+        check_listen(config.proxy.bind)
         trio.run(lambda: serve_gateway(config, handle_signals=True))
-    else:
+    elif args.command == "demo":
+        check_listen(f"127.0.0.1:{args.port}")
         trio.run(lambda: demo.run_demo(args.port, args.backends))
+    elif args.command == "check-config":
+        config = load(args.file)
+        check_listen(config.proxy.bind, try_bind=False)
+        print(_summary(args.file, config))
+    else:
+        admin_cli.run(args)
+
+
+def _summary(path: str, config: Config) -> str:
+    admin = "on" if config.proxy.admin_token else "off (no admin_token)"
+    return (
+        f"{path}: ok: {len(config.backends)} backends, {len(config.customers)} customers, "
+        f"listening on {config.proxy.bind}, admin API {admin}"
+    )
 
 
 def _single(exc: BaseException) -> BaseException:
@@ -93,19 +125,58 @@ def _say(message: str) -> None:
     print("bbb-proxy: " + " ".join(message.split()), file=sys.stderr)
 
 
+class _UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, whose usage errors are one line and exit code 2 (see :func:`main`)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise _UsageError(f"{self.prog}: {message}")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bbb-proxy", description=__doc__)
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING"])
+    parser = _Parser(prog="bbb-proxy", description=__doc__)
+    # Given before or after the subcommand: the subcommands' copies do not override the
+    # main parser's value unless they are given (default SUPPRESS).
+    parser.add_argument("--log-level", default="INFO", choices=LEVELS)
     parser.add_argument(
         "--log-format", choices=FORMATS, help="default: [proxy] log_format, else auto"
     )
+    common = _Parser(add_help=False)
+    common.add_argument("--log-level", default=argparse.SUPPRESS, choices=LEVELS)
+    common.add_argument("--log-format", default=argparse.SUPPRESS, choices=FORMATS)
     sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="run the gateway")
+    serve = sub.add_parser("serve", parents=[common], help="run the gateway")
     serve.add_argument("--config", help="TOML file (default: $BBB_PROXY_CONFIG)")
-    run_demo = sub.add_parser("demo", help="run the gateway with simulated BBB servers")
-    run_demo.add_argument("--port", type=int, default=8080, help="gateway port on 127.0.0.1")
-    run_demo.add_argument("--backends", type=int, default=2, help="simulated BBB servers")
+    run_demo = sub.add_parser(
+        "demo", parents=[common], help="run the gateway with simulated BBB servers"
+    )
+    run_demo.add_argument("--port", type=_port, default=8080, help="gateway port on 127.0.0.1")
+    run_demo.add_argument(
+        "--backends", type=_count(1, 20), default=2, help="simulated BBB servers (1-20)"
+    )
+    check = sub.add_parser("check-config", parents=[common], help="check a configuration file")
+    check.add_argument("file")
+    admin_cli.add_parsers(sub, common)
     return parser
+
+
+LEVELS = ["DEBUG", "INFO", "WARNING"]
+
+
+def _port(text: str) -> int:
+    return _count(1, 65535)(text)
+
+
+def _count(low: int, high: int) -> Callable[[str], int]:
+    def number(text: str) -> int:
+        if not text.isascii() or not text.isdigit() or not low <= int(text) <= high:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number {low}-{high}")
+        return int(text)
+
+    return number
 
 
 if __name__ == "__main__":

@@ -129,6 +129,9 @@ class WebhookSettings:
     queue_per_hook: int = 1000
     max_in_flight: int = 64  # POSTs to receivers at once, all hooks (one per hook)
     delivery_timeout: float = 5 * SECONDS  # one POST, whole (as bbb-webhooks)
+    # Intake (proxy.webhooks.intake): how often each backend's hooks/list is asked whether
+    # it still has the gateway's hook (bbb-webhooks forgets hooks on restart, drops failing ones).
+    backend_hook_check: float = 1 * MINUTES
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,7 +225,7 @@ def _proxy(t: Mapping[str, Any]) -> ProxySettings:
     d = ProxySettings()
     timeouts = _timeouts(_table(t, "timeouts", "proxy.timeouts"))
     return ProxySettings(
-        bind=_get(t, "proxy", "bind", _string, d.bind),
+        bind=_get(t, "proxy", "bind", _bind, d.bind),
         public_url=_get(t, "proxy", "public_url", _http_url, d.public_url).rstrip("/"),
         state_dir=Path(_get(t, "proxy", "state_dir", _string, str(d.state_dir))),
         journal_timeout=_get(t, "proxy", "journal_timeout", _seconds, d.journal_timeout),
@@ -360,6 +363,9 @@ def _webhooks(t: Mapping[str, Any]) -> WebhookSettings:
         queue_per_hook=_get(t, "webhooks", "queue_per_hook", _positive, d.queue_per_hook),
         max_in_flight=_get(t, "webhooks", "max_in_flight", _positive, d.max_in_flight),
         delivery_timeout=_get(t, "webhooks", "delivery_timeout", _seconds, d.delivery_timeout),
+        backend_hook_check=_get(
+            t, "webhooks", "backend_hook_check", _seconds, d.backend_hook_check
+        ),
     )
 
 
@@ -443,6 +449,23 @@ def _string(value: Any) -> str:
     if not isinstance(value, str):
         raise TypeError("must be a string")
     return value
+
+
+def split_bind(value: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT`` too) as (host, port).  Error handling: ``ValueError``."""
+    host, colon, port = value.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not colon or not host:
+        raise ValueError("must be HOST:PORT, e.g. 127.0.0.1:8080")
+    if not re.fullmatch(r"[0-9]{1,5}", port) or int(port) > 65535:
+        raise ValueError(f"port {port!r} is not a number 0-65535")
+    return host, int(port)
+
+
+def _bind(value: Any) -> str:
+    split_bind(_string(value))
+    return str(value)
 
 
 def _mode(value: Any) -> str:

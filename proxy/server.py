@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -21,10 +22,13 @@ from proxy import request_log
 from proxy.app import create_app
 from proxy.backends.client import Transport
 from proxy.backends.monitor import monitor_backends, reconcile_all
-from proxy.config import Config, Timeouts
+from proxy.config import Config, Timeouts, split_bind
+from proxy.errors import ConfigError
 from proxy.gateway import Gateway, open_gateway
 from proxy.ledger.journal import open_durable_ledger
 from proxy.ledger.service import Ledger
+from proxy.runtime_service import open_runtime
+from proxy.webhooks.delivery import open_webhooks
 from proxy.webhooks.registry import open_hooks
 
 log = logging.getLogger(__name__)
@@ -56,6 +60,29 @@ def hypercorn_config(
     return config
 
 
+def check_listen(bind: str, *, try_bind: bool = True) -> None:
+    """Whether the gateway can listen on ``bind``: its host resolves and (``try_bind``)
+    the port is free.  Blocking: before the event loop starts.
+
+    Error handling: ``ConfigError`` naming ``proxy.bind`` and why (the CLI exits 2).
+    """
+    try:
+        host, port = split_bind(bind)
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except ValueError as exc:
+        raise ConfigError(f"proxy.bind {bind!r}: {exc}") from None
+    except (socket.gaierror, UnicodeError) as exc:
+        raise ConfigError(f"proxy.bind {bind!r}: cannot resolve the host: {exc}") from None
+    if not try_bind:
+        return
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as hypercorn binds
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise ConfigError(f"proxy.bind {bind}: cannot listen: {exc.strerror}") from None
+
+
 async def serve_gateway(
     config: Config,
     *,
@@ -69,7 +96,8 @@ async def serve_gateway(
     """Run the gateway until cancelled (or, with ``handle_signals``, until SIGTERM/SIGINT).
 
     Without a ``ledger`` the durable one under ``config.proxy.state_dir`` is used;
-    a final snapshot is written when the gateway stops.
+    a final snapshot is written when the gateway stops.  The customers and backends
+    changed at run time are read from the ``runtime`` log there (:mod:`proxy.runtime`).
 
     Error handling: ``StateError`` when the saved state is corrupt or unreadable.
     """
@@ -79,7 +107,13 @@ async def serve_gateway(
                 config.proxy.state_dir, write_timeout=config.proxy.journal_timeout
             )
             ledger = await stack.enter_async_context(durable)
-        gw = await stack.enter_async_context(open_gateway(config, ledger, transport_factory))
+        runtime = open_runtime(config)  # customers and backends changed at run time
+        gw = await stack.enter_async_context(
+            open_gateway(config, ledger, transport_factory, runtime.directory)
+        )
+        gw.runtime = runtime
+        gw.stores["runtime"] = runtime.log
+        runtime.start(gw)
         await _run(gw, bind or config.proxy.bind, handle_signals, monitor, task_status)
 
 
@@ -93,6 +127,7 @@ async def _run(
     proxy = gw.config.proxy
     hyper = hypercorn_config(bind, 2 * proxy.max_query_bytes, proxy.timeouts)
     open_hooks(gw)  # the customers' hooks (issue 9), from the "hooks" log in state_dir
+    open_webhooks(gw)  # their delivery queue, from the "webhook-queue" log; delivering
     await reconcile_all(gw)
     stop = trio.Event()
     async with trio.open_nursery() as background:

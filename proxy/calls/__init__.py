@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 from proxy import request_log
 from proxy.bbb import bodies, checksum, envelope
-from proxy.bbb import recordings as rules
+from proxy.bbb import uploads as upload_rules
 from proxy.calls import hooks, meetings, recordings
 from proxy.calls.create import create
 from proxy.config import Customer
@@ -35,6 +35,7 @@ from proxy.errors import (
 )
 from proxy.gateway import Gateway
 from proxy.request import Answer, ApiRequest
+from proxy.uploads import Upload, discard, once, read_whole
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,12 @@ class Incoming:
     raw_query: str
     body: bytes = b""  # the POST body as received; empty for GET
     content_type: str | None = None
+    # A body read as it arrives instead (putRecordingTextTrack's upload); body is then b"".
+    stream: AsyncIterator[bytes] | None = None
+
+    def chunks(self) -> AsyncIterator[bytes]:
+        """The body's chunks: the stream's as they come, or the whole body at once."""
+        return self.stream if self.stream is not None else once(self.body)
 
 
 def version_document() -> Answer:
@@ -85,10 +92,21 @@ def version_document() -> Answer:
 
 
 async def handle(gw: Gateway, incoming: Incoming) -> tuple[str, Answer]:
-    """Answer one API request; returns (result label for metrics, answer)."""
+    """Answer one API request; returns (result label for metrics, answer).
+
+    What is left of a streamed body is read and dropped before the answer (within the
+    upload's bound), as bbb-web reads a body whole: a client still sending would
+    otherwise see its connection closed before it reads the answer."""
+    answered = await _handled(gw, incoming)
+    if incoming.stream is not None:
+        await discard(incoming.stream, _upload_limit(gw))
+    return answered
+
+
+async def _handled(gw: Gateway, incoming: Incoming) -> tuple[str, Answer]:
     req: ApiRequest | None = None  # set once the checksum verified
     try:
-        req = _verified(gw, incoming)
+        req = await _verified(gw, incoming)
         request_log.note_call(req.call, req.customer.id, req.first("meetingID"))
         handler = _handler(gw, req)
         answer = await handler(gw, req)
@@ -111,14 +129,13 @@ def result_of(answer: Answer) -> str:
     return "success"
 
 
-def _verified(gw: Gateway, incoming: Incoming) -> ApiRequest:
+async def _verified(gw: Gateway, incoming: Incoming) -> ApiRequest:
     customer = _customer(gw, incoming)
     if len(incoming.raw_query) > gw.config.proxy.max_query_bytes:
         raise ValidationError("The request is too large")
     upload = None
     if incoming.call == "putRecordingTextTrack":  # the one call whose body carries a file
-        limit = gw.config.proxy.max_text_track_bytes
-        body, upload = rules.upload_body(incoming.content_type, incoming.body, limit)
+        body, upload = await _upload(gw, customer, incoming)
     else:
         body = bodies.parse(incoming.content_type, incoming.body)
     customer, params = _signed(customer, incoming, body)
@@ -128,6 +145,33 @@ def _verified(gw: Gateway, incoming: Incoming) -> ApiRequest:
     media = body.media_type if xml is not None else None
     algorithm = checksum.algorithm_of(incoming.raw_query, body.form)
     return ApiRequest(customer, incoming.call, params, xml, media, upload, algorithm)
+
+
+def _upload_limit(gw: Gateway) -> int:
+    return gw.config.proxy.max_text_track_bytes + upload_rules.UPLOAD_OVERHEAD
+
+
+async def _upload(
+    gw: Gateway, customer: Customer | None, incoming: Incoming
+) -> tuple[bodies.Body, Upload | None]:
+    """putRecordingTextTrack's body, its file not yet read (:mod:`proxy.uploads`).
+
+    When the URL query verifies with the parameters in it (bbb-web's way), nothing of the
+    body is read here, and a text field in it is a ``checksumError`` when it is read;
+    otherwise the text fields before the file are read now, for the checksum.  A body
+    that is not multipart holds no file: it is read whole, as other calls' bodies are.
+    """
+    boundary = upload_rules.boundary_of(incoming.content_type)
+    if boundary is None:
+        data = await read_whole(incoming.chunks(), gw.config.proxy.max_body_bytes)
+        return bodies.parse(incoming.content_type, data), None
+    by_query = customer is not None and bool(
+        checksum.signed_params(incoming.call, incoming.raw_query, customer.secrets)
+    )
+    limit = gw.config.proxy.max_text_track_bytes
+    upload = Upload(incoming.chunks(), boundary, limit, fields=not by_query)
+    form = () if by_query else await upload.head()
+    return bodies.Body(form=form, media_type=bodies.MULTIPART), upload
 
 
 def _signed(
@@ -148,8 +192,8 @@ def _signed(
 
 def _customer(gw: Gateway, incoming: Incoming) -> Customer | None:
     if incoming.customer_id is None:
-        return gw.config.customer_for_host(incoming.host)
-    return gw.config.customer(incoming.customer_id)
+        return gw.customer_for_host(incoming.host)
+    return gw.customer(incoming.customer_id)
 
 
 def _handler(gw: Gateway, req: ApiRequest) -> Handler:

@@ -1,0 +1,433 @@
+"""``bbb-proxy customers|backends|meetings|status``: the admin API from a shell.
+
+Each subcommand is one or two admin API calls (:mod:`proxy.admin`); the URL and token
+come from ``--url``/``--token`` or ``BBB_PROXY_ADMIN_URL``/``BBB_PROXY_ADMIN_TOKEN`` (the
+environment keeps the token out of ``ps``).  Output is a table for people, or the API's
+JSON with ``--json`` for scripts.
+
+Exit codes: 0 done; 1 the API refused (bad input, unknown id, conflict, a wrong token,
+which the API answers as "not found"); 2 a usage error or no connection to the gateway.
+A secret is printed only by ``customers create``, ``customers rotate-secret`` and
+``customers credentials``, the three commands that exist to show one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+from urllib.parse import quote, urlencode
+
+import httpx
+import orjson
+
+TIMEOUT = 15.0  # seconds for one admin call
+
+
+class Failed(Exception):
+    """The command failed: the message and the exit code."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+# -- talking to the API ------------------------------------------------------------------------
+
+
+def request(args: argparse.Namespace, method: str, path: str, body: object = None) -> Any:
+    """One admin call; the answer's JSON.
+
+    Error handling: ``Failed`` with code 1 for an answer other than 2xx, code 2 for no
+    URL or token, or no connection.
+    """
+    url = (args.url or os.environ.get("BBB_PROXY_ADMIN_URL") or "").rstrip("/")
+    token = args.token or os.environ.get("BBB_PROXY_ADMIN_TOKEN") or ""
+    if not url:
+        raise Failed("no admin URL: pass --url or set BBB_PROXY_ADMIN_URL", 2)
+    if not token:
+        raise Failed("no admin token: pass --token or set BBB_PROXY_ADMIN_TOKEN", 2)
+    content = None if body is None else orjson.dumps(body)
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    try:
+        response = httpx.request(
+            method, f"{url}/admin/v1/{path}", headers=headers, content=content, timeout=TIMEOUT
+        )
+    except httpx.HTTPError as exc:
+        raise Failed(f"cannot reach the gateway at {url}: {exc}", 2) from None
+    return _answer(response)
+
+
+def _answer(response: httpx.Response) -> Any:
+    try:
+        document = orjson.loads(response.content)
+    except orjson.JSONDecodeError:
+        raise Failed(f"the gateway answered HTTP {response.status_code}, not JSON", 1) from None
+    if response.is_success:
+        return document
+    error = document.get("error", "refused") if isinstance(document, dict) else "refused"
+    field = document.get("field") if isinstance(document, dict) else None
+    if response.status_code == 404 and error == "not found":
+        error = "not found (or a wrong token, or the admin API is off)"
+    raise Failed(f"{field}: {error}" if field else str(error), 1)
+
+
+# -- output ------------------------------------------------------------------------------------
+
+
+def table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
+    """Rows as an aligned text table under a header of ``columns``."""
+    cells = [[_cell(row.get(c)) for c in columns] for row in rows]
+    widths = [max([len(c), *(len(r[i]) for r in cells)]) for i, c in enumerate(columns)]
+    lines = [columns, *cells]
+    return "\n".join(
+        "  ".join(v.ljust(w) for v, w in zip(line, widths, strict=True)).rstrip() for line in lines
+    )
+
+
+def fields(document: Mapping[str, Any]) -> str:
+    """One ``name  value  (source)`` line per field of a shown customer or backend."""
+    source = document.get("source", {})
+    names = [k for k in document if k != "source"]
+    width = max(len(n) for n in names)
+    return "\n".join(
+        f"{n.ljust(width)}  {_cell(document[n])}" + (f"  ({source[n]})" if n in source else "")
+        for n in names
+    )
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, list):
+        return ",".join(_cell(v) for v in value) or "-"
+    if isinstance(value, float):
+        return f"{value:.0f}" if value.is_integer() else f"{value:.3f}"
+    return str(value)
+
+
+def show(args: argparse.Namespace, document: Any, render: Callable[[Any], str]) -> None:
+    print(
+        orjson.dumps(document, option=orjson.OPT_INDENT_2).decode()
+        if args.json
+        else render(document)
+    )
+
+
+# -- the subcommands ---------------------------------------------------------------------------
+
+CUSTOMER_COLUMNS = (
+    "id",
+    "enabled",
+    "max_connections",
+    "reserved_connections",
+    "meetings",
+    "secrets",
+    "hosts",
+)
+BACKEND_COLUMNS = ("id", "mode", "health", "capacity", "reserved_connections", "meetings", "url")
+MEETING_COLUMNS = ("customer", "meeting_id", "backend", "connections", "overtime", "confirmed")
+
+
+def run(args: argparse.Namespace) -> None:
+    """Run an admin subcommand.  Error handling: ``Failed`` (see :func:`request`)."""
+    COMMANDS[(args.command, getattr(args, "action", None))](args)
+
+
+def _customers_list(args: argparse.Namespace) -> None:
+    show(args, request(args, "GET", "customers"), lambda d: table(d, CUSTOMER_COLUMNS))
+
+
+def _customer_show(args: argparse.Namespace) -> None:
+    show(args, request(args, "GET", f"customers/{_q(args.id)}"), fields)
+
+
+def _customer_create(args: argparse.Namespace) -> None:
+    body = {"id": args.id, **_given(args, _CUSTOMER_OPTIONS)}
+    answer = request(args, "POST", "customers", body)
+    show(
+        args,
+        answer,
+        lambda d: f"customer {d['id']} created; its secret (shown once): {d['secret']}",
+    )
+
+
+def _customer_update(args: argparse.Namespace) -> None:
+    body = _given(args, _CUSTOMER_OPTIONS) | dict.fromkeys(args.reset or [])
+    show(args, request(args, "PATCH", f"customers/{_q(args.id)}", body), fields)
+
+
+def _customer_delete(args: argparse.Namespace) -> None:
+    show(
+        args,
+        request(args, "DELETE", f"customers/{_q(args.id)}"),
+        lambda d: f"customer {d['id']} deleted",
+    )
+
+
+def _customer_rotate(args: argparse.Namespace) -> None:
+    body = _given(args, {"secret": "secret", "grace": "grace_seconds"})
+    answer = request(args, "POST", f"customers/{_q(args.id)}/secrets", body)
+    show(args, answer, lambda d: f"new secret of {d['id']}: {d['secret']}\n" + _secrets(d))
+
+
+def _customer_credentials(args: argparse.Namespace) -> None:
+    answer = request(args, "GET", f"customers/{_q(args.id)}/credentials")
+
+    def render(d: Mapping[str, Any]) -> str:
+        urls = [d["api_url"], *d["host_api_urls"]]
+        return "\n".join(f"api_url  {u}" for u in urls) + "\n" + _secrets(d)
+
+    show(args, answer, render)
+
+
+def _secrets(d: Mapping[str, Any]) -> str:
+    return "\n".join(
+        f"secret   {s['secret']}"
+        + (f"  (valid until {_cell(s['expires_at'])})" if s["expires_at"] else "")
+        for s in d["secrets"]
+    )
+
+
+def _customer_timeline(args: argparse.Namespace) -> None:
+    answer = request(args, "GET", f"customers/{_q(args.id)}/timeline")
+    columns = (
+        "meeting_id",
+        "backend",
+        "connections",
+        "created_at",
+        "reserved_until",
+        "overtime_seconds",
+    )
+    steps = ("at", "held", "in_window")
+    show(
+        args,
+        answer,
+        lambda d: table(d["meetings"], columns) + "\n\n" + table(d["connections"], steps),
+    )
+
+
+def _backends_list(args: argparse.Namespace) -> None:
+    show(args, request(args, "GET", "backends"), lambda d: table(d, BACKEND_COLUMNS))
+
+
+def _backend_show(args: argparse.Namespace) -> None:
+    show(args, request(args, "GET", f"backends/{_q(args.id)}"), fields)
+
+
+def _backend_create(args: argparse.Namespace) -> None:
+    body = {"id": args.id, **_given(args, _BACKEND_OPTIONS)}
+    show(args, request(args, "POST", "backends", body), fields)
+
+
+def _backend_update(args: argparse.Namespace) -> None:
+    body = _given(args, _BACKEND_OPTIONS) | dict.fromkeys(args.reset or [])
+    show(args, request(args, "PATCH", f"backends/{_q(args.id)}", body), fields)
+
+
+def _backend_mode(mode: str) -> Callable[[argparse.Namespace], None]:
+    def set_mode(args: argparse.Namespace) -> None:
+        show(args, request(args, "PATCH", f"backends/{_q(args.id)}", {"mode": mode}), fields)
+
+    return set_mode
+
+
+def _backend_delete(args: argparse.Namespace) -> None:
+    answer = request(args, "DELETE", f"backends/{_q(args.id)}")
+    done = lambda d: (  # noqa: E731
+        f"backend {d['id']} removed"
+        if d["removed"]
+        else f"backend {d['id']} draining: removed when its {d['meetings']} meetings have ended"
+    )
+    show(args, answer, done)
+
+
+def _meetings_list(args: argparse.Namespace) -> None:
+    query = urlencode(
+        {k: v for k, v in (("customer", args.customer), ("backend", args.backend)) if v}
+    )
+    answer = request(args, "GET", "meetings" + (f"?{query}" if query else ""))
+    show(args, answer, lambda d: table(d, MEETING_COLUMNS))
+
+
+def _meeting_show(args: argparse.Namespace) -> None:
+    show(args, request(args, "GET", f"meetings/{_q(args.customer)}/{_q(args.meeting_id)}"), fields)
+
+
+def _meeting_end(args: argparse.Namespace) -> None:
+    answer = request(args, "DELETE", f"meetings/{_q(args.customer)}/{_q(args.meeting_id)}")
+    show(args, answer, lambda d: f"meeting {d['meeting_id']} of {d['customer']} ended")
+
+
+def _status(args: argparse.Namespace) -> None:
+    columns = (
+        "id",
+        "health",
+        "mode",
+        "meetings",
+        "reserved_connections",
+        "capacity",
+        "accepts_meetings",
+    )
+
+    def render(d: Mapping[str, Any]) -> str:
+        t = d["totals"]
+        summary = (
+            f"{t['backends']} backends ({t['accepting']} accepting meetings, {t['down']} down), "
+            f"{t['meetings']} meetings, {t['reserved_connections']} of {t['capacity']} "
+            f"connections reserved, {t['customers']} customers"
+        )
+        stores = [n for n in ("journal_failed", "runtime_store_failed") if d.get(n)]
+        return "\n".join(
+            [table(d["backends"], columns), "", summary, *(f"FAILED: {s}" for s in stores)]
+        )
+
+    show(args, request(args, "GET", "status"), render)
+
+
+def _q(value: str) -> str:
+    return quote(value, safe="")
+
+
+def _given(args: argparse.Namespace, options: Mapping[str, str]) -> dict[str, Any]:
+    """The API fields of the options given on the command line."""
+    return {
+        name: getattr(args, option)
+        for option, name in options.items()
+        if getattr(args, option) is not None
+    }
+
+
+_CUSTOMER_OPTIONS = {
+    "max_connections": "max_connections",
+    "default_max_participants": "default_max_participants",
+    "default_duration": "default_duration",
+    "enabled": "enabled",
+    "hosts": "hosts",
+    "secret": "secret",
+}
+_BACKEND_OPTIONS = {
+    "backend_url": "url",
+    "secret": "secret",
+    "capacity": "capacity",
+    "mode": "mode",
+    "checksum_algorithm": "checksum_algorithm",
+}
+
+COMMANDS: Mapping[tuple[str, str | None], Callable[[argparse.Namespace], None]] = {
+    ("customers", "list"): _customers_list,
+    ("customers", "show"): _customer_show,
+    ("customers", "create"): _customer_create,
+    ("customers", "update"): _customer_update,
+    ("customers", "delete"): _customer_delete,
+    ("customers", "rotate-secret"): _customer_rotate,
+    ("customers", "credentials"): _customer_credentials,
+    ("customers", "timeline"): _customer_timeline,
+    ("backends", "list"): _backends_list,
+    ("backends", "show"): _backend_show,
+    ("backends", "create"): _backend_create,
+    ("backends", "update"): _backend_update,
+    ("backends", "drain"): _backend_mode("drain"),
+    ("backends", "activate"): _backend_mode("active"),
+    ("backends", "disable"): _backend_mode("disabled"),
+    ("backends", "delete"): _backend_delete,
+    ("meetings", "list"): _meetings_list,
+    ("meetings", "show"): _meeting_show,
+    ("meetings", "end"): _meeting_end,
+    ("status", None): _status,
+}
+
+
+# -- the parser --------------------------------------------------------------------------------
+
+
+def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
+    """Add ``customers``, ``backends``, ``meetings`` and ``status`` to ``sub``."""
+    api = type(common)(add_help=False, parents=[common])
+    api.add_argument("--url", help="the gateway's base URL (default: $BBB_PROXY_ADMIN_URL)")
+    api.add_argument("--token", help="the admin token (default: $BBB_PROXY_ADMIN_TOKEN)")
+    api.add_argument("--json", action="store_true", help="print the API's JSON")
+    sub.add_parser("status", parents=[api], help="every backend's health and load, and totals")
+    _customers(
+        sub.add_parser("customers", help="customers: list, create, change, rotate secrets"), api
+    )
+    _backends(sub.add_parser("backends", help="BBB servers: list, add, drain, remove"), api)
+    _meetings(sub.add_parser("meetings", help="meetings held: list, show, end"), api)
+
+
+def _customers(parser: argparse.ArgumentParser, api: argparse.ArgumentParser) -> None:
+    actions = parser.add_subparsers(dest="action", required=True)
+    actions.add_parser("list", parents=[api])
+    for name in ("show", "delete", "credentials", "timeline"):
+        actions.add_parser(name, parents=[api]).add_argument("id")
+    for name in ("create", "update"):
+        p = actions.add_parser(name, parents=[api])
+        p.add_argument("id")
+        required = name == "create"
+        p.add_argument("--max-connections", type=int, required=required)
+        p.add_argument("--default-max-participants", type=int, required=required)
+        p.add_argument("--default-duration", type=int, required=required, help="minutes")
+        p.add_argument("--enabled", type=_yes_no, help="yes or no")
+        p.add_argument("--host", dest="hosts", action="append", help="repeat for each host name")
+        if required:
+            p.add_argument("--secret", help="default: a new random one, printed once")
+        else:
+            p.add_argument(
+                "--reset", action="append", metavar="FIELD", help="back to the file's value"
+            )
+            p.set_defaults(secret=None)
+    rotate = actions.add_parser("rotate-secret", parents=[api])
+    rotate.add_argument("id")
+    rotate.add_argument("--secret", help="default: a new random one, printed once")
+    rotate.add_argument(
+        "--grace", type=float, help="seconds the old secrets stay valid (default: 7 days)"
+    )
+
+
+def _backends(parser: argparse.ArgumentParser, api: argparse.ArgumentParser) -> None:
+    actions = parser.add_subparsers(dest="action", required=True)
+    actions.add_parser("list", parents=[api])
+    for name in ("show", "delete", "drain", "activate", "disable"):
+        actions.add_parser(name, parents=[api]).add_argument("id")
+    for name in ("create", "update"):
+        p = actions.add_parser(name, parents=[api])
+        p.add_argument("id")
+        required = name == "create"
+        p.add_argument(
+            "--backend-url", required=required, help="its API URL, .../bigbluebutton/api"
+        )
+        p.add_argument("--secret", required=required, help="its shared secret (bbb-conf --secret)")
+        p.add_argument("--capacity", type=int, required=required, help="connections it may host")
+        p.add_argument("--mode", choices=("active", "drain", "disabled"))
+        p.add_argument("--checksum-algorithm", choices=("sha1", "sha256", "sha384", "sha512"))
+        if not required:
+            p.add_argument(
+                "--reset", action="append", metavar="FIELD", help="back to the file's value"
+            )
+
+
+def _meetings(parser: argparse.ArgumentParser, api: argparse.ArgumentParser) -> None:
+    actions = parser.add_subparsers(dest="action", required=True)
+    listing = actions.add_parser("list", parents=[api])
+    listing.add_argument("--customer")
+    listing.add_argument("--backend")
+    for name in ("show", "end"):
+        p = actions.add_parser(name, parents=[api])
+        p.add_argument("customer")
+        p.add_argument("meeting_id")
+
+
+def _yes_no(value: str) -> bool:
+    if value.lower() in ("yes", "true", "1"):
+        return True
+    if value.lower() in ("no", "false", "0"):
+        return False
+    raise argparse.ArgumentTypeError("yes or no")
+
+
+def say(message: str) -> None:
+    print("bbb-proxy: " + " ".join(message.split()), file=sys.stderr)
