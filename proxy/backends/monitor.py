@@ -84,6 +84,8 @@ async def poll_once(gw: Gateway, backend_id: str) -> None:
         kept = len(gw.ledger.state.backend_meetings(backend_id))
         gw.count("kept", kept)
         log.warning("backend %s is back: its %d meetings count again", backend_id, kept)
+        for listener in gw.on_backend_back:  # e.g. webhook intake: register its hook again
+            listener(backend_id)
     if reply is not None:
         await reconcile(gw, backend_id, reply, pinned, polled_at)
 
