@@ -32,6 +32,7 @@ from typing import Any
 import orjson
 
 from proxy import admin_views as views
+from proxy.backends.monitor import supervised_poll
 from proxy.errors import StorageUnavailable
 from proxy.gateway import Gateway
 from proxy.runtime import (
@@ -205,6 +206,7 @@ async def create_backend(gw: Gateway, call: Call) -> Result:
         "backend_created",
     )
     log.info("admin: backend %s created", backend_id)
+    await supervised_poll(gw, backend_id)  # as at start-up: its health is known at once
     return 201, views.backend(gw, backend_id)
 
 

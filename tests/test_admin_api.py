@@ -17,7 +17,15 @@ from proxy.errors import StorageUnavailable
 from proxy.ledger.service import Ledger
 from proxy.runtime import DEFAULT_GRACE
 from proxy.simulator import Simulator, serve_simulator
-from tests.harness import BACKEND_SECRET, SECRETS, Stack, StackFactory, text, wait_until
+from tests.harness import (
+    BACKEND_SECRET,
+    SECRETS,
+    Stack,
+    StackFactory,
+    free_port,
+    text,
+    wait_until,
+)
 
 TOKEN = "admin-token-for-tests"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -305,6 +313,19 @@ async def test_a_new_backend_takes_meetings(
     listed = await admin("GET", "backends")
     assert [b["id"] for b in listed] == ["bbb-1", "bbb-2", "bbb-3"]
     assert all(BACKEND_SECRET not in orjson.dumps(b).decode() for b in listed)
+
+
+async def test_a_new_backend_that_does_not_answer_gets_no_meetings(
+    make_stack: StackFactory,
+) -> None:
+    stack, admin = await admin_stack(make_stack)
+    await admin("PATCH", "backends/bbb-1", {"mode": "drain"})
+    await admin("PATCH", "backends/bbb-2", {"mode": "drain"})
+    dead = f"http://127.0.0.1:{free_port()}/bigbluebutton/api"
+    body = {"id": "bbb-3", "url": dead, "secret": "s", "capacity": 100}
+    answer = await admin("POST", "backends", body, expect=201)
+    assert (answer["health"], answer["accepts_meetings"]) == ("unhealthy", False)
+    assert text(await stack.create("room-1"), "messageKey") == "noServerCapacity"
 
 
 BAD_BACKEND_FIELDS = [
