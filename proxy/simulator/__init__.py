@@ -9,8 +9,11 @@ Layout (decisions without I/O first, the trio layer last)::
     meetings.py  create, end, getMeetingInfo, getMeetings, isMeetingRunning, ...
     join.py      join: admission, redirects, join errors
     recordings.py  recordings: made at end, getRecordings filters, publish/delete/update
+    events.py    the mapped webhook events (bbb-webhooks' shapes) built from the state
+    webhooks.py  the webhooks service: hooks/create|list|destroy, per-hook delivery queues
     core.py      Simulator: state, checksum check, dispatch, time
     app.py       quart-trio app: behaviour modes, background ticker, notifications
+    webhook_sender.py  the webhook POSTs: in order per hook, retries, dropping a hook
     server.py    serve_simulator (hypercorn, trio worker)
     __main__.py  python -m proxy.simulator --port 9001 --count 3 --secret S
 """
