@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import orjson
@@ -268,6 +269,7 @@ async def test_a_compaction_that_fails_keeps_the_old_file_whole(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, step: str
 ) -> None:
     log = await written(tmp_path, RECORDS)
+    log.append({"op": "pending"})
 
     def broken(*args: object) -> None:
         raise StateError("cannot write: No space left on device")
@@ -275,10 +277,107 @@ async def test_a_compaction_that_fails_keeps_the_old_file_whole(
     monkeypatch.setattr(local_module, step, broken)
     with pytest.raises(StorageUnavailable):
         await log.compact([{"op": "state"}])
-    assert not log.failed  # the log itself still writes
+    # Writing the new file failed: the log still writes.  The rename failed: which file
+    # is in place is settled by the next flush.
+    assert log.failed is (step == "_finish_compaction")
     log.append({"op": "after"})
     await log.flush()
-    assert reopened(tmp_path) == [*RECORDS, {"op": "after"}]
+    assert not log.failed
+    assert reopened(tmp_path) == [*RECORDS, {"op": "pending"}, {"op": "after"}]
+    assert not log_path(tmp_path, "hooks").with_suffix(".log.tmp").exists()
+
+
+def freeze(monkeypatch: pytest.MonkeyPatch, name: str) -> tuple[threading.Event, threading.Event]:
+    """Make ``local_module.<name>`` wait for the second event; the first says it started."""
+    started, thawed = threading.Event(), threading.Event()
+    real = getattr(local_module, name)
+
+    def frozen(*args: object) -> object:
+        started.set()
+        thawed.wait(10)
+        return real(*args)
+
+    monkeypatch.setattr(local_module, name, frozen)
+    return started, thawed
+
+
+async def test_records_appended_while_the_new_file_is_renamed_follow_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log = await written(tmp_path, RECORDS[:1])
+    log.append({"op": "pending at the call"})
+    started, thawed = freeze(monkeypatch, "_finish_compaction")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(log.compact, [{"op": "state"}])
+        await trio.to_thread.run_sync(started.wait)
+        log.append({"op": "during the rename"})  # not in the new file: still to write
+        thawed.set()
+    assert log.statistics().pending == 1
+    await log.flush()
+    assert reopened(tmp_path) == [{"op": "state"}, {"op": "during the rename"}]
+
+
+async def test_a_compaction_called_while_a_flush_writes_waits_for_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log = await written(tmp_path, RECORDS[:1])
+    started, thawed = threading.Event(), threading.Event()
+    real = LocalLog._write_file
+
+    def slow(self: LocalLog, data: bytes, cut: int | None, create: bool) -> None:
+        started.set()
+        thawed.wait(10)
+        real(self, data, cut, create)
+
+    monkeypatch.setattr(LocalLog, "_write_file", slow)
+    log.append({"op": "being written"})
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(log.flush)
+        await trio.to_thread.run_sync(started.wait)
+        nursery.start_soon(log.compact, [{"op": "state"}])
+        await trio.sleep(0.05)
+        thawed.set()
+    assert log.statistics().compactions == 1
+    assert reopened(tmp_path) == [{"op": "state"}]
+
+
+@pytest.mark.parametrize("renamed", [True, False])
+async def test_a_rename_that_overruns_is_settled_when_its_thread_returns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, renamed: bool
+) -> None:
+    log, _ = open_local_log(tmp_path, "hooks", timeout=0.1)  # compactions: 3 s
+    log.compaction_timeout = 0.3
+    for record in RECORDS:
+        log.append(record)
+    await log.flush()
+    log.append({"op": "pending"})
+    if renamed:
+        _, thawed = freeze(monkeypatch, "_finish_compaction")
+    else:  # the rename never happens: the thread fails before it
+        thawed = threading.Event()
+        monkeypatch.setattr(local_module, "_finish_compaction", _fails_after(thawed))
+    with pytest.raises(StorageUnavailable):
+        await log.compact([{"op": "state"}])
+    assert log.failed
+    log.append({"op": "after"})
+    with pytest.raises(StorageUnavailable):
+        await log.flush()  # not while the abandoned thread runs
+    thawed.set()
+    with trio.fail_after(5):
+        while not await log.recover():  # noqa: ASYNC110 - until the abandoned thread returns
+            await trio.sleep(0.01)
+    # "pending" was appended before the call: the compacted state stands for it
+    expected = [{"op": "state"}] if renamed else [*RECORDS, {"op": "pending"}]
+    assert reopened(tmp_path) == [*expected, {"op": "after"}]
+    assert not log_path(tmp_path, "hooks").with_suffix(".log.tmp").exists()
+
+
+def _fails_after(thawed: threading.Event) -> Callable[[Path, bytes, Path], None]:
+    def finish(tmp: Path, tail: bytes, path: Path) -> None:
+        thawed.wait(10)
+        raise StateError(f"cannot write {tmp}: Input/output error")
+
+    return finish
 
 
 async def test_a_crash_before_the_rename_leaves_the_old_content(

@@ -18,7 +18,9 @@ once) and, while appends and flushes go on into the old file, writes them to
 ``<name>.log.tmp`` and fsyncs it; then, under the flush lock, adds every record appended
 since the call, fsyncs again, renames the file over ``<name>.log`` and fsyncs the
 directory.  A crash before the rename leaves the old file, after it the new one: the same
-state either way.
+state either way.  If that last step fails or overruns, which file is in place is unknown
+until its thread has returned: the log is failed, and recovery then looks (the temporary
+file still there: the old file is) before it writes again.
 
 Storage faults.  A write or fsync that fails (full or read-only ``state_dir``) or overruns
 ``timeout`` (a frozen disk) makes the log *failed*: ``flush`` raises
@@ -40,6 +42,7 @@ large (the owner's bug).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -198,7 +201,9 @@ class LocalLog:
         self._watches: list[list[bytes]] = []  # per running compaction: lines appended since
         self._lock = trio.Lock()  # one file operation at a time
         self._compacting = trio.Lock()
-        self._io = BoundedIo(path)
+        self._io = BoundedIo(path)  # work on the log itself
+        self._tmp_io = BoundedIo(_tmp(path))  # a compaction's writing of its new file
+        self._limbo: tuple[int, int] | None = None  # a failed rename: the new file's size, lines
         self._failed: StateError | None = None
         self._failed_event = trio.Event()
         self._counts = dict.fromkeys(
@@ -244,8 +249,8 @@ class LocalLog:
     async def _write_pending(self, deadline: float) -> None:
         """Write the queue (after cutting a failed batch off, if failed); under the lock."""
         recovering = self._failed is not None
-        if recovering and self._io.running:
-            raise StorageUnavailable() from self._failed
+        if recovering:
+            await self._ready_to_recover(deadline)
         count = len(self._pending)
         data = b"".join(self._pending)
         if self._size + len(data) > self.max_bytes:
@@ -264,6 +269,17 @@ class LocalLog:
         self._count(written=count, bytes=len(data), batches=1)
         if recovering:
             self._recovered()
+
+    async def _ready_to_recover(self, deadline: float) -> None:
+        """Raise ``StorageUnavailable`` unless a failed log may be written again now."""
+        if self._io.running:  # an abandoned write: never two threads on one file
+            raise StorageUnavailable() from self._failed
+        if self._limbo is not None:
+            try:
+                await self._settle(deadline)
+            except (StateError, Overran) as e:
+                self._fail(e)
+                raise StorageUnavailable() from self._failed
 
     def _write_file(self, data: bytes, cut: int | None, create: bool) -> None:
         """Blocking: append ``data`` (at ``cut``, truncating what follows) and fsync."""
@@ -372,33 +388,68 @@ class LocalLog:
 
     async def _compact(self, content: bytes, watch: list[bytes], deadline: float) -> None:
         tmp = _tmp(self.path)
+        if self._tmp_io.running:
+            raise StorageUnavailable() from StateError(
+                f"an earlier compaction of {self.path} is still running"
+            )
         try:
-            if self._io.running:
-                raise StateError(f"an earlier write to {self.path} is still running")
-            await self._io.run(deadline, _write_synced, tmp, content, os.O_TRUNC)
-            async with self._lock:  # nothing is appended to the old file from here on
-                if self._io.running:
-                    raise StateError(f"an earlier write to {self.path} is still running")
-                tail = b"".join(watch)
-                size = len(content) + len(tail)
-                if size > self.max_bytes:
-                    raise StateError(f"{self.path} would pass {self.max_bytes} bytes compacted")
-                await self._io.run(deadline, _finish_compaction, tmp, tail, self.path)
-                self._compacted(size)
+            await self._tmp_io.run(deadline, _write_synced, tmp, content, os.O_TRUNC)
         except (StateError, Overran) as e:
-            if not self._io.running:
-                await trio.to_thread.run_sync(_remove, tmp)
+            await self._remove_tmp(deadline)
             raise StorageUnavailable() from e
+        async with self._lock:  # nothing is appended to the old file from here on
+            await self._replace(tmp, content, watch, deadline)
 
-    def _compacted(self, size: int) -> None:
-        """Under the lock: the new file holds every record appended."""
-        self._count(written=len(self._pending), compactions=1)
-        self._pending.clear()
-        self._durable = self._appended
+    async def _replace(
+        self, tmp: Path, content: bytes, watch: list[bytes], deadline: float
+    ) -> None:
+        """Under the lock: add the records appended since the call, rename over the log.
+
+        Once the rename has been attempted, a failure leaves either file in place: the
+        log is failed, and recovery (:meth:`_settle`) finds out which.
+        """
+        tail = b"".join(watch)
+        size, count = len(content) + len(tail), len(self._pending)  # pending: all in the new file
+        if self._io.running or self._limbo is not None or size > self.max_bytes:
+            await self._remove_tmp(deadline)
+            raise StorageUnavailable() from StateError(
+                f"{self.path} not compacted: an earlier write is unsettled, "
+                f"or {size} bytes would pass {self.max_bytes}"
+            )
+        try:
+            await self._io.run(deadline, _finish_compaction, tmp, tail, self.path)
+        except (StateError, Overran) as e:
+            self._limbo = (size, count)
+            self._fail(e)
+            raise StorageUnavailable() from e
+        self._compacted(size, count)
+
+    def _compacted(self, size: int, count: int) -> None:
+        """The new file is in place, holding the first ``count`` pending records."""
+        del self._pending[:count]
+        self._durable += count
+        self._count(written=count, compactions=1)
         self._size = self._compacted_size = size
         self._exists = True
         if self._failed is not None:
             self._recovered()
+
+    async def _settle(self, deadline: float) -> None:
+        """After a failed rename (no thread still running): adopt whichever file is there."""
+        assert self._limbo is not None
+        size, count = self._limbo
+        renamed = await self._io.run(deadline, _settle_rename, _tmp(self.path), self.path)
+        self._limbo = None
+        if renamed:
+            del self._pending[:count]
+            self._durable += count
+            self._size = self._compacted_size = size
+            self._exists = True
+
+    async def _remove_tmp(self, deadline: float) -> None:
+        if not self._tmp_io.running:  # else an abandoned write still uses it
+            with contextlib.suppress(Overran):
+                await self._tmp_io.run(deadline, _remove, _tmp(self.path))
 
     # -- statistics ----------------------------------------------------------------------------
 
@@ -441,6 +492,17 @@ def _finish_compaction(tmp: Path, tail: bytes, path: Path) -> None:
     with os_errors("rename to", path):
         os.replace(tmp, path)
         fsync_dir(path.parent)
+
+
+def _settle_rename(tmp: Path, path: Path) -> bool:
+    """Blocking: whether the compaction's rename happened (then fsync the directory);
+    if not, remove the temporary file.  ``StateError`` naming the file."""
+    with os_errors("settle the compaction of", path):
+        if tmp.exists():
+            tmp.unlink()
+            return False
+        fsync_dir(path.parent)
+        return True
 
 
 def _remove(path: Path) -> None:
