@@ -12,6 +12,8 @@ from typing import Any
 
 import pytest
 import trio
+from hypothesis import given
+from hypothesis import strategies as st
 from lxml import etree
 
 from proxy import config
@@ -348,3 +350,62 @@ async def test_checked_address_lets_allowed_networks_in() -> None:
     assert await checked_address("127.0.0.1", 80, False, loopback) == "127.0.0.1"
     assert await checked_address("10.0.0.1", 80, False, loopback) is None
     assert await checked_address("10.0.0.1", 80, True) == "10.0.0.1"
+
+
+# -- property: any sequence of records replays, and compacts, to the same hooks ----------------
+
+_IDS = st.sampled_from(["h1", "h2", "h3", "h4"])
+_CUSTOMERS = st.sampled_from(["acme", "globex"])
+_MEETINGS = st.sampled_from(["m1", "m2"])
+_TIMES = st.sampled_from([0.0, 5.0, 1e5, 1e9])  # few values: ends collide and interleave
+_RECORDS = st.one_of(
+    st.builds(
+        lambda i, c, m, at: hook(id=i, customer=c, meeting_id=m, ended_at=at).record(),
+        _IDS,
+        _CUSTOMERS,
+        _MEETINGS,
+        st.none() | _TIMES,
+    ),
+    st.builds(lambda i: {"type": "destroyed", "id": i}, _IDS),
+    st.builds(
+        lambda c, m, at: {"type": "ended", "customer": c, "meeting_id": m, "at": at},
+        _CUSTOMERS,
+        _MEETINGS,
+        _TIMES,
+    ),
+    st.builds(
+        lambda c, m: {"type": "started", "customer": c, "meeting_id": m}, _CUSTOMERS, _MEETINGS
+    ),
+)
+
+
+@given(st.lists(_RECORDS, max_size=30), _TIMES | st.floats(0, 2e9))
+def test_records_compact_and_replay_to_the_same_hooks(records: list[Any], now: float) -> None:
+    state = HookState()
+    for record in records:
+        state.apply(record)
+    again = HookState()
+    for record in state.records():
+        again.apply(record)
+    assert again.hooks == state.hooks
+    for customer in ("acme", "globex"):
+        assert (
+            again.of(customer)
+            == state.of(customer)
+            == [h for h in state.hooks.values() if h.customer == customer]
+        )
+    expired = state.expired(now, 3600.0)
+    assert {h.id for h in expired} == {h.id for h in state.hooks.values() if h.expired(now, 3600.0)}
+    state.forget(expired)
+    assert all(not h.expired(now, 3600.0) for h in state.hooks.values())
+    for key, at in state.ended.items():  # the earliest end of the meeting's stamped hooks
+        assert at == min(h.ended_at for h in state.of(*key) if h.ended_at is not None)
+
+
+def test_the_earliest_end_of_a_meeting_expires_first() -> None:
+    state = HookState()
+    state.apply(hook(id="a", ended_at=5.0).record())
+    state.apply(hook(id="b", ended_at=1e9).record())
+    assert [h.id for h in state.expired(1e5, 3600.0)] == ["a"]
+    state.forget(state.expired(1e5, 3600.0))
+    assert state.ended == {("acme", "room"): 1e9}

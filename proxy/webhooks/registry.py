@@ -19,8 +19,10 @@ same hooks after a restart.  Records (JSON objects, ``"type"`` first)::
     {"type": "ended", "customer", "meeting_id", "at"}   # every hook of it so far
     {"type": "started", "customer", "meeting_id"}       # the meeting runs (again)
 
-Expiry needs no record: an expired hook is dropped from memory when it is
-next looked at, and replaying ``hook`` + ``ended`` gives the same verdict.
+Expiry needs no record: an expired hook is never answered (every read checks
+it), leaves memory at the next sweep (at most :data:`PURGE_EVERY` seconds
+later, and before a limit is checked), and replaying ``hook`` + ``ended``
+gives the same verdict.
 Times are epoch seconds from the registry's clock (``time.time``), so they
 keep their meaning across restarts.
 
@@ -109,7 +111,8 @@ class HookState:
         self.hooks: dict[str, Hook] = {}
         self._by_customer: dict[str, dict[str, None]] = {}  # ordered sets of ids
         self._by_meeting: dict[MeetingKey, dict[str, None]] = {}
-        self.ended: dict[MeetingKey, float] = {}  # meetings with hooks that will expire
+        # Meetings with hooks that will expire: the earliest end among their hooks.
+        self.ended: dict[MeetingKey, float] = {}
 
     def apply(self, record: Mapping[str, Json]) -> None:
         """Apply one record (see the module docstring); ``StateError`` if it is not one."""
@@ -150,7 +153,10 @@ class HookState:
         for hook in hooks:
             self._remove(hook.id)
             key = (hook.customer, hook.meeting_id)
-            if all(h.ended_at is None for h in self.of(*key)):
+            ends = [h.ended_at for h in self.of(*key) if h.ended_at is not None]
+            if ends:
+                self.ended[key] = min(ends)
+            else:
                 self.ended.pop(key, None)
 
     def _add(self, hook: Hook) -> None:
@@ -172,7 +178,7 @@ class HookState:
             self.ended.pop(key, None)
 
     def _mark_ended(self, key: MeetingKey, at: float) -> None:
-        self.ended[key] = max(at, self.ended.get(key, at))
+        self.ended[key] = min(at, self.ended.get(key, at))  # the earliest end expires first
 
     def _hook(self, record: Mapping[str, Json]) -> None:
         self._add(_hook_of(record))
