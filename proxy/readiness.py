@@ -77,6 +77,6 @@ def readiness(gw: Gateway) -> Readiness:
     stores = (("ledger", gw.ledger.journal.failed), *others)
     backends = tuple(
         BackendState(b.id, gw.health[b.id].state.value, gw.modes[b.id], gw.accepts_meetings(b.id))
-        for b in gw.config.backends
+        for b in gw.backends()
     )
     return judged(stores, backends)

@@ -114,7 +114,7 @@ async def reconcile(
         pinned,
         listed_meetings(reply.root),
         state.get,
-        {c.id: c for c in gw.config.customers},
+        {c.id: c for c in gw.customers()},
         polled_at,
     )
     for r in todo.release:
@@ -142,7 +142,7 @@ async def reconcile(
 async def _adopt(gw: Gateway, backend_id: str, adopted: Sequence[Reservation]) -> None:
     """Reserve meetings the ledger lost, each clamped to the room left for it."""
     state = gw.ledger.state
-    limits = {c.id: c.max_connections for c in gw.config.customers}
+    limits = {c.id: c.max_connections for c in gw.customers()}
     capacity = gw.client(backend_id).backend.capacity
     cut, left_out = 0, 0
     for r in adopted:
@@ -195,7 +195,7 @@ async def reconcile_all(gw: Gateway) -> None:
     Reservations pinned to a backend no longer in the configuration are released
     first: the operator removed it, and nothing could reach its meetings.
     """
-    configured = {b.id for b in gw.config.backends}
+    configured = {b.id for b in gw.backends()}
     for backend_id in set(gw.ledger.state.backends()) - configured:
         held = gw.ledger.state.backend_meetings(backend_id)
         log.warning(

@@ -28,7 +28,7 @@ async def meeting_ended(gw: Gateway, raw_query: str) -> bool:
     Error handling: never raises for what the caller sent.  A release the journal
     cannot make durable is logged; the notice is still answered as handled.
     """
-    backends = {b.id: b for b in gw.config.backends}
+    backends = {b.id: b for b in gw.backends()}
     notice = callbacks.verify(raw_query, backends)
     if notice is None:
         return False

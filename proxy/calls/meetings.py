@@ -233,7 +233,7 @@ async def get_meetings(gw: Gateway, req: ApiRequest) -> Answer:
                     nursery.start_soon(_collect, gw, backend_id, replies, req.customer.id)
     meetings = [
         rewrite.serialise(m)
-        for backend in gw.config.backends
+        for backend in gw.backends()
         if backend.id in replies
         for m in _listed(backend.id, replies[backend.id], mine)
     ]

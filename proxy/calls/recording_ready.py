@@ -88,7 +88,7 @@ class ReadyQueue:
 
     async def receive(self, raw_query: str, body: bytes) -> int:
         """One backend notice; the HTTP status to answer (200, 401, 403 or 503)."""
-        backends = {b.id: b for b in self._gw.config.backends}
+        backends = {b.id: b for b in self._gw.backends()}
         target = rules.verify_url(raw_query, backends)
         if target is None:
             return 403
@@ -157,7 +157,7 @@ class ReadyQueue:
             self._wake.set()
 
     async def _attempt(self, delivery: rules.Delivery) -> str:
-        customer = self._gw.config.customer(delivery.customer)
+        customer = self._gw.customer(delivery.customer)
         if customer is None:
             log.warning("recording-ready %s: customer %s is gone", delivery.id, delivery.customer)
             return "final"

@@ -72,7 +72,7 @@ class Intake:
 
     async def receive(self, raw_query: str, body: bytes) -> int:
         """Handle one POST from a backend; the HTTP status to answer (module docstring)."""
-        backends = {b.id: b for b in self.gw.config.backends}
+        backends = {b.id: b for b in self.gw.backends()}
         backend = mapping.verify(raw_query, body, self.gw.config.proxy.public_url, backends)
         if backend is None:
             self.gw.tally(EVENTS_IN, "bad_checksum")
@@ -89,7 +89,7 @@ class Intake:
     ) -> dict[tuple[str, str], list[Event]]:
         """The events the customers' meetings get, rewritten, by (customer, meetingID), in
         order; the others dropped and counted."""
-        customers = {c.id for c in self.gw.config.customers}
+        customers = {c.id for c in self.gw.customers()}
         groups: dict[tuple[str, str], list[Event]] = {}
         for event in events:
             owner = mapping.owner_of(event, backend_id, self._ledger, self.recent, customers)
@@ -133,7 +133,7 @@ class Intake:
         interval = self.gw.config.webhooks.backend_hook_check
         while True:
             now = trio.current_time()
-            for backend in self.gw.config.backends:
+            for backend in self.gw.backends():
                 if self._check_due(backend.id, now, down, due):
                     due[backend.id] = now + interval
                     self._ensuring.add(backend.id)
