@@ -16,6 +16,7 @@ import trio
 
 from proxy import cli as cli_module
 from proxy import runtime_service
+from proxy.backends.monitor import supervised_poll
 from proxy.cli import main
 from proxy.simulator import Simulator, serve_simulator
 from tests.harness import BACKEND_SECRET, SECRETS, Stack, StackFactory, free_port, text, wait_until
@@ -260,3 +261,16 @@ def test_check_config(tmp_path: Path) -> None:
     done = run("check-config", str(broken))
     assert done.returncode == 2
     assert_one_line(done.stderr, "capacity")
+
+
+async def test_status_shows_a_dead_backend(cli: Cli) -> None:
+    dead = f"http://127.0.0.1:{free_port()}/bigbluebutton/api"
+    await cli(
+        "backends", "create", "bbb-3", "--backend-url", dead, "--secret", "s", "--capacity", "9"
+    )
+    gw = cli.stack.gateway
+    for _ in range(gw.config.proxy.health.down_after):
+        await supervised_poll(gw, "bbb-3")
+    status = await cli("status")
+    assert status.splitlines()[3].split()[:3] == ["bbb-3", "down", "active"]
+    assert "3 backends (2 accepting meetings, 1 down)" in status

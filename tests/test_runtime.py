@@ -1,4 +1,5 @@
-"""The runtime model of customers and backends, and how it combines with the file (no I/O)."""
+"""The runtime model of customers and backends, how it combines with the file (no I/O),
+and the service that keeps it on a log."""
 
 from __future__ import annotations
 
@@ -6,8 +7,10 @@ from typing import Any
 
 import pytest
 
+from proxy import runtime_service
 from proxy.config import Config
 from proxy.errors import StateError
+from proxy.gateway import open_gateway
 from proxy.runtime import (
     DEFAULT_GRACE,
     RuntimeState,
@@ -15,6 +18,8 @@ from proxy.runtime import (
     merged,
     rotated,
 )
+from proxy.runtime_service import RuntimeService
+from proxy.store import MemoryLog
 from tests.harness import config_for
 
 FILE = config_for(["http://127.0.0.1:9/bigbluebutton/api", "http://127.0.0.1:10/bigbluebutton/api"])
@@ -188,3 +193,23 @@ def test_runtime_hosts_win_over_the_file() -> None:
 def test_a_record_it_does_not_know_is_a_state_error(record: Any) -> None:
     with pytest.raises(StateError):
         RuntimeState().apply(record)
+
+
+async def test_the_service_compacts_its_log_to_the_state(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(runtime_service, "COMPACT_AFTER", 3)
+    store = MemoryLog()
+    service = RuntimeService(FILE, RuntimeState(), store)
+    async with open_gateway(FILE) as gw:
+        for size in (3, 4, 5):
+            await service.change(gw, update("customer", "acme", max_connections=size), "x")
+        await service.change(gw, NEW_BACKEND, "backend_created")
+        acme = gw.customer("acme")
+        assert acme is not None and acme.max_connections == 5
+        assert "bbb-9" in gw.clients and gw.ring.backend_ids[-1] == "bbb-9"
+    assert store.compactions == 1
+    assert len(store.durable) == 2  # the compacted acme, then the new backend
+    replayed = RuntimeState()
+    for record in store.replayed():
+        replayed.apply(record)
+    assert merged(FILE, replayed) == service.directory
+    assert gw.tallies[("admin_changes", "backend_created")] == 1
