@@ -10,7 +10,8 @@ multiprocess mode.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -39,6 +40,105 @@ TASK_KINDS = ("customer-url", "end-preempted", "end-stray", "monitor")
 # Failover and reconciliation events (Gateway.failover), see proxy/backends/monitor.py
 FAILOVER_EVENTS = ("moved", "kept", "released", "adopted", "adopt-clamped", "stray-ended")
 CUSTOMER_URL_KINDS = ("dropped", "ok", "failed", "refused", "invalid")
+# Answers that refuse a request for the platform's reasons (not a malformed request):
+# messageKey -> the ``reason`` label of bbb_proxy_refusals_total.
+REFUSALS = {
+    "subscriptionExhausted": "subscription",  # the customer's max_connections are taken
+    "noServerCapacity": "capacity",  # no backend has room for the meeting
+    "serverUnavailable": "server_unavailable",  # the backend is down, or the customer's share
+    "apiNotEnabled": "customer_disabled",  # the customer is disabled
+    "checksumError": "checksum",  # unknown customer or wrong checksum
+    "unsupportedRequest": "unsupported_call",  # an unknown or disabled call
+    "maxParticipantsReached": "participants",  # the meeting is full (join)
+}
+REFUSAL_CALLS = ("create", "join")  # shown with 0 before their first refusal
+
+
+@dataclass(frozen=True, slots=True)
+class Tally:
+    """A counter fed by ``Gateway.tally(family, label)``; ``labels`` are shown from 0."""
+
+    name: str
+    doc: str
+    label: str
+    labels: tuple[str, ...]
+
+
+# Every family Gateway.tally may count.  Owners count with e.g.
+# ``gw.tally("admin_changes", "customer_created")``; a label not listed here still
+# counts (it appears once it happens), but list it so dashboards see it from 0.
+TALLIES = {
+    "preemptions": Tally(
+        "bbb_proxy_preemptions",
+        "Overtime meetings preempted to admit a create: ended on their backend, or not",
+        "outcome",
+        ("ended", "end_failed"),
+    ),
+    "admin_changes": Tally(
+        "bbb_proxy_admin_changes",
+        "Changes made through the admin API, by kind",
+        "change",
+        (
+            "customer_created", "customer_changed", "customer_deleted", "secret_rotated",
+            "backend_created", "backend_changed", "backend_deleted", "meeting_ended",
+        ),
+    ),
+    "recording_ready_notices": Tally(
+        "bbb_proxy_recording_ready_notices",
+        "Recording-ready notices from backends, by what the gateway answered",
+        "answer",
+        ("accepted", "unsigned_url", "bad_jwt", "not_durable"),
+    ),
+    "recording_ready_deliveries": Tally(
+        "bbb_proxy_recording_ready_deliveries",
+        "Recording-ready deliveries to customers that ended, by outcome; retries",
+        "outcome",
+        ("done", "final", "gave-up", "retry"),
+    ),
+    "recordings_left_out": Tally(
+        "bbb_proxy_recordings_backends_left_out",
+        "Backends left out of a recordings call's answer, by reason",
+        "reason",
+        ("deadline", "down", "failed"),
+    ),
+    # Webhooks (proxy/webhooks/delivery.py; the queue gauges are in _webhook_queues below).
+    "webhook_events": Tally(
+        "bbb_proxy_webhook_events",
+        "Webhook events: accepted from intake, queued per hook, delivered (2xx), rejected "
+        "(401, counted delivered), attempts retried, attempts refused (host not public now)",
+        "outcome",
+        ("accepted", "queued", "delivered", "rejected", "retried", "refused"),
+    ),
+    "webhook_dropped_events": Tally(
+        "bbb_proxy_webhook_dropped_events",
+        "Webhook events not delivered, by reason: a full queue (overflow), the hook dropped "
+        "for failing, the hook destroyed or expired (hook-gone), not an event (invalid)",
+        "reason",
+        ("overflow", "hook-dropped", "hook-gone", "invalid"),
+    ),
+    "webhook_hooks_dropped": Tally(
+        "bbb_proxy_webhook_dropped_hooks",
+        "Hooks removed because their receiver failed for [webhooks] drop_after seconds",
+        "reason",
+        ("failing",),
+    ),
+    # Webhook intake (proxy/webhooks/intake.py): backends' POSTs and the gateway's own hooks.
+    "webhook_events_in": Tally(
+        "bbb_proxy_webhook_events_in",
+        "Events from backends' webhooks: accepted for a customer's meeting, of a meeting the "
+        "gateway did not place, unreadable, badly signed POSTs, not made durable (503)",
+        "outcome",
+        ("accepted", "unknown_meeting", "invalid", "bad_checksum", "not_durable"),
+    ),
+    "webhook_backend_hooks": Tally(
+        "bbb_proxy_webhook_backend_hooks",
+        "Checks of the gateway's hook on backends: present, registered (again), failed",
+        "outcome",
+        ("present", "registered", "failed"),
+    ),
+}  # fmt: skip
+# Recording-ready notices: the HTTP status the gateway answered -> the ``answer`` label.
+READY_ANSWERS = {200: "accepted", 401: "bad_jwt", 403: "unsigned_url", 503: "not_durable"}
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
@@ -71,12 +171,34 @@ class Metrics:
             buckets=BUCKETS,
             registry=self.registry,
         )
-        self.registry.register(_StateCollector(gw))
+        self.refusals = Counter(
+            "bbb_proxy_refusals",
+            "Requests refused for the platform's reasons, by call and reason",
+            ["call", "reason"],
+            registry=self.registry,
+        )
+        for call in REFUSAL_CALLS:
+            for reason in REFUSALS.values():
+                self.refusals.labels(call, reason)
+        self._gw = gw
+        self._state = _StateCollector(gw)
+        self.registry.register(self._state)
+
+    def recording_ready_notice(self, status: int) -> None:
+        """Count one recording-ready notice by the HTTP status it was answered."""
+        self._gw.tally("recording_ready_notices", READY_ANSWERS.get(status, "other"))
+
+    def gauge(self, name: str, doc: str, read: Callable[[], float]) -> None:
+        """Export ``read()`` as gauge ``name``, read at each scrape (e.g. a queue's length)."""
+        self._state.gauges.append((name, doc, read))
 
     def observe(self, call: str, result: str, seconds: float) -> None:
         label = call if call in KNOWN_CALLS else "other"
         self.requests.labels(label, result if result in KNOWN_RESULTS else "otherFailure").inc()
         self.latency.labels(label).observe(seconds)
+        reason = REFUSALS.get(result)
+        if reason is not None:
+            self.refusals.labels(label, reason).inc()
 
     def observe_backend(self, backend: str, call: str, outcome: str, seconds: float) -> None:
         self.backend_requests.labels(backend, call, outcome).inc()
@@ -98,6 +220,7 @@ def _gauge(
 class _StateCollector(Collector):
     def __init__(self, gw: Gateway) -> None:
         self._gw = gw
+        self.gauges: list[tuple[str, str, Callable[[], float]]] = []
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         stats = self._gw.ledger.statistics()  # one walk of the ledger per scrape
@@ -105,13 +228,34 @@ class _StateCollector(Collector):
         yield from self._backends(stats)
         yield from self._journal()
         yield from self._background()
+        yield from self._tallies()
+        yield _gauge(
+            "bbb_proxy_store_failed",
+            "1 while a durable store cannot write (the ledger journal is 'ledger')",
+            ["store"],
+            {(name,): float(failed) for name, failed in _failed_stores(self._gw).items()},
+        )
+        for name, doc, read in self.gauges:
+            yield GaugeMetricFamily(name, doc, read())
+        yield from _webhook_queues(self._gw)
+
+    def _tallies(self) -> Iterator[CounterMetricFamily]:
+        counted: dict[str, dict[str, int]] = {}
+        for (family, label), n in self._gw.tallies.items():
+            counted.setdefault(family, {})[label] = n
+        for family, tally in TALLIES.items():
+            metric = CounterMetricFamily(tally.name, tally.doc, labels=[tally.label])
+            counts = dict.fromkeys(tally.labels, 0) | counted.get(family, {})
+            for label, n in sorted(counts.items()):
+                metric.add_metric([label], n)
+            yield metric
 
     def _ledger(self, stats: LedgerStatistics) -> Iterator[GaugeMetricFamily]:
         yield GaugeMetricFamily("bbb_proxy_meetings", "Meetings held in the ledger", stats.meetings)
         yield GaugeMetricFamily(
             "bbb_proxy_meetings_pending", "Creates awaiting their backend", stats.pending
         )
-        customers = self._gw.config.customers
+        customers = self._gw.customers()
         yield _gauge(
             "bbb_proxy_customer_connections",
             "Reserved connections by customer",
@@ -126,7 +270,7 @@ class _StateCollector(Collector):
         )
 
     def _backends(self, stats: LedgerStatistics) -> Iterator[GaugeMetricFamily]:
-        gw, backends = self._gw, self._gw.config.backends
+        gw, backends = self._gw, self._gw.backends()
         used = stats.connections_by_backend
         yield _gauge(
             "bbb_proxy_backend_connections",
@@ -200,3 +344,19 @@ class _StateCollector(Collector):
         for outcome in CUSTOMER_URL_KINDS:
             urls.add_metric([outcome], CUSTOMER_URL_OUTCOMES[outcome])
         yield urls
+
+
+def _webhook_queues(gw: Gateway) -> Iterator[GaugeMetricFamily]:
+    """Webhook delivery now (proxy/webhooks/delivery.py; its counters are TALLIES)."""
+    stats = gw.webhooks.statistics()
+    for name, doc, value in (
+        ("queue_events", "Webhook events queued for delivery, all hooks", stats.queue_events),
+        ("queue_hooks", "Hooks with webhook events queued", stats.queue_hooks),
+        ("queue_deepest", "Events queued for the hook with the most", stats.deepest),
+        ("in_flight", "Webhook POSTs in flight now", stats.in_flight),
+    ):
+        yield GaugeMetricFamily(f"bbb_proxy_webhook_{name}", doc, value)
+
+
+def _failed_stores(gw: Gateway) -> dict[str, bool]:
+    return {"ledger": gw.ledger.journal.failed} | {n: s.failed for n, s in gw.stores.items()}

@@ -221,5 +221,7 @@ async def _end_one(gw: Gateway, victim: Reservation) -> None:
         )
     except BackendError as exc:
         log.warning("could not end preempted meeting on %s: %s", victim.backend_id, exc)
+        gw.tally("preemptions", "end_failed")
         return
+    gw.tally("preemptions", "ended" if reply.ok else "end_failed")
     log.info("ended overtime meeting %s on %s: %s", victim.key, victim.backend_id, reply.ok)

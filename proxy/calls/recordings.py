@@ -112,6 +112,7 @@ async def _first_pass(
     for backend_id in asked:
         if backend_id not in collected.keys and backend_id not in collected.failed:
             log.warning("getRecordings: leaving out %s: no answer before the deadline", backend_id)
+            gw.tally("recordings_left_out", "deadline")
             client = gw.client(backend_id)
             client.observer(backend_id, "getRecordings", "deadline", time.perf_counter() - started)
 
@@ -123,6 +124,7 @@ def askable(gw: Gateway, call: str) -> list[str]:
     for backend_id in gw.in_service():
         if gw.backend_down(backend_id):
             log.warning("%s: leaving out %s: it is DOWN", call, backend_id)
+            gw.tally("recordings_left_out", "down")
         else:
             asked.append(backend_id)
     return asked
@@ -169,11 +171,13 @@ async def _read(
         )
     except BackendError as exc:
         log.warning("getRecordings of %s failed, leaving it out: %s", backend_id, exc)
+        gw.tally("recordings_left_out", "failed")
         return False
     reader.close()
     if not reader.ok:
         what = "not BBB's XML" if reader.broken else f"returncode {reader.returncode!r}"
         log.warning("getRecordings of %s answered %s, leaving it out", backend_id, what)
+        gw.tally("recordings_left_out", "failed")
     return reader.ok
 
 
