@@ -2,8 +2,8 @@
 
 bigbluebutton-js 0.2.0 (npm) has hooks.create/list/destroy; ``tests/clients/js/hooks.js``
 calls them as an application would, for a per-meeting hook, and prints what the library
-parsed.  Needs ``node`` and ``npm ci --prefix tests/clients/js`` (the test says so when
-either is missing).
+parsed.  Needs ``node`` and ``npm``; the packages are installed from the lock file when
+missing (``tests/npm.py``).
 """
 
 from __future__ import annotations
@@ -17,15 +17,16 @@ from typing import Any
 import pytest
 import trio
 
+from tests import npm
 from tests.harness import Stack
 
 CLIENT = Path(__file__).resolve().parent / "clients" / "js"
 NODE = shutil.which("node")
 
-pytestmark = pytest.mark.skipif(
-    NODE is None or not (CLIENT / "node_modules" / "bigbluebutton-js").is_dir(),
-    reason="needs node and `npm ci --prefix tests/clients/js`",
-)
+
+@pytest.fixture(autouse=True, scope="module")
+def _installed() -> None:
+    npm.installed(CLIENT)  # npm ci from the lock file when missing: never a skip
 
 
 async def run_client(stack: Stack, callback_url: str, meeting_id: str) -> dict[str, Any]:
