@@ -345,7 +345,8 @@ async def _update(gw: Gateway, kind: str, entity_id: str, body: dict[str, Any]) 
     if not body:
         raise Refused(400, "nothing to change")
     reset = [name for name, value in body.items() if value is None]
-    if reset and entity_id not in _file_ids(gw, kind):
+    entry = _runtime(gw).state.entry(kind, entity_id)
+    if reset and (entity_id not in _file_ids(gw, kind) or (entry is not None and entry.created)):
         raise Refused(400, "no value in the configuration file to go back to", reset[0])
     fields = _checked(gw, kind, entity_id, {k: v for k, v in body.items() if v is not None})
     await _change(gw, _update_record(kind, entity_id, fields, reset), f"{kind}_changed")

@@ -182,7 +182,10 @@ class RuntimeState:
         elif op == "update":
             current = entries.setdefault(entity_id, Entry())
             current.fields.update(_fields(kind, record, "fields", complete=False))
-            for name in _reset(kind, record):
+            reset = _reset(kind, record)
+            if current.created and set(reset) & set(REQUIRED[kind]):
+                raise StateError(f"runtime record of {kind} {entity_id!r}: resets a required field")
+            for name in reset:
                 current.fields.pop(name, None)
         elif op == "delete":
             entries[entity_id] = Entry(deleted=True)

@@ -29,10 +29,11 @@ from typing import Any
 import trio
 
 from proxy.config import Config
-from proxy.errors import StorageUnavailable
+from proxy.errors import StateError, StorageUnavailable
 from proxy.gateway import Gateway
 from proxy.runtime import Directory, RuntimeState, merged
 from proxy.store import Log, open_local_log
+from proxy.store.local import log_path
 
 log = logging.getLogger(__name__)
 COMPACT_AFTER = 200  # records appended before the log is rewritten as the current state
@@ -110,6 +111,10 @@ def open_runtime(file: Config) -> RuntimeService:
         file.proxy.state_dir, "runtime", timeout=file.proxy.journal_timeout
     )
     state = RuntimeState()
-    for record in records:
-        state.apply(record)
+    for number, record in enumerate(records, 1):
+        try:
+            state.apply(record)
+        except StateError as exc:
+            path = log_path(file.proxy.state_dir, "runtime")
+            raise StateError(f"{path}: record {number}: {exc}") from None
     return RuntimeService(file, state, store)

@@ -225,6 +225,10 @@ async def test_a_customer_with_meetings_is_not_deleted(make_stack: StackFactory)
     assert await admin("DELETE", "customers/acme") == {"id": "acme", "removed": True}
     assert text(await stack.create("room-2"), "messageKey") == "checksumError"
     assert (await admin("GET", "customers/acme", expect=404))["field"] == "id"
+    again = {**NEW_CUSTOMER, "id": "acme"}
+    assert (await admin("POST", "customers", again, expect=201))["source"]["enabled"] == "runtime"
+    refused = await admin("PATCH", "customers/acme", {"max_connections": None}, expect=400)
+    assert refused["field"] == "max_connections"  # created at run time: no file value in force
     assert await admin("PATCH", "customers/globex", {"max_connections": None}, expect=200)
 
 

@@ -19,6 +19,8 @@ from proxy import runtime_service
 from proxy.backends.monitor import supervised_poll
 from proxy.cli import main
 from proxy.simulator import Simulator, serve_simulator
+from proxy.store.framing import frame
+from proxy.store.local import log_path
 from tests.harness import BACKEND_SECRET, SECRETS, Stack, StackFactory, free_port, text, wait_until
 from tests.test_cli import assert_one_line
 
@@ -274,3 +276,14 @@ async def test_status_shows_a_dead_backend(cli: Cli) -> None:
     status = await cli("status")
     assert status.splitlines()[3].split()[:3] == ["bbb-3", "down", "active"]
     assert "3 backends (2 accepting meetings, 1 down)" in status
+
+
+def test_a_runtime_log_it_cannot_read_is_exit_3(tmp_path: Path) -> None:
+    config = config_file(tmp_path, f"127.0.0.1:{free_port()}")
+    state = tmp_path / "state"
+    state.mkdir()
+    record = orjson.dumps({"op": "vanish", "kind": "customer", "id": "acme"})
+    log_path(state, "runtime").write_bytes(frame(record))
+    done = run("serve", "--config", str(config))
+    assert done.returncode == 3, done.stderr
+    assert_one_line(done.stderr, "runtime", "record 1", "vanish")

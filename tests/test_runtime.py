@@ -195,6 +195,12 @@ def test_a_record_it_does_not_know_is_a_state_error(record: Any) -> None:
         RuntimeState().apply(record)
 
 
+def test_a_created_entity_keeps_its_required_fields() -> None:
+    state = state_of(NEW_BACKEND)
+    with pytest.raises(StateError, match="required"):
+        state.apply(update("backend", "bbb-9", reset=["capacity"]))
+
+
 async def test_the_service_compacts_its_log_to_the_state(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(runtime_service, "COMPACT_AFTER", 3)
     store = MemoryLog()
