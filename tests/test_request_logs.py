@@ -364,12 +364,36 @@ async def backend_faults(stack: Stack, s: Secrets) -> None:
 
 
 async def operator_paths(stack: Stack, s: Secrets) -> None:
+    """The admin API, the two answers that show secrets included; metrics; a forged notice."""
     admin = {"Authorization": "Bearer admin-token-0123"}
+    new = {"id": "newco", "max_connections": 5, "default_max_participants": 5}
+    created = await s.post(
+        f"{stack.url}/admin/v1/customers", headers=admin, json={**new, "default_duration": 30}
+    )
+    assert created.status_code == 201, created.text
+    rotated = await s.post(f"{stack.url}/admin/v1/customers/acme/secrets", headers=admin)
+    assert rotated.status_code == 201, rotated.text
+    shown = await s.get(f"{stack.url}/admin/v1/customers/acme/credentials", headers=admin)
+    for answer in (created, rotated, shown):
+        s.values |= set(secrets_in(answer.json()))
+    assert len(set(secrets_in(shown.json()))) >= 2  # the new secret and the old one
     await s.get(f"{stack.url}/admin/v1/customers", headers=admin)
     await s.get(f"{stack.url}/admin/v1/backends", headers=admin)
     await s.get(f"{stack.url}/admin/v1/customers", headers={"Authorization": "Bearer wrong-tok"})
     await s.get(f"{stack.url}/metrics", headers={"Authorization": "Bearer metrics-token-4567"})
     await s.get(f"{stack.url}/callbacks/v1/ended?k=ended&b=bbb-1&m=x&sig=forged-sig-77")
+
+
+def secrets_in(document: object) -> Iterator[str]:
+    """Every string under a key that names a secret, anywhere in a JSON document."""
+    if isinstance(document, dict):
+        for key, value in document.items():
+            if "secret" in key and isinstance(value, str):
+                yield value
+            yield from secrets_in(value)
+    elif isinstance(document, list):
+        for item in document:
+            yield from secrets_in(item)
 
 
 async def test_no_secret_in_any_log_line(captured: Captured, make_stack: StackFactory) -> None:
