@@ -29,8 +29,8 @@ from proxy.gateway import Gateway
 from proxy.metrics import Metrics
 from proxy.readiness import readiness
 from proxy.request import Answer
-from proxy.webhooks import intake as webhook_intake
 from proxy.request_body import GatewayRequest, chunks, streams_body
+from proxy.webhooks import intake as webhook_intake
 
 log = logging.getLogger(__name__)
 HOME = "This is a BigBlueButton API gateway; the API is at /<customer>/bigbluebutton/api.\n"

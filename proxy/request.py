@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 
 from proxy.bbb import envelope
 from proxy.bbb.numbers import parse_int
-from proxy.bbb.recordings import TrackFile
 from proxy.config import Customer
 from proxy.errors import ValidationError
+from proxy.uploads import Upload
 
 MEETING_ID_MIN, MEETING_ID_MAX = 2, 256
 
@@ -21,7 +21,7 @@ class ApiRequest:
     params: list[tuple[str, str]]  # what the checksum covers (checksum.signed_params), decoded
     body: bytes | None = None  # a checked XML <modules> body, re-serialised (bodies.checked_xml)
     content_type: str | None = None  # the XML body's media type, e.g. "text/xml"
-    upload: TrackFile | None = None  # putRecordingTextTrack's file part
+    upload: Upload | None = None  # putRecordingTextTrack's body, its file not yet read
     algorithm: str = "sha1"  # of the checksum the request was signed with (hooks/create keeps it)
 
     def first(self, name: str) -> str | None:

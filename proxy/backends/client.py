@@ -25,7 +25,7 @@ Two bounds keep one peer from starving the rest:
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Protocol
@@ -172,14 +172,15 @@ class BackendClient:
         self,
         call: str,
         params: Sequence[tuple[str, str]],
-        body: bytes | None = None,
+        body: http.Body | None = None,
         content_type: str | None = None,
         *,
         customer: str | None = None,
         sink: Callable[[bytes], None] | None = None,
     ) -> bytes:
         """The raw body of a 200 answer to ``call`` (used where BBB answers JSON); with
-        ``sink``, the body goes there as it arrives and b"" is returned.
+        ``sink``, the body goes there as it arrives and b"" is returned.  ``body`` may be
+        an async iterable, streamed (:mod:`proxy.backends.http`).
 
         Error handling: as :meth:`call`.
         """
@@ -217,7 +218,7 @@ class BackendClient:
     async def _fetch(
         self,
         target: str,
-        body: bytes | None,
+        body: http.Body | None,
         content_type: str | None,
         sink: Callable[[bytes], None] | None = None,
     ) -> bytes:
@@ -225,8 +226,11 @@ class BackendClient:
         try:
             if sink is not None and isinstance(self._transport, http.Pool):
                 answer = await self._transport.stream(method, target, sink)
-            else:
+            elif isinstance(self._transport, http.Pool):
                 answer = await self._transport.request(method, target, body, content_type)
+            else:
+                whole = body if body is None or isinstance(body, bytes) else await _joined(body)
+                answer = await self._transport.request(method, target, whole, content_type)
                 if sink is not None and answer.status == 200:
                     sink(answer.body)  # a transport that cannot stream: handed over whole
         except http.ConnectFailed as exc:
@@ -243,3 +247,8 @@ class BackendClient:
 
     async def aclose(self) -> None:
         await self._transport.aclose()
+
+
+async def _joined(body: AsyncIterable[bytes]) -> bytes:
+    """A streamed body read whole, for a transport that cannot stream (tests' fakes)."""
+    return b"".join([chunk async for chunk in body])

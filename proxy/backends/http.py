@@ -9,8 +9,14 @@ with h11, and applies each phase's timeout exactly where the I/O happens:
 
 - ``pool``: waiting for a free connection slot;
 - ``connect``: TCP connect and TLS handshake;
-- ``write``: sending the request;
+- ``write``: sending the request (a streamed body: each of its chunks);
 - ``read``: from the request sent to the answer's last byte.
+
+A request body is bytes (sent with its Content-Length) or an async iterable of chunks,
+sent with chunked transfer encoding as the chunks come (putRecordingTextTrack's upload,
+:mod:`proxy.uploads`): the connection holds one chunk at a time.  An exception the
+iterable raises aborts the request: the connection is closed before the body's end, so
+the server never sees a whole request, and the exception propagates unchanged.
 
 Error handling: every failure is raised as one of :class:`ConnectFailed`
 (nothing was sent: safe to try elsewhere), :class:`Timeout` (sent, no answer
@@ -23,7 +29,7 @@ from __future__ import annotations
 
 import ssl
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -42,6 +48,8 @@ MAX_STREAMED_BYTES = 1024 * 1024 * 1024
 STREAM_READ = 16 * 1024  # a streamed answer's reads: 20 listings at once hold 20 of them
 IDLE_SECONDS = 30.0  # idle connections older than this are closed rather than reused
 USER_AGENT = b"bbb-proxy"
+
+type Body = bytes | AsyncIterable[bytes]  # an iterable is streamed (chunked)
 
 
 class HttpError(Exception):
@@ -109,7 +117,7 @@ class Pool:
         self._ssl = (ssl_context or ssl.create_default_context()) if self._tls else None
 
     async def request(
-        self, method: str, target: str, body: bytes | None = None, content_type: str | None = None
+        self, method: str, target: str, body: Body | None = None, content_type: str | None = None
     ) -> Answer:
         """Send one request (``target`` is the path and query) and read the whole answer."""
         return await self._request(method, target, body, content_type, None)
@@ -124,7 +132,7 @@ class Pool:
         self,
         method: str,
         target: str,
-        body: bytes | None,
+        body: Body | None,
         content_type: str | None,
         sink: Callable[[bytes], None] | None,
     ) -> Answer:
@@ -178,7 +186,7 @@ class Pool:
         connection: _Connection,
         method: str,
         target: str,
-        body: bytes | None,
+        body: Body | None,
         content_type: str | None,
         sink: Callable[[bytes], None] | None = None,
     ) -> Answer:
@@ -187,6 +195,8 @@ class Pool:
             data = b"".join(connection.h11.send(e) or b"" for e in events)
             with _deadline(self._timeouts.write, "sending the request"):
                 await _send(connection.stream, data)
+            if body is not None and not isinstance(body, bytes):
+                await self._stream_body(connection, body)
             with _deadline(self._timeouts.read, "waiting for the answer"):
                 answer = await _read_answer(connection, self._max_answer, sink)
         except BaseException:
@@ -196,20 +206,34 @@ class Pool:
         return answer
 
     def _events(
-        self, method: str, target: str, body: bytes | None, content_type: str | None
+        self, method: str, target: str, body: Body | None, content_type: str | None
     ) -> list[h11.Request | h11.Data | h11.EndOfMessage]:
+        """The request's events; for a streamed body only its head (see _stream_body)."""
         headers = [(b"Host", self._host_header), (b"User-Agent", USER_AGENT)]
-        if body is not None:
+        if isinstance(body, bytes):
             headers.append((b"Content-Length", str(len(body)).encode()))
-            if content_type:
-                headers.append((b"Content-Type", content_type.encode("latin-1")))
+        elif body is not None:
+            headers.append((b"Transfer-Encoding", b"chunked"))
+        if body is not None and content_type:
+            headers.append((b"Content-Type", content_type.encode("latin-1")))
         events: list[h11.Request | h11.Data | h11.EndOfMessage] = [
             h11.Request(method=method, target=target, headers=headers)
         ]
+        if body is not None and not isinstance(body, bytes):
+            return events
         if body:
             events.append(h11.Data(data=body))
         events.append(h11.EndOfMessage())
         return events
+
+    async def _stream_body(self, connection: _Connection, body: AsyncIterable[bytes]) -> None:
+        """Send ``body``'s chunks as they come, each within the write timeout, then its end."""
+        async for chunk in body:
+            if chunk:
+                with _deadline(self._timeouts.write, "sending the request"):
+                    await _send(connection.stream, connection.h11.send(h11.Data(data=chunk)) or b"")
+        with _deadline(self._timeouts.write, "sending the request"):
+            await _send(connection.stream, connection.h11.send(h11.EndOfMessage()) or b"")
 
     async def _keep_or_close(self, connection: _Connection) -> None:
         if connection.h11.our_state is h11.DONE and connection.h11.their_state is h11.DONE:

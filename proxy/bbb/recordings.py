@@ -37,14 +37,12 @@ from dataclasses import dataclass
 
 import orjson
 from lxml import etree
-from werkzeug.exceptions import RequestEntityTooLarge
-from werkzeug.http import parse_options_header
-from werkzeug.sansio.multipart import Data, Epilogue, Field, File, MultipartDecoder
 
-from proxy.bbb import bodies, rewrite
+from proxy.bbb import rewrite
 from proxy.bbb.envelope import element
 from proxy.bbb.numbers import parse_count, parse_int
-from proxy.errors import ValidationError
+from proxy.bbb.uploads import UPLOAD_OVERHEAD as UPLOAD_OVERHEAD  # where the web layer looks
+from proxy.bbb.uploads import too_large_track as too_large_track
 
 MAX_LIMIT = 100
 HEAD = b"<response><returncode>SUCCESS</returncode><recordings>"
@@ -405,20 +403,9 @@ def text_tracks_answer(content: bytes) -> bytes | None:
 # -- putRecordingTextTrack: the upload, checked as bbb-web's RecordingController does ------------
 
 TEXT_TRACK_KINDS = ("subtitles", "captions")
-UPLOAD_OVERHEAD = 64 * 1024  # a multipart upload's parts besides the file: fields, headers
 UPLOADED = ("upload_text_track_success", "Text track uploaded successfully")
 EMPTY_UPLOAD = ("empty_uploaded_text_track", "Empty uploaded text track.")
 _LANG = re.compile(r"[A-Za-z]{2,8}(?:[-_][A-Za-z0-9]{1,8})*")
-_HEADER_UNSAFE = re.compile(r'[\x00-\x1f\x7f"\\]')
-
-
-@dataclass(frozen=True, slots=True)
-class TrackFile:
-    """The ``file`` part of a putRecordingTextTrack upload (never checksummed)."""
-
-    data: bytes
-    filename: str = "track.vtt"
-    content_type: str = "text/vtt"
 
 
 @dataclass(frozen=True, slots=True)
@@ -429,10 +416,6 @@ class TrackUpload:
     kind: str
     lang: str
     label: str
-
-
-def too_large_track(limit: int) -> tuple[str, str]:
-    return "upload_text_track_failed", f"Text track upload failed: larger than {limit} bytes."
 
 
 def track_upload(
@@ -466,82 +449,6 @@ def track_params(upload: TrackUpload) -> list[tuple[str, str]]:
     ]
 
 
-def track_body(file: TrackFile, boundary: str) -> tuple[bytes, str]:
-    """The multipart body carrying only ``file`` to the backend, and its Content-Type.
-
-    The filename and the part's type come from the customer: characters that could break
-    the part's headers are dropped."""
-    filename = _HEADER_UNSAFE.sub("", file.filename) or "track.vtt"
-    content_type = _HEADER_UNSAFE.sub("", file.content_type).strip() or "text/vtt"
-    head = (
-        f"--{boundary}\r\n"
-        f'Content-Disposition: form-data; name="file"; filename="{filename}"\r\n'
-        f"Content-Type: {content_type}\r\n\r\n"
-    ).encode()
-    body = head + file.data + f"\r\n--{boundary}--\r\n".encode()
-    return body, f"multipart/form-data; boundary={boundary}"
-
-
 def upload_answer(content: bytes) -> bytes | None:
     """A backend's putRecordingTextTrack answer if it is BBB's JSON shape, else None."""
     return text_tracks_answer(content)
-
-
-def upload_body(
-    content_type: str | None, data: bytes, limit: int
-) -> tuple[bodies.Body, TrackFile | None]:
-    """A putRecordingTextTrack body: its text fields as parameters (checksummed as any
-    body's) and its ``file`` part, at most ``limit`` bytes.  Another body type is read as
-    :func:`proxy.bbb.bodies.parse` reads it (no file: BBB's ``empty_uploaded_text_track``).
-
-    Error handling: raises :class:`~proxy.errors.ValidationError` only: ``validationError``
-    for a malformed body, ``upload_text_track_failed`` for a file above ``limit``.
-    """
-    if bodies.media_type(content_type) != bodies.MULTIPART or not data:
-        return bodies.parse(content_type, data), None
-    _, options = parse_options_header(content_type or "")
-    boundary = options.get("boundary")
-    if not boundary or not boundary.isascii():
-        raise bodies.unsupported()
-    try:
-        fields, file = _upload_parts(boundary.encode(), data, limit)
-    except ValidationError:
-        raise
-    except (ValueError, LookupError, TypeError, AttributeError, RequestEntityTooLarge):
-        raise ValidationError("The multipart body could not be parsed") from None
-    return bodies.Body(form=fields, media_type=bodies.MULTIPART), file
-
-
-def _upload_parts(
-    boundary: bytes, data: bytes, limit: int
-) -> tuple[bodies.Params, TrackFile | None]:
-    decoder = MultipartDecoder(boundary, max_parts=bodies.MAX_FIELDS)
-    decoder.receive_data(data)
-    decoder.receive_data(None)
-    fields: list[tuple[str, bytearray]] = []
-    file: tuple[str, str, bytearray] | None = None
-    current: bytearray | None = None
-    for _ in range(len(data) + 2):  # every event but the last consumes input
-        event = decoder.next_event()
-        if isinstance(event, File) and event.name == "file" and file is None:
-            filename = event.filename or "track.vtt"
-            kind = event.headers.get("Content-Type", "text/vtt")
-            file = (filename, kind, bytearray())
-            current = file[2]
-        elif isinstance(event, File):
-            current = None  # other files are not read, as bbb-web reads only "file"
-        elif isinstance(event, Field):
-            if not isinstance(event.name, str):
-                raise ValidationError("A multipart field has no name")
-            fields.append((event.name, bytearray()))
-            current = fields[-1][1]
-        elif isinstance(event, Data) and current is not None:
-            current.extend(event.data)
-            if file is not None and current is file[2] and len(current) > limit:
-                key, message = too_large_track(limit)
-                raise ValidationError(message, message_key=key)
-        elif isinstance(event, Epilogue):
-            params = tuple((name, value.decode(errors="replace")) for name, value in fields)
-            found = None if file is None else TrackFile(bytes(file[2]), file[0], file[1])
-            return params, found
-    raise ValidationError("The multipart body could not be parsed")

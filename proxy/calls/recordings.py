@@ -35,7 +35,7 @@ import trio
 from lxml import etree
 
 from proxy.backends.client import Reply
-from proxy.bbb import recordings, rewrite
+from proxy.bbb import recordings, rewrite, uploads
 from proxy.errors import (
     BackendBadResponse,
     BackendError,
@@ -102,7 +102,7 @@ async def _first_pass(
     """Ask every backend in service at once; keep what came whole before the deadline."""
     started = time.perf_counter()
     asked = askable(gw, "getRecordings")
-    ranks = {b.id: rank for rank, b in enumerate(gw.config.backends)}
+    ranks = {b.id: rank for rank, b in enumerate(gw.backends())}
     with trio.move_on_after(gw.config.proxy.timeouts.get_recordings):
         async with trio.open_nursery() as nursery:
             for backend_id in asked:
@@ -199,17 +199,21 @@ async def get_recording_text_tracks(gw: Gateway, req: ApiRequest) -> Answer:
 
 
 async def put_recording_text_track(gw: Gateway, req: ApiRequest) -> Answer:
-    """The customer's upload, sent only to the backend holding the recording; BBB's JSON.
+    """The customer's upload, streamed only to the backend holding the recording; BBB's JSON.
 
-    The file was read whole by the web layer, within ``[proxy] max_text_track_bytes``
-    (it is not streamed through); it is sent as the only part of a new multipart body,
-    with recordID, kind, lang and label in the signed query, as bbb-web takes them.
+    The file is not read before the recording's holder is found and the parameters are
+    checked; it then goes on as it comes (:mod:`proxy.uploads`), as the only part of a new
+    multipart body sent with chunked transfer encoding, with recordID, kind, lang and label
+    in the signed query, as bbb-web takes them.
 
     Error handling: bbb-web's JSON errors in its order (``paramError`` for recordID,
     ``noRecordings``, also for another customer's recording, ``paramError`` /
     ``invalidKind`` / ``invalidLang``, ``empty_uploaded_text_track``), then
     ``serverUnavailable`` / ``internalError`` for a holder that could not be asked or
-    answered something else than BBB's JSON; the holder's own JSON answer as it came.
+    answered something else than BBB's JSON; the holder's own JSON answer as it came.  A
+    file above ``[proxy] max_text_track_bytes``, a malformed rest of the body or a client
+    too slow raise from inside the backend request, which is aborted (the holder never
+    sees a whole upload), and are answered by :func:`proxy.calls.handle` as JSON errors.
     """
     found = await _holder(gw, req)
     if isinstance(found, Answer):
@@ -218,12 +222,12 @@ async def put_recording_text_track(gw: Gateway, req: ApiRequest) -> Answer:
     upload = recordings.track_upload(record_id, req.params)
     if isinstance(upload, tuple):
         return Answer.json(recordings.json_failure(*upload))
-    if req.upload is None or not req.upload.data:
+    if req.upload is None or not await req.upload.has_data():
         return Answer.json(recordings.json_failure(*recordings.EMPTY_UPLOAD))
-    body, content_type = recordings.track_body(req.upload, secrets.token_hex(16))
-    return await _json_from(
-        gw, req, backend_id, recordings.track_params(upload), body, content_type
-    )
+    boundary = secrets.token_hex(16)
+    body = req.upload.forwarded(boundary)
+    params = recordings.track_params(upload)
+    return await _json_from(gw, req, backend_id, params, body, uploads.content_type(boundary))
 
 
 async def _holder(gw: Gateway, req: ApiRequest) -> tuple[str, str] | Answer:
@@ -244,7 +248,7 @@ async def _json_from(
     req: ApiRequest,
     backend_id: str,
     params: list[tuple[str, str]],
-    body: bytes | None = None,
+    body: AsyncIterator[bytes] | None = None,
     content_type: str | None = None,
 ) -> Answer:
     """The holder's JSON answer to the text-track call, checked for BBB's shape."""
@@ -288,7 +292,7 @@ async def _bodies(
     """The bodies of ``missing``, asked by recordID (exact) from the backends holding them,
     all at once, within the deadline; a backend that fails leaves its recordings out."""
     fetched: dict[tuple[int, str], str] = {}
-    backends = gw.config.backends
+    backends = gw.backends()
 
     async def fetch(rank: int, record_ids: list[str]) -> None:
         wanted = set(record_ids)
