@@ -21,6 +21,7 @@ from pathlib import Path
 import orjson
 import pytest
 import trio
+import trio.lowlevel
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -582,6 +583,10 @@ operations = st.lists(
         st.tuples(st.just("append"), records),
         st.tuples(st.just("flush"), st.none()),
         st.tuples(st.just("compact"), st.lists(records, max_size=4)),
+        st.tuples(
+            st.just("compact-while-appending"),
+            st.tuples(st.lists(records, max_size=3), st.lists(records, max_size=3)),
+        ),
         st.tuples(st.just("reopen"), st.none()),
         st.tuples(
             st.just("torn"), st.binary(min_size=1, max_size=30).filter(lambda b: b[-1:] != b"\n")
@@ -611,6 +616,16 @@ def test_any_sequence_of_appends_compactions_and_restarts_replays_the_model(
                 case "compact":
                     await log.compact(arg)  # type: ignore[arg-type]
                     durable, pending = list(arg), []  # type: ignore[call-overload]
+                case "compact-while-appending":
+                    content: list[Record] = arg[0]  # type: ignore[index]
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(log.compact, content)
+                        while not log._watches:  # until compact() has been called
+                            await trio.lowlevel.checkpoint()
+                        for record in arg[1]:  # type: ignore[index]
+                            log.append(record)
+                    await log.flush()  # some may have been appended after the new file
+                    durable, pending = [*content, *arg[1]], []  # type: ignore[index]
                 case "torn":  # a crash in the middle of a write, then a restart
                     with log_path(state_dir, "p").open("ab") as f:
                         f.write(arg)  # type: ignore[arg-type]
