@@ -22,6 +22,7 @@ import pytest
 import trio
 import trio.testing
 
+from proxy.bbb.checksum import signed_query
 from proxy.config import from_mapping
 from proxy.errors import StorageUnavailable
 from proxy.gateway import Gateway, open_gateway
@@ -42,6 +43,7 @@ from tests.harness import (
 
 FIXTURE = Path(__file__).parent / "fixtures" / "bbb" / "bbb-webhooks" / "mapped-events.json"
 FORM = "application/x-www-form-urlencoded"
+SECRET = SECRETS["acme"]
 
 
 def fixture_events(meeting_id: str) -> list[dict[str, Json]]:
@@ -116,6 +118,14 @@ class HookReceiver:
             )
         )
         return status
+
+
+def attribute(post: Post, *path: str) -> object:
+    """``data.attributes.<path>`` of the event ``post`` carried."""
+    value: Any = post.event
+    for key in ("data", "attributes", *path):
+        value = value[key]
+    return value
 
 
 async def start_receiver(nursery: trio.Nursery, **options: Any) -> HookReceiver:
@@ -276,7 +286,7 @@ def crash_config(path: Path, port: int, sim_url: str, state_dir: Path) -> None:
         f'state_dir = "{state_dir}"\nallow_private_callbacks = true\n'
         f'[[backends]]\nid = "bbb-1"\nurl = "{sim_url}"\nsecret = "{BACKEND_SECRET}"\n'
         "capacity = 100\n"
-        '[[customers]]\nid = "acme"\nsecret = "acme-secret"\nmax_connections = 10\n'
+        f'[[customers]]\nid = "acme"\nsecret = "{SECRET}"\nmax_connections = 10\n'
         "default_max_participants = 3\ndefault_duration = 60\n"
     )
 
@@ -299,55 +309,63 @@ async def wait_healthy(http: httpx.AsyncClient, port: int) -> None:
             await trio.sleep(0.05)
 
 
+async def signed_get(
+    http: httpx.AsyncClient, base: str, call: str, params: list[tuple[str, str]], secret: str
+) -> str:
+    response = await http.get(f"{base}/{call}?{signed_query(call, params, secret)}")
+    assert "<returncode>SUCCESS</returncode>" in response.text, response.text
+    return response.text
+
+
 @pytest.mark.slow
-async def test_kill_9_after_accept_before_delivery_loses_nothing(
+async def test_kill_9_between_intake_and_delivery_loses_nothing(
     tmp_path: Path, nursery: trio.Nursery
 ) -> None:
-    sim_url = await nursery.start(serve_simulator, Simulator(BACKEND_SECRET))
+    """Events a backend posted to the gateway and saw answered 200, while the customer's
+    receiver was down, reach it after a ``kill -9`` and a restart: each once, in order."""
+    sim = Simulator(BACKEND_SECRET, expire_unjoined_minutes=None)
+    sim_url = await nursery.start(serve_simulator, sim)
     receiver = await start_receiver(nursery, statuses=[500] * 1000)  # down until restarted
     port = free_port()
-    config, marker, setup = tmp_path / "gw.toml", tmp_path / "accepted", tmp_path / "setup.json"
+    config, log = tmp_path / "gw.toml", tmp_path / "gateway.log"
     crash_config(config, port, sim_url, tmp_path / "state")
-    events = fixture_events("room")
-    hook_url = f"{receiver.url}/hook"
-    setup.write_bytes(
-        orjson.dumps(
-            {
-                "hooks": [{"customer": "acme", "meeting": "room", "url": hook_url}],
-                "customer": "acme",
-                "meeting": "room",
-                "events": events,
-                "marker": str(marker),
-            }
-        )
-    )
-    log = tmp_path / "gateway.log"
-    child = [sys.executable, "-m", "tests.webhooks_child", str(config), str(setup)]
-    process = await run_gateway(nursery, child, log)
-    with trio.fail_after(20):
-        while not marker.exists():  # noqa: ASYNC110 - another process writes it
-            await trio.sleep(0.02)
-    await wait_until(lambda: bool(receiver.posts))  # delivery is being tried
-    process.send_signal(signal.SIGKILL)
-    await process.wait()
-    assert not receiver.delivered(), "nothing was delivered before the kill"
-    receiver.statuses.clear()  # the receiver is back
     serve = [sys.executable, "-m", "proxy.cli", "serve", "--config", str(config)]
-    process = await run_gateway(nursery, serve, log)
-    async with httpx.AsyncClient() as http:
+    api = f"http://127.0.0.1:{port}/acme/bigbluebutton/api"
+    hook_url = f"{receiver.url}/hook"
+    async with httpx.AsyncClient(timeout=10) as http:
+        process = await run_gateway(nursery, serve, log)
         await wait_healthy(http, port)
-    with trio.fail_after(20):
-        while len(receiver.delivered()) < len(events):  # noqa: ASYNC110 - another process
-            await trio.sleep(0.05)
-    process.send_signal(signal.SIGTERM)
-    await process.wait()
+        await signed_get(http, api, "create", [("meetingID", "room"), ("name", "Room")], SECRET)
+        hook = [("callbackURL", hook_url), ("meetingID", "room")]
+        await signed_get(http, api, "hooks/create", hook, SECRET)
+        await wait_until(lambda: bool(sim.webhooks.hooks))  # the gateway's intake hook
+        [backend_meeting] = sim.meetings
+        for n in range(12):
+            message = [("meetingID", backend_meeting), ("message", f"message {n}")]
+            await signed_get(http, sim_url, "sendChatMessage", message, BACKEND_SECRET)
+        chats = [e for e in sim.webhooks.emitted if e["data"]["id"] == "chat-group-message-sent"]
+        assert len(chats) == 12
+        # The backend's POSTs were answered 200 (the events are durable), none delivered yet.
+        await wait_until(lambda: sum(d.event in chats for d in sim.webhooks.delivered) == 12)
+        await wait_until(lambda: bool(receiver.posts))
+        process.send_signal(signal.SIGKILL)
+        await process.wait()
+        assert not receiver.delivered(), "nothing was delivered before the kill"
+        receiver.statuses.clear()  # the receiver is back
+        process = await run_gateway(nursery, serve, log)
+        await wait_healthy(http, port)
+        with trio.fail_after(20):
+            while len(receiver.delivered()) < 12:  # noqa: ASYNC110 - another process
+                await trio.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        await process.wait()
     delivered = receiver.delivered()
-    assert [p.event for p in delivered] == [scrubbed(e) for e in events], log.read_text()[-2000:]
-    checksums = [p.query for p in delivered]
-    assert all(
-        q == f"checksum={expected_checksum(hook_url, p.body, 'acme-secret', 'sha1')}"
-        for q, p in zip(checksums, delivered, strict=True)
-    )
+    texts = [attribute(p, "chat-message", "message") for p in delivered]
+    assert texts == [f"message {n}" for n in range(12)], log.read_text()[-2000:]
+    for post in delivered:
+        checksum = expected_checksum(hook_url, post.body, SECRET, "sha1")
+        assert post.query == f"checksum={checksum}"
+        assert attribute(post, "meeting", "external-meeting-id") == "room"
 
 
 # -- dropping a hook that keeps failing (virtual time) ---------------------------------------------
