@@ -13,7 +13,7 @@ failed attempt; nothing here raises for what a receiver does.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import httpx
 import trio
@@ -39,8 +39,11 @@ class Poster:
             self._client = httpx.AsyncClient(
                 timeout=REQUEST_TIMEOUT, follow_redirects=True, max_redirects=MAX_REDIRECTS
             )
+        request = self._client.build_request("POST", url, content=body.encode(), headers=FORM)
+        request.stream = _Body(body.encode())
         try:
-            response = await self._client.post(url, content=body.encode(), headers=FORM)
+            response = await self._client.send(request)
+            await response.aclose()
         except (httpx.HTTPError, OSError):
             return None
         return response.status_code
@@ -58,6 +61,24 @@ class Poster:
         finally:
             with trio.CancelScope(shield=True):
                 await self.aclose()
+
+
+class _Body(httpx.AsyncByteStream):
+    """A request body that is a plain async iterator, not an async generator: httpx's own
+    (``ByteStream``) is left unfinished when the receiver goes away mid-request, and trio
+    then reports the generator as garbage collected unclosed."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data: bytes | None = data
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._data is None:
+            raise StopAsyncIteration
+        data, self._data = self._data, None
+        return data
 
 
 def delivered(status: int | None) -> bool:
