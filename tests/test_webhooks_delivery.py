@@ -28,7 +28,7 @@ from proxy.errors import StorageUnavailable
 from proxy.gateway import Gateway, open_gateway
 from proxy.metrics import Metrics
 from proxy.simulator import Simulator, serve_simulator
-from proxy.store import Json, MemoryLog
+from proxy.store import Json, MemoryLog, open_local_log
 from proxy.webhooks.delivery import DeliverySettings, Webhooks
 from proxy.webhooks.privacy import scrubbed
 from tests.harness import (
@@ -278,6 +278,19 @@ async def test_accept_raises_storage_unavailable_when_the_queue_cannot_write() -
         store.failed = False
         await gw.webhooks.accept("acme", "room", numbered(2))
         assert [r["type"] for r in store.durable] == ["event", "event"]  # flushed on return
+
+
+async def test_an_event_too_large_for_the_log_is_dropped_not_half_queued(tmp_path: Path) -> None:
+    store, _ = open_local_log(tmp_path, "webhook-queue", timeout=2)
+    big = numbered(1)[0] | {"padding": "x" * (2 << 20)}  # over the log's 1 MiB record bound
+    async with open_gateway(small_config()) as gw:
+        gw.webhooks = Webhooks(gw, store)
+        await gw.hooks.create("acme", "room", "http://127.0.0.1:9/hook", None, "sha1")
+        await gw.webhooks.accept("acme", "room", [big, *numbered(2)])
+        stats = gw.webhooks.statistics()
+        assert (stats.queued, stats.queue_events, stats.dropped_events["invalid"]) == (2, 2, 1)
+    _, replayed = open_local_log(tmp_path, "webhook-queue", timeout=2)
+    assert [r["event"] for r in replayed] == [scrubbed(e) for e in numbered(2)]
 
 
 def crash_config(path: Path, port: int, sim_url: str, state_dir: Path) -> None:

@@ -101,11 +101,19 @@ class QueueState:
         self, hook: str, event: Mapping[str, Json], timestamp: int
     ) -> tuple[Record, Pending | None]:
         """Queue ``event`` for ``hook``; its record, and the event it pushed out (or None)."""
-        queue = self.queues.get(hook)
+        record = self.event_record(hook, event, timestamp)
+        return record, self.push(record)
+
+    def event_record(self, hook: str, event: Mapping[str, Json], timestamp: int) -> Record:
+        """The record that would queue ``event`` for ``hook`` (nothing changes yet)."""
+        return Pending(hook, self.next_seq, timestamp, event).record()
+
+    def push(self, record: Mapping[str, Json]) -> Pending | None:
+        """Apply an ``event`` record; the event it pushed out of a full queue, or None."""
+        queue = self.queues.get(_text(record, "hook"))
         pushed = queue[0] if queue is not None and len(queue) >= self.max_per_hook else None
-        record = Pending(hook, self.next_seq, timestamp, event).record()
         self.apply(record)
-        return record, pushed
+        return pushed
 
     def delivered(self, pending: Pending) -> Record:
         record: Record = {"type": "done", "hook": pending.hook, "seq": pending.seq}
