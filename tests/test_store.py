@@ -26,6 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import proxy.store.local as local_module
+import proxy.store.logfile as logfile_module
 from proxy.errors import StateError, StorageUnavailable
 from proxy.store import MAX_RECORD_BYTES, Json, Log, MemoryLog, Record, open_local_log
 from proxy.store.framing import frame
@@ -241,21 +242,21 @@ async def test_records_appended_while_a_compaction_writes_are_kept(
 ) -> None:
     log = await written(tmp_path, RECORDS[:1])
     writing, resume = threading.Event(), threading.Event()
-    real = local_module._write_synced
+    real = logfile_module.write_synced
 
     def slow(path: Path, data: bytes, mode: int) -> None:
         writing.set()
         resume.wait(10)
         real(path, data, mode)
 
-    monkeypatch.setattr(local_module, "_write_synced", slow)
+    monkeypatch.setattr(logfile_module, "write_synced", slow)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(log.compact, [{"op": "state"}])
         await trio.to_thread.run_sync(writing.wait)
         log.append({"op": "during, flushed to the old file"})
         await log.flush()
         log.append({"op": "during, pending"})
-        monkeypatch.setattr(local_module, "_write_synced", real)
+        monkeypatch.setattr(logfile_module, "write_synced", real)
         resume.set()
     assert log.statistics().pending == 0  # the new file holds it
     assert reopened(tmp_path) == [
@@ -265,7 +266,7 @@ async def test_records_appended_while_a_compaction_writes_are_kept(
     ]
 
 
-@pytest.mark.parametrize("step", ["_write_synced", "_finish_compaction"])
+@pytest.mark.parametrize("step", ["write_synced", "finish_compaction"])
 async def test_a_compaction_that_fails_keeps_the_old_file_whole(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, step: str
 ) -> None:
@@ -275,12 +276,12 @@ async def test_a_compaction_that_fails_keeps_the_old_file_whole(
     def broken(*args: object) -> None:
         raise StateError("cannot write: No space left on device")
 
-    monkeypatch.setattr(local_module, step, broken)
+    monkeypatch.setattr(logfile_module, step, broken)
     with pytest.raises(StorageUnavailable):
         await log.compact([{"op": "state"}])
     # Writing the new file failed: the log still writes.  The rename failed: which file
     # is in place is settled by the next flush.
-    assert log.failed is (step == "_finish_compaction")
+    assert log.failed is (step == "finish_compaction")
     log.append({"op": "after"})
     await log.flush()
     assert not log.failed
@@ -289,16 +290,16 @@ async def test_a_compaction_that_fails_keeps_the_old_file_whole(
 
 
 def freeze(monkeypatch: pytest.MonkeyPatch, name: str) -> tuple[threading.Event, threading.Event]:
-    """Make ``local_module.<name>`` wait for the second event; the first says it started."""
+    """Make ``logfile.<name>`` wait for the second event; the first says it started."""
     started, thawed = threading.Event(), threading.Event()
-    real = getattr(local_module, name)
+    real = getattr(logfile_module, name)
 
     def frozen(*args: object) -> object:
         started.set()
         thawed.wait(10)
         return real(*args)
 
-    monkeypatch.setattr(local_module, name, frozen)
+    monkeypatch.setattr(logfile_module, name, frozen)
     return started, thawed
 
 
@@ -307,7 +308,7 @@ async def test_records_appended_while_the_new_file_is_renamed_follow_it(
 ) -> None:
     log = await written(tmp_path, RECORDS[:1])
     log.append({"op": "pending at the call"})
-    started, thawed = freeze(monkeypatch, "_finish_compaction")
+    started, thawed = freeze(monkeypatch, "finish_compaction")
     async with trio.open_nursery() as nursery:
         nursery.start_soon(log.compact, [{"op": "state"}])
         await trio.to_thread.run_sync(started.wait)
@@ -322,15 +323,7 @@ async def test_a_compaction_called_while_a_flush_writes_waits_for_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     log = await written(tmp_path, RECORDS[:1])
-    started, thawed = threading.Event(), threading.Event()
-    real = LocalLog._write_file
-
-    def slow(self: LocalLog, data: bytes, cut: int | None, create: bool) -> None:
-        started.set()
-        thawed.wait(10)
-        real(self, data, cut, create)
-
-    monkeypatch.setattr(LocalLog, "_write_file", slow)
+    started, thawed = freeze(monkeypatch, "write_batch")
     log.append({"op": "being written"})
     async with trio.open_nursery() as nursery:
         nursery.start_soon(log.flush)
@@ -353,10 +346,10 @@ async def test_a_rename_that_overruns_is_settled_when_its_thread_returns(
     await log.flush()
     log.append({"op": "pending"})
     if renamed:
-        _, thawed = freeze(monkeypatch, "_finish_compaction")
+        _, thawed = freeze(monkeypatch, "finish_compaction")
     else:  # the rename never happens: the thread fails before it
         thawed = threading.Event()
-        monkeypatch.setattr(local_module, "_finish_compaction", _fails_after(thawed))
+        monkeypatch.setattr(logfile_module, "finish_compaction", _fails_after(thawed))
     with pytest.raises(StorageUnavailable):
         await log.compact([{"op": "state"}])
     assert log.failed
@@ -453,14 +446,7 @@ async def test_a_frozen_write_fails_the_flush_in_time_and_recovers_after(
     log, _ = open_local_log(tmp_path, "hooks", timeout=0.3)
     log.append(RECORDS[0])
     await log.flush()
-    thawed = threading.Event()
-    real = LocalLog._write_file
-
-    def frozen(self: LocalLog, data: bytes, cut: int | None, create: bool) -> None:
-        thawed.wait(10)
-        real(self, data, cut, create)
-
-    monkeypatch.setattr(LocalLog, "_write_file", frozen)
+    _, thawed = freeze(monkeypatch, "write_batch")
     log.append(RECORDS[1])
     started = trio.current_time()
     with pytest.raises(StorageUnavailable):
@@ -470,7 +456,6 @@ async def test_a_frozen_write_fails_the_flush_in_time_and_recovers_after(
     assert not await log.recover()  # not while the abandoned write runs
     log.append(RECORDS[2])
     thawed.set()
-    monkeypatch.setattr(LocalLog, "_write_file", real)
     with trio.fail_after(5):
         while not await log.recover():  # noqa: ASYNC110 - until the abandoned thread returns
             await trio.sleep(0.01)

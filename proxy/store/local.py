@@ -7,7 +7,8 @@ Files::
       <name>.log.tmp    a compaction being written; removed at start-up
 
 The directory is the ledger's: the gateway process that holds its lock owns every log
-in it (:func:`proxy.ledger.files.lock_state_dir`).
+in it (:func:`proxy.ledger.files.lock_state_dir`).  Reading and writing the file (blocking)
+is :mod:`proxy.store.logfile`; here is the log's state and its trio side.
 
 Durability.  :meth:`LocalLog.append` only queues the record's line.  :meth:`LocalLog.flush`
 writes everything queued and fsyncs it in a worker thread (the file's directory entry
@@ -46,116 +47,44 @@ import contextlib
 import logging
 import math
 import os
-import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import orjson
 import trio
 
 from proxy.errors import StateError, StorageUnavailable
-from proxy.store import MAX_RECORD_BYTES, Json, Record, encode
-from proxy.store.files import fsync_dir, os_errors, replace_file, truncate, write_all
-from proxy.store.framing import frame, scan_frames
+from proxy.store import Json, Record
+from proxy.store import logfile as files
 from proxy.store.io import BoundedIo, Overran, commit_within
+from proxy.store.logfile import MAX_LOG_BYTES, SUFFIX, create_log, log_path, read_records
+
+__all__ = [
+    "MAX_LOG_BYTES",
+    "LocalLog",
+    "LogStatistics",
+    "create_log",
+    "log_path",
+    "open_log",
+    "read_records",
+]
 
 log = logging.getLogger(__name__)
 
 SECONDS = 1.0
-MAX_LOG_BYTES = 256 << 20  # one file, as written and as replayed
 COMPACTION_TIMEOUTS = 30  # a compaction may take this many times the write timeout
 COMPACT_MIN_BYTES = 1 << 20  # compaction_due: the file grew past twice its compacted size and this
 RETRY_EVERY = 1 * SECONDS
-SUFFIX = ".log"
-_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
-
-
-def log_path(state_dir: Path, name: str) -> Path:
-    """The file of log ``name``; ``ValueError`` for a name that is not a short slug."""
-    if not _NAME.fullmatch(name):
-        raise ValueError(f"a log name is lowercase letters, digits and '-', not {name!r}")
-    return state_dir / f"{name}{SUFFIX}"
-
-
-# -- start-up (blocking) -----------------------------------------------------------------------
 
 
 def open_log(
     state_dir: Path, name: str, *, timeout: float, max_bytes: int = MAX_LOG_BYTES
 ) -> tuple[LocalLog, list[Record]]:
-    """:func:`proxy.store.open_local_log`; ``max_bytes`` bounds the file."""
+    """:func:`proxy.store.open_local_log` (blocking); ``max_bytes`` bounds the file."""
     path = log_path(state_dir, name)
-    with os_errors("create state directory", state_dir):
-        state_dir.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp(path)
-    with os_errors("remove", tmp):
-        tmp.unlink(missing_ok=True)
-    data = _read_bounded(path, max_bytes)
-    frames = scan_frames(data or b"", str(path), _decoder(str(path)))
-    if frames.torn:
-        log.warning(
-            "%s: dropping a torn last record (bytes %d to %d)",
-            path,
-            frames.good_length,
-            len(data or b""),
-        )
-        with os_errors("truncate", path):
-            truncate(path, frames.good_length)
-    local = LocalLog(
-        path, frames.good_length, exists=data is not None, timeout=timeout, max_bytes=max_bytes
-    )
-    return local, list(frames.items)
-
-
-def read_records(state_dir: Path, name: str, *, max_bytes: int = MAX_LOG_BYTES) -> list[Record]:
-    """The records of log ``name`` as start-up would replay them, changing nothing (a torn
-    tail is left in place): for inspecting a log another process writes, as tests do."""
-    path = log_path(state_dir, name)
-    data = _read_bounded(path, max_bytes) or b""
-    return list(scan_frames(data, str(path), _decoder(str(path))).items)
-
-
-def create_log(state_dir: Path, name: str, records: Iterable[Mapping[str, Json]]) -> None:
-    """Write log ``name`` holding ``records``, atomically (blocking): for converting the
-    file of an earlier format before :func:`open_log`.  ``StateError`` naming the file."""
-    path = log_path(state_dir, name)
-    content = b"".join(frame(encode(r)) for r in records)
-    with os_errors("write", path):
-        state_dir.mkdir(parents=True, exist_ok=True)
-        replace_file(path, content)
-
-
-def _tmp(path: Path) -> Path:
-    return path.with_name(path.name + ".tmp")
-
-
-def _read_bounded(path: Path, max_bytes: int) -> bytes | None:
-    """The file's bytes (None if there is none); ``StateError`` past ``max_bytes``."""
-    with os_errors("read", path):
-        try:
-            with path.open("rb") as f:
-                data = f.read(max_bytes + 1)
-        except FileNotFoundError:
-            return None
-    if len(data) > max_bytes:
-        raise StateError(f"{path}: over {max_bytes} bytes, more than a log may hold")
-    return data
-
-
-def _decoder(source: str) -> Callable[[bytes, int], Record]:
-    def decode(body: bytes, offset: int) -> Record:
-        try:
-            value = orjson.loads(body)
-        except orjson.JSONDecodeError as e:
-            raise StateError(f"{source}: invalid record at byte {offset}: {e}") from None
-        if not isinstance(value, dict):
-            raise StateError(f"{source}: invalid record at byte {offset}: not a JSON object")
-        if len(body) > MAX_RECORD_BYTES:
-            raise StateError(f"{source}: record at byte {offset} is over {MAX_RECORD_BYTES} B")
-        return value
-
-    return decode
+    loaded = files.load(path, max_bytes)
+    local = LocalLog(path, loaded.size, exists=loaded.exists, timeout=timeout, max_bytes=max_bytes)
+    return local, loaded.records
 
 
 # -- the log -----------------------------------------------------------------------------------
@@ -202,7 +131,7 @@ class LocalLog:
         self._lock = trio.Lock()  # one file operation at a time
         self._compacting = trio.Lock()
         self._io = BoundedIo(path)  # work on the log itself
-        self._tmp_io = BoundedIo(_tmp(path))  # a compaction's writing of its new file
+        self._tmp_io = BoundedIo(files.tmp_path(path))  # a compaction's writing of its new file
         self._limbo: tuple[int, int] | None = None  # a failed rename: the new file's size, lines
         self._failed: StateError | None = None
         self._failed_event = trio.Event()
@@ -226,7 +155,7 @@ class LocalLog:
 
     @staticmethod
     def _line(record: Mapping[str, Json]) -> bytes:
-        return frame(encode(record))
+        return files.line(record)
 
     async def flush(self) -> None:
         """Return once every record appended so far is written and fsynced.
@@ -258,7 +187,7 @@ class LocalLog:
             raise StorageUnavailable() from self._failed
         cut = self._size if recovering else None
         try:
-            await self._io.run(deadline, self._write_file, data, cut, not self._exists)
+            await self._io.run(deadline, files.write_batch, self.path, data, cut, not self._exists)
         except (StateError, Overran) as e:
             self._fail(e)
             raise StorageUnavailable() from self._failed
@@ -280,22 +209,6 @@ class LocalLog:
             except (StateError, Overran) as e:
                 self._fail(e)
                 raise StorageUnavailable() from self._failed
-
-    def _write_file(self, data: bytes, cut: int | None, create: bool) -> None:
-        """Blocking: append ``data`` (at ``cut``, truncating what follows) and fsync."""
-        with os_errors("write", self.path):
-            flags = os.O_WRONLY | os.O_CREAT | (0 if cut is not None else os.O_APPEND)
-            fd = os.open(self.path, flags, 0o600)
-            try:
-                if cut is not None:
-                    os.ftruncate(fd, cut)
-                    os.lseek(fd, cut, os.SEEK_SET)
-                write_all(fd, data)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            if create:
-                fsync_dir(self.path.parent)  # the new file's entry must survive too
 
     # -- failure and recovery ------------------------------------------------------------------
 
@@ -387,13 +300,13 @@ class LocalLog:
             self._watches.remove(watch)
 
     async def _compact(self, content: bytes, watch: list[bytes], deadline: float) -> None:
-        tmp = _tmp(self.path)
+        tmp = files.tmp_path(self.path)
         if self._tmp_io.running:
             raise StorageUnavailable() from StateError(
                 f"an earlier compaction of {self.path} is still running"
             )
         try:
-            await self._tmp_io.run(deadline, _write_synced, tmp, content, os.O_TRUNC)
+            await self._tmp_io.run(deadline, files.write_synced, tmp, content, os.O_TRUNC)
         except (StateError, Overran) as e:
             await self._remove_tmp(deadline)
             raise StorageUnavailable() from e
@@ -417,7 +330,7 @@ class LocalLog:
                 f"or {size} bytes would pass {self.max_bytes}"
             )
         try:
-            await self._io.run(deadline, _finish_compaction, tmp, tail, self.path)
+            await self._io.run(deadline, files.finish_compaction, tmp, tail, self.path)
         except (StateError, Overran) as e:
             self._limbo = (size, count)
             self._fail(e)
@@ -438,7 +351,9 @@ class LocalLog:
         """After a failed rename (no thread still running): adopt whichever file is there."""
         assert self._limbo is not None
         size, count = self._limbo
-        renamed = await self._io.run(deadline, _settle_rename, _tmp(self.path), self.path)
+        renamed = await self._io.run(
+            deadline, files.settle_rename, files.tmp_path(self.path), self.path
+        )
         self._limbo = None
         if renamed:
             del self._pending[:count]
@@ -449,7 +364,7 @@ class LocalLog:
     async def _remove_tmp(self, deadline: float) -> None:
         if not self._tmp_io.running:  # else an abandoned write still uses it
             with contextlib.suppress(Overran):
-                await self._tmp_io.run(deadline, _remove, _tmp(self.path))
+                await self._tmp_io.run(deadline, files.remove, files.tmp_path(self.path))
 
     # -- statistics ----------------------------------------------------------------------------
 
@@ -473,40 +388,3 @@ class LocalLog:
     def _count(self, **amounts: int) -> None:
         for name, amount in amounts.items():
             self._counts[name] += amount
-
-
-def _write_synced(path: Path, data: bytes, mode: int) -> None:
-    with os_errors("write", path):
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | mode, 0o600)
-        try:
-            write_all(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _finish_compaction(tmp: Path, tail: bytes, path: Path) -> None:
-    """Blocking: add the records appended meanwhile, fsync, rename over ``path``, fsync dir."""
-    if tail:
-        _write_synced(tmp, tail, os.O_APPEND)
-    with os_errors("rename to", path):
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-
-
-def _settle_rename(tmp: Path, path: Path) -> bool:
-    """Blocking: whether the compaction's rename happened (then fsync the directory);
-    if not, remove the temporary file.  ``StateError`` naming the file."""
-    with os_errors("settle the compaction of", path):
-        if tmp.exists():
-            tmp.unlink()
-            return False
-        fsync_dir(path.parent)
-        return True
-
-
-def _remove(path: Path) -> None:
-    try:
-        path.unlink(missing_ok=True)
-    except OSError as e:
-        log.warning("cannot remove %s: %s", path, e.strerror or e)
