@@ -47,13 +47,13 @@ from urllib.parse import urlsplit
 import trio
 
 from proxy.backends.outbound import post_form_body
-from proxy.config import Config, Network
+from proxy.config import Config, Network, WebhookSettings
 from proxy.errors import StorageUnavailable
 from proxy.logs import shown
 from proxy.store import Json, Log, open_local_log
 from proxy.webhooks.callback import form_body, outcome, retry_delay, signed_url
 from proxy.webhooks.privacy import scrubbed
-from proxy.webhooks.queue import DEFAULT_MAX_PER_HOOK, Pending, QueueState
+from proxy.webhooks.queue import Pending, QueueState
 from proxy.webhooks.registry import Hook, HookRegistry
 
 if TYPE_CHECKING:
@@ -68,17 +68,17 @@ DROP_REASONS = ("overflow", "hook-dropped", "hook-gone", "invalid")
 QUEUE_LOG = "webhook-queue"
 # Gateway.tally families (proxy.metrics.TALLIES): the counters of WebhookStatistics.
 EVENTS, DROPPED, HOOKS_DROPPED = "webhook_events", "webhook_dropped_events", "webhook_hooks_dropped"
-EVENT_OUTCOMES = ("accepted", "queued", "delivered", "rejected", "retried", "refused")
+_DEFAULTS = WebhookSettings()
 
 
 @dataclass(frozen=True, slots=True)
 class DeliverySettings:
     """How hard delivery tries (``[webhooks]`` in the config; docs/decisions.md)."""
 
-    drop_after: float = 300 * SECONDS  # failing this long in a row: the hook is dropped
-    queue_per_hook: int = DEFAULT_MAX_PER_HOOK  # events; beyond, the oldest is pushed out
-    max_in_flight: int = 64  # POSTs at once, all hooks together (one per hook at most)
-    timeout: float = 5 * SECONDS  # one POST, whole (bbb-webhooks' requestTimeout)
+    drop_after: float = _DEFAULTS.drop_after  # failing this long in a row: hook dropped
+    queue_per_hook: int = _DEFAULTS.queue_per_hook  # events; beyond, the oldest go
+    max_in_flight: int = _DEFAULTS.max_in_flight  # POSTs at once, all hooks (one per hook)
+    timeout: float = _DEFAULTS.delivery_timeout  # one POST, whole (bbb-webhooks: 5 s)
     allow_private: bool = False  # [proxy] allow_private_callbacks
     allowed: tuple[Network, ...] = ()  # [webhooks] allowed_callback_networks
 
