@@ -100,6 +100,16 @@ def test_anything_else_is_refused() -> None:
     assert mapping.verify(good, body, "https://other.example", BACKENDS) is None
 
 
+def test_bearer_auth_instead_of_a_checksum_is_accepted_with_the_backends_secret() -> None:
+    body = form(fixture_events()[0])
+    query = mapping.intake_url(PUBLIC, B1).partition("?")[2]
+    assert mapping.verify(query, body, PUBLIC, BACKENDS, "Bearer secret-one") is B1
+    for header in ["Bearer secret-two", "secret-one", "Bearer ", "", "Bearer secret-one\u00e9"]:
+        assert mapping.verify(query, body, PUBLIC, BACKENDS, header) is None, header
+    assert mapping.verify(query, body, PUBLIC, BACKENDS) is None  # neither
+    assert mapping.verify(query + "&x=1", body, PUBLIC, BACKENDS, "Bearer secret-one") is None
+
+
 def test_the_intake_url_names_its_backend_under_a_token_of_its_secret() -> None:
     url = mapping.intake_url(PUBLIC, B1)
     assert url.startswith(PUBLIC + mapping.PATH + "?b=bbb-1&t=")
@@ -463,6 +473,9 @@ async def test_a_wrong_checksum_is_refused(
     accepted = await stack.http.post(url + "&checksum=" + good, content=body, headers=headers)
     assert accepted.status_code == 200
     assert [(c, m) for c, m, _ in recorder.accepted] == [("acme", "room-1")]
+    bearer = {**headers, "Authorization": f"Bearer {backend.secret}"}  # bbb-webhooks' auth2_0
+    assert (await stack.http.post(url, content=body, headers=bearer)).status_code == 200
+    assert len(recorder.accepted) == 2
     garbage = b"event=%5B%7B%22data"
     cs = hashlib.sha1(url.encode() + garbage + backend.secret.encode()).hexdigest()
     unreadable = await stack.http.post(url + "&checksum=" + cs, content=garbage, headers=headers)

@@ -70,10 +70,11 @@ class Intake:
 
     # -- receiving ----------------------------------------------------------------------------
 
-    async def receive(self, raw_query: str, body: bytes) -> int:
+    async def receive(self, raw_query: str, body: bytes, authorization: str | None = None) -> int:
         """Handle one POST from a backend; the HTTP status to answer (module docstring)."""
         backends = {b.id: b for b in self.gw.backends()}
-        backend = mapping.verify(raw_query, body, self.gw.config.proxy.public_url, backends)
+        public_url = self.gw.config.proxy.public_url
+        backend = mapping.verify(raw_query, body, public_url, backends, authorization)
         if backend is None:
             self.gw.tally(EVENTS_IN, "bad_checksum")
             return 403
@@ -231,7 +232,8 @@ def install(app: QuartTrio, gw: Gateway) -> Intake:
         body = await request.get_data(cache=False, as_text=False, parse_form_data=False)
         if len(body) > MAX_BODY:
             return Response("too large\n", 413, content_type="text/plain")
-        status = await intake.receive(request.query_string.decode("utf-8", "replace"), body)
+        query = request.query_string.decode("utf-8", "replace")
+        status = await intake.receive(query, body, request.headers.get("Authorization"))
         return Response(f"{status}\n", status, content_type="text/plain")
 
     return intake

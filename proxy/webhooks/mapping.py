@@ -88,15 +88,26 @@ def _token(backend: Backend) -> str:
 
 
 def verify(
-    raw_query: str, body: bytes, public_url: str, backends: Mapping[str, Backend]
+    raw_query: str,
+    body: bytes,
+    public_url: str,
+    backends: Mapping[str, Backend],
+    authorization: str | None = None,
 ) -> Backend | None:
-    """The backend that signed this POST to its intake URL, or None."""
+    """The backend that signed this POST to its intake URL, or None.
+
+    bbb-webhooks configured with ``auth2_0: true`` sends no checksum but the header
+    ``Authorization: Bearer <secret>``: accepted too, on the registered URL exactly."""
     values = dict(reversed(parse_qsl(raw_query, keep_blank_values=True)))
     backend = backends.get(values.get("b", ""))
     if backend is None:
         return None
     registered = intake_url(public_url, backend)
     query = registered.partition("?")[2]
+    if raw_query == query and authorization is not None:
+        expected_header = f"Bearer {backend.secret}".encode()
+        given_header = authorization.encode("utf-8", "replace")
+        return backend if hmac.compare_digest(expected_header, given_header) else None
     given = raw_query.removeprefix(query + "&checksum=")
     if given == raw_query or not given.isascii():
         return None  # not our URL, or not the checksum alone after it
