@@ -402,9 +402,28 @@ def test_what_json_cannot_hold() -> None:
 def test_long_runs_of_address_characters_cost_linear_time() -> None:
     # A CPU budget, not a wait: runs far beyond any event's are handled in bounded time.
     started = time.process_time()
-    for text in ("1:" * 200_000, ":" * 400_000, ("ab:" * 80 + " ") * 2000, "9." * 200_000):
+    texts = [
+        "1:" * 200_000,
+        ":" * 400_000,
+        ("ab:" * 80 + " ") * 2000,
+        "9." * 200_000,
+        "eyJ" * 100_000,  # a JWT may start only where its run starts
+        ".eyJab" * 50_000,
+        "?a" * 100_000,  # so may a query parameter's name
+        "&a" * 100_000 + "=b",
+        "://a" * 100_000,
+        ("aB3_" * 7 + " ") * 10_000,  # base64 runs just too short to be tokens
+    ]
+    for text in texts:
         scrub_text(text)
     assert time.process_time() - started < 5
+
+
+def test_long_digit_runs_are_no_octets_and_raise_nothing() -> None:
+    # int() refuses more than 4300 digits: the octets are read with parse_int
+    digits = "9" * 5000
+    assert scrub_text(f"1.1.1.{digits}") == f"1.1.1.{pseudonym(digits)}"
+    assert scrub_text(f"{digits}.1.1.1.1") == f"{pseudonym(digits)}.{IP_MARK}"
 
 
 # --- hypothesis ----------------------------------------------------------------------------

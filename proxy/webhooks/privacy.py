@@ -50,6 +50,8 @@ import ipaddress
 import re
 from collections.abc import Mapping
 
+from proxy.bbb.numbers import parse_int
+
 MAX_DEPTH = 32  # containers below this many levels are replaced by empty ones
 IP_MARK = "[ip]"  # what an address inside text becomes
 PSEUDONYM_PREFIX = "tok-"
@@ -87,11 +89,16 @@ ID_KEYS = frozenset(
 _BBB_ID = r"[0-9a-f]{40}-\d{13}(?!\d)"  # sha1(external id)-createTime: a meeting's id
 _HEX = re.compile(rf"(?<![0-9A-Fa-f])(?:(?P<bbb>{_BBB_ID})|[0-9A-Fa-f]{{32,}})", re.ASCII)
 _BASE64 = re.compile(r"[A-Za-z0-9+/_-]{32,}={0,2}", re.ASCII)
-_JWT = re.compile(r"eyJ[A-Za-z0-9_-]{2,}={0,2}\.[A-Za-z0-9_-]{2,}={0,2}\.[A-Za-z0-9_-]*", re.ASCII)
+# Each pattern can start only where its run starts (lookbehinds, delimiters outside the
+# classes), so that no text makes it scan the same characters again and again.
+_JWT = re.compile(
+    r"(?<![A-Za-z0-9_-])eyJ[A-Za-z0-9_-]{2,}={0,2}\.[A-Za-z0-9_-]{2,}={0,2}\.[A-Za-z0-9_-]*",
+    re.ASCII,
+)
 _DOTTED = re.compile(r"(?<!\d)\d+(?:\.\d+){3,}(?!\d)", re.ASCII)  # IPv4 addresses are in these
 _ADDRESS_RUN = re.compile(r"[0-9A-Fa-f:.]+(?:%[0-9A-Za-z_.~-]+)?", re.ASCII)
 _USERINFO = re.compile(r"(?<=://)[^/?#@\s]+@")
-_QUERY_PARAM = re.compile(r"(?<=[?&;])([^=&#;\s]+)=([^&#;\s]*)")
+_QUERY_PARAM = re.compile(r"(?<=[?&;])([^=?&#;\s]+)=([^?&#;\s]*)")
 _USER_AGENT = re.compile(r"\s*Mozilla/\d", re.ASCII | re.IGNORECASE)
 
 
@@ -242,7 +249,12 @@ def _without_v4(match: re.Match[str]) -> str:
 
 def _is_ipv4(text: str) -> bool:
     parts = text.split(".")
-    return len(parts) == 4 and all(p.isascii() and p.isdigit() and int(p) <= 255 for p in parts)
+    return len(parts) == 4 and all(_octet(p) for p in parts)
+
+
+def _octet(text: str) -> bool:
+    value = parse_int(text, max_digits=3)  # ASCII digits only, no int() on long text
+    return value is not None and value <= 255 and text == text.strip()
 
 
 def _is_address(text: str) -> bool:
