@@ -6,15 +6,20 @@ changed comparison, constant or operator in the decision modules is noticed.
 
 from __future__ import annotations
 
+import ipaddress
+import logging
 import math
 import random
 from fractions import Fraction
 
+import httpx
 import pytest
 from lxml import etree
 
+from proxy.backends import outbound
 from proxy.bbb import rewrite
 from proxy.bbb.numbers import parse_count, parse_int
+from proxy.logs import shown
 from proxy.placement import BackendLoad, Ring, RingStatistics
 
 # -- placement: the bound of "consistent hashing with bounded loads" ---------------------------
@@ -262,3 +267,42 @@ def test_meeting_owner_needs_both_marks_to_agree() -> None:
     assert rewrite.owned_by("acme", "acme~x")
     assert not rewrite.owned_by("acme", "acme")
     assert not rewrite.owned_by("acme", "acmex~x")
+
+
+# -- outbound: what counts as answered, what is logged, which IPv6 forms embed an IPv4 ----------
+
+
+@pytest.mark.parametrize(
+    ("status", "answered"), [(199, False), (200, True), (299, True), (300, False), (301, False)]
+)
+async def test_only_a_2xx_answer_counts_as_called(status: int, answered: bool) -> None:
+    """BBB's end callbacks count 2xx as delivered; a 3xx is not followed and not success."""
+
+    async with httpx.AsyncClient(
+        transport=httpx.MockTransport(lambda request: httpx.Response(status))
+    ) as client:
+        called = await outbound.call_customer_url(client, "http://localhost/e", True)
+    assert called is answered
+
+
+def test_a_refused_url_is_logged_with_its_reason(caplog: pytest.LogCaptureFixture) -> None:
+    url = "http://lms.test/ended?secret=1"
+    with caplog.at_level(logging.WARNING, logger=outbound.__name__):
+        outbound._refused(url, "host is not public", "refused")
+    assert caplog.records[-1].getMessage() == f"not calling {shown(url)}: host is not public"
+
+
+@pytest.mark.parametrize(
+    ("address", "compatible"),
+    [
+        ("::", False),  # the unspecified address
+        ("::1", False),  # loopback
+        ("::2", True),  # ::0.0.0.2, the smallest IPv4-compatible form
+        ("::8.8.8.8", True),
+        ("::ffff:ffff", True),  # ::255.255.255.255
+        ("::1:0:0", False),  # bits above the low 32 set: not ::a.b.c.d (RFC 4291 2.5.5.1)
+        ("::ffff:8.8.8.8", False),  # mapped, not compatible
+    ],
+)
+def test_ipv4_compatible_is_exactly_the_low_32_bits(address: str, compatible: bool) -> None:
+    assert outbound._compatible(ipaddress.IPv6Address(address)) is compatible
