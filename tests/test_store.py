@@ -31,6 +31,7 @@ from proxy.errors import StateError, StorageUnavailable
 from proxy.store import MAX_RECORD_BYTES, Json, Log, MemoryLog, Record, open_local_log
 from proxy.store.framing import frame
 from proxy.store.local import LocalLog, log_path, open_log
+from tests.test_storage_faults import until
 
 
 def reopened(state_dir: Path, name: str = "hooks") -> list[Record]:
@@ -626,3 +627,36 @@ def test_any_sequence_of_appends_compactions_and_restarts_replays_the_model(
 
     with tempfile.TemporaryDirectory() as state_dir:
         trio.run(run, Path(state_dir))
+
+
+async def test_maintain_heals_a_log_at_its_bound_and_tries_nothing_while_a_write_is_frozen(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log, _ = open_log(tmp_path, "hooks", timeout=0.2, max_bytes=4096)
+    state = [{"x": "y" * 1000}]
+    compactions = []
+    real = logfile_module.write_synced
+
+    def counted(path: Path, data: bytes, mode: int) -> None:
+        compactions.append(path)
+        real(path, data, mode)
+
+    monkeypatch.setattr(logfile_module, "write_synced", counted)
+    _, thawed = freeze(monkeypatch, "write_batch")
+    log.append(state[0])
+    with pytest.raises(StorageUnavailable):
+        await log.flush()  # frozen
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(lambda: log.maintain(lambda: state, every=0.05))
+        await trio.sleep(0.3)
+        assert compactions == []  # the abandoned write is still running
+        thawed.set()
+        await until(lambda: not log.failed)
+        for _ in range(4):  # past the bound: only a compaction helps
+            log.append(state[0])
+        with pytest.raises(StorageUnavailable):
+            await log.flush()
+        await until(lambda: not log.failed)
+        nursery.cancel_scope.cancel()
+    assert compactions
+    assert open_log(tmp_path, "hooks", timeout=5, max_bytes=4096)[1] == state

@@ -256,10 +256,12 @@ class LocalLog:
             await trio.sleep(every)
             if await self.recover() and not self.compaction_due:
                 continue
-            if records is not None:
-                try:
-                    await self.compact(records())
-                except StorageUnavailable as e:
+            if records is None or self._io.running:  # a frozen write: nothing to try yet
+                continue
+            try:
+                await self.compact(records())
+            except StorageUnavailable as e:
+                if not self.failed:  # else its failure was logged once already
                     log.warning("the %s log was not compacted: %s", self.name, e.__cause__)
 
     async def recover_forever(self, every: float = RETRY_EVERY) -> None:
