@@ -45,6 +45,7 @@ of address characters) are bounded by :data:`_MAX_ADDRESS_RUN`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import ipaddress
 import re
@@ -97,6 +98,11 @@ _JWT = re.compile(
 )
 _DOTTED = re.compile(r"(?<!\d)\d+(?:\.\d+){3,}(?!\d)", re.ASCII)  # IPv4 addresses are in these
 _ADDRESS_RUN = re.compile(r"[0-9A-Fa-f:.]+(?:%[0-9A-Za-z_.~-]+)?", re.ASCII)
+# The runs that may hold an IPv6 address: two colons at least.
+_V6_RUN = re.compile(
+    r"(?<![0-9A-Fa-f:.])[0-9A-Fa-f.]*:[0-9A-Fa-f.]*:[0-9A-Fa-f:.]*(?:%[0-9A-Za-z_.~-]+)?",
+    re.ASCII,
+)
 _USERINFO = re.compile(r"(?<=://)[^/?#@\s]+@")
 _QUERY_PARAM = re.compile(r"(?<=[?&;])([^=?&#;\s]+)=([^?&#;\s]*)")
 _USER_AGENT = re.compile(r"\s*Mozilla/\d", re.ASCII | re.IGNORECASE)
@@ -163,8 +169,16 @@ def _blank(value: object, depth: int) -> object:
     return "" if isinstance(value, str) else None
 
 
+_SEPARATORS = str.maketrans("", "", "-_. ")
+
+
 def _norm(key: str) -> str:
-    return "".join(ch for ch in key.lower() if ch not in "-_. ")
+    return _norm_short(key) if len(key) <= 64 else key.lower().translate(_SEPARATORS)
+
+
+@functools.lru_cache(maxsize=4096)  # events repeat their keys: 4096 short ones at most
+def _norm_short(key: str) -> str:
+    return key.lower().translate(_SEPARATORS)
 
 
 def is_secret_key(key: str) -> bool:
@@ -188,12 +202,14 @@ def scrub_text(text: str, *, identifier: bool = False) -> str:
     With ``identifier`` (a value under an id key) only addresses and JWTs are
     removed: an identifier's hex or base64 shape is not a token's.
     """
+    if _plain(text):
+        return text
     if _is_address(text.strip()):
         return ""
     if not identifier and _USER_AGENT.match(text):
         return ""
     text = _JWT.sub(_pseudonym, text)
-    text = _ADDRESS_RUN.sub(_without_v6, text)
+    text = _V6_RUN.sub(_without_v6, text)
     text = _DOTTED.sub(_without_v4, text)
     if identifier:
         return text
@@ -201,6 +217,20 @@ def scrub_text(text: str, *, identifier: bool = False) -> str:
     text = _QUERY_PARAM.sub(_query_param, text)
     text = _HEX.sub(_hex, text)
     return _BASE64.sub(_base64, text)
+
+
+def _plain(text: str) -> bool:
+    """Too short for a token (32), no colon (IPv6, URLs), no ``=`` (query parameters),
+    fewer than two dots (IPv4 has three, a JWT two), no user agent: nothing to find.
+    Most keys and values of an event are such; this keeps the filter cheap.
+    """
+    return (
+        len(text) < 32
+        and ":" not in text
+        and "=" not in text
+        and text.count(".") < 2
+        and not _USER_AGENT.match(text)
+    )
 
 
 def pseudonym(token: str) -> str:
@@ -270,8 +300,6 @@ def _without_v6(match: re.Match[str]) -> str:
     its end, is an address (``id:2001:db8::1.A`` holds ``2001:db8::1``).
     """
     run = match.group()
-    if run.count(":") < 2:
-        return run
     if len(run) > _MAX_ADDRESS_RUN or _holds_v6(run):
         return IP_MARK
     return run
@@ -284,7 +312,7 @@ def _holds_v6(run: str) -> bool:
         ends = [len(run), *(i for i in reversed(seps) if start < i <= limit)]
         for end in ends:
             piece = run[start:end]
-            if piece.count(":") >= 2 and _is_ipv6(piece):
+            if ("::" in piece or piece.count(":") >= 6) and _is_ipv6(piece):
                 return True
     return False
 
