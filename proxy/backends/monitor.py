@@ -74,6 +74,8 @@ async def poll_once(gw: Gateway, backend_id: str) -> None:
     polled_at = gw.ledger.clock()
     started = trio.current_time()
     reply, timed = await _poll(gw, backend_id)
+    if backend_id not in gw.health:
+        return  # removed at run time while the poll was in flight
     now = trio.current_time()
     if timed:
         gw.observe_latency(backend_id, now - started)
