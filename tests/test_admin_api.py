@@ -75,7 +75,8 @@ class Admin:
 
 
 async def admin_stack(make_stack: StackFactory, **options: Any) -> tuple[Stack, Admin]:
-    stack = await make_stack(proxy={"admin_token": TOKEN}, **options)
+    options.setdefault("proxy", {"admin_token": TOKEN})
+    stack = await make_stack(**options)
     return stack, Admin(stack)
 
 
@@ -541,3 +542,24 @@ async def test_a_change_that_cannot_be_made_durable_is_503(make_stack: StackFact
     assert "durable" in refused["error"]
     store.flush = real
     assert (await admin("GET", "customers/acme"))["max_connections"] == 2  # kept in memory
+
+
+async def test_the_monitor_polls_an_added_backend_and_stops_for_a_removed_one(
+    make_stack: StackFactory, nursery: trio.Nursery
+) -> None:
+    quick = {"health": {"interval": 0.1, "timeout": 2}}
+    stack, admin = await admin_stack(make_stack, proxy={"admin_token": TOKEN, **quick})
+    extra = Simulator(BACKEND_SECRET, server_name="bbb-3.test", expire_unjoined_minutes=None)
+    url = await nursery.start(serve_simulator, extra)
+    body = {"id": "bbb-3", "url": url, "secret": BACKEND_SECRET, "capacity": 10}
+    await admin("POST", "backends", body, expect=201)
+    extra.behaviour.mode = "http500"  # the monitor's own polls must see it fail
+    await wait_until(lambda: stack.gateway.health["bbb-3"].state.value == "down")
+    assert (await admin("GET", "backends/bbb-3"))["health"] == "down"
+    extra.behaviour.mode = "ok"
+    await wait_until(lambda: stack.gateway.health["bbb-3"].state.value == "up")
+    assert extra.requests[-1][0] == "getMeetings"  # the monitor's polls, recorded
+    await admin("DELETE", "backends/bbb-3")
+    polls = len(extra.requests)
+    await trio.sleep(0.5)  # five intervals: a poll task left behind would have asked again
+    assert len(extra.requests) == polls
