@@ -17,7 +17,7 @@ from typing import NoReturn
 
 import trio
 
-from proxy import admin_cli, demo
+from proxy import admin_cli, admin_cli_parser, demo
 from proxy.config import Config, load
 from proxy.errors import ConfigError, StateError
 from proxy.logs import FORMATS, setup_logging
@@ -159,7 +159,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     check = sub.add_parser("check-config", parents=[common], help="check a configuration file")
     check.add_argument("file")
-    admin_cli.add_parsers(sub, common)
+    admin_cli_parser.add_parsers(sub, common)
     return parser
 
 

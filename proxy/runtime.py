@@ -414,9 +414,3 @@ def customer_fields(directory: Directory, customer_id: str) -> dict[str, Any] | 
     """A customer's fields as runtime records hold them (secrets with their expiries)."""
     c = directory.config.customer(customer_id)
     return None if c is None else _customer_values(c, directory.expiries.get(customer_id, {}))
-
-
-def backend_fields(directory: Directory, backend_id: str) -> dict[str, Any] | None:
-    """A backend's fields as runtime records hold them."""
-    b = next((b for b in directory.config.backends if b.id == backend_id), None)
-    return None if b is None else {k: v for k, v in _backend_raw(b).items() if k != "id"}
