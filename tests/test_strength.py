@@ -17,8 +17,9 @@ import pytest
 from lxml import etree
 
 from proxy.backends import outbound
-from proxy.bbb import rewrite
+from proxy.bbb import customer_urls, rewrite, uploads
 from proxy.bbb.numbers import parse_count, parse_int
+from proxy.errors import ChecksumError, ValidationError
 from proxy.logs import shown
 from proxy.placement import BackendLoad, Ring, RingStatistics
 
@@ -306,3 +307,177 @@ def test_a_refused_url_is_logged_with_its_reason(caplog: pytest.LogCaptureFixtur
 )
 def test_ipv4_compatible_is_exactly_the_low_32_bits(address: str, compatible: bool) -> None:
     assert outbound._compatible(ipaddress.IPv6Address(address)) is compatible
+
+
+# -- customer URLs: each refusal names its reason (it is logged and counted) ------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        ("http://lms.test/" + "x" * 2048, "longer than 2048 characters"),
+        ("http://lms.test/\x00", "contains a non-printable character"),
+        ("http://[::1/x", "not a URL"),
+        ("ftp://lms.test/x", "not an http(s) URL"),
+        ("http:///x", "no host"),
+        ("http://bü..test/x", "host name cannot be encoded (IDNA)"),
+        ("http://a..b.test/x", "host name has an empty, over-long or invalid label"),
+        ("http://a_b!.test/x", "host name has an empty, over-long or invalid label"),
+        ("http://lms.test:0/x", "port is not a number from 1 to 65535"),
+        ("http://lms.test:65536/x", "port is not a number from 1 to 65535"),
+        ("http://lms.test:http/x", "port is not a number from 1 to 65535"),
+        ("http://[::1]:81/x", None),
+        ("https://bücher.test/x", None),
+    ],
+)
+def test_each_customer_url_refusal_names_its_reason(url: str, reason: str | None) -> None:
+    assert customer_urls.problem(url) == reason
+
+
+def test_a_host_name_may_have_253_characters_not_254() -> None:
+    host = ("a" * 62 + ".") * 4  # 252 characters, the last a dot
+    assert customer_urls.problem(f"http://{host}b/") is None  # 253: RFC 1035's longest
+    assert customer_urls.problem(f"http://{host}b./") is None  # its fully qualified form
+    assert customer_urls.problem(f"http://{host}bc/") == (
+        "host name has an empty, over-long or invalid label"
+    )
+
+
+# -- putRecordingTextTrack's upload reader (proxy/bbb/uploads.py) -------------------------------
+
+B = b"XyZ"
+
+
+def upload_body(fields: list[tuple[str, str]], file: bytes | None, after: bytes = b"") -> bytes:
+    out = b"".join(
+        b'--XyZ\r\nContent-Disposition: form-data; name="%s"\r\n\r\n%s\r\n'
+        % (k.encode(), v.encode())
+        for k, v in fields
+    )
+    if file is not None:
+        out += (
+            b'--XyZ\r\nContent-Disposition: form-data; name="file"; filename="de.vtt"\r\n'
+            b"Content-Type: text/vtt\r\n\r\n" + file + b"\r\n"
+        )
+    return out + after + b"--XyZ--\r\n"
+
+
+def read_upload(
+    body: bytes, *, limit: int = 1000, step: int = 7, fields: bool = True
+) -> list[object]:
+    """Every event of ``body`` fed ``step`` bytes at a time, file bytes joined."""
+    reader = uploads.UploadReader(B, limit, fields=fields)
+    events: list[object] = []
+    offset = 0
+    while True:
+        event = reader.next_event()
+        if event is uploads.NEED_DATA:
+            if offset >= len(body):
+                reader.close()
+            else:
+                reader.feed(body[offset : offset + step])
+                offset += step
+        elif isinstance(event, bytes) and events and isinstance(events[-1], bytes):
+            events[-1] += event
+        else:
+            events.append(event)
+            if event is uploads.DONE:
+                return events
+
+
+@pytest.mark.parametrize("step", [1, 2, 7, 64, 10_000])
+def test_the_upload_reader_gives_fields_then_the_file_whatever_the_chunks(step: int) -> None:
+    track = b"WEBVTT\r\n\r\n00:00.000 --> 00:01.000\r\n--XyZ is not a boundary here\r\n"
+    events = read_upload(upload_body([("kind", "subtitles"), ("lang", "de")], track), step=step)
+    assert events == [
+        uploads.Field("kind", "subtitles"),
+        uploads.Field("lang", "de"),
+        uploads.FileStart("de.vtt", "text/vtt"),
+        track,
+        uploads.FILE_END,
+        uploads.DONE,
+    ]
+
+
+def test_the_upload_reader_bounds() -> None:
+    assert read_upload(upload_body([], b"x" * 1000))[1] == b"x" * 1000  # exactly the limit
+    with pytest.raises(ValidationError) as over:
+        read_upload(upload_body([], b"x" * 1001))
+    assert (over.value.message_key, over.value.message) == (
+        "upload_text_track_failed",
+        "Text track upload failed: larger than 1000 bytes.",
+    )
+    big_field = [("label", "l" * (uploads.UPLOAD_OVERHEAD + 1))]  # the fields' bound
+    with pytest.raises(ValidationError, match="larger than 1000"):
+        read_upload(upload_body(big_field, b"x"), step=100_000)
+    reader = uploads.UploadReader(B, 10)
+    reader.feed(b"-" * (10 + uploads.UPLOAD_OVERHEAD))  # the whole body's bound, exactly
+    with pytest.raises(ValidationError, match="larger than 10 bytes"):
+        reader.feed(b"-")
+
+
+def test_the_upload_reader_refuses_unsigned_fields() -> None:
+    with pytest.raises(ChecksumError):  # a field after the file: never verified
+        read_upload(upload_body([], b"x", after=upload_body([("kind", "captions")], None)[:-9]))
+    with pytest.raises(ChecksumError):  # the query carried the signed parameters
+        read_upload(upload_body([("kind", "captions")], b"x"), fields=False)
+    assert read_upload(upload_body([], b"x"), fields=False)[0] == uploads.FileStart("de.vtt")
+
+
+def test_the_upload_reader_reads_only_the_first_file_part() -> None:
+    other = (
+        b'--XyZ\r\nContent-Disposition: form-data; name="other"; filename="o.txt"\r\n\r\n'
+        b"ignored\r\n"
+    )
+    second = (
+        b'--XyZ\r\nContent-Disposition: form-data; name="file"; filename="2.vtt"\r\n\r\nsecond\r\n'
+    )
+    events = read_upload(other + upload_body([], b"first", after=second))
+    assert events == [
+        uploads.FileStart("de.vtt", "text/vtt"),
+        b"first",
+        uploads.FILE_END,
+        uploads.DONE,
+    ]
+
+
+def test_the_upload_reader_on_odd_bodies() -> None:
+    assert read_upload(b"") == [uploads.DONE]  # no body: no file
+    assert read_upload(upload_body([], b"")) == [
+        uploads.FileStart("de.vtt", "text/vtt"),
+        uploads.FILE_END,
+        uploads.DONE,
+    ]
+    with pytest.raises(ValidationError, match="could not be parsed") as broken:
+        read_upload(b"--XyZ\r\nno headers here")
+    assert broken.value.message_key == "validationError"
+    nameless = b"--XyZ\r\nContent-Disposition: form-data\r\n\r\nv\r\n--XyZ--\r\n"
+    with pytest.raises(ValidationError, match="A multipart field has no name"):
+        read_upload(nameless)
+    odd = (
+        b'--XyZ\r\nContent-Disposition: form-data; name="file"; filename="a\\"b\x01.vtt"\r\n'
+        b"Content-Type: text/vtt\x07\r\n\r\nx\r\n--XyZ--\r\n"
+    )
+    assert read_upload(odd)[0] == uploads.FileStart("ab.vtt", "text/vtt")
+    unnamed = (
+        b'--XyZ\r\nContent-Disposition: form-data; name="file"; filename=""\r\n\r\nx\r\n--XyZ--\r\n'
+    )
+    assert read_upload(unnamed)[0] == uploads.FileStart("track.vtt", "text/vtt")
+
+
+def test_upload_boundaries_and_the_forwarded_part() -> None:
+    assert uploads.boundary_of(None) is None
+    assert uploads.boundary_of("application/x-www-form-urlencoded") is None
+    assert uploads.boundary_of("Multipart/Form-Data; boundary=abc") == b"abc"
+    for bad in ("multipart/form-data", "multipart/form-data; boundary=ä"):
+        with pytest.raises(ValidationError) as refused:
+            uploads.boundary_of(bad)
+        assert refused.value.message_key == "unsupportedContentType"
+    head = uploads.part_head(uploads.FileStart("de.vtt", "text/plain"), "b0")
+    assert head == (
+        b'--b0\r\nContent-Disposition: form-data; name="file"; filename="de.vtt"\r\n'
+        b"Content-Type: text/plain\r\n\r\n"
+    )
+    assert uploads.part_tail("b0") == b"\r\n--b0--\r\n"
+    assert uploads.content_type("b0") == "multipart/form-data; boundary=b0"
+    assert repr(uploads.DONE) == "DONE"

@@ -209,11 +209,11 @@ async def test_a_client_too_slow_is_cut_off(nursery: trio.Nursery, tmp_path: Pat
         headers = [
             ("Host", url.netloc.decode()),
             ("Content-Type", CONTENT_TYPE),
-            ("Content-Length", str(len(HEAD) + 10_000)),
+            ("Content-Length", str(len(HEAD) + 20_000)),
         ]
         request = h11.Request(method="POST", target=url.raw_path, headers=headers)
         stream = await trio.open_tcp_stream(url.host, url.port or 80)
-        await stream.send_all((client.send(request) or b"") + HEAD)
+        await stream.send_all((client.send(request) or b"") + HEAD + b"c" * 100)
         events: list[Any] = []
 
         async def trickle(cancel: trio.CancelScope) -> None:

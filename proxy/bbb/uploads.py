@@ -119,16 +119,30 @@ class UploadReader:
         self._field: tuple[str, bytearray] | None = None
         self._file_seen = False
         self._ready: deque[Event] = deque()
+        self._held = b""  # the end of what came, not yet fed (see feed)
+        # A delimiter (CR LF "--" boundary) and what may end it ("--" CR LF).
+        self._tail = len(b"\r\n--" + boundary) + 4
 
     def feed(self, data: bytes) -> None:
-        """More of the body; above ``limit + UPLOAD_OVERHEAD`` in all, the upload is refused."""
+        """More of the body; above ``limit + UPLOAD_OVERHEAD`` in all, the upload is refused.
+
+        A tail that could be the start of a delimiter is held back until more comes:
+        werkzeug's decoder, fed a part that ends inside ``CR LF CR``, hands the first CR LF
+        on as data and keeps the wrong CR (an extra byte in the file).  Fed only up to a
+        point where no delimiter can begin in the last :attr:`_tail` bytes, it decides
+        only on delimiters it has whole."""
         self._received += len(data)
         if self._received > self._limit + UPLOAD_OVERHEAD:
             raise too_large(self._limit)
-        self._decoder.receive_data(data)
+        data = self._held + data
+        cut = _safe_end(data, self._tail)
+        self._held = data[cut:]
+        self._decoder.receive_data(data[:cut])
 
     def close(self) -> None:
         """The body ended: what is left is parsed to :data:`DONE` or refused."""
+        self._decoder.receive_data(self._held)
+        self._held = b""
         self._decoder.receive_data(None)
 
     @property
@@ -198,6 +212,13 @@ class UploadReader:
                 self._ready.append(Field(name, value.decode(errors="replace")))
         if not more:
             self._part, self._field = "", None
+
+
+def _safe_end(data: bytes, tail: int) -> int:
+    """Where to cut ``data`` so that no CR or LF is in the last ``tail`` bytes fed."""
+    start = max(0, len(data) - tail)
+    breaks = [i for i in (data.find(b"\r", start), data.find(b"\n", start)) if i >= 0]
+    return min(breaks, default=len(data))
 
 
 def part_head(file: FileStart, boundary: str) -> bytes:
