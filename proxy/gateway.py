@@ -30,12 +30,10 @@ from proxy.health import Health, State, Thresholds, responsive, suspended, with_
 from proxy.ledger.model import BackendSpec
 from proxy.ledger.service import Ledger
 from proxy.placement import Ring
-from proxy.store import Log
-from proxy.store import MemoryLog
-from proxy.webhooks.registry import HookRegistry
-from proxy.webhooks.delivery import Webhooks
-from proxy.store import Log
 from proxy.runtime import Directory, RuntimeState, merged
+from proxy.store import Log, MemoryLog
+from proxy.webhooks.delivery import Webhooks
+from proxy.webhooks.registry import HookRegistry
 
 if TYPE_CHECKING:
     from proxy.runtime_service import RuntimeService
