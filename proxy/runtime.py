@@ -212,13 +212,15 @@ _OPS = ("create", "update", "delete", "retire")
 
 
 def _head(record: Mapping[str, Any]) -> tuple[str, str, str]:
+    # The messages name op, kind and id only: a record's fields may hold a secret.
     if not isinstance(record, Mapping):
-        raise StateError(f"runtime record is not an object: {record!r:.80}")
+        raise StateError(f"runtime record is not an object but {type(record).__name__}")
     op, kind, entity_id = record.get("op"), record.get("kind"), record.get("id")
+    head = f"op={op!r:.20} kind={kind!r:.20} id={entity_id!r:.70}"
     if op not in _OPS or kind not in KINDS or not isinstance(entity_id, str):
-        raise StateError(f"unknown runtime record: {dict(record)!r:.120}")
+        raise StateError(f"unknown runtime record ({head})")
     if op == "retire" and kind != "backend":
-        raise StateError(f"only a backend retires: {dict(record)!r:.120}")
+        raise StateError(f"only a backend retires ({head})")
     return str(op), str(kind), entity_id
 
 

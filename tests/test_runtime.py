@@ -219,3 +219,12 @@ async def test_the_service_compacts_its_log_to_the_state(monkeypatch: pytest.Mon
         replayed.apply(record)
     assert merged(FILE, replayed) == service.directory
     assert gw.tallies[("admin_changes", "backend_created")] == 1
+
+
+def test_a_state_error_never_shows_a_secret() -> None:
+    record = {"op": "vanish", "kind": "backend", "id": "b", "fields": {"secret": "top-secret"}}
+    bad_value = {"op": "update", "kind": "backend", "id": "b", "fields": {"secret": "", "x": 1}}
+    for bad in (record, bad_value, ["top-secret"]):
+        with pytest.raises(StateError) as caught:
+            RuntimeState().apply(bad)  # type: ignore[arg-type]
+        assert "top-secret" not in str(caught.value)
