@@ -161,9 +161,8 @@ async def rotate_secret(gw: Gateway, call: Call) -> Result:
     grace = body.get("grace_seconds", DEFAULT_GRACE)
     if isinstance(grace, bool) or not isinstance(grace, int | float) or not 0 <= grace <= 1e9:
         raise Refused(400, "must be a number of seconds >= 0", "grace_seconds")
-    assert gw.runtime is not None
-    current = customer_fields(gw.runtime.directory, customer_id)
-    assert current is not None
+    current = customer_fields(_runtime(gw).directory, customer_id)
+    assert current is not None  # known (checked above, no await since)
     now = gw.ledger.clock()
     fields = {"secrets": rotated(current["secrets"], secret, now, float(grace))}
     await _change(gw, _update_record("customer", customer_id, fields, []), "secret_rotated")
