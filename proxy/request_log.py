@@ -40,17 +40,16 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl
 
+from proxy.backends.client import Observer
 from proxy.logs import REQUEST_ID, shown
 
 log = logging.getLogger("proxy.request")
 backend_log = logging.getLogger("proxy.backend")
 
-HEADER = "X-Request-Id"
 QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 ID_BYTES = 8  # 16 hex digits: unique enough to find one request in a day of logs
 
 type Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-type Observer = Any  # proxy.backends.client.Observer (not imported: no cycle)
 
 
 @dataclass(slots=True)
@@ -125,15 +124,10 @@ def observing(observer: Observer) -> Observer:
         note_backend(backend)
         if backend_log.isEnabledFor(logging.DEBUG):
             ms = round(seconds * 1000, 1)
+            fields = {"backend": backend, "call": call, "outcome": outcome, "duration_ms": ms}
             backend_log.debug(
-                "%s %s: %s in %s ms",
-                backend,
-                call,
-                outcome,
-                ms,
-                extra={"fields": {"backend": backend, "call": call, "outcome": outcome,
-                                  "duration_ms": ms}},
-            )  # fmt: skip
+                "%s %s: %s in %s ms", backend, call, outcome, ms, extra={"fields": fields}
+            )
         observer(backend, call, outcome, seconds)
 
     return observe
