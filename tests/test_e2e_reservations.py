@@ -164,6 +164,8 @@ async def test_all_backends_refusing_is_server_unavailable(make_stack: StackFact
 
 async def test_unreachable_backend_is_skipped_for_another(make_stack: StackFactory) -> None:
     stack = await make_stack()
+    # The gateway's start-up calls (its webhook registration) are done before the swap.
+    await wait_until(lambda: all(sim.webhooks.hooks for sim in stack.sims))
     # Point bbb-1 at a closed port: connect fails before anything is sent.
     closed = Pool("http://127.0.0.1:9/bigbluebutton/api", stack.config.proxy.timeouts, 4)
     client = stack.gateway.client("bbb-1")
