@@ -24,11 +24,12 @@ from proxy.bbb.rewrite import backend_meeting_id
 from proxy.config import Backend
 from proxy.errors import StorageUnavailable
 from proxy.health import State
+from proxy.simulator import Simulator, serve_simulator
 from proxy.simulator.webhooks import url_search_params
 from proxy.store import Json
 from proxy.webhooks import mapping
 from proxy.webhooks.mapping import Event, Owner, Recent
-from tests.harness import Stack, StackFactory, wait_until
+from tests.harness import BACKEND_SECRET, Stack, StackFactory, wait_until
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "bbb" / "bbb-webhooks"
 PUBLIC = "https://gw.example"
@@ -580,3 +581,24 @@ async def test_fuzz_signed_posts_never_fail_the_gateway(make_stack: StackFactory
     assert (await stack.http.get(stack.url + "/healthz")).status_code == 200
     counted = sum(intake_tally(stack, k) for k in ("accepted", "unknown_meeting", "invalid"))
     assert counted >= 150
+
+
+async def test_a_backend_added_at_run_time_gets_the_hook(
+    make_stack: StackFactory, nursery: trio.Nursery
+) -> None:
+    stack = await make_stack(proxy={"admin_token": "intake-admin"})
+    await wait_until(lambda: all(len(urls) == 1 for urls in gateway_hooks(stack)))
+    extra = Simulator(BACKEND_SECRET, server_name="bbb-3.test", expire_unjoined_minutes=None)
+    url = await nursery.start(serve_simulator, extra)
+    body = {"id": "bbb-3", "url": url, "secret": BACKEND_SECRET, "capacity": 10}
+    added = await stack.http.post(
+        f"{stack.url}/admin/v1/backends",
+        headers={"Authorization": "Bearer intake-admin"},
+        content=json.dumps(body),
+    )
+    assert added.status_code == 201, added.text
+    await wait_until(lambda: len(extra.webhooks.hooks) == 1)
+    (hook,) = extra.webhooks.hooks.values()
+    backend = stack.gateway.backend("bbb-3")
+    assert backend is not None
+    assert hook.callback_url == mapping.intake_url(stack.config.proxy.public_url, backend)
