@@ -220,3 +220,21 @@ async def test_events_are_signed_with_the_algorithm_of_the_hooks_create(
     await wait_until(lambda: len(posts) == 1)
     assert len(dict(parse_qsl(posts[0].query))["checksum"]) == 64
     assert valid_checksum(posts[0], url, SECRETS["acme"])
+
+
+async def test_recording_events_reach_the_customer_under_its_meeting_id(
+    make_stack: StackFactory, nursery: trio.Nursery
+) -> None:
+    stack = await make_stack()
+    receiver, posts = await start_receiver(nursery)
+    await registered(stack)
+    await hook(stack, f"{receiver}/rec", "room-1", eventID="rap-archive-ended,rap-publish-ended")
+    await stack.create("room-1", record="true", meta_course="Maths 101")
+    await stack.call("end", [("meetingID", "room-1")])
+    await wait_until(lambda: "rap-publish-ended" in [p.name() for p in posts])  # the sim's tick
+    assert [p.name() for p in posts] == ["rap-archive-ended", "rap-publish-ended"]
+    assert {p.meeting_id() for p in posts} == {"room-1"}
+    recording = posts[1].event()["data"]["attributes"]["recording"]
+    assert recording["metadata"]["meetingId"] == "room-1"
+    assert recording["metadata"]["course"] == "Maths 101"
+    assert not [k for k in recording["metadata"] if k.startswith("bbb-proxy-")]
