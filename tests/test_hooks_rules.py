@@ -96,9 +96,12 @@ def test_hook_id_and_meeting_id_rules() -> None:
     assert missing.value.message_key == "missingParamHookID"
     assert hooks.missing_meeting_id().message_key == "missingParamMeetingID"
     assert "hooks for all meetings are not offered" in hooks.missing_meeting_id().message
-    assert hooks.checked_meeting_id("room 1 é") == "room 1 é"
-    with pytest.raises(ValidationError):
-        hooks.checked_meeting_id("room\x01")
+    for fine in ("room 1 é", "tab\tand\xa0nbsp", "emoji \U0001f600"):
+        assert hooks.checked_meeting_id(fine) == fine
+        assert etree.fromstring(f"<m>{hooks.cdata(fine)}</m>").text == fine
+    for bad in ("room\x01", "a\x0bb", "\ufffe", "x\udc80"):
+        with pytest.raises(ValidationError):
+            hooks.checked_meeting_id(bad)
     assert hooks.missing_hook().message_key == "destroyMissingHook"
 
 

@@ -41,6 +41,7 @@ type Params = Sequence[tuple[str, str]]
 EVENT_ID = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")  # user-joined, rap-publish-ended, ...
 MAX_EVENT_IDS = 64  # bbb-webhooks maps about 50 event types
 CREATE_FAILED = "createHookError"
+_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,8 +100,8 @@ def missing_meeting_id() -> ValidationError:
 
 
 def checked_meeting_id(meeting_id: str) -> str:
-    """A meetingID that can be written back in hooks/list's XML (no control characters)."""
-    if not meeting_id.isprintable():
+    """A meetingID that can be written back in hooks/list's XML (no character XML 1.0 forbids)."""
+    if _NOT_XML.search(meeting_id):
         raise ValidationError("Meeting ID cannot contain control characters")
     return meeting_id
 

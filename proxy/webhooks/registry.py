@@ -152,12 +152,6 @@ class HookState:
         """Drop hooks from memory without a record (expired ones: replay agrees)."""
         for hook in hooks:
             self._remove(hook.id)
-            key = (hook.customer, hook.meeting_id)
-            ends = [h.ended_at for h in self.of(*key) if h.ended_at is not None]
-            if ends:
-                self.ended[key] = min(ends)
-            else:
-                self.ended.pop(key, None)
 
     def _add(self, hook: Hook) -> None:
         self._remove(hook.id)
@@ -174,8 +168,11 @@ class HookState:
         key = (hook.customer, hook.meeting_id)
         _discard(self._by_customer, hook.customer, hook_id)
         _discard(self._by_meeting, key, hook_id)
-        if key not in self._by_meeting:
+        if hook.ended_at is not None:
+            ends = [h.ended_at for h in self.of(*key) if h.ended_at is not None]
             self.ended.pop(key, None)
+            if ends:
+                self.ended[key] = min(ends)
 
     def _mark_ended(self, key: MeetingKey, at: float) -> None:
         self.ended[key] = min(at, self.ended.get(key, at))  # the earliest end expires first
