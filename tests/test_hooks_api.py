@@ -27,6 +27,7 @@ from proxy.config import Config, Network, WebhookSettings
 from proxy.gateway import Gateway
 from proxy.server import serve_gateway
 from proxy.simulator import Simulator, serve_simulator
+from proxy.store import MemoryLog
 from tests.harness import (
     BACKEND_SECRET,
     SECRETS,
@@ -388,3 +389,31 @@ async def test_the_hooks_store_is_part_of_readiness(stack: Stack) -> None:
     response = await stack.http.get(f"{stack.url}/readyz")
     assert response.json()["stores"]["hooks"] == "ok"
     assert stack.gateway.stores["hooks"] is stack.gateway.hooks.log
+
+
+async def test_a_disabled_customer_and_a_disabled_call(make_stack: StackFactory) -> None:
+    stack = await make_stack(proxy={"disabled_calls": ["hooks/destroy"]})
+    failed(await create_hook(stack, customer="off"), "apiNotEnabled")
+    hook_id = text(await create_hook(stack), "hookID")
+    failed(await hooks_call(stack, "destroy", [("hookID", hook_id)]), "unsupportedRequest")
+    assert [h.id for h in stack.gateway.hooks.listed("acme")] == [hook_id]
+
+
+async def test_a_body_only_post_is_accepted_as_for_other_calls(stack: Stack) -> None:
+    params = [("callbackURL", URL), ("meetingID", "room-1")]
+    query = signed_query("hooks/create", params, SECRETS["acme"], "sha256")
+    response = await stack.http.post(
+        f"{stack.api()}/hooks/create",
+        content=query,
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    )
+    hook = stack.gateway.hooks.get(text(etree.fromstring(response.content), "hookID"))
+    assert hook is not None and hook.algorithm == "sha256"
+
+
+async def test_a_hooks_log_that_cannot_write_answers_server_unavailable(stack: Stack) -> None:
+    broken = MemoryLog()
+    broken.failed = True
+    stack.gateway.hooks.log = broken
+    failed(await create_hook(stack), "serverUnavailable")
+    assert stack.gateway.hooks.listed("acme") == []
