@@ -6,6 +6,8 @@ changed comparison, constant or operator in the decision modules is noticed.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import ipaddress
 import logging
 import math
@@ -17,8 +19,9 @@ import pytest
 from lxml import etree
 
 from proxy.backends import outbound
-from proxy.bbb import customer_urls, rewrite, uploads
+from proxy.bbb import callbacks, customer_urls, rewrite, uploads
 from proxy.bbb.numbers import parse_count, parse_int
+from proxy.config import Backend
 from proxy.errors import ChecksumError, ValidationError
 from proxy.logs import shown
 from proxy.placement import BackendLoad, Ring, RingStatistics
@@ -481,3 +484,57 @@ def test_upload_boundaries_and_the_forwarded_part() -> None:
     assert uploads.part_tail("b0") == b"\r\n--b0--\r\n"
     assert uploads.content_type("b0") == "multipart/form-data; boundary=b0"
     assert repr(uploads.DONE) == "DONE"
+
+
+# -- meeting-ended URLs: the signature's construction, both URLs, customer URLs dropped ---------
+
+CB_BACKEND = Backend(id="b1", url="http://b1.test/bigbluebutton/api", secret="one", capacity=10)
+
+
+def test_the_notice_signature_is_hmac_sha256_under_a_key_derived_from_the_secret() -> None:
+    """The construction is fixed: URLs already handed to BBB servers by a running gateway
+    must still verify after it restarts or is upgraded."""
+    ended, callback = callbacks.ended_urls(
+        "https://gw.test", CB_BACKEND, "acme~r", "r", callbacks.CustomerUrls(), 1.5
+    )
+    for url in (ended, callback):
+        assert url.startswith("https://gw.test/callbacks/v1/ended?")
+        query, _, sig = url.partition("?")[2].rpartition("&sig=")
+        key = hashlib.sha256(b"bbb-proxy meeting-ended:one").digest()
+        assert sig == hmac.new(key, query.encode(), hashlib.sha256).hexdigest()
+
+
+def test_a_customer_end_url_that_cannot_be_called_is_dropped_logged_and_counted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    before = customer_urls.OUTCOMES["dropped"]
+    with caplog.at_level(logging.WARNING, logger=callbacks.__name__):
+        kept, urls, tags = callbacks.split_customer_urls(
+            [("meetingEndedURL", "ftp://lms.test/e"), ("meta_endCallbackUrl", "http://:0/x")]
+        )
+    assert (kept, urls, tags) == ([], callbacks.CustomerUrls(), [])
+    assert customer_urls.OUTCOMES["dropped"] == before + 2
+    assert [r.getMessage() for r in caplog.records] == [
+        f"create: dropped meetingEndedURL {shown('ftp://lms.test/e')}: not an http(s) URL",
+        f"create: dropped meta_endCallbackUrl {shown('http://:0/x')}: no host",
+    ]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger=callbacks.__name__):
+        assert callbacks.split_customer_urls([("name", "x")])[1] == callbacks.CustomerUrls()
+    assert caplog.records == []  # nothing given: nothing dropped
+    assert customer_urls.OUTCOMES["dropped"] == before + 2
+
+
+def test_the_end_callback_keeps_the_customers_own_query() -> None:
+    notice = callbacks.EndNotice(
+        "callback",
+        "b1",
+        "acme~r",
+        "r",
+        "1.5",
+        callbacks.CustomerUrls((), ("https://lms.test/cb?course=7#top",)),
+        "false",
+    )
+    assert callbacks.calls_for(notice) == [
+        "https://lms.test/cb?course=7&recordingmarks=false&meetingID=r#top"
+    ]
