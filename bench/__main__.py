@@ -1,5 +1,6 @@
 """``python -m bench join|create|lms [--seconds S] [--connections N] [--warmup S] ...``;
-``python -m bench curve NAME ...`` for the scaling curves (see bench/curves.py)."""
+``python -m bench curve NAME ...`` for the scaling curves (see bench/curves.py);
+``python -m bench webhooks ...`` for webhook delivery (see bench/webhooks.py)."""
 
 from __future__ import annotations
 
@@ -109,6 +110,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from bench.curves import main as curves_main
 
         return curves_main(argv[1:])
+    if argv[:1] == ["webhooks"]:
+        from bench.webhooks import main as webhooks_main
+
+        return webhooks_main(argv[1:])
     args = parse_args(argv)
     try:
         trio.run(run_lms if args.scenario == "lms" else run, args)

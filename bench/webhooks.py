@@ -1,4 +1,4 @@
-"""``python -m bench.webhooks``: webhook events through the gateway beside the backend's own.
+"""``./run bench webhooks``: webhook events through the gateway beside the backend's own.
 
 Two simulated BBB servers and the customer's receiver run in this process; the gateway
 runs as ``python -m proxy.cli serve`` (durable ledger, hooks and webhook queue, fsync,
@@ -321,7 +321,7 @@ def ratios(results: dict[str, Any]) -> dict[str, float]:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench.webhooks", description=__doc__)
+    parser = argparse.ArgumentParser(prog="./run bench webhooks", description=__doc__)
     parser.add_argument("--events", type=int, default=1000, help="throughput: events per path")
     parser.add_argument("--concurrency", type=int, default=8, help="throughput: sends at once")
     parser.add_argument("--paced", type=int, default=200, help="latency: events per path")
