@@ -30,12 +30,15 @@ from typing import TextIO
 
 import orjson
 
+# A value already masked ("***" and then a delimiter or punctuation) is left as it is, so that
+# masking twice (shown() and then the handler's filter) changes nothing more.
+_MASKED = r"\*\*\*(?=[&\s\"',;:)\]]|$)"
 _SECRET_PARAMS = re.compile(
     r"((?:checksum|sig|password|moderatorPW|attendeePW|secret|sessionToken|signed_parameters"
-    r"|token)=)[^&\s\"']+",
+    r"|token)=)(?:" + _MASKED + r"|[^&\s\"']+)",
     re.I,
 )
-_BEARER = re.compile(r"(Bearer\s+)[^\s\"',]+", re.I)
+_BEARER = re.compile(r"(Bearer\s+)(?:" + _MASKED + r"|[^\s\"',]+)", re.I)
 _TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
 SHOWN_CHARS = 300  # a peer's value quoted in a log line is cut to this
 FORMATS = ("auto", "json", "text")

@@ -15,7 +15,7 @@ import pytest
 
 from proxy.bbb import rewrite
 from proxy.health import Health, State
-from proxy.logs import setup_logging
+from proxy.logs import redact, setup_logging
 from proxy.request_log import client_address, networks
 from proxy.simulator import Simulator
 from tests.harness import BACKEND_SECRET, CUSTOMERS, Stack, StackFactory, wait_until
@@ -441,3 +441,21 @@ def test_a_leak_would_be_found(captured: Captured) -> None:
     assert "calling http://b/api/join?meetingID=x&password=***&checksum=***" in text
     for value in ("pw-1", "c0ffee", "tok-123", "sig-abc-9", "sec-s3-7"):
         assert value not in text
+
+
+@pytest.mark.parametrize(
+    ("line", "masked"),
+    [
+        ("not calling http://lms/e?secret=***: host is not public", None),  # masked already
+        ("a?secret=***abc&b=1", "a?secret=***&b=1"),  # "***" starting a secret is no mask
+        ("Authorization: Bearer ***, then", None),
+        (
+            "join?signed_parameters=eyJ.x.y&sessionToken=s1",
+            "join?signed_parameters=***&sessionToken=***",
+        ),
+    ],
+)
+def test_masking_twice_changes_nothing_more(line: str, masked: str | None) -> None:
+    once = redact(line)
+    assert once == (line if masked is None else masked)
+    assert redact(once) == once
