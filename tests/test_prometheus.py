@@ -165,6 +165,7 @@ async def load(stack: Stack) -> None:
     assert held is not None
     stack.gateway.set_health(held.backend_id, Health(State.DOWN, failures=3, down_since=0.0))
     await stack.http.get(stack.signed("join", join))  # serverUnavailable: its server is down
+    await stack.call("getRecordings", [])  # the DOWN server is left out
     stack.gateway.set_health(held.backend_id, Health())
     admin = {"Authorization": f"Bearer {ADMIN}"}
     ended = await stack.http.delete(f"{stack.url}/admin/v1/meetings/acme/new", headers=admin)
@@ -191,6 +192,7 @@ async def _every_query_answers(stack: Stack, prometheus: Prometheus) -> None:
     for reason in ("subscription", "server_unavailable", "checksum", "unsupported_call"):
         await prometheus.wait_for(f'sum(bbb_proxy_refusals_total{{reason="{reason}"}})', 1)
     await prometheus.wait_for('bbb_proxy_recording_ready_notices_total{answer="unsigned_url"}', 1)
+    await prometheus.wait_for('bbb_proxy_recordings_backends_left_out_total{reason="down"}', 1)
     await prometheus.wait_for("count(bbb_proxy_requests_total)", await _series(stack))
     await trio.sleep(2.5)  # two more scrapes: every series has the two samples a rate needs
     queries = dashboard_queries()
