@@ -300,6 +300,12 @@ async def full_run(stack: Stack, s: Secrets) -> None:
         headers={"Content-Type": "application/xml"},
     )
     await recordings(stack, s)
+    hook = [("callbackURL", "http://127.0.0.1:9/hook?token=hook-token-42"), ("meetingID", "m-1")]
+    created = await s.get(sign("hooks/create", hook))
+    assert "<returncode>SUCCESS</returncode>" in created.text, created.text
+    await s.get(sign("hooks/list", [("meetingID", "m-1")]))
+    hook_id = created.text.split("<hookID>")[1].split("<")[0]
+    await s.get(sign("hooks/destroy", [("hookID", hook_id)]))
     await s.get(sign("end", [("meetingID", "m-2")]))  # the backend calls the ended URL back
     await s.get(sign("end", [("meetingID", "nope")]))
     await s.get(sign("getMeetingInfo", [("meetingID", "m-1")]).replace("checksum=", "checksum=f"))
@@ -413,7 +419,7 @@ async def test_no_secret_in_any_log_line(captured: Captured, make_stack: StackFa
         "create", "join", "end", "isMeetingRunning", "getMeetingInfo", "getMeetings",
         "sendChatMessage", "insertDocument", "getRecordings", "publishRecordings",
         "updateRecordings", "deleteRecordings", "getRecordingTextTracks",
-        "putRecordingTextTrack", "notACall",
+        "putRecordingTextTrack", "notACall", "hooks/create", "hooks/list", "hooks/destroy",
     }  # fmt: skip
     results = {line["result"] for line in captured.requests()}
     assert results >= {
