@@ -538,3 +538,90 @@ def test_the_end_callback_keeps_the_customers_own_query() -> None:
     assert callbacks.calls_for(notice) == [
         "https://lms.test/cb?course=7&recordingmarks=false&meetingID=r#top"
     ]
+
+
+# -- outbound POSTs (recording-ready, webhooks) and their failures, as the customer sees them ---
+
+
+class Recorded:
+    """An httpx transport that records each request and answers ``status`` (or raises)."""
+
+    def __init__(self, status: int = 200, error: Exception | None = None) -> None:
+        self.status, self.error = status, error
+        self.requests: list[httpx.Request] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        if self.error is not None:
+            raise self.error
+        return httpx.Response(self.status)
+
+
+async def test_a_form_is_posted_urlencoded_to_the_checked_address() -> None:
+    seen = Recorded(202)
+    async with httpx.AsyncClient(transport=httpx.MockTransport(seen)) as client:
+        status = await outbound.post_customer_url(
+            client, "http://localhost:8080/ready?x=1", {"signed_parameters": "a b"}, True
+        )
+    assert status == 202
+    (request,) = seen.requests
+    assert request.method == "POST"
+    assert request.url.host in ("127.0.0.1", "::1") and request.url.port == 8080
+    assert (request.url.path, request.url.query) == ("/ready", b"x=1")
+    assert request.headers["host"] == "localhost:8080"
+    assert request.headers["content-type"] == "application/x-www-form-urlencoded"
+    assert request.content == b"signed_parameters=a+b"
+
+
+async def test_a_webhook_body_is_posted_byte_for_byte() -> None:
+    seen = Recorded(200)
+    body = "event=%5B%5D&domain=b%C3%BC.test&note=ä"
+    async with httpx.AsyncClient(transport=httpx.MockTransport(seen)) as client:
+        status = await outbound.post_form_body(client, "https://localhost/hook", body, True)
+    assert status == 200
+    (request,) = seen.requests
+    assert request.content == body.encode("utf-8")
+    assert request.headers["content-type"] == "application/x-www-form-urlencoded"
+    assert request.headers["host"] == "localhost"
+    assert request.extensions["sni_hostname"] == "localhost"
+
+
+async def test_allowed_networks_admit_private_addresses_and_only_those() -> None:
+    seen = Recorded(204)
+    loopback = [ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128")]
+    elsewhere = [ipaddress.ip_network("10.0.0.0/8")]
+    url = "http://localhost/hook"
+    async with httpx.AsyncClient(transport=httpx.MockTransport(seen)) as client:
+        assert await outbound.post_form_body(client, url, "a=1", False, loopback) == 204
+        assert await outbound.post_form_body(client, url, "a=1", False, elsewhere) is None
+        assert await outbound.post_form_body(client, url, "a=1", False) is None
+    assert len(seen.requests) == 1
+
+
+async def test_failures_and_refusals_are_logged_and_counted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    url = "http://localhost/e?token=1"
+    broken = Recorded(error=httpx.ConnectError("refused"))
+    failed, refused = outbound.OUTCOMES["failed"], outbound.OUTCOMES["refused"]
+    with caplog.at_level(logging.WARNING, logger=outbound.__name__):
+        async with httpx.AsyncClient(transport=httpx.MockTransport(broken)) as client:
+            assert await outbound.post_customer_url(client, url, {"a": "1"}, True) == 0
+            assert await outbound.call_customer_url(client, url, allow_private=False) is False
+            assert await outbound.call_customer_url(client, url, allow_private=True) is False
+    assert [r.getMessage() for r in caplog.records] == [
+        f"callback {shown(url)} failed: ConnectError",
+        f"not calling {shown(url)}: host is not public or does not resolve",
+        f"callback {shown(url)} failed: ConnectError",
+    ]
+    assert outbound.OUTCOMES["failed"] == failed + 2
+    assert outbound.OUTCOMES["refused"] == refused + 1
+    assert len(broken.requests) == 2
+
+
+async def test_a_non_2xx_answer_is_logged_with_its_status(caplog: pytest.LogCaptureFixture) -> None:
+    url = "http://localhost/e"
+    async with httpx.AsyncClient(transport=httpx.MockTransport(Recorded(503))) as client:
+        with caplog.at_level(logging.WARNING, logger=outbound.__name__):
+            assert await outbound.post_customer_url(client, url, {}, True) == 503
+    assert caplog.records[-1].getMessage() == f"callback {shown(url)} answered HTTP 503"
