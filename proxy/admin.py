@@ -10,6 +10,7 @@ made durable is ``503``.  Changes take effect at once and survive restarts
     GET    /customers                     GET|PATCH|DELETE /customers/{id}
     POST   /customers                     POST /customers/{id}/secrets  (rotation)
     GET    /customers/{id}/credentials    GET  /customers/{id}/timeline
+    POST   /customers/{id}/admins  (invite a customer administrator)   GET /customers/{id}/admins
     GET    /backends    POST /backends    GET|PATCH|DELETE /backends/{id}
     GET    /meetings?customer=&backend=   GET|DELETE /meetings/{customer}/{meetingID}
     GET    /status
@@ -35,6 +36,7 @@ from proxy import admin_views as views
 from proxy.backends.monitor import supervised_poll
 from proxy.errors import StorageUnavailable
 from proxy.gateway import Gateway
+from proxy.portal.service import PortalService, Refusal, check_email
 from proxy.runtime import (
     DEFAULT_GRACE,
     FIELDS,
@@ -170,6 +172,47 @@ async def rotate_secret(gw: Gateway, call: Call) -> Result:
     return 201, {**views.credentials(gw, customer_id), "secret": secret}
 
 
+async def invite_admin(gw: Gateway, call: Call) -> Result:
+    """A one-time invitation link for a customer administrator (proxy.portal); it is
+    shown once, in this answer, and kept only as a digest."""
+    customer_id = _known_customer(gw, call.parts[1])
+    body = _object(call.body)
+    _only(body, {"email"})
+    if "email" not in body:
+        raise Refused(400, "required", "email")
+    try:
+        email = check_email(body["email"])
+    except ValueError as exc:
+        raise Refused(400, str(exc), "email") from None
+    try:
+        invited = await _portal(gw).invite(customer_id, email)
+    except Refusal:
+        raise Refused(409, f"{email} administers another customer", "email") from None
+    gw.tally("admin_changes", "admin_invited")
+    url = f"{gw.config.proxy.public_url}/portal/invitation?token={invited.token}"
+    return 201, {"customer": customer_id, "email": email, "invitation_url": url,
+                 "expires_at": invited.invitation.expires_at}  # fmt: skip
+
+
+async def list_admins(gw: Gateway, call: Call) -> Result:
+    customer_id = _known_customer(gw, call.parts[1])
+    portal = _portal(gw)
+    now = portal.clock()
+    pending = [
+        {"email": i.email, "invited_until": i.expires_at}
+        for i in portal.state.invitations.values()
+        if i.customer == customer_id and i.expires_at > now
+    ]
+    admins = [{"email": a.email} for a in portal.state.admins_of(customer_id)]
+    return 200, {"customer": customer_id, "admins": admins, "invitations": pending}
+
+
+def _portal(gw: Gateway) -> PortalService:
+    if gw.portal is None:
+        raise Refused(404, "the portal is off ([portal] enabled = false)")
+    return gw.portal
+
+
 async def credentials(gw: Gateway, call: Call) -> Result:
     return 200, views.credentials(gw, _known_customer(gw, call.parts[1]))
 
@@ -273,6 +316,8 @@ ROUTES: Mapping[tuple[str, ...], Callable[[Gateway, Call], Awaitable[Result]]] =
     ("POST", "customers", "{}", "secrets"): rotate_secret,
     ("GET", "customers", "{}", "credentials"): credentials,
     ("GET", "customers", "{}", "timeline"): timeline,
+    ("POST", "customers", "{}", "admins"): invite_admin,
+    ("GET", "customers", "{}", "admins"): list_admins,
     ("GET", "backends"): list_backends,
     ("POST", "backends"): create_backend,
     ("GET", "backends", "{}"): show_backend,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -176,6 +177,25 @@ def _customer_rotate(args: argparse.Namespace) -> None:
 
 def _customer_credentials(args: argparse.Namespace) -> None:
     answer = request(args, "GET", f"customers/{_q(args.id)}/credentials")
+def _customer_invite(args: argparse.Namespace) -> None:
+    answer = request(args, "POST", f"customers/{_q(args.id)}/admins", {"email": args.email})
+    show(args, answer, lambda d: f"invitation for {d['email']} (customer {d['customer']}), "
+         f"valid until {_utc(d['expires_at'])}, usable once:\n{d['invitation_url']}")  # fmt: skip
+
+
+def _utc(epoch: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(epoch))
+
+
+def _customer_admins(args: argparse.Namespace) -> None:
+    answer = request(args, "GET", f"customers/{_q(args.id)}/admins")
+    rows = [{"email": a["email"], "state": "active"} for a in answer["admins"]] + [
+        {"email": i["email"], "state": f"invited until {_utc(i['invited_until'])}"}
+        for i in answer["invitations"]
+    ]
+    show(args, answer, lambda d: table(rows, ("email", "state")))
+
+
 
     def render(d: Mapping[str, Any]) -> str:
         urls = [d["api_url"], *d["host_api_urls"]]
@@ -330,6 +350,8 @@ COMMANDS: Mapping[tuple[str, str | None], Callable[[argparse.Namespace], None]] 
     ("backends", "show"): _backend_show,
     ("backends", "create"): _backend_create,
     ("backends", "update"): _backend_update,
+    ("customers", "invite"): _customer_invite,
+    ("customers", "admins"): _customer_admins,
     ("backends", "drain"): _backend_mode("drain"),
     ("backends", "activate"): _backend_mode("active"),
     ("backends", "disable"): _backend_mode("disabled"),

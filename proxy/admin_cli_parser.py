@@ -44,6 +44,12 @@ def _customers(parser: argparse.ArgumentParser, api: argparse.ArgumentParser) ->
             p.set_defaults(secret=None)
     rotate = actions.add_parser("rotate-secret", parents=[api])
     rotate.add_argument("id")
+    invite = actions.add_parser(
+        "invite", parents=[api], help="invite a customer administrator (prints a one-time link)"
+    )
+    invite.add_argument("id")
+    invite.add_argument("email")
+    actions.add_parser("admins", parents=[api], help="its administrators").add_argument("id")
     rotate.add_argument("--secret", help="default: a new random one, printed once")
     rotate.add_argument(
         "--grace", type=float, help="seconds the old secrets stay valid (default: 7 days)"

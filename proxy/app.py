@@ -18,7 +18,7 @@ from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from proxy import admin, request_log
+from proxy import admin, portal, request_log
 from proxy.bbb import callbacks, envelope, recording_ready
 from proxy.bbb import recordings as rules
 from proxy.calls import Incoming, handle, result_of, version_document
@@ -45,6 +45,7 @@ def create_app(gw: Gateway) -> QuartTrio:
     gw.observe_backends(request_log.observing(metrics.observe_backend))  # added ones too
     ready = ReadyQueue.open(gw)  # recording-ready deliveries, resumed from state_dir
     webhook_intake.install(app, gw)  # backends' webhook events in; the gateway's hook on each
+    portal.install(app, gw)  # the customer administrators' pages under /portal/ (issue 11)
 
     @app.before_serving
     async def deliver_recording_ready() -> None:

@@ -135,6 +135,20 @@ class WebhookSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class PortalSettings:
+    """The customer administrators' pages under ``/portal/`` (``[portal]``, proxy.portal)."""
+
+    enabled: bool = True  # no page opens to anyone before the operator invites someone
+    session_lifetime: float = 8 * HOURS  # a login lasts this long, then the pages ask again
+    invitation_lifetime: float = 7 * 24 * HOURS  # an invitation link works this long, once
+    # Signs the session cookies and CSRF tokens.  Empty: a random key kept in state_dir
+    # (portal-cookie.key, 0600); set one when several gateways share the sessions.
+    cookie_secret: str = field(default="", repr=False)
+    max_login_failures: int = 5  # wrong passwords in a row, per account and per client address
+    login_lockout: float = 15 * MINUTES  # then no login is tried for this long
+
+
+@dataclass(frozen=True, slots=True)
 class Backend:
     id: str
     url: str
@@ -168,6 +182,7 @@ class Config:
     customers: tuple[Customer, ...]
     texts: Texts = field(default_factory=Texts)
     webhooks: WebhookSettings = field(default_factory=WebhookSettings)
+    portal: PortalSettings = field(default_factory=PortalSettings)
     _by_id: dict[str, Customer] = field(init=False, repr=False, compare=False)
     _by_host: dict[str, Customer] = field(init=False, repr=False, compare=False)
 
@@ -202,7 +217,7 @@ def load(path: str | Path) -> Config:
 
 
 def from_mapping(data: Mapping[str, Any]) -> Config:
-    _only(data, "", {"proxy", "backends", "customers", "texts", "webhooks"})
+    _only(data, "", {"proxy", "backends", "customers", "texts", "webhooks", "portal"})
     proxy = _proxy(_table(data, "proxy", "proxy"))
     backends = tuple(_backend(b, f"backends[{i}]") for i, b in enumerate(_array(data, "backends")))
     customers = tuple(
@@ -210,13 +225,19 @@ def from_mapping(data: Mapping[str, Any]) -> Config:
     )
     texts = _texts(_table(data, "texts", "texts"))
     webhooks = _webhooks(_table(data, "webhooks", "webhooks"))
+    portal = _portal(_table(data, "portal", "portal"))
     _unique([b.id for b in backends], "backends", "id")
     _unique([c.id for c in customers], "customers", "id")
     _unique([h for c in customers for h in c.hosts], "customers", "hosts")
     if not backends:
         raise ConfigError("backends: at least one [[backends]] entry is required")
     return Config(
-        proxy=proxy, backends=backends, customers=customers, texts=texts, webhooks=webhooks
+        proxy=proxy,
+        backends=backends,
+        customers=customers,
+        texts=texts,
+        webhooks=webhooks,
+        portal=portal,
     )
 
 
@@ -367,6 +388,119 @@ def _webhooks(t: Mapping[str, Any]) -> WebhookSettings:
             t, "webhooks", "backend_hook_check", _seconds, d.backend_hook_check
         ),
     )
+
+
+def _portal(t: Mapping[str, Any]) -> PortalSettings:
+    _only(t, "portal", set(PortalSettings.__dataclass_fields__))
+    d = PortalSettings()
+    return PortalSettings(
+        enabled=_get(t, "portal", "enabled", _bool, d.enabled),
+        session_lifetime=_get(t, "portal", "session_lifetime", _seconds, d.session_lifetime),
+        invitation_lifetime=_get(
+            t, "portal", "invitation_lifetime", _seconds, d.invitation_lifetime
+        ),
+        cookie_secret=_get(t, "portal", "cookie_secret", _cookie_secret, ""),
+        max_login_failures=_get(t, "portal", "max_login_failures", _positive, d.max_login_failures),
+        login_lockout=_get(t, "portal", "login_lockout", _seconds, d.login_lockout),
+    )
+
+
+def _voice(t: Mapping[str, Any]) -> VoiceSettings:
+    _only(t, "voice", set(VoiceSettings.__dataclass_fields__))
+    d = VoiceSettings()
+    numbers: dict[str, Any] = _get(t, "voice", "dial_numbers", _str_table, {})
+    return VoiceSettings(
+        allocate=_get(t, "voice", "allocate", _bool, d.allocate),
+        length=_get(t, "voice", "length", _bridge_length, d.length),
+        dial_number=_get(t, "voice", "dial_number", _dial_number, d.dial_number),
+        dial_numbers={
+            _checked(_identifier, key, f"voice.dial_numbers.{key}"): _checked(
+                _dial_number, value, f"voice.dial_numbers.{key}"
+            )
+            for key, value in numbers.items()
+        },
+    )
+
+
+def _fsapi(t: Mapping[str, Any]) -> FsapiSettings:
+    _only(t, "fsapi", set(FsapiSettings.__dataclass_fields__))
+    d = FsapiSettings()
+    hosts: dict[str, Any] = _get(t, "fsapi", "sip_hosts", _str_table, {})
+    return FsapiSettings(
+        password=_get(t, "fsapi", "password", _string, d.password),
+        sip_profile=_get(t, "fsapi", "sip_profile", _token, d.sip_profile),
+        sip_hosts={
+            _checked(_identifier, key, f"fsapi.sip_hosts.{key}"): _checked(
+                _sip_host, value, f"fsapi.sip_hosts.{key}"
+            )
+            for key, value in hosts.items()
+        },
+        max_duration=_get(t, "fsapi", "max_duration", _seconds_or_zero, d.max_duration),
+        mask_digits=_get(t, "fsapi", "mask_digits", _count, d.mask_digits),
+        max_attempts=_get(t, "fsapi", "max_attempts", _positive, d.max_attempts),
+        context=_get(t, "fsapi", "context", _token, d.context),
+        prompt_sound=_get(t, "fsapi", "prompt_sound", _sound, d.prompt_sound),
+        invalid_sound=_get(t, "fsapi", "invalid_sound", _sound, d.invalid_sound),
+        goodbye_sound=_get(t, "fsapi", "goodbye_sound", _sound, d.goodbye_sound),
+    )
+
+
+_TOKEN = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_SIP_HOST = re.compile(r"[A-Za-z0-9.-]{1,253}(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]{2,45}\](:[0-9]{1,5})?")
+_SOUND = re.compile(r"[A-Za-z0-9_./:$-]{1,200}")  # one word of FreeSWITCH's app data
+_DIAL_NUMBER = re.compile(r"[0-9A-Za-z +().#*/-]{0,64}")  # shown to people; no markup
+
+
+def _checked[T](check: Callable[[Any], T], value: Any, name: str) -> T:
+    try:
+        return check(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{name}: {exc}") from None
+
+
+def _str_table(value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise TypeError('must be a table of strings (id = "value")')
+    return value
+
+
+def _bridge_length(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 9:
+        raise ValueError("must be an integer from 1 to 9 (digits)")
+    return value
+
+
+def _count(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError("must be an integer >= 0")
+    return value
+
+
+def _seconds_or_zero(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+        raise ValueError("must be a number of seconds >= 0 (0: no limit)")
+    return float(value)
+
+
+def _matching(pattern: re.Pattern[str], what: str) -> Callable[[Any], str]:
+    def check(value: Any) -> str:
+        if not isinstance(value, str) or not pattern.fullmatch(value):
+            raise ValueError(f"must be {what}")
+        return value
+
+    return check
+
+
+_token = _matching(_TOKEN, "1-64 characters of A-Z, a-z, 0-9, '_', '.' and '-'")
+_sip_host = _matching(_SIP_HOST, "a host name or address, optionally with :port")
+_sound = _matching(_SOUND, "a FreeSWITCH sound file (no spaces)")
+_dial_number = _matching(_DIAL_NUMBER, "a phone number (digits, spaces, + ( ) - . # * /)")
+
+
+def _cookie_secret(value: Any) -> str:
+    if not isinstance(value, str) or (value and len(value) < 32):
+        raise ValueError("must be empty or at least 32 characters")
+    return value
 
 
 def _network(value: str, where: str) -> Network:

@@ -36,6 +36,7 @@ from proxy.webhooks.delivery import Webhooks
 from proxy.webhooks.registry import HookRegistry
 
 if TYPE_CHECKING:
+    from proxy.portal.service import PortalService
     from proxy.runtime_service import RuntimeService
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,7 @@ class Gateway:
     directory: Directory | None = None  # customers and backends in force; None: config's
     transport_factory: Callable[[str], Transport | None] = lambda _id: None
     runtime: RuntimeService | None = None  # runtime changes (set by serve_gateway)
+    portal: PortalService | None = None  # customer administrators (set by proxy.portal)
     # Called with a backend's id when the monitor sees it come back from DOWN.
     on_backend_back: list[Callable[[str], None]] = field(default_factory=list)
     _in_flight: int = field(default=0, init=False)

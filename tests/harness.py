@@ -107,9 +107,11 @@ def config_for(
     customers: list[dict[str, Any]] | None = None,
     proxy: dict[str, Any] | None = None,
     webhooks: dict[str, Any] | None = None,
+    portal: dict[str, Any] | None = None,
 ) -> Config:
     data: dict[str, Any] = {
         "webhooks": webhooks or {},
+        "portal": portal or {},
         "proxy": {"public_url": "http://127.0.0.1:1", "state_dir": "unused", **(proxy or {})},
         "backends": [
             {"id": f"bbb-{i + 1}", "url": url, "secret": BACKEND_SECRET, "capacity": capacity}
@@ -130,6 +132,7 @@ async def start_stack(
     proxy: dict[str, Any] | None = None,
     ledger: Ledger | None = None,
     webhooks: dict[str, Any] | None = None,
+    portal: dict[str, Any] | None = None,
 ) -> Stack:
     sims = [
         Simulator(BACKEND_SECRET, server_name=f"bbb-{i + 1}.test", expire_unjoined_minutes=None)
@@ -149,6 +152,7 @@ async def start_stack(
         customers=customers,
         proxy=own | (proxy or {}),
         webhooks=webhooks,
+        portal=portal,
     )
     gateway, binds = await nursery.start(_serve, config, ledger)
     http = httpx.AsyncClient(timeout=10)

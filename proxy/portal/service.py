@@ -1,0 +1,251 @@
+"""The portal's thin service: invitations, logins and logouts, durable on the ``portal`` log.
+
+Each change is applied to :class:`~proxy.portal.model.PortalState`, appended and flushed
+before it is answered (:mod:`proxy.store`).  Passwords are hashed with argon2id
+(argon2-cffi) in a worker thread, at most two at a time, so a login never blocks the
+event loop; a password is never logged or kept.  Failed logins are counted per account
+and per client address (:class:`~proxy.portal.model.Throttle`).
+
+Error handling: :meth:`PortalService.invite`, :meth:`~PortalService.accept` and
+:meth:`~PortalService.logout` raise ``StorageUnavailable`` when the change cannot be made
+durable, and :class:`Refusal` (with a message key for the page) for what the person got
+wrong; :func:`open_portal` raises ``StateError`` naming the file for a log that cannot
+be read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import trio
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+
+from proxy.config import Config, PortalSettings
+from proxy.errors import StateError, StorageUnavailable
+from proxy.portal.model import Admin, Invitation, PortalState, Throttle, token_digest
+from proxy.portal.sessions import Session, fingerprint, new_session
+from proxy.store import Log, open_local_log
+from proxy.store.local import log_path
+
+if TYPE_CHECKING:
+    from proxy.gateway import Gateway
+
+log = logging.getLogger(__name__)
+
+LOG = "portal"
+KEY_FILE = "portal-cookie.key"
+COMPACT_AFTER = 200
+MIN_PASSWORD = 10  # characters
+MAX_PASSWORD = 1024  # characters; argon2 hashes anything, a megabyte would still cost
+_EMAIL = re.compile(r"^[^@\s]{1,64}@[^@\s]{1,190}\.[^@\s.]{2,63}$")
+
+
+class Refusal(Exception):
+    """What a person did wrong: ``key`` names the message (:mod:`proxy.portal.texts`)."""
+
+    def __init__(self, key: str, field: str | None = None) -> None:
+        super().__init__(key)
+        self.key, self.field = key, field
+
+
+@dataclass(frozen=True, slots=True)
+class Invited:
+    token: str  # shown once, in the invitation link
+    invitation: Invitation
+
+
+def check_email(value: object) -> str:
+    """An e-mail address, lower-cased.  Error handling: ``ValueError``."""
+    if not isinstance(value, str) or not _EMAIL.fullmatch(value.strip()):
+        raise ValueError("must be an e-mail address")
+    return value.strip().lower()
+
+
+class PortalService:
+    """Administrators, invitations and sessions of the portal."""
+
+    def __init__(
+        self,
+        settings: PortalSettings,
+        state: PortalState,
+        store: Log,
+        key: bytes,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings, self.state, self.log, self.key, self.clock = (
+            settings, state, store, key, clock
+        )  # fmt: skip
+        limit, lockout = settings.max_login_failures, settings.login_lockout
+        self.by_account = Throttle(limit, lockout)
+        self.by_address = Throttle(limit, lockout)
+        self._hasher = PasswordHasher()
+        self._hashing = trio.CapacityLimiter(2)
+        self._dummy = self._hasher.hash(secrets.token_hex(8))  # unknown accounts cost the same
+        self._appended = 0
+
+    # -- changes -------------------------------------------------------------------------
+
+    async def invite(self, customer: str, email: str) -> Invited:
+        """A new invitation for ``email`` to administer ``customer``.
+
+        Error handling: ``Refusal("taken")`` when the address administers another customer.
+        """
+        existing = self.state.admins.get(email)
+        if existing is not None and existing.customer != customer:
+            raise Refusal("taken", "email")
+        token = secrets.token_urlsafe(24)
+        expires = self.clock() + self.settings.invitation_lifetime
+        await self._change(
+            {
+                "op": "invite",
+                "token": token_digest(token),
+                "customer": customer,
+                "email": email,
+                "expires_at": expires,
+            }
+        )
+        log.info("portal: %s invited to administer customer %s", email, customer)
+        return Invited(token, Invitation(customer, email, expires))
+
+    async def accept(self, token: str, password: str, repeated: str) -> Admin:
+        """Set the invitee's password; the invitation is used up.
+
+        Error handling: ``Refusal`` ``invitation`` (unknown, used or expired),
+        ``password_short``/``password_long`` or ``password_mismatch``.
+        """
+        invitation = self.state.invitation(token, self.clock())
+        if invitation is None:
+            raise Refusal("invitation")
+        if len(password) < MIN_PASSWORD:
+            raise Refusal("password_short", "password")
+        if len(password) > MAX_PASSWORD:
+            raise Refusal("password_long", "password")
+        if password != repeated:
+            raise Refusal("password_mismatch", "repeated")
+        hashed = await self._run(self._hasher.hash, password)
+        if self.state.invitation(token, self.clock()) is None:  # used while hashing
+            raise Refusal("invitation")
+        await self._change({"op": "accept", "token": token_digest(token), "password": hashed})
+        log.info("portal: %s set a password (customer %s)", invitation.email, invitation.customer)
+        return self.state.admins[invitation.email]
+
+    async def remove(self, email: str) -> None:
+        await self._change({"op": "remove", "email": email})
+        log.info("portal: administrator %s removed", email)
+
+    async def logout(self, session: Session) -> None:
+        await self._change({"op": "logout", "session": session.sid, "until": session.expires_at})
+        log.info("portal: %s logged out", session.email)
+
+    # -- logins and sessions ---------------------------------------------------------------
+
+    async def login(self, email: str, password: str, address: str) -> Session:
+        """A session for the right password.
+
+        Error handling: ``Refusal("throttled")`` while the account or the address is
+        locked (nothing is checked then), ``Refusal("login")`` for a wrong address or
+        password (the same for both).
+        """
+        now = self.clock()
+        if self.by_account.locked(email, now) or self.by_address.locked(address, now):
+            log.warning("portal: login for %s from %s refused: throttled", email, address)
+            raise Refusal("throttled")
+        admin = self.state.admins.get(email)
+        stored = admin.password_hash if admin is not None else self._dummy
+        ok = await self._run(self._verified, stored, password[:MAX_PASSWORD])
+        if admin is None or not ok:
+            self.by_account.failed(email, now)
+            self.by_address.failed(address, now)
+            log.info("portal: failed login for %s from %s", email, address)
+            raise Refusal("login")
+        self.by_account.succeeded(email)
+        self.by_address.succeeded(address)
+        log.info("portal: %s logged in (customer %s)", email, admin.customer)
+        until = now + self.settings.session_lifetime
+        return new_session(email, admin.customer, admin.password_hash, until)
+
+    def current(self, session: Session | None) -> Session | None:
+        """``session`` if it is still open: not logged out, its administrator still there
+        with the same customer and password."""
+        if session is None or not session.valid(self.clock()) or session.sid in self.state.closed:
+            return None
+        admin = self.state.admins.get(session.email)
+        if admin is None or admin.customer != session.customer:
+            return None
+        return session if fingerprint(admin.password_hash) == session.password else None
+
+    def _verified(self, stored: str, password: str) -> bool:
+        try:
+            return bool(self._hasher.verify(stored, password))
+        except (VerificationError, InvalidHashError):
+            return False
+
+    async def _run[T](self, fn: Callable[[str, str], T] | Callable[[str], T], *args: str) -> T:
+        return await trio.to_thread.run_sync(fn, *args, limiter=self._hashing)  # type: ignore[arg-type]
+
+    async def _change(self, record: dict[str, object]) -> None:
+        if self.log.failed:
+            raise StorageUnavailable()
+        self.state.apply(record)
+        self.log.append(record)  # type: ignore[arg-type]
+        await self.log.flush()
+        self._appended += 1
+        if self._appended >= COMPACT_AFTER:
+            self.state.purge(self.clock())
+            with contextlib.suppress(StorageUnavailable):
+                await self.log.compact(list(self.state.records()))
+                self._appended = 0
+
+    def start(self, gw: Gateway) -> None:
+        recover = getattr(self.log, "recover_forever", None)
+        if recover is not None:
+            gw.spawn("portal-store", recover)
+
+
+def open_portal(config: Config) -> PortalService:
+    """The portal's state under ``state_dir``, replayed, and its signing key.  Blocking:
+    at start-up.  Error handling: ``StateError`` naming the file (the CLI exits 3)."""
+    state_dir = config.proxy.state_dir
+    store, records = open_local_log(state_dir, LOG, timeout=config.proxy.journal_timeout)
+    state = PortalState()
+    for number, record in enumerate(records, 1):
+        try:
+            state.apply(record)
+        except StateError as exc:
+            raise StateError(f"{log_path(state_dir, LOG)}: record {number}: {exc}") from None
+    state.purge(time.time())
+    key = cookie_key(config.portal, state_dir)
+    return PortalService(config.portal, state, store, key)
+
+
+def cookie_key(settings: PortalSettings, state_dir: Path) -> bytes:
+    """The configured ``cookie_secret``, else the key file in ``state_dir`` (made once).
+
+    Error handling: ``StateError`` naming the file when it cannot be read or written."""
+    if settings.cookie_secret:
+        return settings.cookie_secret.encode()
+    path = Path(state_dir) / KEY_FILE
+    try:
+        if path.exists():
+            key = path.read_bytes()
+            if len(key) >= 32:
+                return key
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        key = secrets.token_bytes(32)
+        with os.fdopen(fd, "wb") as out:
+            out.write(key)
+            out.flush()
+            os.fsync(out.fileno())
+        return key
+    except OSError as exc:
+        raise StateError(f"{path}: cannot read or write the portal's key: {exc.strerror}") from None
