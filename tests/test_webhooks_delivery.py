@@ -349,7 +349,12 @@ async def test_kill_9_between_intake_and_delivery_loses_nothing(
         process = await run_gateway(nursery, serve, log)
         await wait_healthy(http, port)
         await signed_get(http, api, "create", [("meetingID", "room"), ("name", "Room")], SECRET)
-        hook = [("callbackURL", hook_url), ("meetingID", "room")]
+        # chat only: the backend's meeting-created may reach the gateway after this create
+        hook = [
+            ("callbackURL", hook_url),
+            ("meetingID", "room"),
+            ("eventID", "chat-group-message-sent"),
+        ]
         await signed_get(http, api, "hooks/create", hook, SECRET)
         await wait_until(lambda: bool(sim.webhooks.hooks))  # the gateway's intake hook
         [backend_meeting] = sim.meetings
