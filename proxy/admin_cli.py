@@ -129,7 +129,9 @@ CUSTOMER_COLUMNS = (
     "secrets",
     "hosts",
 )
-BACKEND_COLUMNS = ("id", "mode", "health", "capacity", "reserved_connections", "meetings", "url")
+BACKEND_COLUMNS = (
+    "id", "mode", "health", "capacity", "reserved_connections", "meetings", "tags", "url"
+)  # fmt: skip
 MEETING_COLUMNS = ("customer", "meeting_id", "backend", "connections", "overtime", "confirmed")
 
 
@@ -327,6 +329,8 @@ _CUSTOMER_OPTIONS = {
     "default_duration": "default_duration",
     "enabled": "enabled",
     "hosts": "hosts",
+    "default_tags": "default_tags",
+    "required_tags": "required_tags",
     "secret": "secret",
 }
 _BACKEND_OPTIONS = {
@@ -335,6 +339,7 @@ _BACKEND_OPTIONS = {
     "capacity": "capacity",
     "mode": "mode",
     "checksum_algorithm": "checksum_algorithm",
+    "tags": "tags",
 }
 
 COMMANDS: Mapping[tuple[str, str | None], Callable[[argparse.Namespace], None]] = {

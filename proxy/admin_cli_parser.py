@@ -35,6 +35,8 @@ def _customers(parser: argparse.ArgumentParser, api: argparse.ArgumentParser) ->
         p.add_argument("--default-duration", type=int, required=required, help="minutes")
         p.add_argument("--enabled", type=_yes_no, help="yes or no")
         p.add_argument("--host", dest="hosts", action="append", help="repeat for each host name")
+        p.add_argument("--default-tags", type=_tag_list, help="placement tags, a,b ('' none)")
+        p.add_argument("--required-tags", type=_tag_list, help="its meetings need one; a,b")
         if required:
             p.add_argument("--secret", help="default: a new random one, printed once")
         else:
@@ -72,6 +74,7 @@ def _backends(parser: argparse.ArgumentParser, api: argparse.ArgumentParser) -> 
         p.add_argument("--capacity", type=int, required=required, help="connections it may host")
         p.add_argument("--mode", choices=("active", "drain", "disabled"))
         p.add_argument("--checksum-algorithm", choices=("sha1", "sha256", "sha384", "sha512"))
+        p.add_argument("--tags", type=_tag_list, help="placement tags, a,b ('' for none)")
         if not required:
             p.add_argument(
                 "--reset", action="append", metavar="FIELD", help="back to the file's value"
@@ -87,6 +90,11 @@ def _meetings(parser: argparse.ArgumentParser, api: argparse.ArgumentParser) -> 
         p = actions.add_parser(name, parents=[api])
         p.add_argument("customer")
         p.add_argument("meeting_id")
+
+
+def _tag_list(text: str) -> list[str]:
+    """``a,b`` as a list of tags; ``""`` is none (the gateway checks each tag)."""
+    return [t.strip() for t in text.split(",") if t.strip()]
 
 
 def _yes_no(value: str) -> bool:

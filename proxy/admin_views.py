@@ -30,6 +30,8 @@ def customer(gw: Gateway, customer_id: str) -> dict[str, Any]:
         "default_max_participants": c.default_max_participants,
         "default_duration": c.default_duration,
         "hosts": list(c.hosts),
+        "default_tags": list(c.default_tags),
+        "required_tags": list(c.required_tags),
         "secrets": len(valid.secrets),  # how many are valid, never which
         "secrets_expire_at": sorted(expiries[s] for s in valid.secrets if s in expiries),
         "meetings": len(gw.ledger.state.customer_meetings(customer_id)),
@@ -63,6 +65,7 @@ def backend(gw: Gateway, backend_id: str) -> dict[str, Any]:
         "capacity": b.capacity,
         "checksum_algorithm": b.checksum_algorithm,
         "mode": gw.modes[b.id],
+        "tags": list(b.tags),
         "removing": b.id in gw.directory.retiring,
         "health": gw.health[b.id].state.value,
         "accepts_meetings": gw.accepts_meetings(b.id),

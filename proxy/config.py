@@ -149,6 +149,35 @@ class PortalSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class VoiceSettings:
+    """Voice bridges (``[voice]``, proxy.voice): pool-wide unique conference PINs."""
+
+    allocate: bool = True  # the gateway gives every new meeting its voiceBridge
+    length: int = 5  # digits of the bridges it gives (1-9; BBB's are 5)
+    dial_number: str = ""  # the platform's dialNumber; "": the backend's own
+    dial_numbers: Mapping[str, str] = field(default_factory=dict)  # by customer id
+
+    def dial_number_for(self, customer_id: str) -> str:
+        return self.dial_numbers.get(customer_id, self.dial_number)
+
+
+@dataclass(frozen=True, slots=True)
+class FsapiSettings:
+    """The FreeSWITCH dial-in router (``[fsapi]``, proxy.voice.fsapi, mod_xml_curl)."""
+
+    password: str = field(default="", repr=False)  # HTTP basic auth; "": /fsapi is off
+    sip_profile: str = "external"  # FreeSWITCH's sofia profile that calls the backends
+    sip_hosts: Mapping[str, str] = field(default_factory=dict)  # by backend id; else URL host
+    max_duration: float = 0.0  # seconds a dial-in call may last; 0: no limit
+    mask_digits: int = 4  # last digits of a caller's number replaced by X
+    max_attempts: int = 3  # wrong PINs before the call is ended
+    context: str = "public"  # dialplan context answered when the request names none
+    prompt_sound: str = "conference/conf-pin.wav"
+    invalid_sound: str = "conference/conf-bad-pin.wav"
+    goodbye_sound: str = "voicemail/vm-goodbye.wav"
+
+
+@dataclass(frozen=True, slots=True)
 class Backend:
     id: str
     url: str
@@ -183,6 +212,8 @@ class Config:
     texts: Texts = field(default_factory=Texts)
     webhooks: WebhookSettings = field(default_factory=WebhookSettings)
     portal: PortalSettings = field(default_factory=PortalSettings)
+    voice: VoiceSettings = field(default_factory=VoiceSettings)
+    fsapi: FsapiSettings = field(default_factory=FsapiSettings)
     _by_id: dict[str, Customer] = field(init=False, repr=False, compare=False)
     _by_host: dict[str, Customer] = field(init=False, repr=False, compare=False)
 
@@ -217,7 +248,11 @@ def load(path: str | Path) -> Config:
 
 
 def from_mapping(data: Mapping[str, Any]) -> Config:
-    _only(data, "", {"proxy", "backends", "customers", "texts", "webhooks", "portal"})
+    _only(
+        data,
+        "",
+        {"proxy", "backends", "customers", "texts", "webhooks", "portal", "voice", "fsapi"},
+    )
     proxy = _proxy(_table(data, "proxy", "proxy"))
     backends = tuple(_backend(b, f"backends[{i}]") for i, b in enumerate(_array(data, "backends")))
     customers = tuple(
@@ -226,6 +261,8 @@ def from_mapping(data: Mapping[str, Any]) -> Config:
     texts = _texts(_table(data, "texts", "texts"))
     webhooks = _webhooks(_table(data, "webhooks", "webhooks"))
     portal = _portal(_table(data, "portal", "portal"))
+    voice = _voice(_table(data, "voice", "voice"))
+    fsapi = _fsapi(_table(data, "fsapi", "fsapi"))
     _unique([b.id for b in backends], "backends", "id")
     _unique([c.id for c in customers], "customers", "id")
     _unique([h for c in customers for h in c.hosts], "customers", "hosts")
@@ -238,6 +275,8 @@ def from_mapping(data: Mapping[str, Any]) -> Config:
         texts=texts,
         webhooks=webhooks,
         portal=portal,
+        voice=voice,
+        fsapi=fsapi,
     )
 
 

@@ -11,7 +11,9 @@ client must see it (a ``messageKey`` and a ``message`` in BBB's envelope)::
     │   ├── ValidationError         validationError, missingParam*, ...
     │   ├── NotFound                notFound
     │   ├── SubscriptionExhausted   subscriptionExhausted
+    │   ├── NonUniqueVoiceBridge    nonUniqueVoiceBridge (the asked voiceBridge is in use)
     │   └── NoServerCapacity        noServerCapacity
+    │       └── NoVoiceBridge       noServerCapacity: every voice bridge is in use
     ├── StorageUnavailable          serverUnavailable: the ledger cannot make a change durable
     └── BackendError                a BBB server failed us (never the customer's fault)
         ├── BackendTimeout          no answer within the configured phase timeout
@@ -80,9 +82,20 @@ class SubscriptionExhausted(ApiError):
     message = "The subscription has no free connections for a meeting of this size"
 
 
+class NonUniqueVoiceBridge(ApiError):
+    """BBB's answer to a voiceBridge a live meeting holds (here: on any backend)."""
+
+    message_key = "nonUniqueVoiceBridge"
+    message = "The selected voice bridge is already in use."
+
+
 class NoServerCapacity(ApiError):
     message_key = "noServerCapacity"
     message = "No server has room for a meeting of this size"
+
+
+class NoVoiceBridge(NoServerCapacity):
+    message = "No conference number is free for a new meeting; try again later"
 
 
 class StorageUnavailable(ProxyError):

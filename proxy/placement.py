@@ -68,6 +68,43 @@ class BackendLoad:
         return max(0, self.capacity - self.used)
 
 
+NO_TAG = "none"  # in a meeting's tags: matches a backend without tags
+
+
+@dataclass(frozen=True, slots=True)
+class TagRule:
+    """Which backends a meeting may go to, and which it prefers (see :func:`tiers`)."""
+
+    wanted: frozenset[str] = frozenset()  # the create's tags (else the customer's default)
+    strict: bool = False  # the create ended its tags with "!": a wanted tag is required
+    required: frozenset[str] = frozenset()  # the customer's: a backend must have one
+
+    @property
+    def requires(self) -> bool:
+        """True when some backends are ruled out whatever their load."""
+        return bool(self.required) or (self.strict and bool(self.wanted))
+
+
+def _has(tags: frozenset[str], names: frozenset[str]) -> bool:
+    return bool(tags & names) or (not tags and NO_TAG in names)
+
+
+def tiers(rule: TagRule, backend_tags: Mapping[str, frozenset[str]]) -> list[frozenset[str]]:
+    """The backends ``rule`` allows, in the order to try them: those with a wanted tag,
+    then (unless strict) the fallback: the untagged ones, or, when the customer
+    requires tags, every backend with one of them.  Empty tiers are left out."""
+    allowed = {
+        b for b, tags in backend_tags.items() if not rule.required or _has(tags, rule.required)
+    }
+    out: list[frozenset[str]] = []
+    if rule.wanted:
+        out.append(frozenset(b for b in allowed if _has(backend_tags[b], rule.wanted)))
+    if not (rule.strict and rule.wanted):
+        fallback = allowed if rule.required else {b for b in allowed if not backend_tags[b]}
+        out.append(frozenset(fallback) - (out[0] if out else frozenset()))
+    return [tier for tier in out if tier]
+
+
 @dataclass(frozen=True, slots=True)
 class RingStatistics:
     backends: int
@@ -126,6 +163,8 @@ class Ring:
         *,
         epsilon: float = 0.25,
         exclude: Collection[str] = (),
+        rule: TagRule = TagRule(),
+        backend_tags: Mapping[str, frozenset[str]] | None = None,
     ) -> str | None:
         """The backend for a new meeting of ``size`` connections keyed by ``key``.
 
@@ -133,8 +172,10 @@ class Ring:
         each backend (one missing from it is treated as unavailable).  Returns
         the first backend in ring order that fits within the load bound, else
         the first that fits at all, else ``None``; backends not ``responsive``
-        only when no responsive one fits.  The same key with the same loads
-        always gives the same answer.
+        only when no responsive one fits.  With ``backend_tags`` (every backend's
+        tags; one missing has none), the tiers of ``rule`` are tried in order,
+        each by these rules.  The same key with the same loads always gives the
+        same answer.
 
         Error handling: ``ValueError`` for ``size < 1`` or ``epsilon < 0``.
         """
@@ -142,6 +183,24 @@ class Ring:
             raise ValueError("size must be >= 1")
         if epsilon < 0:
             raise ValueError("epsilon must be >= 0")
+        if backend_tags is None:
+            return self._choose_tier(key, size, loads, epsilon, exclude)
+        known = {b: backend_tags.get(b, frozenset()) for b in self._backend_ids}
+        for tier in tiers(rule, known):
+            in_tier = {b: load for b, load in loads.items() if b in tier}
+            chosen = self._choose_tier(key, size, in_tier, epsilon, exclude)
+            if chosen is not None:
+                return chosen
+        return None
+
+    def _choose_tier(
+        self,
+        key: str,
+        size: int,
+        loads: Mapping[str, BackendLoad],
+        epsilon: float,
+        exclude: Collection[str],
+    ) -> str | None:
         responsive = {b: load for b, load in loads.items() if load.responsive}
         if len(responsive) < len(loads):
             chosen = self._choose(key, size, responsive, epsilon, exclude)
@@ -185,3 +244,15 @@ class _Bound:
         share = load.capacity / self.total_capacity
         limit = (1 + self.epsilon) * (self.total_used + self.size) * share
         return load.used + self.size <= math.ceil(limit - _ROUNDING)
+
+
+def parse_tags(value: str | None) -> tuple[frozenset[str], bool]:
+    """``meta_server-tag``'s tags and whether they are required: ``a;b`` (``,`` too)
+    wants a or b, a trailing ``!`` requires one.  Blank parts are dropped; nothing
+    left (``""``, ``"!"``) is no tag at all, as Scalelite reads it."""
+    text = (value or "").strip()
+    strict = text.endswith("!")
+    names = frozenset(
+        p.strip() for p in text.removesuffix("!").replace(",", ";").split(";") if p.strip()
+    )
+    return names, strict and bool(names)

@@ -43,6 +43,7 @@ from proxy.bbb import rewrite
 from proxy.bbb.numbers import parse_count
 from proxy.config import Customer
 from proxy.ledger.model import MeetingKey, Reservation
+from proxy.voice.bridges import is_bridge
 
 PENDING_GRACE = 60.0  # seconds a create may take before an unlisted pending one is dropped
 _FLOAT = re.compile(r"[0-9]{1,16}(\.[0-9]{1,20})?([eE][-+]?[0-9]{1,3})?")
@@ -59,6 +60,7 @@ class Listed:
     max_users: int
     created_at: float  # epoch seconds, BBB's createTime
     created_tag: float | None = None  # the reservation's created_at, from the gateway's tag
+    voice_bridge: str = ""  # its conference PIN as the backend lists it ("" if not one)
 
     @property
     def key(self) -> MeetingKey:
@@ -95,6 +97,7 @@ def listed_meetings(root: etree._Element) -> list[Listed]:
                 max_users=parse_count(meeting.findtext("maxUsers")),  # clamped on adoption
                 created_at=parse_count(meeting.findtext("createTime")) / 1000,
                 created_tag=_created_tag(meeting),
+                voice_bridge=_voice_bridge(meeting),
             )
         )
     return found
@@ -165,7 +168,13 @@ def _adopted(backend_id: str, m: Listed, customer: Customer | None, now: float) 
         asked_duration=m.asked_duration,
         created_at=min(now, m.created_tag if m.created_tag is not None else m.created_at),
         confirmed=True,
+        voice_bridge=m.voice_bridge,  # held again, so no new meeting is given it
     )
+
+
+def _voice_bridge(meeting: etree._Element) -> str:
+    bridge = (meeting.findtext("voiceBridge") or "").strip()
+    return bridge if is_bridge(bridge) else ""
 
 
 def _created_tag(meeting: etree._Element) -> float | None:

@@ -53,6 +53,7 @@ from proxy.config import (
     _nonempty,
     _positive,
     _str_list,
+    _tags,
 )
 from proxy.errors import StateError
 
@@ -117,6 +118,8 @@ CUSTOMER_FIELDS: Mapping[str, Check] = {
     "enabled": _bool,
     "hosts": _hosts,
     "secrets": _secrets,
+    "default_tags": _tags,
+    "required_tags": _tags,
 }
 BACKEND_FIELDS: Mapping[str, Check] = {
     "url": _url,
@@ -124,6 +127,7 @@ BACKEND_FIELDS: Mapping[str, Check] = {
     "capacity": _positive,
     "mode": _mode,
     "checksum_algorithm": _algorithm,
+    "tags": _tags,
 }
 FIELDS: Mapping[str, Mapping[str, Check]] = {"customer": CUSTOMER_FIELDS, "backend": BACKEND_FIELDS}
 REQUIRED: Mapping[str, tuple[str, ...]] = {
@@ -131,8 +135,8 @@ REQUIRED: Mapping[str, tuple[str, ...]] = {
     "backend": ("url", "secret", "capacity"),
 }
 DEFAULTS: Mapping[str, Mapping[str, Any]] = {
-    "customer": {"enabled": True, "hosts": []},
-    "backend": {"mode": "active", "checksum_algorithm": "sha256"},
+    "customer": {"enabled": True, "hosts": [], "default_tags": [], "required_tags": []},
+    "backend": {"mode": "active", "checksum_algorithm": "sha256", "tags": []},
 }
 
 
@@ -365,6 +369,8 @@ def _customer_values(c: Customer, expiries: Mapping[str, float]) -> dict[str, An
         "enabled": c.enabled,
         "hosts": list(c.hosts),
         "secrets": [{"secret": s, "expires_at": expiries.get(s)} for s in c.secrets],
+        "default_tags": list(c.default_tags),
+        "required_tags": list(c.required_tags),
     }
 
 
@@ -380,11 +386,12 @@ def _backend_raw(b: Backend) -> dict[str, Any]:
         "capacity": b.capacity,
         "mode": b.mode,
         "checksum_algorithm": b.checksum_algorithm,
+        "tags": list(b.tags),
     }
 
 
 def _backend(values: Mapping[str, Any]) -> Backend:
-    return Backend(**values)
+    return Backend(**{**values, "tags": tuple(values.get("tags", ()))})
 
 
 def _customer(values: Mapping[str, Any]) -> Customer:
@@ -396,6 +403,8 @@ def _customer(values: Mapping[str, Any]) -> Customer:
         default_duration=values["default_duration"],
         enabled=values["enabled"],
         hosts=tuple(values["hosts"]),
+        default_tags=tuple(values.get("default_tags", ())),
+        required_tags=tuple(values.get("required_tags", ())),
     )
 
 

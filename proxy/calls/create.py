@@ -17,6 +17,13 @@ on a live one, its old pin released in the same step (``Admit.replaces``, see
 :mod:`proxy.ledger.model`); with no live backend to take it, the answer is
 ``serverUnavailable``.  Every create's answer time feeds the backend's latency
 average (:mod:`proxy.health`).
+
+Voice bridges (:mod:`proxy.voice.bridges`): unless ``[voice] allocate = false``, the
+ledger gives the meeting its ``voiceBridge`` as it admits it (the customer's own when
+free pool-wide, else ``nonUniqueVoiceBridge``), and the backend is sent that one and
+the configured ``dialNumber``.  A backend refusing a bridge the gateway chose (a meeting
+there the ledger does not know) is skipped like any refusing backend, and the next one
+gets a new bridge.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from proxy.gateway import Gateway
 from proxy.ledger.model import Admit, CreateRequest, Duplicate, Refuse, Reservation
 from proxy.request import Answer, ApiRequest
 from proxy.texts import apply_default_texts
+from proxy.voice.bridges import is_bridge
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +49,7 @@ MAX_ATTEMPTS = 3
 
 
 async def create(gw: Gateway, req: ApiRequest) -> Answer:
-    request = _create_request(req)
+    request = _create_request(req, gw.config.voice.allocate)
     excluded: set[str] = set()
     refused: BackendUnavailable | None = None
     while True:
@@ -52,6 +60,7 @@ async def create(gw: Gateway, req: ApiRequest) -> Answer:
             lambda loads: gw.ring.choose(
                 request.backend_meeting_id, request.connections, loads, exclude=excluded
             ),
+            bridge_length=gw.config.voice.length if gw.config.voice.allocate else None,
         )
         match decision:
             case Refuse(error):
@@ -90,7 +99,7 @@ def _on_down_backend(gw: Gateway, request: CreateRequest) -> BackendUnavailable 
     return BackendUnavailable(pinned.backend_id, "down, and no other server can take the meeting")
 
 
-def _create_request(req: ApiRequest) -> CreateRequest:
+def _create_request(req: ApiRequest, allocate: bool) -> CreateRequest:
     meeting_id = req.meeting_id()
     name = req.first("name")
     if name is None or not name.strip():
@@ -105,7 +114,18 @@ def _create_request(req: ApiRequest) -> CreateRequest:
         connections=asked_size or customer.default_max_participants,
         duration=asked_duration or customer.default_duration,
         asked_duration=asked_duration,
+        voice_bridge=_asked_bridge(req) if allocate else None,
     )
+
+
+def _asked_bridge(req: ApiRequest) -> str | None:
+    """The customer's own voiceBridge (None if it sent none); bbb-web's error if not one."""
+    asked = (req.first("voiceBridge") or "").strip()
+    if not asked:
+        return None
+    if not is_bridge(asked):
+        raise ValidationError("Voice bridge must be an integer.")
+    return asked
 
 
 async def _first_create(gw: Gateway, req: ApiRequest, reservation: Reservation) -> Answer:
@@ -118,7 +138,7 @@ async def _first_create(gw: Gateway, req: ApiRequest, reservation: Reservation) 
         raise
     if not reply.ok:
         await gw.ledger.release(reservation.key, "failed")
-        if not _customers_fault(reply.message_key):
+        if not _customers_fault(reply.message_key, req):
             log.warning(
                 "backend %s refused a create: %s", reservation.backend_id, reply.message_key
             )
@@ -164,6 +184,7 @@ async def _send(gw: Gateway, req: ApiRequest, reservation: Reservation) -> Reply
 def backend_params(gw: Gateway, req: ApiRequest, reservation: Reservation) -> list[tuple[str, str]]:
     """What the backend is sent: namespaced id, resolved size, duration 0, texts, tags."""
     params = rewrite.without(req.params, ["meetingID", "maxParticipants", "duration"])
+    params = _voice_params(gw, params, reservation)
     params = apply_default_texts(params, gw.config.texts)
     params, customer_urls, kept = callbacks.split_customer_urls(params)
     params, ready_url = recording_ready.split(params)
@@ -199,7 +220,27 @@ def backend_params(gw: Gateway, req: ApiRequest, reservation: Reservation) -> li
     ]
 
 
-def _customers_fault(message_key: str) -> bool:
+def _voice_params(
+    gw: Gateway, params: list[tuple[str, str]], reservation: Reservation
+) -> list[tuple[str, str]]:
+    """The reservation's voiceBridge instead of the customer's; the configured dialNumber
+    when the create names none (BBB puts both into %%CONFNUM%% and %%DIALNUM%%)."""
+    if reservation.voice_bridge:
+        params = [
+            *rewrite.without(params, ["voiceBridge"]),
+            ("voiceBridge", reservation.voice_bridge),
+        ]
+    dial_number = gw.config.voice.dial_number_for(reservation.customer)
+    if dial_number and not (rewrite.first_values(params).get("dialNumber") or "").strip():
+        params = rewrite.replace_param(params, "dialNumber", dial_number)
+    return params
+
+
+def _customers_fault(message_key: str, req: ApiRequest) -> bool:
+    """A refusal about the request itself, not the server: a voice bridge in use counts
+    only when the customer chose it (one the gateway chose is the backend's conflict)."""
+    if message_key == "nonUniqueVoiceBridge":
+        return bool((req.first("voiceBridge") or "").strip())
     return message_key in CUSTOMER_ERRORS or message_key.startswith("missingParam")
 
 

@@ -27,6 +27,12 @@ not a crash), and a gap in ``seq`` (an acknowledged record went missing).  Conte
 not a record includes values no gateway writes and the ledger cannot count with: a
 negative size or duration, a time that is not a finite number, an unknown ``op``.
 Every such error is a ``StateError`` naming the file and the byte offset of the record.
+
+Optional fields: a reservation's ``voice_bridge`` (its conference PIN) is written only
+when it has one, and a record without it (every record written before voice bridges
+existed) reads as having none; so old journals and snapshots load unchanged, and an
+older gateway reading a newer record ignores the field.  A present one must be 1 to 9
+ASCII digits.
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ import orjson
 from proxy.errors import StateError
 from proxy.ledger.model import Confirm, LedgerState, Record, Release, Reservation, Reserve
 from proxy.store.framing import frame, scan_frames
+from proxy.voice.bridges import is_bridge
 
 SNAPSHOT_MAGIC = b"bbb-ledger-snapshot"
 SNAPSHOT_VERSION = 1
@@ -96,7 +103,8 @@ _RESERVATION = _Shape(
         "confirmed": (bool,),
     }
 )
-assert tuple(_RESERVATION.fields) == tuple(f.name for f in fields(Reservation))
+_OPTIONAL = ("voice_bridge",)  # after the required ones, in Reservation's field order
+assert tuple(_RESERVATION.fields) + _OPTIONAL == tuple(f.name for f in fields(Reservation))
 _RECORD = _Shape({"seq": (int,), "op": (str,), "customer": (str,), "meeting_id": (str,)})
 _RELEASE = _Shape({"seq": (int,), "reason": (str,)})
 
@@ -146,7 +154,10 @@ def _record_fields(record: Record) -> dict[str, Any]:
 
 
 def reservation_fields(r: Reservation) -> dict[str, Any]:
-    return {name: getattr(r, name) for name in _RESERVATION.fields}
+    written = {name: getattr(r, name) for name in _RESERVATION.fields}
+    if r.voice_bridge:
+        written["voice_bridge"] = r.voice_bridge
+    return written
 
 
 def reservation_from_fields(payload: Any) -> Reservation:
@@ -167,7 +178,16 @@ def reservation_from_fields(payload: Any) -> Reservation:
         asked,
         float(created_at),
         confirmed,
+        _voice_bridge(payload),
     )
+
+
+def _voice_bridge(payload: dict[str, Any]) -> str:
+    """The optional ``voice_bridge``: absent is none; present, it must be one."""
+    bridge = payload.get("voice_bridge", "")
+    if type(bridge) is not str or (bridge and not is_bridge(bridge)):
+        raise _Invalid(f"field 'voice_bridge' is {bridge!r}")
+    return bridge
 
 
 def _check_counts(**counts: int) -> None:

@@ -12,15 +12,28 @@ State changes only through :meth:`LedgerState.apply` with a :data:`Record`, so
 that a journal of records replays to the same state.  :meth:`LedgerState.admit`
 decides and changes nothing; the caller applies the decision in the same step
 (no ``await`` in between), which is what makes admission atomic under trio.
+
+Voice bridges (:mod:`proxy.voice.bridges`) are part of the reservation: admission gives
+a new meeting the customer's own ``voiceBridge`` when no held reservation has it (else
+``nonUniqueVoiceBridge``), or a free one drawn at random, in the same step, so no two
+held reservations admitted here share one.
 """
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 
-from proxy.errors import ApiError, NoServerCapacity, SubscriptionExhausted
+from proxy.errors import (
+    ApiError,
+    NonUniqueVoiceBridge,
+    NoServerCapacity,
+    NoVoiceBridge,
+    SubscriptionExhausted,
+)
 from proxy.placement import BackendLoad
+from proxy.voice import bridges
 
 MINUTE = 60.0
 
@@ -39,6 +52,7 @@ class Reservation:
     asked_duration: int  # what the customer sent, shown back to it
     created_at: float  # epoch seconds
     confirmed: bool = False  # the backend has answered the create
+    voice_bridge: str = ""  # its conference PIN, unique among held ones; "" none given
 
     @property
     def key(self) -> MeetingKey:
@@ -68,6 +82,15 @@ class CreateRequest:
     connections: int
     duration: int
     asked_duration: int
+    voice_bridge: str | None = None  # the customer's own voiceBridge (checked digits)
+
+
+@dataclass(frozen=True, slots=True)
+class Bridges:
+    """How admission gives voice bridges: ``length`` digits, drawn with ``rng``."""
+
+    length: int
+    rng: random.Random
 
 
 # -- records: the only way state changes -------------------------------------------------------
@@ -139,6 +162,7 @@ class LedgerState:
         # health, not journaled).  _customer_used counts only the other backends'.
         self._backend_customers: dict[str, dict[str, int]] = {}
         self._suspended: set[str] = set()
+        self._bridges: bridges.BridgeIndex[MeetingKey] = bridges.BridgeIndex()
 
     # -- reading --
 
@@ -148,6 +172,15 @@ class LedgerState:
     def by_backend_meeting(self, backend_id: str, backend_meeting_id: str) -> Reservation | None:
         key = self._by_backend_meeting.get((backend_id, backend_meeting_id))
         return None if key is None else self._meetings[key]
+
+    def by_voice_bridge(self, bridge: str) -> Reservation | None:
+        """The confirmed meeting holding ``bridge`` (the latest created, should several)."""
+        confirmed = [self._meetings[k] for k in self._bridges.holders(bridge)]
+        return max((r for r in confirmed if r.confirmed), key=_created, default=None)
+
+    def bridge_taken(self, bridge: str) -> bool:
+        """Whether a held reservation has ``bridge``."""
+        return bridge in self._bridges
 
     def customer_meetings(self, customer: str) -> Sequence[Reservation]:
         return list(self._by_customer.get(customer, {}).values())
@@ -217,22 +250,50 @@ class LedgerState:
         now: float,
         *,
         may_move: bool = True,
+        voice: Bridges | None = None,
     ) -> Decision:
         """Decide a create (SPEC §4); changes nothing.
 
         A meeting pinned to a suspended backend is admitted again elsewhere
         (``Admit.replaces`` is its old pin) unless ``may_move`` is False (its create
-        is still in flight): then it is a ``Duplicate`` as any other.
+        is still in flight): then it is a ``Duplicate`` as any other.  With ``voice``,
+        an admitted meeting gets its voice bridge (:meth:`_voice_bridge`).
         """
         existing = self._meetings.get((request.customer, request.meeting_id))
         if existing is not None and not (may_move and existing.backend_id in self._suspended):
             return Duplicate(existing)
+        bridge = "" if voice is None else self._voice_bridge(request, existing, voice)
+        if not isinstance(bridge, str):
+            return bridge
         # New, or pinned to a suspended (DOWN) backend: placed afresh, its old pin replaced.
         # The old pin's connections are not counted (suspended), so nothing counts twice.
         admitted = self._admit_new(request, limit, backends, choose, now)
+        if isinstance(admitted, Admit) and bridge:
+            admitted = replace(
+                admitted, reservation=replace(admitted.reservation, voice_bridge=bridge)
+            )
         if isinstance(admitted, Admit) and existing is not None:
             return replace(admitted, replaces=existing)
         return admitted
+
+    def _voice_bridge(
+        self, request: CreateRequest, existing: Reservation | None, voice: Bridges
+    ) -> str | Refuse:
+        """The bridge a new (or moved) meeting gets: the customer's own if no other held
+        meeting has it, else the one it held before moving, else a free one at random.
+
+        Bridges of meetings about to be preempted still count as held: their backends
+        may not have ended them yet when the new meeting arrives.
+        """
+        key = (request.customer, request.meeting_id)
+        if request.voice_bridge is not None:
+            if self._bridges.taken(request.voice_bridge, by_other_than=key):
+                return Refuse(NonUniqueVoiceBridge())
+            return request.voice_bridge
+        if existing is not None and existing.voice_bridge:
+            return existing.voice_bridge
+        chosen = bridges.choose(self._bridges, voice.length, voice.rng)
+        return Refuse(NoVoiceBridge()) if chosen is None else chosen
 
     def _admit_new(
         self,
@@ -325,6 +386,7 @@ class LedgerState:
     def _store(self, r: Reservation) -> None:
         self._meetings[r.key] = r
         self._by_backend_meeting[(r.backend_id, r.backend_meeting_id)] = r.key
+        self._bridges.add(r.voice_bridge, r.key)
         self._by_customer.setdefault(r.customer, {})[r.meeting_id] = r
         self._by_backend.setdefault(r.backend_id, {})[r.key] = r
 
@@ -336,6 +398,7 @@ class LedgerState:
             del self._by_backend_meeting[(r.backend_id, r.backend_meeting_id)]
         _drop(self._by_customer, r.customer, r.meeting_id)
         _drop(self._by_backend, r.backend_id, r.key)
+        self._bridges.discard(r.voice_bridge, key)
         self._count(r, -r.connections)
         _subtract(self._backend_used, r.backend_id, r.connections)
         self._pending -= not r.confirmed
@@ -381,6 +444,10 @@ def _reservation(request: CreateRequest, backend_id: str, now: float) -> Reserva
         asked_duration=request.asked_duration,
         created_at=now,
     )
+
+
+def _created(r: Reservation) -> float:
+    return r.created_at
 
 
 def _drop[K, V](index: dict[str, dict[K, V]], outer: str, inner: K) -> None:

@@ -25,6 +25,7 @@ on disk within the journal's timeout.
 from __future__ import annotations
 
 import contextlib
+import random
 import time
 from collections.abc import Callable, Sequence
 from typing import Protocol
@@ -35,6 +36,7 @@ from proxy.errors import StorageUnavailable
 from proxy.ledger.model import (
     Admit,
     BackendSpec,
+    Bridges,
     Chooser,
     Confirm,
     CreateRequest,
@@ -88,6 +90,8 @@ class Ledger:
         self.state = state if state is not None else LedgerState()
         self.journal: Journal = journal if journal is not None else NullJournal()
         self.clock = clock
+        # Draws voice bridges (proxy.voice.bridges); tests put a seeded random.Random here.
+        self.rng: random.Random = random.SystemRandom()
         self._settled: dict[MeetingKey, trio.Event] = {}
 
     def get(self, key: MeetingKey) -> Reservation | None:
@@ -102,15 +106,27 @@ class Ledger:
         limit: int,
         backends: Sequence[BackendSpec],
         choose: Chooser,
+        *,
+        bridge_length: int | None = None,
     ) -> Decision:
         """Decide a create and, if admitted, reserve it (and release its victims) at once.
+
+        With ``bridge_length``, a new meeting gets a voice bridge of that many digits
+        (or the customer's own, :meth:`LedgerState.admit`) in the same step.
 
         Error handling: ``StorageUnavailable`` for a new meeting while the journal cannot
         write (nothing is changed); a repeated create of a held meeting is decided as usual.
         """
         key = (request.customer, request.meeting_id)
+        voice = None if bridge_length is None else Bridges(bridge_length, self.rng)
         decision = self.state.admit(
-            request, limit, backends, choose, self.clock(), may_move=not self.settling(key)
+            request,
+            limit,
+            backends,
+            choose,
+            self.clock(),
+            may_move=not self.settling(key),
+            voice=voice,
         )
         if isinstance(decision, Admit):
             self.check_writable()
