@@ -53,7 +53,7 @@ EN: Mapping[str, str] = {
     "secret": "Secret",
     "expires": "Valid until",
     "never": "no end",
-    "copy": "Copy",
+    "copy_label": "Copy",
     "copied": "Copied",
     "rotate": "Create a new secret",
     "rotate_note": "The new secret is shown at once; the old one keeps working for 7 days, "
@@ -140,7 +140,7 @@ DE: Mapping[str, str] = {
     "secret": "Secret",
     "expires": "Gültig bis",
     "never": "unbegrenzt",
-    "copy": "Kopieren",
+    "copy_label": "Kopieren",
     "copied": "Kopiert",
     "rotate": "Neues Secret erzeugen",
     "rotate_note": "Das neue Secret wird sofort angezeigt; das bisherige gilt noch 7 Tage, "
