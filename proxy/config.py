@@ -178,6 +178,24 @@ class FsapiSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class StoreSettings:
+    """Where the gateway keeps its durable state (``[store]``, proxy.store).
+
+    ``kind = "local"`` (the default): files under ``[proxy] state_dir``.  ``kind =
+    "redis"``: streams on one Redis server (proxy.store.redis); ``url`` is coredis'
+    (``redis://`` or ``rediss://`` for TLS, ``/N`` the database), ``password`` (and
+    ``username``) override the URL's, ``tls_ca_file`` checks the server's certificate.
+    """
+
+    kind: str = "local"  # "local" | "redis"
+    url: str = "redis://127.0.0.1:6379/0"
+    username: str = ""
+    password: str = field(default="", repr=False)
+    tls_ca_file: str = ""  # with a rediss:// URL; "": the system's CAs
+    key_prefix: str = "bbb-proxy:"  # every key the gateway uses starts with it
+
+
+@dataclass(frozen=True, slots=True)
 class Backend:
     id: str
     url: str
@@ -211,6 +229,7 @@ class Config:
     customers: tuple[Customer, ...]
     texts: Texts = field(default_factory=Texts)
     webhooks: WebhookSettings = field(default_factory=WebhookSettings)
+    store: StoreSettings = field(default_factory=StoreSettings)
     portal: PortalSettings = field(default_factory=PortalSettings)
     voice: VoiceSettings = field(default_factory=VoiceSettings)
     fsapi: FsapiSettings = field(default_factory=FsapiSettings)
@@ -251,7 +270,17 @@ def from_mapping(data: Mapping[str, Any]) -> Config:
     _only(
         data,
         "",
-        {"proxy", "backends", "customers", "texts", "webhooks", "portal", "voice", "fsapi"},
+        {
+            "proxy",
+            "backends",
+            "customers",
+            "texts",
+            "webhooks",
+            "store",
+            "portal",
+            "voice",
+            "fsapi",
+        },
     )
     proxy = _proxy(_table(data, "proxy", "proxy"))
     backends = tuple(_backend(b, f"backends[{i}]") for i, b in enumerate(_array(data, "backends")))
@@ -260,6 +289,7 @@ def from_mapping(data: Mapping[str, Any]) -> Config:
     )
     texts = _texts(_table(data, "texts", "texts"))
     webhooks = _webhooks(_table(data, "webhooks", "webhooks"))
+    store = _store(_table(data, "store", "store"))
     portal = _portal(_table(data, "portal", "portal"))
     voice = _voice(_table(data, "voice", "voice"))
     fsapi = _fsapi(_table(data, "fsapi", "fsapi"))
@@ -274,6 +304,7 @@ def from_mapping(data: Mapping[str, Any]) -> Config:
         customers=customers,
         texts=texts,
         webhooks=webhooks,
+        store=store,
         portal=portal,
         voice=voice,
         fsapi=fsapi,
@@ -402,6 +433,31 @@ def _texts(t: Mapping[str, Any]) -> Texts:
         moderator_only_message=_get(
             t, "texts", "moderator_only_message", _string, d.moderator_only_message
         ),
+    )
+
+
+STORE_KINDS = ("local", "redis")
+
+
+def _store(t: Mapping[str, Any]) -> StoreSettings:
+    _only(t, "store", set(StoreSettings.__dataclass_fields__))
+    d = StoreSettings()
+    kind = _get(t, "store", "kind", _string, d.kind)
+    if kind not in STORE_KINDS:
+        raise ConfigError(f"store.kind: must be one of {', '.join(STORE_KINDS)}")
+    url = _get(t, "store", "url", _string, d.url)
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError("store.url: must be a redis://, rediss:// or unix:// URL")
+    prefix = _get(t, "store", "key_prefix", _string, d.key_prefix)
+    if not prefix or any(c in prefix for c in "*?[]\\"):
+        raise ConfigError("store.key_prefix: must be non-empty, without * ? [ ] or \\")
+    return StoreSettings(
+        kind=kind,
+        url=url,
+        username=_get(t, "store", "username", _string, d.username),
+        password=_get(t, "store", "password", _string, d.password),
+        tls_ca_file=_get(t, "store", "tls_ca_file", _string, d.tls_ca_file),
+        key_prefix=prefix,
     )
 
 

@@ -1,0 +1,577 @@
+"""The Redis :class:`~proxy.store.Log` (issue 13): one stream per log on a shared Redis 7.
+
+Keys (``prefix`` is ``[store] key_prefix``)::
+
+    <prefix>log:<name>     a stream; each entry {"r": record JSON, "w": writer id}
+    <prefix>meta:<name>    a hash: "gen" (compactions so far), and per writer id the
+                           number of its records already in the stream
+
+Writers.  Every :class:`RedisLog` has a random writer id and numbers its records 1, 2, ...
+A flush sends the queued records with their numbers to a Lua script that adds only
+those past the writer's count in ``meta`` and moves the count on, in one atomic step.
+A flush whose answer was lost (a timeout, a dropped connection) is therefore sent
+again as it was: Redis adds what it has not got, never a record twice.
+
+Durability.  A flush returns once Redis has answered the script.  Redis acknowledges a
+write after appending it to its AOF; with ``appendonly yes`` and ``appendfsync always``
+(the README's required settings) that is after an fsync, so an acknowledged record
+survives a crash of Redis and of the host.  ``appendfsync everysec`` loses up to a
+second of acknowledged records in a host crash (documented trade-off).  Replication is
+not waited for (``WAIT`` is not issued): a failover to a replica may lose the last
+writes; run one Redis with AOF, not a Sentinel pair, until that is added.
+
+Compaction.  :meth:`RedisLog.compact` sends the owner's whole state to a script that
+deletes the stream, adds the records, bumps ``gen`` and sets this writer's count to
+the records the state covers, atomically (Redis runs a script alone, and writes its
+effects to the AOF as one MULTI/EXEC).  Other writers' counts are dropped with the
+old content: a log compacted this way has one owner.
+
+Several instances.  :meth:`RedisLog.tail` reads what OTHER writers appended since the
+last entry this log has seen (its own entries are skipped: the owner applied them when
+it appended); after another writer's compaction (``gen`` changed) it gives the whole
+content again, marked ``reset``.  :meth:`RedisLog.try_append` appends only if the
+stream's last entry is still the one this log has seen (compare-and-append), the
+primitive of the shared ledger (docs/decisions.md, "Store on Redis").
+
+Redis unreachable.  Every command runs under ``timeout``; a connection error, a Redis
+error or an overrun makes the log *failed* and ``flush`` raise
+:class:`~proxy.errors.StorageUnavailable`; the records stay queued.  The next flush, and
+:meth:`RedisLog.maintain` every second, send them again; the log recovers by itself when
+Redis answers.
+
+Bounds.  A record's JSON is at most ``MAX_RECORD_BYTES``; a log at most ``max_bytes`` of
+record JSON (a flush that would pass it fails until the owner compacts), and start-up
+refuses a larger stream, so what is in Redis can always be replayed.
+
+Error handling: start-up (:func:`open_redis_store`) raises ``StateError`` when Redis
+cannot be reached or a log holds an entry that is not a record (naming key and entry
+id); once running, only ``StorageUnavailable`` (``flush``, ``compact``, ``try_append``,
+``tail``) and ``ValueError`` from ``append`` for a record that is not JSON or too large.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import secrets
+import ssl
+import urllib.parse
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import coredis
+import orjson
+import trio
+from coredis.connection import TCPConnection
+from coredis.exceptions import RedisError
+
+from proxy.config import StoreSettings
+from proxy.errors import StateError, StorageUnavailable
+from proxy.store import Json, Record, encode
+
+__all__ = ["MAX_LOG_BYTES", "RedisLog", "RedisStore", "Tail", "open_redis_store"]
+
+log = logging.getLogger(__name__)
+
+MAX_LOG_BYTES = 256 << 20  # record JSON per log, as the local log's bound
+COMPACT_MIN_BYTES = 1 << 20
+READ_CHUNK = 1000  # entries per XRANGE at replay and in tail
+RETRY_EVERY = 1.0
+NO_ID = "0-0"
+
+# KEYS: stream, meta.  ARGV: writer, first number, records...  Returns the last entry id.
+_APPEND = """
+local done = tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or '0')
+local first = tonumber(ARGV[2])
+local last = nil
+for i = 3, #ARGV do
+  if first + i - 3 > done then
+    last = redis.call('XADD', KEYS[1], '*', 'r', ARGV[i], 'w', ARGV[1])
+  end
+end
+local count = first + #ARGV - 3
+if count > done then redis.call('HSET', KEYS[2], ARGV[1], count) end
+return last or false
+"""
+
+# KEYS: stream, meta.  ARGV: writer, gen seen, last id seen, records...
+# Returns {1, last id} appended, or {0, gen, last id} when the log moved on.
+_TRY_APPEND = """
+local gen = redis.call('HGET', KEYS[2], 'gen') or '0'
+local top = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+local last = '0-0'
+if #top > 0 then last = top[1][1] end
+if gen ~= ARGV[2] or last ~= ARGV[3] then return {0, gen, last} end
+for i = 4, #ARGV do
+  last = redis.call('XADD', KEYS[1], '*', 'r', ARGV[i], 'w', ARGV[1])
+end
+return {1, last}
+"""
+
+# KEYS: stream, meta.  ARGV: writer, records covered, records...  Returns {gen, last id}.
+_COMPACT = """
+redis.call('DEL', KEYS[1])
+local gen = redis.call('HGET', KEYS[2], 'gen') or '0'
+gen = tostring(tonumber(gen) + 1)
+redis.call('DEL', KEYS[2])
+redis.call('HSET', KEYS[2], 'gen', gen, ARGV[1], ARGV[2])
+local last = '0-0'
+for i = 3, #ARGV do
+  last = redis.call('XADD', KEYS[1], '*', 'r', ARGV[i], 'w', ARGV[1])
+end
+return {gen, last}
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Tail:
+    """What :meth:`RedisLog.tail` read: records other writers appended, in order; with
+    ``reset`` the log was compacted by another writer and ``records`` is its whole content."""
+
+    records: list[Record]
+    reset: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class _Loaded:
+    entries: list[tuple[str, Record]]  # (writer id, record)
+    gen: str
+    last_id: str
+    size: int
+
+
+# -- the store: one client, the logs' replay -----------------------------------------------------
+
+
+class RedisStore:
+    """One Redis client shared by every log of the process; built by :func:`open_redis_store`."""
+
+    def __init__(self, client: Any, settings: StoreSettings, timeout: float) -> None:
+        self.client = client
+        self.settings = settings
+        self.timeout = timeout
+        self._loaded: dict[str, _Loaded] = {}
+        self._opened: set[str] = set()
+        self._scripts: dict[str, Any] = {}
+
+    def key(self, kind: str, name: str) -> str:
+        return f"{self.settings.key_prefix}{kind}:{name}"
+
+    async def run[T](self, command: Callable[[], Awaitable[T]], what: str) -> T:
+        """One Redis command under ``timeout``; ``StorageUnavailable`` on any failure."""
+        try:
+            with trio.fail_after(self.timeout):
+                return await command()
+        except trio.TooSlowError:
+            raise StorageUnavailable() from StateError(
+                f"redis: {what} not answered within {self.timeout} s"
+            )
+        except (RedisError, OSError) as e:
+            raise StorageUnavailable() from StateError(f"redis: {what}: {e}")
+        except BaseExceptionGroup as group:  # coredis' task groups
+            leaf = _redis_failure(group)
+            if leaf is None:
+                raise
+            raise StorageUnavailable() from StateError(f"redis: {what}: {leaf}")
+
+    async def script(self, name: str, keys: list[str], args: Sequence[object]) -> Any:
+        script = self._scripts.get(name)
+        if script is None:
+            source = {"append": _APPEND, "try_append": _TRY_APPEND, "compact": _COMPACT}[name]
+            script = self._scripts[name] = self.client.register_script(source)
+        return await self.run(lambda: script(keys=keys, args=list(args)), name)
+
+    async def load(self, *, max_bytes: int = MAX_LOG_BYTES) -> None:
+        """Read every log under the prefix (at start-up, before :meth:`open`).
+
+        Error handling: ``StateError`` naming the key for an entry that is not a
+        record, a log over ``max_bytes``, or Redis not answering.
+        """
+        pattern = self.key("log", "*")
+        try:
+            keys = [k async for k in self.client.scan_iter(match=pattern)]
+            for key in sorted(_text(k) for k in keys):
+                name = key.removeprefix(self.key("log", ""))
+                self._loaded[name] = await self.read(name, max_bytes=max_bytes)
+        except StorageUnavailable as e:
+            url = _safe_url(self.settings.url)
+            raise StateError(f"redis {url}: cannot read the logs: {e.__cause__}") from None
+        except (RedisError, OSError) as e:
+            raise StateError(f"redis {_safe_url(self.settings.url)}: cannot read: {e}") from None
+
+    async def read(
+        self, name: str, *, after: str = NO_ID, max_bytes: int = MAX_LOG_BYTES
+    ) -> _Loaded:
+        """The log's ``gen`` and entries after ``after`` (all writers').
+
+        Error handling: ``StateError`` for an entry that is not a record or a log over
+        ``max_bytes``; ``StorageUnavailable`` when Redis does not answer.
+        """
+        key, meta = self.key("log", name), self.key("meta", name)
+        gen = await self.run(lambda: self.client.hget(meta, "gen"), f"HGET {meta}")
+        records: list[tuple[str, Record]] = []
+        size, last = 0, after
+        while True:
+            start = f"({last}" if last != NO_ID else "-"
+            entries = await self.run(
+                functools.partial(self.client.xrange, key, start, "+", count=READ_CHUNK),
+                f"XRANGE {key}",
+            )
+            for entry in entries:
+                last = _text(entry.identifier)
+                body = entry.field_values.get(b"r", b"")
+                size += len(body)
+                if size > max_bytes:
+                    raise StateError(f"redis {key}: over {max_bytes} bytes of records: compact it")
+                writer = _text(entry.field_values.get(b"w", b""))
+                records.append((writer, _decoded(body, key, last)))
+            if len(entries) < READ_CHUNK:
+                return _Loaded(records, _text(gen) if gen else "0", last, size)
+
+    def open(
+        self, name: str, *, timeout: float | None = None, max_bytes: int = MAX_LOG_BYTES
+    ) -> tuple[RedisLog, list[Record]]:
+        """The log ``name`` and its records to replay (read by :meth:`load`).
+
+        Error handling: ``StateError`` if ``name`` is opened twice in one process.
+        """
+        if name in self._opened:
+            raise StateError(f"redis log {name!r} opened twice")
+        self._opened.add(name)
+        loaded = self._loaded.pop(name, None) or _Loaded([], "0", NO_ID, 0)
+        records = [record for _, record in loaded.entries]
+        redis_log = RedisLog(self, name, loaded, timeout=timeout or self.timeout)
+        redis_log.max_bytes = max_bytes
+        return redis_log, records
+
+
+@contextlib.asynccontextmanager
+async def open_redis_store(
+    settings: StoreSettings,
+    *,
+    timeout: float,  # noqa: ASYNC109  (each command's bound)
+) -> AsyncIterator[RedisStore]:
+    """Connect to ``settings.url`` and read every log; the store, until the block ends.
+
+    Error handling: ``StateError`` when Redis cannot be reached or a log cannot be
+    replayed (the CLI exits 3); the password is never in a message.
+    """
+    await _reachable(settings, timeout)
+    client = _client(settings, timeout)
+    try:
+        async with client:
+            store = RedisStore(client, settings, timeout)
+            await store.load()
+            yield store
+    except BaseExceptionGroup as group:  # coredis' task group wraps what the block raised
+        leaf = _redis_failure(group)
+        if leaf is not None:
+            raise StateError(f"redis {_safe_url(settings.url)}: {leaf}") from None
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise
+    except (RedisError, OSError) as e:
+        raise StateError(f"redis {_safe_url(settings.url)}: {e}") from None
+
+
+async def _reachable(settings: StoreSettings, seconds: float) -> None:
+    """Whether Redis' address takes a connection (coredis' pool, entered with Redis
+    down, leaves streams unclosed: asked first with a plain socket).
+
+    Error handling: ``StateError`` naming the address (never the password).
+    """
+    url = urllib.parse.urlsplit(settings.url)
+    if url.scheme == "unix":
+        return
+    host, port = url.hostname or "localhost", url.port or 6379
+    try:
+        with trio.fail_after(seconds):
+            stream = await trio.open_tcp_stream(host, port)
+        await stream.aclose()
+    except (OSError, trio.TooSlowError) as e:
+        reason = str(e) or "no answer in time"
+        raise StateError(f"redis {host}:{port}: cannot connect: {reason}") from None
+
+
+def _client(settings: StoreSettings, timeout: float) -> Any:
+    options: dict[str, Any] = {
+        "stream_timeout": timeout,
+        "connect_timeout": timeout,
+        "decode_responses": False,
+    }
+    if settings.username:
+        options["username"] = settings.username
+    if settings.password:
+        options["password"] = settings.password
+    if settings.url.startswith("rediss://") and settings.tls_ca_file:
+        options["ssl_context"] = ssl.create_default_context(cafile=settings.tls_ca_file)
+    pool = coredis.ConnectionPool.from_url(settings.url, **options)
+    if pool.connection_class is TCPConnection:
+        pool.connection_class = _ClosingTCPConnection
+    return coredis.Redis(connection_pool=pool, decode_responses=False)
+
+
+class _ClosingTCPConnection(TCPConnection):
+    """coredis' TCP connection, closing its buffers when it cannot connect (coredis 6.9
+    leaves them open then, and each refused connection warns when collected)."""
+
+    async def _connect(self) -> Any:
+        try:
+            return await super()._connect()
+        except BaseException:
+            for buffer in (
+                self._write_buffer_in,
+                self._write_buffer_out,
+                self._push_message_buffer_in,
+                self._push_message_buffer_out,
+                self._streamed_message_buffer_in,
+                self._streamed_message_buffer_out,
+            ):
+                buffer.close()
+            raise
+
+
+def _safe_url(url: str) -> str:
+    """``url`` without a password in it."""
+    scheme, sep, rest = url.partition("://")
+    if "@" in rest:
+        rest = "***@" + rest.rsplit("@", 1)[1]
+    return f"{scheme}{sep}{rest}"
+
+
+# -- one log ------------------------------------------------------------------------------------
+
+
+class RedisLog:
+    """A :class:`~proxy.store.Log` on one Redis stream; built by :meth:`RedisStore.open`."""
+
+    def __init__(self, store: RedisStore, name: str, loaded: _Loaded, *, timeout: float) -> None:
+        self.store = store
+        self.name = name
+        self.timeout = timeout
+        self.max_bytes = MAX_LOG_BYTES
+        self.writer = secrets.token_hex(8)
+        self._key, self._meta = store.key("log", name), store.key("meta", name)
+        self._gen, self._seen = loaded.gen, loaded.last_id  # what this log has read
+        self._size = self._compacted_size = loaded.size
+        self._pending: list[bytes] = []  # records _durable+1 .. _appended
+        self._appended = self._durable = 0
+        self._lock = trio.Lock()
+        self._failed: StateError | None = None
+
+    # -- the Log protocol ----------------------------------------------------------------------
+
+    def append(self, record: Mapping[str, Json]) -> None:
+        """Queue ``record``; durable once a later :meth:`flush` returns.
+
+        Error handling: ``ValueError`` for a record that is not JSON or too large.
+        """
+        self._pending.append(encode(record))
+        self._appended += 1
+
+    async def flush(self) -> None:
+        """Return once every record appended so far is in Redis (AOF: see the module).
+
+        Error handling: ``StorageUnavailable`` when Redis does not take them within
+        ``timeout`` (they stay queued, and are sent again without duplicates).
+        """
+        target = self._appended
+        if self._durable >= target:
+            return
+        try:
+            with trio.fail_after(self.timeout):
+                async with self._lock:
+                    if self._durable < target:
+                        await self._write_pending()
+        except trio.TooSlowError:
+            self._fail(StateError(f"redis {self._key}: flush not done within {self.timeout} s"))
+            raise StorageUnavailable() from self._failed
+
+    async def _write_pending(self) -> None:
+        count = len(self._pending)
+        data = sum(len(line) for line in self._pending)
+        if self._size + data > self.max_bytes:
+            self._fail(StateError(f"redis {self._key} would pass {self.max_bytes} bytes: compact"))
+            raise StorageUnavailable() from self._failed
+        args = [self.writer, str(self._durable + 1), *self._pending]
+        try:
+            await self.store.script("append", [self._key, self._meta], args)
+        except StorageUnavailable as e:
+            self._fail(e.__cause__)
+            raise
+        del self._pending[:count]
+        self._durable += count
+        self._size += data
+        self._recovered()
+
+    async def compact(self, records: Iterable[Mapping[str, Json]]) -> None:
+        """Replace the stream with ``records`` (covering everything appended so far).
+
+        Error handling: ``StorageUnavailable`` if Redis does not take it in time; the
+        old content and the queue are kept then.
+        """
+        lines = [encode(r) for r in records]
+        covered = self._appended
+        try:
+            with trio.fail_after(self.timeout * 10):
+                async with self._lock:
+                    args = [self.writer, str(covered), *lines]
+                    gen, last = await self.store.script("compact", [self._key, self._meta], args)
+        except trio.TooSlowError:
+            raise StorageUnavailable() from StateError(
+                f"redis {self._key}: compaction not done in time"
+            )
+        dropped = max(0, covered - self._durable)
+        del self._pending[:dropped]
+        self._durable = max(self._durable, covered)
+        self._gen, self._seen = _text(gen), _text(last)
+        self._size = self._compacted_size = sum(len(line) for line in lines)
+        self._recovered()
+
+    @property
+    def failed(self) -> bool:
+        return self._failed is not None
+
+    @property
+    def compaction_due(self) -> bool:
+        return self._size > max(2 * self._compacted_size, COMPACT_MIN_BYTES)
+
+    # -- what LocalLog's owners call ---------------------------------------------------------
+
+    async def recover(self) -> bool:
+        """If failed, send the queue once more; True if the log is not failed."""
+        if self._failed is None:
+            return True
+        with contextlib.suppress(StorageUnavailable):
+            if self._pending:
+                await self.flush()
+            else:
+                await self.store.run(self.store.client.ping, "PING")
+                self._recovered()
+        return self._failed is None
+
+    async def maintain(
+        self,
+        records: Callable[[], Iterable[Mapping[str, Json]]] | None = None,
+        *,
+        every: float = RETRY_EVERY,
+    ) -> None:
+        """Forever: recover a failed log, and compact from ``records()`` when due.
+
+        Error handling: a failed compaction is logged and retried.
+        """
+        while True:
+            await trio.sleep(every)
+            if await self.recover() and not self.compaction_due:
+                continue
+            if records is None or not self.compaction_due:
+                continue
+            try:
+                await self.compact(records())
+            except StorageUnavailable as e:
+                log.warning("the %s log was not compacted: %s", self.name, e.__cause__)
+
+    async def recover_forever(self, every: float = RETRY_EVERY) -> None:
+        await self.maintain(None, every=every)
+
+    # -- several instances ---------------------------------------------------------------------
+
+    async def tail(self) -> Tail:
+        """Records OTHER writers appended since this log last read (or wrote with
+        :meth:`try_append`), in order; the whole content, ``reset``, after another
+        writer's compaction.
+
+        Error handling: ``StorageUnavailable`` when Redis does not answer; ``StateError``
+        for an entry that is not a record.
+        """
+        loaded = await self.store.read(self.name, after=self._seen)
+        if loaded.gen != self._gen:  # compacted: ids of before mean nothing now
+            loaded = await self.store.read(self.name)
+            self._gen, self._seen = loaded.gen, loaded.last_id
+            return Tail([record for _, record in loaded.entries], reset=True)
+        self._seen = loaded.last_id
+        self._size += loaded.size
+        return Tail([record for writer, record in loaded.entries if writer != self.writer])
+
+    async def follow(self, every: float = RETRY_EVERY) -> AsyncIterator[Tail]:
+        """:meth:`tail` every ``every`` seconds, forever, yielding what is new.
+
+        Error handling: Redis not answering is waited out (logged once per outage).
+        """
+        down = False
+        while True:
+            try:
+                tail = await self.tail()
+            except StorageUnavailable as e:
+                if not down:
+                    log.warning("following the %s log: %s", self.name, e.__cause__)
+                down = True
+            else:
+                down = False
+                if tail.records or tail.reset:
+                    yield tail
+            await trio.sleep(every)
+
+    async def try_append(self, records: Sequence[Mapping[str, Json]]) -> bool:
+        """Append ``records`` only if the stream's last entry is the one this log has
+        seen (nobody appended or compacted since); True if appended.  On False, read
+        what is new with :meth:`tail`, decide again, and retry.
+
+        Error handling: ``StorageUnavailable`` when Redis does not answer in time (the
+        records may or may not be in: :meth:`tail` tells, they carry this writer's id).
+        """
+        lines = [encode(r) for r in records]
+        args = [self.writer, self._gen, self._seen, *lines]
+        try:
+            answer = await self.store.script("try_append", [self._key, self._meta], args)
+        except StorageUnavailable as e:
+            self._fail(e.__cause__)
+            raise
+        self._recovered()
+        if int(answer[0]) != 1:
+            return False
+        self._seen = _text(answer[1])
+        self._size += sum(len(line) for line in lines)
+        return True
+
+    # -- failure -------------------------------------------------------------------------------
+
+    def _fail(self, error: BaseException | None) -> None:
+        if self._failed is None:
+            self._failed = error if isinstance(error, StateError) else StateError(str(error))
+            log.error("the %s log cannot write to Redis (%s); its records wait", self.name, error)
+
+    def _recovered(self) -> None:
+        if self._failed is not None:
+            self._failed = None
+            log.warning("the %s log writes to Redis again", self.name)
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+
+def _decoded(body: bytes, key: str, entry_id: str) -> Record:
+    try:
+        record = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        record = None
+    if not isinstance(record, dict):
+        raise StateError(f"redis {key}: entry {entry_id} is not a JSON record")
+    return record
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _redis_failure(group: BaseExceptionGroup[Any]) -> BaseException | None:
+    """The first Redis or socket error in ``group`` if that is all it holds, else None."""
+    matched, rest = group.split((RedisError, OSError))
+    if matched is None or rest is not None:
+        return None
+    leaf: BaseException = matched
+    while isinstance(leaf, BaseExceptionGroup):
+        leaf = leaf.exceptions[0]
+    return leaf

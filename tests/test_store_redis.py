@@ -1,0 +1,337 @@
+"""The Redis log (proxy.store.redis) against a real, private redis-server.
+
+The behaviours of ``tests/test_store.py`` that apply (replay in order, compaction,
+bounds, a storage that fails and comes back), plus what Redis adds: nothing
+acknowledged lost when redis-server is killed with SIGKILL (AOF, ``appendfsync
+always``), a lost answer sent again without duplicates, compare-and-append races
+between two clients, and one client following another's appends.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+
+import pytest
+import trio
+import trio.lowlevel
+
+from proxy.config import StoreSettings
+from proxy.errors import StateError, StorageUnavailable
+from proxy.store import Log, Record
+from proxy.store.redis import RedisLog, RedisStore, open_redis_store
+from tests.redis_server import RedisServer, free_port, redis_server
+from tests.test_storage_faults import until
+
+__all__ = ["redis_server"]  # the fixture, used by name below
+
+RECORDS: list[Record] = [
+    {"op": "create", "id": "h1", "events": ["user-joined", "meeting-ended"], "n": 3},
+    {"op": "create", "id": "h2", "url": "https://lms.example/hook?ä=ß", "at": 17.25},
+    {"op": "destroy", "id": "h1", "nested": {"a": [1, {"b": None}], "t": True}},
+]
+
+type Opener = Callable[..., AbstractAsyncContextManager[RedisStore]]
+
+
+@pytest.fixture
+def store_at(redis_server: RedisServer) -> Opener:
+    """``store_at(timeout=...)``: a new connection, as another process would open it."""
+
+    def opener(timeout: float = 2.0, **settings: str) -> AbstractAsyncContextManager[RedisStore]:
+        config = StoreSettings(kind="redis", url=redis_server.url, **settings)
+        return open_redis_store(config, timeout=timeout)
+
+    return opener
+
+
+async def replayed(store_at: Opener, name: str = "hooks") -> list[Record]:
+    async with store_at() as store:
+        return store.open(name)[1]
+
+
+async def written(store: RedisStore, records: list[Record], name: str = "hooks") -> RedisLog:
+    log, _ = store.open(name)
+    for record in records:
+        log.append(record)
+    await log.flush()
+    return log
+
+
+async def recovered(log: RedisLog, seconds: float = 5) -> None:
+    """Retry the log (as ``maintain`` does every second) until it writes again."""
+    with trio.fail_after(seconds):
+        while not await log.recover():  # noqa: ASYNC110 - each try talks to Redis
+            await trio.sleep(0.05)
+
+
+# -- replay --------------------------------------------------------------------------------------
+
+
+async def test_flushed_records_are_replayed_after_a_restart_in_order(store_at: Opener) -> None:
+    async with store_at() as store:
+        await written(store, RECORDS[:2])
+    assert await replayed(store_at) == RECORDS[:2]
+    async with store_at() as store:
+        log, records = store.open("hooks")
+        assert records == RECORDS[:2]
+        log.append(RECORDS[2])
+        await log.flush()
+    assert await replayed(store_at) == RECORDS
+    assert await replayed(store_at, "other") == []  # logs are separate
+
+
+async def test_records_appended_but_never_flushed_are_not_in_redis(store_at: Opener) -> None:
+    async with store_at() as store:
+        log = await written(store, RECORDS[:1])
+        log.append(RECORDS[1])
+    assert await replayed(store_at) == RECORDS[:1]
+
+
+async def test_concurrent_flushes_write_each_record_once(store_at: Opener) -> None:
+    async with store_at() as store:
+        log, _ = store.open("hooks")
+        async with trio.open_nursery() as nursery:
+            for n in range(20):
+                log.append({"n": n})
+                nursery.start_soon(log.flush)
+    assert await replayed(store_at) == [{"n": n} for n in range(20)]
+
+
+async def test_the_key_prefix_separates_gateways(store_at: Opener) -> None:
+    async with store_at(key_prefix="a:") as store:
+        await written(store, RECORDS[:1])
+    async with store_at(key_prefix="b:") as store:
+        assert store.open("hooks")[1] == []
+    async with store_at(key_prefix="a:") as store:
+        assert store.open("hooks")[1] == RECORDS[:1]
+
+
+async def test_an_entry_that_is_not_a_record_stops_start_up_naming_it(store_at: Opener) -> None:
+    async with store_at() as store:
+        await written(store, RECORDS[:1])
+        await store.client.xadd("bbb-proxy:log:hooks", {"r": b"[1, 2]", "w": b"x"})
+    with pytest.raises(StateError, match=r"bbb-proxy:log:hooks: entry \d+-\d+ is not a JSON"):
+        await replayed(store_at)
+
+
+async def test_a_log_over_the_replay_bound_is_refused(store_at: Opener) -> None:
+    async with store_at() as store:
+        await written(store, [{"pad": "x" * 100} for _ in range(5)])
+    async with store_at() as store:  # a generous bound reads it
+        assert len(store.open("hooks")[1]) == 5
+        with pytest.raises(StateError, match="over 300 bytes"):
+            await store.load(max_bytes=300)
+
+
+async def test_redis_unreachable_at_start_up_is_a_state_error_without_the_password() -> None:
+    url = f"redis://user:hunter2@127.0.0.1:{free_port()}/0"
+    with pytest.raises(StateError) as raised:
+        async with open_redis_store(StoreSettings(kind="redis", url=url), timeout=1):
+            pass
+    assert "hunter2" not in str(raised.value)
+    assert "127.0.0.1" in str(raised.value)
+
+
+async def test_append_refuses_what_is_not_a_json_record(store_at: Opener) -> None:
+    async with store_at() as store:
+        log, _ = store.open("hooks")
+        with pytest.raises(ValueError):
+            log.append({"x": float("nan")})
+        with pytest.raises(ValueError):
+            log.append({"x": b"bytes"})  # type: ignore[dict-item, unused-ignore]
+
+
+# -- compaction and bounds -----------------------------------------------------------------------
+
+
+async def test_compaction_replaces_the_content_and_later_records_follow(store_at: Opener) -> None:
+    async with store_at() as store:
+        log = await written(store, RECORDS)
+        log.append({"op": "pending", "n": 1})  # covered by the state passed below
+        await log.compact([{"op": "state", "hooks": ["h2"]}])
+        log.append({"op": "later"})
+        await log.flush()
+        assert not log.failed
+    assert await replayed(store_at) == [{"op": "state", "hooks": ["h2"]}, {"op": "later"}]
+
+
+async def test_a_log_at_its_bound_refuses_to_grow_until_compacted(store_at: Opener) -> None:
+    async with store_at() as store:
+        log, _ = store.open("hooks")
+        log.max_bytes = 200
+        log.append({"pad": "x" * 150})
+        await log.flush()
+        log.append({"pad": "y" * 150})
+        with pytest.raises(StorageUnavailable):
+            await log.flush()
+        assert log.failed
+        await log.compact([{"pad": "small"}])
+        assert not log.failed
+        log.append({"n": 2})
+        await log.flush()
+    assert await replayed(store_at) == [{"pad": "small"}, {"n": 2}]
+
+
+async def test_maintain_compacts_when_due(store_at: Opener) -> None:
+    async with store_at() as store:
+        log, _ = store.open("hooks")
+        state = [{"pad": "z" * 1000}]
+        for _ in range(1100):  # past COMPACT_MIN_BYTES (1 MiB)
+            log.append(state[0])
+        await log.flush()
+        assert log.compaction_due
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(lambda: log.maintain(lambda: state, every=0.01))
+                await until(lambda: not log.compaction_due)
+                nursery.cancel_scope.cancel()
+    assert await replayed(store_at) == state
+
+
+# -- Redis fails and comes back ------------------------------------------------------------------
+
+
+async def test_redis_killed_fails_flush_in_time_and_the_log_recovers_when_it_returns(
+    store_at: Opener, redis_server: RedisServer
+) -> None:
+    async with store_at(timeout=1.0) as store:
+        log = await written(store, RECORDS[:1])
+        redis_server.kill()
+        log.append(RECORDS[1])
+        with trio.fail_after(3):  # the timeout, not a hang
+            with pytest.raises(StorageUnavailable):
+                await log.flush()
+        assert log.failed
+        assert not await log.recover()
+        redis_server.start()
+        await recovered(log)
+        assert not log.failed
+        log.append(RECORDS[2])
+        await log.flush()
+    assert await replayed(store_at) == RECORDS
+
+
+async def test_nothing_acknowledged_is_lost_when_redis_is_killed(
+    store_at: Opener, redis_server: RedisServer
+) -> None:
+    acknowledged: list[Record] = []
+    async with store_at(timeout=1.0) as store:
+        log, _ = store.open("hooks")
+        for n in range(200):
+            record: Record = {"n": n}
+            log.append(record)
+            await log.flush()
+            acknowledged.append(record)
+        redis_server.kill()  # SIGKILL: only what reached the AOF survives
+    redis_server.start()
+    assert await replayed(store_at) == acknowledged
+
+
+async def test_an_answer_lost_to_a_timeout_is_sent_again_without_duplicates(
+    store_at: Opener, redis_server: RedisServer
+) -> None:
+    assert redis_server.process is not None
+    pid = redis_server.process.pid
+    async with store_at(timeout=0.5) as store:
+        log = await written(store, RECORDS[:1])
+        os.kill(pid, signal.SIGSTOP)  # the request waits in its socket; no answer
+        try:
+            log.append(RECORDS[1])
+            with pytest.raises(StorageUnavailable):
+                await log.flush()
+        finally:
+            os.kill(pid, signal.SIGCONT)  # Redis now runs the first attempt
+        await recovered(log)  # the second attempt
+    assert await replayed(store_at) == RECORDS[:2]
+
+
+# -- several instances ---------------------------------------------------------------------------
+
+
+async def test_follow_sees_another_clients_appends_and_not_its_own(store_at: Opener) -> None:
+    async with store_at() as first, store_at() as second:
+        mine, _ = first.open("ledger")
+        theirs, _ = second.open("ledger")
+        mine.append({"from": "A", "n": 1})
+        await mine.flush()
+        assert (await mine.tail()).records == []  # its own
+        seen: list[Record] = []
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+
+                async def following() -> None:
+                    async for tail in theirs.follow(every=0.01):
+                        seen.extend(tail.records)
+
+                nursery.start_soon(following)
+                mine.append({"from": "A", "n": 2})
+                await mine.flush()
+                await until(lambda: len(seen) >= 2)
+                nursery.cancel_scope.cancel()
+        assert seen == [{"from": "A", "n": 1}, {"from": "A", "n": 2}]
+
+
+async def test_tail_after_another_writers_compaction_resets(store_at: Opener) -> None:
+    async with store_at() as first, store_at() as second:
+        a, _ = first.open("ledger")
+        b, _ = second.open("ledger")
+        a.append({"n": 1})
+        await a.flush()
+        assert (await b.tail()).records == [{"n": 1}]
+        await a.compact([{"state": 1}])
+        tail = await b.tail()
+        assert tail.reset and tail.records == [{"state": 1}]
+        assert await b.try_append([{"n": 2}])  # b is at the new content's end
+
+
+async def test_compare_and_append_lets_one_of_two_racing_writers_in(store_at: Opener) -> None:
+    async with store_at() as first, store_at() as second:
+        a, _ = first.open("ledger")
+        b, _ = second.open("ledger")
+        assert await a.try_append([{"by": "a", "seq": 1}])
+        assert not await b.try_append([{"by": "b", "seq": 1}])  # b had not seen a's
+        assert (await b.tail()).records == [{"by": "a", "seq": 1}]
+        assert await b.try_append([{"by": "b", "seq": 2}])
+        assert not await a.try_append([{"by": "a", "seq": 2}])
+    assert await replayed(store_at, "ledger") == [{"by": "a", "seq": 1}, {"by": "b", "seq": 2}]
+
+
+async def test_compare_and_append_races_never_lose_an_update(store_at: Opener) -> None:
+    """Two clients each add 1 to a shared counter 30 times, deciding on their replica:
+    with compare-and-append every decision saw the one before it."""
+
+    async def incrementer(log: RedisLog, replica: list[int], times: int) -> None:
+        for _ in range(times):
+            while True:
+                if await log.try_append([{"count": replica[0] + 1}]):
+                    replica[0] += 1
+                    break
+                for record in (await log.tail()).records:  # lost the race: catch up
+                    count = record["count"]
+                    assert isinstance(count, int)
+                    replica[0] = count
+                await trio.lowlevel.checkpoint()
+
+    async with store_at() as first, store_at() as second:
+        a, _ = first.open("counter")
+        b, _ = second.open("counter")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(incrementer, a, [0], 30)
+            nursery.start_soon(incrementer, b, [0], 30)
+    counts = [r["count"] for r in await replayed(store_at, "counter")]
+    assert counts == list(range(1, 61))
+
+
+def test_a_redis_log_is_a_log(redis_server: RedisServer) -> None:
+    def check(log: Log) -> None:
+        assert not log.failed
+
+    async def main() -> None:
+        config = StoreSettings(kind="redis", url=redis_server.url)
+        async with open_redis_store(config, timeout=2) as store:
+            check(store.open("hooks")[0])
+
+    trio.run(main)
