@@ -242,6 +242,7 @@ class Walk:
         assert "api-url" in seen and "secret-1" in seen, seen
 
 
+@pytest.mark.slow
 async def test_the_portal_in_a_real_browser(make_stack: StackFactory) -> None:
     chromium = _chromium()
     axe = await trio.to_thread.run_sync(npm.installed, AXE)

@@ -191,11 +191,11 @@ def language(cookie: str | None, accept_language: str | None) -> str:
     if cookie in LANGUAGES:
         return str(cookie)
     best, best_q = "en", 0.0
-    for position, item in enumerate((accept_language or "")[:1000].split(",")[:20]):
+    for item in (accept_language or "")[:1000].split(",")[:20]:
         tag, _, params = item.strip().partition(";")
         primary = tag.strip().lower().split("-")[0]
         q = _quality(params)
-        if primary in LANGUAGES and (q > best_q or (q == best_q and position == 0)):
+        if primary in LANGUAGES and q > best_q:  # q=0: "not acceptable"; ties: the first
             best, best_q = primary, q
     return best
 
