@@ -177,8 +177,6 @@ def _customer_rotate(args: argparse.Namespace) -> None:
     show(args, answer, lambda d: f"new secret of {d['id']}: {d['secret']}\n" + _secrets(d))
 
 
-def _customer_credentials(args: argparse.Namespace) -> None:
-    answer = request(args, "GET", f"customers/{_q(args.id)}/credentials")
 def _customer_invite(args: argparse.Namespace) -> None:
     answer = request(args, "POST", f"customers/{_q(args.id)}/admins", {"email": args.email})
     show(args, answer, lambda d: f"invitation for {d['email']} (customer {d['customer']}), "
@@ -198,6 +196,8 @@ def _customer_admins(args: argparse.Namespace) -> None:
     show(args, answer, lambda d: table(rows, ("email", "state")))
 
 
+def _customer_credentials(args: argparse.Namespace) -> None:
+    answer = request(args, "GET", f"customers/{_q(args.id)}/credentials")
 
     def render(d: Mapping[str, Any]) -> str:
         urls = [d["api_url"], *d["host_api_urls"]]
@@ -350,13 +350,13 @@ COMMANDS: Mapping[tuple[str, str | None], Callable[[argparse.Namespace], None]] 
     ("customers", "delete"): _customer_delete,
     ("customers", "rotate-secret"): _customer_rotate,
     ("customers", "credentials"): _customer_credentials,
+    ("customers", "invite"): _customer_invite,
+    ("customers", "admins"): _customer_admins,
     ("customers", "timeline"): _customer_timeline,
     ("backends", "list"): _backends_list,
     ("backends", "show"): _backend_show,
     ("backends", "create"): _backend_create,
     ("backends", "update"): _backend_update,
-    ("customers", "invite"): _customer_invite,
-    ("customers", "admins"): _customer_admins,
     ("backends", "drain"): _backend_mode("drain"),
     ("backends", "activate"): _backend_mode("active"),
     ("backends", "disable"): _backend_mode("disabled"),

@@ -44,14 +44,14 @@ def _customers(parser: argparse.ArgumentParser, api: argparse.ArgumentParser) ->
                 "--reset", action="append", metavar="FIELD", help="back to the file's value"
             )
             p.set_defaults(secret=None)
-    rotate = actions.add_parser("rotate-secret", parents=[api])
-    rotate.add_argument("id")
     invite = actions.add_parser(
         "invite", parents=[api], help="invite a customer administrator (prints a one-time link)"
     )
     invite.add_argument("id")
     invite.add_argument("email")
     actions.add_parser("admins", parents=[api], help="its administrators").add_argument("id")
+    rotate = actions.add_parser("rotate-secret", parents=[api])
+    rotate.add_argument("id")
     rotate.add_argument("--secret", help="default: a new random one, printed once")
     rotate.add_argument(
         "--grace", type=float, help="seconds the old secrets stay valid (default: 7 days)"
@@ -92,14 +92,14 @@ def _meetings(parser: argparse.ArgumentParser, api: argparse.ArgumentParser) -> 
         p.add_argument("meeting_id")
 
 
-def _tag_list(text: str) -> list[str]:
-    """``a,b`` as a list of tags; ``""`` is none (the gateway checks each tag)."""
-    return [t.strip() for t in text.split(",") if t.strip()]
-
-
 def _yes_no(value: str) -> bool:
     if value.lower() in ("yes", "true", "1"):
         return True
     if value.lower() in ("no", "false", "0"):
         return False
     raise argparse.ArgumentTypeError("yes or no")
+
+
+def _tag_list(text: str) -> list[str]:
+    """``a,b`` as a list of tags; ``""`` is none (the gateway checks each tag)."""
+    return [t.strip() for t in text.split(",") if t.strip()]

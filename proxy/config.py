@@ -203,6 +203,7 @@ class Backend:
     capacity: int
     checksum_algorithm: str = "sha256"
     mode: str = "active"  # "active" | "drain" (no new meetings) | "disabled" (not used at all)
+    tags: tuple[str, ...] = ()  # placement tags (meta_server-tag, proxy.placement)
 
     def __repr__(self) -> str:
         return f"Backend(id={self.id!r}, url={self.url!r}, capacity={self.capacity})"
@@ -217,6 +218,8 @@ class Customer:
     default_duration: int  # minutes
     enabled: bool = True
     hosts: tuple[str, ...] = ()
+    default_tags: tuple[str, ...] = ()  # placement tags when a create names none
+    required_tags: tuple[str, ...] = ()  # its meetings only on backends with one of these
 
     def __repr__(self) -> str:
         return f"Customer(id={self.id!r}, max_connections={self.max_connections})"
@@ -394,6 +397,7 @@ def _backend(t: Any, where: str) -> Backend:
         capacity=_get(t, where, "capacity", _positive),
         checksum_algorithm=algorithm,
         mode=_get(t, where, "mode", _mode, "active"),
+        tags=tuple(_get(t, where, "tags", _tags, _NO_STRINGS)),
     )
 
 
@@ -410,6 +414,8 @@ def _customer(t: Any, where: str) -> Customer:
         default_duration=_get(t, where, "default_duration", _positive),
         enabled=_get(t, where, "enabled", _bool, True),
         hosts=tuple(h.lower() for h in _get(t, where, "hosts", _str_list, _NO_STRINGS)),
+        default_tags=tuple(_get(t, where, "default_tags", _tags, _NO_STRINGS)),
+        required_tags=tuple(_get(t, where, "required_tags", _tags, _NO_STRINGS)),
     )
 
 
@@ -721,6 +727,16 @@ def _http_url(value: Any) -> str:
     if not isinstance(value, str) or not re.fullmatch(r"https?://[^/\s]+(/\S*)?", value):
         raise ValueError("must be an http:// or https:// URL")
     return value
+
+
+def _tags(value: Any) -> list[str]:
+    """Placement tags: distinct names of letters, digits, ``._-`` (``none`` means untagged)."""
+    tags = _str_list(value)
+    if not all(re.fullmatch(r"[A-Za-z0-9._-]{1,64}", t) for t in tags):
+        raise ValueError("must be a list of tags (letters, digits, . _ -, at most 64)")
+    if len(set(tags)) != len(tags):
+        raise ValueError("a tag appears twice")
+    return tags
 
 
 def _str_list(value: Any) -> list[str]:

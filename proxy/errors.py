@@ -98,6 +98,14 @@ class NoVoiceBridge(NoServerCapacity):
     message = "No conference number is free for a new meeting; try again later"
 
 
+class ServerTagUnavailable(ApiError):
+    """Scalelite's answer when no server with a required placement tag can take the
+    meeting (proxy.placement); the message names the tags."""
+
+    message_key = "serverTagUnavailable"
+    message = "There is no available server with the required tag"
+
+
 class StorageUnavailable(ProxyError):
     """The ledger's journal cannot write now (``state_dir`` full, read-only or too slow).
 

@@ -34,9 +34,17 @@ import trio
 
 from proxy.backends.client import Reply
 from proxy.bbb import callbacks, recording_ready, rewrite
-from proxy.errors import BackendError, BackendTimeout, BackendUnavailable, ValidationError
+from proxy.errors import (
+    BackendError,
+    BackendTimeout,
+    BackendUnavailable,
+    NoServerCapacity,
+    ServerTagUnavailable,
+    ValidationError,
+)
 from proxy.gateway import Gateway
 from proxy.ledger.model import Admit, CreateRequest, Duplicate, Refuse, Reservation
+from proxy.placement import TagRule, parse_tags
 from proxy.request import Answer, ApiRequest
 from proxy.texts import apply_default_texts
 from proxy.voice.bridges import is_bridge
@@ -46,25 +54,33 @@ log = logging.getLogger(__name__)
 # FAILED answers that are about the request, not the server: never retried elsewhere.
 CUSTOMER_ERRORS = frozenset({"validationError", "idNotUnique", "nonUniqueVoiceBridge"})
 MAX_ATTEMPTS = 3
+SERVER_TAG = "meta_server-tag"
 
 
 async def create(gw: Gateway, req: ApiRequest) -> Answer:
     request = _create_request(req, gw.config.voice.allocate)
     excluded: set[str] = set()
     refused: BackendUnavailable | None = None
+    rule = tag_rule(req)
+    backend_tags = {b.id: frozenset(b.tags) for b in gw.backends()}
     while True:
         decision = gw.ledger.admit(
             request,
             req.customer.max_connections,
             gw.backend_specs(),
             lambda loads: gw.ring.choose(
-                request.backend_meeting_id, request.connections, loads, exclude=excluded
+                request.backend_meeting_id,
+                request.connections,
+                loads,
+                exclude=excluded,
+                rule=rule,
+                backend_tags=backend_tags,
             ),
             bridge_length=gw.config.voice.length if gw.config.voice.allocate else None,
         )
         match decision:
             case Refuse(error):
-                raise refused or _on_down_backend(gw, request) or error
+                raise refused or _on_down_backend(gw, request) or _tagged(error, rule)
             case Duplicate(reservation) if gw.ledger.settling(reservation.key):
                 await gw.ledger.wait_settled(reservation.key)
             case Duplicate(reservation):
@@ -88,6 +104,31 @@ async def create(gw: Gateway, req: ApiRequest) -> Answer:
                     refused = exc
                     if len(excluded) >= MAX_ATTEMPTS:
                         raise
+
+
+def tag_rule(req: ApiRequest) -> TagRule:
+    """The placement tags of a create: its ``meta_server-tag`` (else the customer's
+    default tags), and the customer's required tags."""
+    wanted, strict = parse_tags(_server_tag(req.params))
+    customer = req.customer
+    return TagRule(
+        wanted=wanted or frozenset(customer.default_tags),
+        strict=strict,
+        required=frozenset(customer.required_tags),
+    )
+
+
+def _server_tag(params: list[tuple[str, str]]) -> str | None:
+    return next((v for k, v in params if k.lower() == SERVER_TAG), None)
+
+
+def _tagged(error: Exception, rule: TagRule) -> Exception:
+    """No room where the tags allow: Scalelite's serverTagUnavailable when tags ruled
+    backends out, else the ledger's answer."""
+    if not rule.requires or not isinstance(error, NoServerCapacity):
+        return error
+    names = ";".join(sorted(rule.wanted if rule.strict else rule.required))
+    return ServerTagUnavailable(f"There is no available server with the required tag={names}.")
 
 
 def _on_down_backend(gw: Gateway, request: CreateRequest) -> BackendUnavailable | None:
@@ -184,6 +225,7 @@ async def _send(gw: Gateway, req: ApiRequest, reservation: Reservation) -> Reply
 def backend_params(gw: Gateway, req: ApiRequest, reservation: Reservation) -> list[tuple[str, str]]:
     """What the backend is sent: namespaced id, resolved size, duration 0, texts, tags."""
     params = rewrite.without(req.params, ["meetingID", "maxParticipants", "duration"])
+    params = _server_tag_param(params)
     params = _voice_params(gw, params, reservation)
     params = apply_default_texts(params, gw.config.texts)
     params, customer_urls, kept = callbacks.split_customer_urls(params)
@@ -218,6 +260,16 @@ def backend_params(gw: Gateway, req: ApiRequest, reservation: Reservation) -> li
             ready_url,
         ),
     ]
+
+
+def _server_tag_param(params: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """``meta_server-tag`` as the backend is told it: the tags without the ``!``."""
+    given = _server_tag(params)
+    if given is None:
+        return params
+    kept = [(k, v) for k, v in params if k.lower() != SERVER_TAG]
+    tags = given.strip().removesuffix("!").strip()
+    return [*kept, (SERVER_TAG, tags)] if parse_tags(tags)[0] else kept
 
 
 def _voice_params(
