@@ -15,6 +15,7 @@ import trio
 from lxml import etree
 
 from proxy.bbb.checksum import signed_query
+from proxy.errors import StorageUnavailable
 from proxy.portal import sessions
 from proxy.portal.service import PortalService, open_portal
 from tests.harness import Stack, StackFactory, text
@@ -452,3 +453,65 @@ async def test_the_cli_invites_an_administrator(
     )
     await browser.aclose()
     await trio.lowlevel.checkpoint()
+
+
+async def test_cookies_are_secure_behind_https(make_stack: StackFactory) -> None:
+    stack = await make_stack(proxy={"admin_token": TOKEN, "public_url": "https://bbb.example"})
+    link = (await invite(stack, "acme", "admin@acme.example"))["invitation_url"]
+    assert link.startswith("https://bbb.example/portal/invitation?token=")
+    # httpx, like a browser, sends no Secure cookie over http: the test sends them itself.
+    local = link.replace("https://bbb.example", stack.url)
+    response = await stack.http.get(local)
+    pre = response.cookies["bbb_portal_form"]
+    assert "Secure" in response.headers["set-cookie"]
+    csrf = re.search(r'name="csrf" value="([^"]+)"', response.text)
+    assert csrf is not None
+    response = await stack.http.post(
+        local,
+        data={"csrf": csrf.group(1), "password": PASSWORD, "repeated": PASSWORD},
+        headers={"Cookie": f"bbb_portal_form={pre}"},
+    )
+    assert response.status_code == 303
+    response = await stack.http.post(
+        f"{stack.url}/portal/login",
+        data={"csrf": csrf.group(1), "email": "admin@acme.example", "password": PASSWORD},
+        headers={"Cookie": f"bbb_portal_form={pre}"},
+    )
+    assert response.status_code == 303
+    cookie = response.headers["set-cookie"]
+    assert cookie.startswith("bbb_portal_session=")
+    for attribute in ("Secure", "HttpOnly", "SameSite=Lax", "Path=/portal", "Max-Age=28800"):
+        assert attribute in cookie, attribute
+
+
+class BrokenLog:
+    """A store that cannot write."""
+
+    failed = True
+
+    def append(self, record: Any) -> None:
+        raise AssertionError("nothing is appended to a failed log")
+
+    async def flush(self) -> None:
+        raise StorageUnavailable()
+
+    async def compact(self, records: Any) -> None:
+        raise StorageUnavailable()
+
+
+async def test_a_portal_store_that_cannot_write_changes_nothing(make_stack: StackFactory) -> None:
+    stack = await portal_stack(make_stack)
+    link = (await invite(stack, "acme", "admin@acme.example"))["invitation_url"]
+    portal(stack).log = BrokenLog()
+    response = await stack.http.post(
+        f"{stack.url}/admin/v1/customers/acme/admins", headers=AUTH, json={"email": "b@a.example"}
+    )
+    assert response.status_code == 503
+    browser = Browser(stack)
+    path = link.removeprefix(stack.url)
+    await browser.get(path)
+    page = await browser.post(path, {"password": PASSWORD, "repeated": PASSWORD}, expect=503)
+    assert "could not be saved" in page.text
+    assert not portal(stack).state.admins
+    assert portal(stack).state.invitation(link.rsplit("=", 1)[1], time.time()) is not None
+    await browser.aclose()
