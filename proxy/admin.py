@@ -11,6 +11,7 @@ made durable is ``503``.  Changes take effect at once and survive restarts
     POST   /customers                     POST /customers/{id}/secrets  (rotation)
     GET    /customers/{id}/credentials    GET  /customers/{id}/timeline
     POST   /customers/{id}/admins  (invite a customer administrator)   GET /customers/{id}/admins
+    DELETE /customers/{id}/admins/{email}
     GET    /backends    POST /backends    GET|PATCH|DELETE /backends/{id}
     GET    /meetings?customer=&backend=   GET|DELETE /meetings/{customer}/{meetingID}
     GET    /status
@@ -99,6 +100,8 @@ def _shape(parts: tuple[str, ...]) -> tuple[str, ...]:
     """The route of a path: ids replaced by ``{}`` (a meetingID may hold "/")."""
     if parts[:1] == ("meetings",) and len(parts) >= 3:
         return ("meetings", "{}", "{}")
+    if parts[:1] == ("customers",) and len(parts) == 4 and parts[2] == "admins":
+        return ("customers", "{}", "admins", "{}")
     if parts[:1] in (("customers",), ("backends",)) and len(parts) >= 2 and parts[1]:
         return (parts[0], "{}", *parts[2:])
     return parts
@@ -205,6 +208,19 @@ async def list_admins(gw: Gateway, call: Call) -> Result:
     ]
     admins = [{"email": a.email} for a in portal.state.admins_of(customer_id)]
     return 200, {"customer": customer_id, "admins": admins, "invitations": pending}
+
+
+async def remove_admin(gw: Gateway, call: Call) -> Result:
+    """A customer administrator removed: its sessions end at once."""
+    customer_id = _known_customer(gw, call.parts[1])
+    portal = _portal(gw)
+    email = call.parts[3].lower()
+    admin = portal.state.admins.get(email)
+    if admin is None or admin.customer != customer_id:
+        raise Refused(404, f"no administrator {email} of customer {customer_id}", "email")
+    await portal.remove(email)
+    gw.tally("admin_changes", "admin_removed")
+    return 200, {"customer": customer_id, "email": email, "removed": True}
 
 
 def _portal(gw: Gateway) -> PortalService:
@@ -318,6 +334,7 @@ ROUTES: Mapping[tuple[str, ...], Callable[[Gateway, Call], Awaitable[Result]]] =
     ("GET", "customers", "{}", "timeline"): timeline,
     ("POST", "customers", "{}", "admins"): invite_admin,
     ("GET", "customers", "{}", "admins"): list_admins,
+    ("DELETE", "customers", "{}", "admins", "{}"): remove_admin,
     ("GET", "backends"): list_backends,
     ("POST", "backends"): create_backend,
     ("GET", "backends", "{}"): show_backend,

@@ -196,6 +196,11 @@ def _customer_admins(args: argparse.Namespace) -> None:
     show(args, answer, lambda d: table(rows, ("email", "state")))
 
 
+def _customer_remove_admin(args: argparse.Namespace) -> None:
+    answer = request(args, "DELETE", f"customers/{_q(args.id)}/admins/{_q(args.email)}")
+    show(args, answer, lambda d: f"administrator {d['email']} of {d['customer']} removed")
+
+
 def _customer_credentials(args: argparse.Namespace) -> None:
     answer = request(args, "GET", f"customers/{_q(args.id)}/credentials")
 
@@ -352,6 +357,7 @@ COMMANDS: Mapping[tuple[str, str | None], Callable[[argparse.Namespace], None]] 
     ("customers", "credentials"): _customer_credentials,
     ("customers", "invite"): _customer_invite,
     ("customers", "admins"): _customer_admins,
+    ("customers", "remove-admin"): _customer_remove_admin,
     ("customers", "timeline"): _customer_timeline,
     ("backends", "list"): _backends_list,
     ("backends", "show"): _backend_show,

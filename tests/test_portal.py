@@ -446,11 +446,21 @@ async def test_the_cli_invites_an_administrator(
     browser = Browser(stack)
     await browser.accept(link)
     assert "active" in await cli("customers", "admins", "acme")
-    answer = orjson.loads(await cli("customers", "invite", "acme", "b@acme.example", "--json"))
-    assert answer["invitation_url"].startswith(stack.url)
     assert "administers another customer" in await cli(
         "customers", "invite", "globex", "cli@acme.example", expect=1
     )
+    assert await browser.login("cli@acme.example") == "/portal/customers/acme/api"
+    await browser.get("/portal/customers/acme/api")
+    assert "no administrator" in await cli(
+        "customers", "remove-admin", "globex", "cli@acme.example", expect=1
+    )
+    removed = await cli("customers", "remove-admin", "acme", "CLI@acme.example")
+    assert "cli@acme.example of acme removed" in removed
+    response = await browser.http.get("/portal/customers/acme/api")
+    assert response.status_code == 303  # its session ended with it
+    await browser.login("cli@acme.example", expect=401)
+    answer = orjson.loads(await cli("customers", "invite", "acme", "b@acme.example", "--json"))
+    assert answer["invitation_url"].startswith(stack.url)
     await browser.aclose()
     await trio.lowlevel.checkpoint()
 
