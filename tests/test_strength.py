@@ -290,7 +290,7 @@ async def test_only_a_2xx_answer_counts_as_called(status: int, answered: bool) -
 
 
 def test_a_refused_url_is_logged_with_its_reason(caplog: pytest.LogCaptureFixture) -> None:
-    url = "http://lms.test/ended?secret=1"
+    url = "http://lms.test/ended?m=1"
     with caplog.at_level(logging.WARNING, logger=outbound.__name__):
         outbound._refused(url, "host is not public", "refused")
     assert caplog.records[-1].getMessage() == f"not calling {shown(url)}: host is not public"
@@ -451,12 +451,16 @@ def test_the_upload_reader_on_odd_bodies() -> None:
         uploads.FILE_END,
         uploads.DONE,
     ]
-    with pytest.raises(ValidationError, match="could not be parsed") as broken:
+    with pytest.raises(ValidationError) as broken:
         read_upload(b"--XyZ\r\nno headers here")
-    assert broken.value.message_key == "validationError"
+    assert (broken.value.message_key, broken.value.message) == (
+        "validationError",
+        "The multipart body could not be parsed",
+    )
     nameless = b"--XyZ\r\nContent-Disposition: form-data\r\n\r\nv\r\n--XyZ--\r\n"
-    with pytest.raises(ValidationError, match="A multipart field has no name"):
+    with pytest.raises(ValidationError) as no_name:
         read_upload(nameless)
+    assert no_name.value.message == "A multipart field has no name"
     odd = (
         b'--XyZ\r\nContent-Disposition: form-data; name="file"; filename="a\\"b\x01.vtt"\r\n'
         b"Content-Type: text/vtt\x07\r\n\r\nx\r\n--XyZ--\r\n"
@@ -601,7 +605,7 @@ async def test_allowed_networks_admit_private_addresses_and_only_those() -> None
 async def test_failures_and_refusals_are_logged_and_counted(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    url = "http://localhost/e?token=1"
+    url = "http://localhost/e?course=1"
     broken = Recorded(error=httpx.ConnectError("refused"))
     failed, refused = outbound.OUTCOMES["failed"], outbound.OUTCOMES["refused"]
     with caplog.at_level(logging.WARNING, logger=outbound.__name__):
@@ -625,3 +629,30 @@ async def test_a_non_2xx_answer_is_logged_with_its_status(caplog: pytest.LogCapt
         with caplog.at_level(logging.WARNING, logger=outbound.__name__):
             assert await outbound.post_customer_url(client, url, {}, True) == 503
     assert caplog.records[-1].getMessage() == f"callback {shown(url)} answered HTTP 503"
+
+
+def test_the_upload_readers_field_bound_is_over_all_fields() -> None:
+    exactly = [("label", "l" * uploads.UPLOAD_OVERHEAD)]
+    assert read_upload(upload_body(exactly, b"x"), step=100_000)[0] == uploads.Field(*exactly[0])
+    several = [(f"f{i}", "v" * 30_000) for i in range(3)]  # each small, together too many
+    with pytest.raises(ValidationError, match="larger than 100000 bytes"):
+        read_upload(upload_body(several, b"x"), limit=100_000, step=100_000)
+
+
+def test_the_upload_reader_takes_fields_by_default_and_bounds_the_parts() -> None:
+    reader = uploads.UploadReader(B, 10)
+    reader.feed(upload_body([("kind", "captions")], None))
+    reader.close()
+    assert reader.next_event() == uploads.Field("kind", "captions")
+    many = [(f"f{i}", "") for i in range(1001)]  # werkzeug's max_parts: bodies.MAX_FIELDS
+    with pytest.raises(ValidationError, match="could not be parsed"):
+        read_upload(upload_body(many, None), step=100_000)
+    assert len(read_upload(upload_body(many[:999], b"x"), step=100_000)) == 999 + 4
+
+
+def test_the_file_parts_own_type_is_kept() -> None:
+    typed = (
+        b'--XyZ\r\nContent-Disposition: form-data; name="file"; filename="a.srt"\r\n'
+        b"Content-Type:  application/x-subrip \r\n\r\n1\r\n--XyZ--\r\n"
+    )
+    assert read_upload(typed)[0] == uploads.FileStart("a.srt", "application/x-subrip")
