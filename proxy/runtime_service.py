@@ -32,7 +32,7 @@ from proxy.config import Config
 from proxy.errors import StateError, StorageUnavailable
 from proxy.gateway import Gateway
 from proxy.runtime import Directory, RuntimeState, merged
-from proxy.store import Log, open_local_log
+from proxy.store import Log, open_store_log
 from proxy.store.local import log_path
 
 log = logging.getLogger(__name__)
@@ -107,7 +107,7 @@ def open_runtime(file: Config) -> RuntimeService:
     Error handling: ``StateError`` naming the file for a log that cannot be read or
     holds a record the model does not know (the CLI exits 3).
     """
-    store, records = open_local_log(
+    store, records = open_store_log(
         file.proxy.state_dir, "runtime", timeout=file.proxy.journal_timeout
     )
     state = RuntimeState()

@@ -18,12 +18,13 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
-from proxy import request_log
+from proxy import request_log, store
 from proxy.app import create_app
 from proxy.backends.client import Transport
 from proxy.backends.monitor import monitor_backends, reconcile_all
 from proxy.config import Config, Timeouts, split_bind
 from proxy.errors import ConfigError
+from proxy.fast_api import fast_api
 from proxy.gateway import Gateway, open_gateway
 from proxy.ledger.journal import open_durable_ledger
 from proxy.ledger.service import Ledger
@@ -102,6 +103,7 @@ async def serve_gateway(
     Error handling: ``StateError`` when the saved state is corrupt or unreadable.
     """
     async with contextlib.AsyncExitStack() as stack:
+        await _open_store(stack, config)  # [store] kind = "redis": the logs on Redis
         if ledger is None:
             durable = open_durable_ledger(
                 config.proxy.state_dir, write_timeout=config.proxy.journal_timeout
@@ -115,6 +117,25 @@ async def serve_gateway(
         gw.stores["runtime"] = runtime.log
         runtime.start(gw)
         await _run(gw, bind or config.proxy.bind, handle_signals, monitor, task_status)
+
+
+async def _open_store(stack: contextlib.AsyncExitStack, config: Config) -> None:
+    """With ``[store] kind = "redis"``, connect to Redis, read its logs, and make every
+    store the gateway opens in this task (hooks, webhook-queue, runtime, recording-ready,
+    portal) open there until ``stack`` closes.  The ledger stays in ``state_dir``
+    (docs/decisions.md, "Store on Redis").
+
+    Error handling: ``StateError`` when Redis cannot be reached or a log cannot be
+    replayed (the CLI exits 3).
+    """
+    if config.store.kind != "redis":
+        return
+    from proxy.store.redis import open_redis_store  # coredis only when asked for
+
+    opened = open_redis_store(config.store, timeout=config.proxy.journal_timeout)
+    redis = await stack.enter_async_context(opened)
+    stack.enter_context(store.using(redis.opener))
+    log.info("store: the logs are on Redis (%s)", config.store.key_prefix)
 
 
 async def _run(
@@ -157,7 +178,8 @@ async def _serve_app(
     quart = create_app(gw)
     quart.config["BODY_TIMEOUT"] = gw.config.proxy.timeouts.client_read  # the whole body
     trusted = request_log.networks(gw.config.proxy.trusted_proxies)
-    app = counted(gw, request_log.logged(closing_unread(quart), trusted))
+    fast = fast_api(gw, quart.extensions["bbb_proxy_metrics"], quart)  # the API's GETs
+    app = counted(gw, request_log.logged(closing_unread(fast), trusted))
     await serve(app, hyper, shutdown_trigger=trio.sleep_forever, task_status=task_status)
 
 

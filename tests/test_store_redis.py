@@ -9,20 +9,30 @@ between two clients, and one client following another's appends.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import os
 import signal
-from collections.abc import Callable
-from contextlib import AbstractAsyncContextManager
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from pathlib import Path
 
+import httpx
+import orjson
 import pytest
 import trio
 import trio.lowlevel
+from lxml import etree
 
-from proxy.config import StoreSettings
+from proxy.config import Config, StoreSettings
 from proxy.errors import StateError, StorageUnavailable
+from proxy.server import serve_gateway
+from proxy.simulator import Simulator, serve_simulator
 from proxy.store import Log, Record
 from proxy.store.redis import RedisLog, RedisStore, open_redis_store
+from tests.harness import BACKEND_SECRET, Stack, config_for, text
 from tests.redis_server import RedisServer, free_port, redis_server
+from tests.test_hooks_api import URL, hooks_call
 from tests.test_storage_faults import until
 
 __all__ = ["redis_server"]  # the fixture, used by name below
@@ -335,3 +345,87 @@ def test_a_redis_log_is_a_log(redis_server: RedisServer) -> None:
             check(store.open("hooks")[0])
 
     trio.run(main)
+
+
+# -- the gateway on Redis ------------------------------------------------------------------------
+
+
+def redis_config(sim_urls: list[str], state_dir: Path, redis: RedisServer) -> Config:
+    port = free_port()
+    config = config_for(
+        sim_urls,
+        proxy={
+            "state_dir": str(state_dir),
+            "bind": f"127.0.0.1:{port}",
+            "public_url": f"http://127.0.0.1:{port}",
+            "allow_private_callbacks": True,
+        },
+    )
+    return dataclasses.replace(config, store=StoreSettings(kind="redis", url=redis.url))
+
+
+@asynccontextmanager
+async def gateway_on_redis(
+    sim_urls: list[str], state_dir: Path, redis: RedisServer
+) -> AsyncIterator[Stack]:
+    """A gateway whose stores are on ``redis`` (its ledger in ``state_dir``), until the
+    block ends; then it is stopped as a process that exits would be."""
+    config = redis_config(sim_urls, state_dir, redis)
+    async with trio.open_nursery() as nursery:
+        gateway, binds = await nursery.start(
+            functools.partial(serve_gateway, config, monitor=False)
+        )
+        async with httpx.AsyncClient(timeout=10) as http:
+            yield Stack(gateway, binds[0], [], sim_urls, http, config)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_gateway_on_redis_keeps_its_hooks_there_and_has_them_after_a_restart(
+    nursery: trio.Nursery, tmp_path: Path, redis_server: RedisServer, store_at: Opener
+) -> None:
+    sims = [Simulator(BACKEND_SECRET, server_name="bbb-1.test", expire_unjoined_minutes=None)]
+    sim_urls = [await nursery.start(serve_simulator, sim) for sim in sims]
+    async with gateway_on_redis(sim_urls, tmp_path, redis_server) as stack:
+        assert text(await stack.create("room-1"), "returncode") == "SUCCESS"
+        created = await hooks_call(stack, "create", [("callbackURL", URL), ("meetingID", "room-1")])
+        assert text(created, "returncode") == "SUCCESS", etree.tostring(created)
+        hook_id = text(created, "hookID")
+    assert not (tmp_path / "hooks.log").exists()  # not in state_dir: in Redis
+    async with store_at() as store:
+        records = store.open("hooks")[1]
+    assert any(hook_id in orjson.dumps(r).decode() for r in records)
+    async with gateway_on_redis(sim_urls, tmp_path, redis_server) as stack:
+        listed = await hooks_call(stack, "list", [])
+        assert [h.findtext("hookID") for h in listed.iter("hook")] == [hook_id]
+        info = await stack.call("getMeetingInfo", [("meetingID", "room-1")])
+        assert text(info, "returncode") == "SUCCESS"  # the ledger (local) is back too
+
+
+async def test_a_gateway_whose_redis_dies_answers_bbb_errors_and_recovers_by_itself(
+    nursery: trio.Nursery, tmp_path: Path, redis_server: RedisServer
+) -> None:
+    sims = [Simulator(BACKEND_SECRET, server_name="bbb-1.test", expire_unjoined_minutes=None)]
+    sim_urls = [await nursery.start(serve_simulator, sim) for sim in sims]
+    async with gateway_on_redis(sim_urls, tmp_path, redis_server) as stack:
+        redis_server.kill()
+        refused = await hooks_call(stack, "create", [("callbackURL", URL), ("meetingID", "room-2")])
+        assert text(refused, "returncode") == "FAILED", etree.tostring(refused)  # no 5xx
+        assert text(refused, "messageKey") == "serverUnavailable"
+        response = await stack.http.get(f"{stack.url}/readyz")
+        assert response.status_code == 503
+        assert response.json()["stores"]["hooks"] == "failed"
+        redis_server.start()
+        with trio.fail_after(10):  # the hooks log retries every second
+            while (await stack.http.get(f"{stack.url}/readyz")).status_code != 200:  # noqa: ASYNC110
+                await trio.sleep(0.1)
+        again = await hooks_call(stack, "create", [("callbackURL", URL), ("meetingID", "room-2")])
+        assert text(again, "returncode") == "SUCCESS", etree.tostring(again)
+
+
+async def test_a_gateway_cannot_start_without_its_redis(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    redis_server.kill()
+    config = redis_config(["http://127.0.0.1:9/bigbluebutton/"], tmp_path, redis_server)
+    with pytest.raises(StateError, match="cannot connect"):  # the CLI exits 3 on it
+        await serve_gateway(config, monitor=False)

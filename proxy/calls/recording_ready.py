@@ -27,6 +27,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Self
 
 import trio
 
@@ -34,7 +35,7 @@ from proxy.backends.outbound import post_customer_url
 from proxy.bbb import recording_ready as rules
 from proxy.errors import StateError, StorageUnavailable
 from proxy.gateway import Gateway
-from proxy.store import Log, Record, open_local_log
+from proxy.store import Log, Record, open_store_log
 from proxy.store.files import os_errors
 from proxy.store.local import MAX_LOG_BYTES, create_log, log_path
 
@@ -45,7 +46,15 @@ CONCURRENT = 8  # deliveries in flight at once
 
 
 class ReadyQueue:
-    """The deliveries still to make, their journal, and the task that makes them."""
+    """The deliveries still to make, their journal, and the task that makes them.
+
+    The analytics callback's queue (:class:`proxy.calls.analytics.AnalyticsQueue`) is
+    this one on its own log: it overrides the names below and :meth:`_post`.
+    """
+
+    LOG_NAME = LOG
+    LEGACY_FILE: str | None = LEGACY
+    TALLY = "recording_ready_deliveries"
 
     def __init__(
         self,
@@ -65,19 +74,21 @@ class ReadyQueue:
         self._slots = trio.CapacityLimiter(CONCURRENT)
 
     @classmethod
-    def open(cls, gw: Gateway) -> ReadyQueue:
+    def open(cls, gw: Gateway) -> Self:
         """Replay the log (blocking: at start-up, before serving).
 
         Error handling: ``StateError`` naming the file for a log (or legacy file) that
         cannot be read, or a record that is not a recording-ready record (the CLI exits 3).
         """
         state_dir = Path(gw.config.proxy.state_dir)
-        _convert_legacy(state_dir)
-        store, records = open_local_log(state_dir, LOG, timeout=gw.config.proxy.journal_timeout)
-        pending = _replayed(records, log_path(state_dir, LOG))
-        gw.stores[LOG] = store  # /readyz is 503 while it cannot write
+        if cls.LEGACY_FILE:
+            _convert_legacy(state_dir)
+        timeout = gw.config.proxy.journal_timeout
+        store, records = open_store_log(state_dir, cls.LOG_NAME, timeout=timeout)
+        pending = _replayed(records, log_path(state_dir, cls.LOG_NAME))
+        gw.stores[cls.LOG_NAME] = store  # /readyz is 503 while it cannot write
         if pending.deliveries:
-            log.info("recording-ready: %d deliveries to resume", len(pending.deliveries))
+            log.info("%s: %d deliveries to resume", cls.LOG_NAME, len(pending.deliveries))
         return cls(gw, store, pending, lambda: store.maintain(pending.records))
 
     @property
@@ -106,6 +117,10 @@ class ReadyQueue:
             target.meeting_id,
             record_id,
         )
+        return await self._queued(delivery)
+
+    async def _queued(self, delivery: rules.Delivery) -> int:
+        """Queue ``delivery`` durably: 200 once it is on disk, 503 if it cannot be now."""
         self._pending.deliveries[delivery.id] = delivery
         self._log.append(rules.queue_record(delivery))
         self._due[delivery.id] = 0.0
@@ -113,7 +128,7 @@ class ReadyQueue:
         try:
             await self._log.flush()
         except StorageUnavailable as exc:
-            log.error("recording-ready for %s not durable yet: %s", record_id, exc.__cause__)
+            log.error("%s %s not durable yet: %s", self.LOG_NAME, delivery.id, exc.__cause__)
             return 503
         return 200
 
@@ -161,9 +176,7 @@ class ReadyQueue:
         if customer is None:
             log.warning("recording-ready %s: customer %s is gone", delivery.id, delivery.customer)
             return "final"
-        form = rules.customer_form(delivery, customer.secrets[0])
-        allow = self._gw.config.proxy.allow_private_callbacks
-        how = rules.outcome(await post_customer_url(self._gw.outbound, delivery.url, form, allow))
+        how = rules.outcome(await self._post(delivery, customer.secrets[0]))
         if how != "retry":
             return how
         attempts = self._attempts.get(delivery.id, 0) + 1
@@ -172,8 +185,14 @@ class ReadyQueue:
             return "gave-up"
         self._attempts[delivery.id] = attempts
         self._due[delivery.id] = trio.current_time() + rules.backoff(attempts)
-        self._gw.tally("recording_ready_deliveries", "retry")
+        self._gw.tally(self.TALLY, "retry")
         return "retry"
+
+    async def _post(self, delivery: rules.Delivery, secret: str) -> int | None:
+        """POST one delivery as BBB would; the status (0: no answer, None: may not call)."""
+        form = rules.customer_form(delivery, secret)
+        allow = self._gw.config.proxy.allow_private_callbacks
+        return await post_customer_url(self._gw.outbound, delivery.url, form, allow)
 
     async def _finish(self, delivery: rules.Delivery, how: str) -> None:
         """The delivery ended: record it (written once the log can, if it cannot now)."""
@@ -186,7 +205,7 @@ class ReadyQueue:
         self._due.pop(delivery.id, None)
         self._attempts.pop(delivery.id, None)
         log.info("recording-ready %s: %s", delivery.id, how)
-        self._gw.tally("recording_ready_deliveries", how)
+        self._gw.tally(self.TALLY, how)
 
 
 def _replayed(records: list[Record], path: Path) -> rules.Pending:

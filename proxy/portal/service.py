@@ -34,7 +34,7 @@ from proxy.config import Config, PortalSettings
 from proxy.errors import StateError, StorageUnavailable
 from proxy.portal.model import Admin, Invitation, PortalState, Throttle, token_digest
 from proxy.portal.sessions import Session, fingerprint, new_session
-from proxy.store import Log, open_local_log
+from proxy.store import Log, open_store_log
 from proxy.store.local import log_path
 
 if TYPE_CHECKING:
@@ -216,7 +216,7 @@ def open_portal(config: Config) -> PortalService:
     """The portal's state under ``state_dir``, replayed, and its signing key.  Blocking:
     at start-up.  Error handling: ``StateError`` naming the file (the CLI exits 3)."""
     state_dir = config.proxy.state_dir
-    store, records = open_local_log(state_dir, LOG, timeout=config.proxy.journal_timeout)
+    store, records = open_store_log(state_dir, LOG, timeout=config.proxy.journal_timeout)
     state = PortalState()
     for number, record in enumerate(records, 1):
         try:

@@ -27,8 +27,9 @@ a compaction standing for everything appended before it.
 
 Implementations: :class:`~proxy.store.local.LocalLog` (a framed, fsynced file under
 ``state_dir``, with the ledger journal's torn-tail and corruption rules; see its module),
-:class:`MemoryLog` (tests and benchmarks).  A Redis-backed one follows (issue 13): code
-against :class:`Log`, never against a concrete class.
+:class:`MemoryLog` (tests and benchmarks), :class:`~proxy.store.redis.RedisLog` (``[store]
+kind = "redis"``; owners open with :func:`open_store_log`, which picks it).  Code against
+:class:`Log`, never against a concrete class.
 
 Error handling: ``append`` never raises for a storage fault (it only queues); ``flush``
 and ``compact`` raise :class:`~proxy.errors.StorageUnavailable` when the records cannot be
@@ -38,8 +39,10 @@ made durable within the timeout; start-up (``open_local_log``) raises
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import copy
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -50,7 +53,17 @@ from proxy.errors import StorageUnavailable
 if TYPE_CHECKING:
     from proxy.store.local import LocalLog
 
-__all__ = ["MAX_RECORD_BYTES", "Json", "Log", "MemoryLog", "Record", "open_local_log"]
+__all__ = [
+    "MAX_RECORD_BYTES",
+    "DurableLog",
+    "Json",
+    "Log",
+    "MemoryLog",
+    "Record",
+    "open_local_log",
+    "open_store_log",
+    "using",
+]
 
 # What a record may hold.  Sequence and Mapping (not list and dict) so that a
 # ``list[str]`` or ``dict[str, int]`` is a Json value too; replay gives lists and dicts.
@@ -96,6 +109,49 @@ class Log(Protocol):
         old content (and everything appended) is kept then.
         """
         ...
+
+
+class DurableLog(Log, Protocol):
+    """A :class:`Log` as its owner runs it: with a supervised task that recovers it
+    (and compacts it from the owner's ``records()`` when due)."""
+
+    async def maintain(
+        self, records: Callable[[], Iterable[Mapping[str, Json]]] | None = None
+    ) -> None: ...
+
+    async def recover_forever(self) -> None: ...
+
+
+type Opener = Callable[[Path, str, float], tuple[DurableLog, list[Record]]]
+_opener: contextvars.ContextVar[Opener] = contextvars.ContextVar("store_opener")
+
+
+def open_store_log(
+    state_dir: Path, name: str, *, timeout: float
+) -> tuple[DurableLog, list[Record]]:
+    """Open the log ``name`` where ``[store] kind`` keeps it; the records to replay.
+
+    The local log under ``state_dir`` (:func:`open_local_log`), unless the task runs
+    inside :func:`using` (``serve_gateway`` with ``kind = "redis"``: the Redis store's
+    log of that name, read when the store was opened).  Blocking: at start-up.
+
+    Error handling: as :func:`open_local_log` (``StateError``, the CLI exits 3).
+    """
+    opener = _opener.get(None)
+    if opener is None:
+        return open_local_log(state_dir, name, timeout=timeout)
+    return opener(state_dir, name, timeout)
+
+
+@contextlib.contextmanager
+def using(opener: Opener) -> Iterator[None]:
+    """Make :func:`open_store_log` open with ``opener`` in this task (and the tasks it
+    starts) until the block ends."""
+    token = _opener.set(opener)
+    try:
+        yield
+    finally:
+        _opener.reset(token)
 
 
 def open_local_log(state_dir: Path, name: str, *, timeout: float) -> tuple[LocalLog, list[Record]]:

@@ -59,6 +59,7 @@ import ssl
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import coredis
@@ -229,6 +230,11 @@ class RedisStore:
                 records.append((writer, _decoded(body, key, last)))
             if len(entries) < READ_CHUNK:
                 return _Loaded(records, _text(gen) if gen else "0", last, size)
+
+    def opener(self, state_dir: Path, name: str, timeout: float) -> tuple[RedisLog, list[Record]]:
+        """:func:`proxy.store.open_store_log`'s way of opening on Redis (``state_dir``
+        unused: the log lives in Redis)."""
+        return self.open(name, timeout=timeout)
 
     def open(
         self, name: str, *, timeout: float | None = None, max_bytes: int = MAX_LOG_BYTES

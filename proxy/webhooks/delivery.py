@@ -50,7 +50,7 @@ from proxy.backends.outbound import post_form_body
 from proxy.config import Config, Network, WebhookSettings
 from proxy.errors import StorageUnavailable
 from proxy.logs import shown
-from proxy.store import Json, Log, open_local_log
+from proxy.store import Json, Log, open_store_log
 from proxy.webhooks.callback import form_body, outcome, retry_delay, signed_url
 from proxy.webhooks.privacy import scrubbed
 from proxy.webhooks.queue import Pending, QueueState
@@ -384,7 +384,7 @@ def open_webhooks(gw: Gateway) -> Webhooks:
     that is not the queue's (the CLI exits 3).
     """
     proxy = gw.config.proxy
-    store, records = open_local_log(proxy.state_dir, QUEUE_LOG, timeout=proxy.journal_timeout)
+    store, records = open_store_log(proxy.state_dir, QUEUE_LOG, timeout=proxy.journal_timeout)
     webhooks = Webhooks(gw, store)
     webhooks.replay(records)
     if webhooks.queues.hooks():

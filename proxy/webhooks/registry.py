@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING
 
 from proxy.config import WebhookSettings
 from proxy.errors import StateError, StorageUnavailable, ValidationError
-from proxy.store import Json, Log, Record, open_local_log
+from proxy.store import Json, Log, Record, open_store_log
 
 if TYPE_CHECKING:
     from proxy.gateway import Gateway
@@ -428,7 +428,7 @@ def open_hooks(gw: Gateway) -> HookRegistry:
     that is not a hook's (the CLI exits 3).
     """
     proxy = gw.config.proxy
-    store, records = open_local_log(proxy.state_dir, "hooks", timeout=proxy.journal_timeout)
+    store, records = open_store_log(proxy.state_dir, "hooks", timeout=proxy.journal_timeout)
     registry = HookRegistry.configured(store, gw.config.webhooks)
     registry.replay(records)
     gw.hooks = registry
