@@ -30,6 +30,7 @@ from proxy.metrics import Metrics
 from proxy.readiness import readiness
 from proxy.request import Answer
 from proxy.request_body import GatewayRequest, chunks, streams_body
+from proxy.voice import fsapi
 from proxy.webhooks import intake as webhook_intake
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ def create_app(gw: Gateway) -> QuartTrio:
     ready = ReadyQueue.open(gw)  # recording-ready deliveries, resumed from state_dir
     webhook_intake.install(app, gw)  # backends' webhook events in; the gateway's hook on each
     portal.install(app, gw)  # the customer administrators' pages under /portal/ (issue 11)
+    fsapi.install(app, gw)  # POST /fsapi: FreeSWITCH's dial-in router (issue 12)
 
     @app.before_serving
     async def deliver_recording_ready() -> None:
