@@ -18,6 +18,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 from lxml import etree
 
+from proxy.bbb.checksum import signed_query
+from proxy.config import FsapiSettings, VoiceSettings, load
 from proxy.errors import NonUniqueVoiceBridge, NoVoiceBridge, StateError
 from proxy.ledger import codec
 from proxy.ledger.model import (
@@ -34,6 +36,8 @@ from proxy.ledger.model import (
     Reserve,
 )
 from proxy.placement import BackendLoad, Ring
+from proxy.simulator import Simulator
+from proxy.simulator.model import ApiRequest
 from proxy.store.framing import frame
 from proxy.voice import bridges
 from tests.harness import Stack, text
@@ -502,8 +506,6 @@ async def test_with_allocation_off_the_backends_choose_as_before(make_voice: Voi
 
 
 def test_the_example_config_shows_every_voice_and_fsapi_key() -> None:
-    from proxy.config import FsapiSettings, VoiceSettings, load
-
     example = EXAMPLE.read_text()
     for cls, table in ((VoiceSettings, "[voice]"), (FsapiSettings, "[fsapi]")):
         assert table in example
@@ -511,3 +513,28 @@ def test_the_example_config_shows_every_voice_and_fsapi_key() -> None:
             assert f"# {key} = " in example or f"[{table[1:-1]}.{key}]" in example, key
     loaded = load(EXAMPLE)
     assert (loaded.voice.length, loaded.fsapi.password) == (5, "")
+
+
+# -- the simulated BBB ---------------------------------------------------------------------------
+
+
+def sim_create(sim: Simulator, meeting: str, bridge: str) -> etree._Element:
+    params = [("meetingID", meeting), ("name", meeting), ("voiceBridge", bridge)]
+    reply = sim.handle(ApiRequest("create", raw_query=signed_query("create", params, "s")))
+    return etree.fromstring(reply.body.encode())
+
+
+def test_the_simulated_bbb_keeps_a_given_bridge_and_refuses_it_twice_on_one_server() -> None:
+    sim, other = Simulator("s"), Simulator("s")
+    assert bridge_of(sim_create(sim, "m1", "00123")) == "00123"  # as written, as bbb-web
+    taken = sim_create(sim, "m2", "00123")
+    assert (text(taken, "messageKey"), text(taken, "message")) == (
+        "nonUniqueVoiceBridge",
+        "The selected voice bridge is already in use.",
+    )
+    assert bridge_of(sim_create(sim, "m3", "123")) == "123"  # another number
+    assert bridge_of(sim_create(other, "m2", "00123")) == "00123"  # another server
+    bad = sim_create(sim, "m4", "12a")
+    assert text(bad, "messageKey") == "validationError"
+    sim.end_meeting(sim.meetings["m1"], forcibly=True)
+    assert bridge_of(sim_create(sim, "m5", "00123")) == "00123"  # free once it ended

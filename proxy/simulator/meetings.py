@@ -131,7 +131,9 @@ def _voice_bridge(sim: Simulator, params: Params) -> str:
     live = sim.voice_bridges
     if params.given("voiceBridge") is None:
         return random_voice_bridge(live)
-    wanted = str(params.integer("voiceBridge"))
+    wanted = (params.given("voiceBridge") or "").strip()  # kept as written, as bbb-web does
+    if not wanted.isascii() or not wanted.isdigit():
+        raise ApiError("Voice bridge must be an integer.", message_key="validationError")
     if wanted in live:
         raise ApiError(
             "The selected voice bridge is already in use.", message_key="nonUniqueVoiceBridge"
