@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 from lxml import etree
 
+from proxy.backends.monitor import reconcile_all
 from proxy.bbb.checksum import signed_query
 from proxy.config import FsapiSettings, VoiceSettings, load
 from proxy.errors import NonUniqueVoiceBridge, NoVoiceBridge, StateError
@@ -538,3 +539,23 @@ def test_the_simulated_bbb_keeps_a_given_bridge_and_refuses_it_twice_on_one_serv
     assert text(bad, "messageKey") == "validationError"
     sim.end_meeting(sim.meetings["m1"], forcibly=True)
     assert bridge_of(sim_create(sim, "m5", "00123")) == "00123"  # free once it ended
+
+
+async def test_a_meeting_the_ledger_lost_is_adopted_with_its_bridge(
+    make_voice: VoiceFactory,
+) -> None:
+    """Reconciliation reserves a tagged meeting again from the server's list: its PIN is
+    held again (no new meeting gets it) and routes calls again."""
+    voice = await make_voice()
+    stack = voice.stack
+    assert stack is not None
+    pin = bridge_of(await create(stack, "kept", "globex"))
+    gw = stack.gateway
+    await gw.ledger.release(("globex", "kept"), "gone")  # the ledger forgot it
+    assert not gw.ledger.state.bridge_taken(pin)
+    await reconcile_all(gw)
+    adopted = gw.ledger.get(("globex", "kept"))
+    assert adopted is not None and adopted.voice_bridge == pin
+    assert gw.ledger.state.by_voice_bridge(pin) == adopted
+    refused = await create(stack, "copycat", "acme", voiceBridge=pin)
+    assert text(refused, "messageKey") == "nonUniqueVoiceBridge"
