@@ -21,7 +21,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from proxy import admin, portal, request_log
 from proxy.bbb import callbacks, envelope, recording_ready
 from proxy.bbb import recordings as rules
-from proxy.calls import Incoming, handle, result_of, version_document
+from proxy.calls import Incoming, analytics, handle, result_of, version_document
 from proxy.calls.ended import meeting_ended
 from proxy.calls.recording_ready import ReadyQueue
 from proxy.errors import ValidationError
@@ -45,6 +45,7 @@ def create_app(gw: Gateway) -> QuartTrio:
     metrics = Metrics(gw)
     gw.observe_backends(request_log.observing(metrics.observe_backend))  # added ones too
     ready = ReadyQueue.open(gw)  # recording-ready deliveries, resumed from state_dir
+    analytics.install(app, gw)  # analytics callbacks: backends' in, customers' out (issue 12)
     webhook_intake.install(app, gw)  # backends' webhook events in; the gateway's hook on each
     portal.install(app, gw)  # the customer administrators' pages under /portal/ (issue 11)
     fsapi.install(app, gw)  # POST /fsapi: FreeSWITCH's dial-in router (issue 12)

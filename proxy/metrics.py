@@ -95,6 +95,18 @@ TALLIES = {
         "outcome",
         ("done", "final", "gave-up", "retry"),
     ),
+    "analytics_callbacks": Tally(
+        "bbb_proxy_analytics_callbacks",
+        "Analytics callbacks from backends, by what the gateway answered",
+        "answer",
+        ("accepted", "unsigned_url", "bad_jwt", "not_durable"),
+    ),
+    "analytics_deliveries": Tally(
+        "bbb_proxy_analytics_deliveries",
+        "Analytics callback deliveries to customers that ended, by outcome; retries",
+        "outcome",
+        ("done", "final", "gave-up", "retry"),
+    ),
     "recordings_left_out": Tally(
         "bbb_proxy_recordings_backends_left_out",
         "Backends left out of a recordings call's answer, by reason",

@@ -18,6 +18,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from urllib.parse import SplitResult, urlsplit, urlunsplit
 
 import httpx
@@ -135,11 +136,25 @@ async def post_form_body(
     return await _called(http, url, allow_private, body, allowed)
 
 
+async def post_json(
+    http: httpx.AsyncClient, url: str, body: bytes, bearer: str, allow_private: bool
+) -> int | None:
+    """POST ``body`` as ``application/json`` with ``Authorization: Bearer <bearer>`` (BBB's
+    analytics callback); otherwise as :func:`post_customer_url`."""
+    return await _called(http, url, allow_private, _Json(body, bearer))
+
+
+@dataclass(frozen=True, slots=True)
+class _Json:
+    body: bytes
+    bearer: str = field(repr=False)
+
+
 async def _called(
     http: httpx.AsyncClient,
     url: str,
     allow: bool,
-    form: Mapping[str, str] | str | None,
+    form: Mapping[str, str] | str | _Json | None,
     allowed: Sequence[Network] = (),
 ) -> int | None:
     reason = problem(url)
@@ -159,7 +174,7 @@ async def _call(
     url: str,
     parts: SplitResult,
     allow: bool,
-    form: Mapping[str, str] | str | None = None,
+    form: Mapping[str, str] | str | _Json | None = None,
     allowed: Sequence[Network] = (),
 ) -> int | None:
     host, port = ascii_host(parts.hostname or ""), port_of(parts)
@@ -175,6 +190,12 @@ async def _call(
     try:
         if form is None:
             response = await http.get(target, headers=headers, extensions=extensions)
+        elif isinstance(form, _Json):
+            headers["Content-Type"] = "application/json"
+            headers["Authorization"] = f"Bearer {form.bearer}"
+            response = await http.post(
+                target, content=form.body, headers=headers, extensions=extensions
+            )
         elif isinstance(form, str):
             headers["Content-Type"] = "application/x-www-form-urlencoded"
             response = await http.post(

@@ -98,14 +98,31 @@ def backend_params(
     if given is None:
         return []
     key, url = given
-    signed = [("b", backend.id), ("c", customer), ("m", meeting_id), ("u", url)]
-    own = f"{public_url}{PATH}?{urlencode(signed)}&sig={_sign(backend, signed)}"
+    own = signed_url(public_url, PATH, backend, (customer, meeting_id, url), b"recording-ready")
     return [(f"meta_{READY_KEYS[0]}", own), (f"meta_{rewrite.TAG_PREFIX}{key}", url)]
 
 
-def _sign(backend: Backend, params: Sequence[tuple[str, str]]) -> str:
-    key = hashlib.sha256(b"bbb-proxy recording-ready:" + backend.secret.encode()).digest()
+def _sign(
+    backend: Backend, params: Sequence[tuple[str, str]], purpose: bytes = b"recording-ready"
+) -> str:
+    """HMAC-SHA256 under a key derived from the backend's secret and the URL's ``purpose``
+    (each callback the gateway signs has its own: one URL never passes for another)."""
+    key = hashlib.sha256(b"bbb-proxy " + purpose + b":" + backend.secret.encode()).digest()
     return hmac.new(key, urlencode(params).encode(), hashlib.sha256).hexdigest()
+
+
+def signed_url(
+    public_url: str,
+    path: str,
+    backend: Backend,
+    target: tuple[str, str, str],
+    purpose: bytes,
+) -> str:
+    """The gateway's URL ``path`` naming (customer, customer's meetingID, customer's URL)
+    on ``backend``, signed for ``purpose``; :func:`verify_url` reads it back."""
+    customer, meeting_id, url = target
+    signed = [("b", backend.id), ("c", customer), ("m", meeting_id), ("u", url)]
+    return f"{public_url}{path}?{urlencode(signed)}&sig={_sign(backend, signed, purpose)}"
 
 
 # -- the backend's notice ----------------------------------------------------------------------
@@ -121,8 +138,10 @@ class Target:
     url: str  # the customer's recording-ready URL
 
 
-def verify_url(raw_query: str, backends: Mapping[str, Backend]) -> Target | None:
-    """The target a signed recording-ready URL names, or None if the gateway did not sign it."""
+def verify_url(
+    raw_query: str, backends: Mapping[str, Backend], purpose: bytes = b"recording-ready"
+) -> Target | None:
+    """The target a URL the gateway signed for ``purpose`` names, or None if it did not."""
     try:
         pairs = parse_qsl(raw_query, keep_blank_values=True, strict_parsing=False)
     except ValueError:
@@ -135,7 +154,7 @@ def verify_url(raw_query: str, backends: Mapping[str, Backend]) -> Target | None
         return None
     signed = [(k, values[k]) for k in SIGNED]
     given = values["sig"]
-    if not given.isascii() or not hmac.compare_digest(given, _sign(backend, signed)):
+    if not given.isascii() or not hmac.compare_digest(given, _sign(backend, signed, purpose)):
         return None
     return Target(values["b"], values["c"], values["m"], values["u"])
 
@@ -190,7 +209,8 @@ class Delivery:
     url: str
     customer: str
     meeting_id: str
-    record_id: str
+    record_id: str  # "" for an analytics callback
+    body: str = ""  # an analytics callback's JSON document (proxy.bbb.analytics)
 
 
 def delivery_id(target: Target, record_id: str, sequence: int) -> str:
@@ -231,13 +251,14 @@ def done_record(delivery_id_: str, how: str) -> Record:
 
 
 def _fields(delivery: Delivery) -> dict[str, str]:
-    return {
+    fields = {
         "id": delivery.id,
         "url": delivery.url,
         "customer": delivery.customer,
         "meeting_id": delivery.meeting_id,
         "record_id": delivery.record_id,
     }
+    return {**fields, "body": delivery.body} if delivery.body else fields
 
 
 @dataclass
@@ -252,7 +273,10 @@ class Pending:
         op = record.get("op")
         if op == "queue" and _is_delivery(record):
             fields = {k: str(record[k]) for k in ("id", "url", "customer", "meeting_id")}
-            self.deliveries[fields["id"]] = Delivery(record_id=str(record["record_id"]), **fields)
+            body = record.get("body", "")
+            self.deliveries[fields["id"]] = Delivery(
+                record_id=str(record["record_id"]), body=str(body), **fields
+            )
         elif op == "done" and isinstance(record.get("id"), str):
             self.deliveries.pop(str(record["id"]), None)
         else:  # the keys only: a URL may carry the customer's tokens
@@ -284,4 +308,6 @@ class Pending:
 
 def _is_delivery(record: Mapping[str, object]) -> bool:
     keys = ("id", "url", "customer", "meeting_id", "record_id")
-    return all(isinstance(record.get(k), str) for k in keys)
+    return all(isinstance(record.get(k), str) for k in keys) and isinstance(
+        record.get("body", ""), str
+    )

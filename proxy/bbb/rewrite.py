@@ -30,8 +30,11 @@ KEPT_END_CALLBACK = TAG_PREFIX + "endcallbackurl"
 # Recording-ready URLs (recording_ready.py): the gateway's own under the customer's key, the
 # customer's kept aside under the gateway's prefix, and given back its name on the way out.
 READY_URL_KEYS = ("bbb-recording-ready-url", "bn-recording-ready-url", "canvas-recording-ready-url")
-KEPT_READY = {TAG_PREFIX + key: key for key in READY_URL_KEYS}
 READY_PATH = "/callbacks/v1/recording-ready"
+# The analytics callback's URL (analytics.py), kept aside and given back the same way.
+ANALYTICS_KEY = "analytics-callback-url"
+ANALYTICS_PATH = "/callbacks/v1/analytics"
+KEPT_READY = {TAG_PREFIX + key: key for key in (*READY_URL_KEYS, ANALYTICS_KEY)}
 
 
 def backend_meeting_id(customer: str, meeting_id: str) -> str:
@@ -137,13 +140,20 @@ def restore_metadata(metadata: etree._Element) -> None:
     for child in list(metadata):
         tag = child.tag if isinstance(child.tag, str) else ""
         kept = tag == KEPT_END_CALLBACK or tag in KEPT_READY
-        ours = tag in READY_URL_KEYS and READY_PATH + "?" in (child.text or "")
+        ours = own_url(tag, child.text or "")
         if ours or tag == "endcallbackurl" or (tag.startswith(TAG_PREFIX) and not kept):
             metadata.remove(child)  # the gateway's own (see callbacks.py, recording_ready.py)
         elif tag == KEPT_END_CALLBACK:
             child.tag = "endcallbackurl"  # the customer's own, kept aside
         elif tag in KEPT_READY:
             child.tag = KEPT_READY[tag]
+
+
+def own_url(key: str, value: str) -> bool:
+    """A callback URL of the gateway's own, put in the place of the customer's."""
+    if key == ANALYTICS_KEY:
+        return ANALYTICS_PATH + "?" in value
+    return key in READY_URL_KEYS and READY_PATH + "?" in value
 
 
 def _set_text(parent: etree._Element, tag: str, text: str) -> None:

@@ -33,7 +33,7 @@ import logging
 import trio
 
 from proxy.backends.client import Reply
-from proxy.bbb import callbacks, recording_ready, rewrite
+from proxy.bbb import analytics, callbacks, recording_ready, rewrite
 from proxy.errors import (
     BackendError,
     BackendTimeout,
@@ -230,6 +230,7 @@ def backend_params(gw: Gateway, req: ApiRequest, reservation: Reservation) -> li
     params = apply_default_texts(params, gw.config.texts)
     params, customer_urls, kept = callbacks.split_customer_urls(params)
     params, ready_url = recording_ready.split(params)
+    params, analytics_url = analytics.split(params)
     ended, end_callback = callbacks.ended_urls(
         gw.config.proxy.public_url,
         gw.client(reservation.backend_id).backend,
@@ -258,6 +259,13 @@ def backend_params(gw: Gateway, req: ApiRequest, reservation: Reservation) -> li
             reservation.customer,
             reservation.meeting_id,
             ready_url,
+        ),
+        *analytics.backend_params(
+            gw.config.proxy.public_url,
+            gw.client(reservation.backend_id).backend,
+            reservation.customer,
+            reservation.meeting_id,
+            analytics_url,
         ),
     ]
 

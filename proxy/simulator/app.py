@@ -62,6 +62,16 @@ async def send_recording_ready(url: str, token: str) -> None:
         pass
 
 
+async def send_analytics(url: str, token: str, body: bytes) -> None:
+    """One analytics callback POST (JSON, bearer JWT); a failure is dropped."""
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    try:
+        async with httpx.AsyncClient(timeout=NOTIFY_TIMEOUT) as client:
+            await client.post(url, content=body, headers=headers)
+    except (httpx.HTTPError, OSError):
+        pass
+
+
 def create_app(
     sim: Simulator,
     *,
@@ -85,6 +95,8 @@ def create_app(
             app.nursery.start_soon(notify, url)
         for url, token in sim.recordings.take_ready():
             app.nursery.start_soon(notify_ready, url, token)
+        for url, token, body in sim.take_analytics():
+            app.nursery.start_soon(send_analytics, url, token, body)
         for hook_id in sim.webhooks.take_work():
             app.nursery.start_soon(deliver_hook, sim.webhooks, hook_id, post)
 

@@ -23,7 +23,7 @@ from proxy.bbb import checksum
 from proxy.bbb.envelope import failure, from_error
 from proxy.errors import ApiError, ChecksumError, UnsupportedRequest
 
-from . import join, meetings, recordings, render, webhooks
+from . import analytics, join, meetings, recordings, render, webhooks
 from .deadlines import Deadlines
 from .model import (
     ApiRequest,
@@ -100,6 +100,7 @@ class Simulator:
         self.meetings: dict[str, Meeting] = {}
         self.notified: list[str] = []  # every notification URL handed out, in order
         self._outbox: list[str] = []
+        self._analytics: list[tuple[str, str, bytes]] = []  # (URL, JWT, body) to POST
         self._sessions: dict[str, tuple[str, str]] = {}  # token -> (meetingID, internal user id)
         self._deadlines: Deadlines[Meeting] = Deadlines()
         self._bridges: set[str] = set()  # voice bridges of live (not ended) meetings
@@ -293,6 +294,9 @@ class Simulator:
         meeting.forcibly_ended = forcibly
         if meeting.record:
             self.recordings.from_meeting(meeting, meeting.end_time)
+        posted = analytics.callback(meeting, self.secret, meeting.end_time)
+        if posted is not None:
+            self._analytics.append(posted)
         for attendee in list(meeting.attendees.values()):
             self.remove_attendee(meeting, attendee)
         self.webhooks.meeting_ended(meeting)
@@ -323,6 +327,11 @@ class Simulator:
         urls, self._outbox = self._outbox, []
         self.notified.extend(urls)
         return urls
+
+    def take_analytics(self) -> list[tuple[str, str, bytes]]:
+        """The analytics callbacks to POST now, (URL, JWT, JSON body), each handed out once."""
+        posts, self._analytics = self._analytics, []
+        return posts
 
     def statistics(self) -> SimulatorStatistics:
         live = [m for m in self.meetings.values() if not m.ended]

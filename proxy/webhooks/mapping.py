@@ -291,12 +291,13 @@ def _rewritten(value: Json, backend_id: str, customer_id: str) -> Json:
 
 
 def clean_metadata(metadata: Mapping[str, Json]) -> dict[str, Json]:
-    """``metadata`` without the gateway's keys; the customer's kept end-callback and
-    recording-ready URLs under their own names (as ``rewrite.restore_metadata``)."""
+    """``metadata`` without the gateway's keys; the customer's kept end-callback,
+    recording-ready and analytics URLs under their own names (as
+    ``rewrite.restore_metadata``)."""
     cleaned: dict[str, Json] = {}
     for key, value in metadata.items():
         name = key.lower()
-        ours = name in rewrite.READY_URL_KEYS and rewrite.READY_PATH + "?" in str(value)
+        ours = rewrite.own_url(name, str(value))
         if name == rewrite.KEPT_END_CALLBACK:
             cleaned["endcallbackurl"] = value
         elif name in rewrite.KEPT_READY:
