@@ -10,10 +10,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from proxy import cli as cli_module
 from proxy.config import from_mapping
 from proxy.errors import ConfigError
 from proxy.placement import BackendLoad, Ring, TagRule, parse_tags, tiers
 from tests.harness import CUSTOMERS, Stack, StackFactory, text
+from tests.test_admin_cli import TOKEN as CLI_TOKEN
+from tests.test_admin_cli import Cli
 
 TOKEN = "admin-token-for-tests"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -261,3 +264,25 @@ async def test_admin_refuses_bad_tags(make_stack: StackFactory) -> None:
     response = await stack.http.get(f"{stack.url}/admin/v1/backends/bbb-1", headers=AUTH)
     assert response.json()["tags"] == []
     assert response.json()["source"]["tags"] == "file"
+
+
+async def test_cli_sets_tags(
+    make_stack: StackFactory, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(cli_module, "setup_logging", lambda *_: None)
+    cli = Cli(await make_stack(proxy={"admin_token": CLI_TOKEN}), capsys)
+    await cli("backends", "update", "bbb-1", "--tags", "eu, large")
+    shown = await cli.json("backends", "show", "bbb-1")
+    assert (shown["tags"], shown["source"]["tags"]) == (["eu", "large"], "runtime")
+    assert "eu" in (await cli("backends", "list")).splitlines()[1]
+    await cli("customers", "update", "acme", "--required-tags", "eu", "--default-tags", "large")
+    shown = await cli.json("customers", "show", "acme")
+    assert (shown["required_tags"], shown["default_tags"]) == (["eu"], ["large"])
+    root = await cli.stack.create("cli-1", maxParticipants="1")
+    assert text(root, "returncode") == "SUCCESS"
+    assert _backend_of(cli.stack, "acme", "cli-1") == "bbb-1"
+    await cli("backends", "update", "bbb-1", "--tags", "")
+    assert (await cli.json("backends", "show", "bbb-1"))["tags"] == []
+    assert "tags" in await cli("backends", "update", "bbb-1", "--tags", "a!", expect=1)
+    await cli("backends", "update", "bbb-1", "--reset", "tags")
+    assert (await cli.json("backends", "show", "bbb-1"))["source"]["tags"] == "file"
