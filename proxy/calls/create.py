@@ -125,7 +125,7 @@ def _server_tag(params: list[tuple[str, str]]) -> str | None:
 def _tagged(error: Exception, rule: TagRule) -> Exception:
     """No room where the tags allow: Scalelite's serverTagUnavailable when tags ruled
     backends out, else the ledger's answer."""
-    if not rule.requires or not isinstance(error, NoServerCapacity):
+    if not rule.requires or type(error) is not NoServerCapacity:  # not NoVoiceBridge
         return error
     names = ";".join(sorted(rule.wanted if rule.strict else rule.required))
     return ServerTagUnavailable(f"There is no available server with the required tag={names}.")
