@@ -1,12 +1,28 @@
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
 import trio
 
+from proxy.logs import RedactingFilter
 from tests.harness import Stack, StackFactory, start_stack
+
+
+@pytest.fixture(autouse=True)
+def _gateway_log_handlers_removed() -> Iterator[None]:
+    """A test that runs ``bbb-proxy``'s main() sets up the process's logging (a handler on
+    the root logger, writing to that test's captured stderr); take it away afterwards, so
+    no later test writes to a closed stream or sees its records changed by its filter."""
+    root = logging.getLogger()
+    before, level = set(root.handlers), root.level
+    yield
+    for handler in root.handlers[:]:
+        if handler not in before and any(isinstance(f, RedactingFilter) for f in handler.filters):
+            root.removeHandler(handler)
+    root.setLevel(level)
 
 
 @pytest.fixture
