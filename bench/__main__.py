@@ -1,4 +1,4 @@
-"""``python -m bench join|create|lms [--seconds S] [--connections N] [--warmup S] ...``;
+"""``python -m bench join|create|lean|lms [--seconds S] [--connections N] [--warmup S] ...``;
 ``python -m bench curve NAME ...`` for the scaling curves (see bench/curves.py);
 ``python -m bench webhooks ...`` for webhook delivery (see bench/webhooks.py)."""
 
@@ -18,14 +18,14 @@ from bench import report
 from bench.measure import Options, measure
 from bench.mix import MixOptions, Run, compare, run_mix, runs
 from bench.processes import ServerFailed
-from bench.scenarios import Scenario, create_scenario, join_scenario
+from bench.scenarios import Scenario, create_scenario, join_scenario, lean_scenario
 from bench.stack import Stack, open_stack
 from bench.stats import Summary
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("scenario", choices=["join", "create", "lms"])
+    parser.add_argument("scenario", choices=["join", "create", "lean", "lms"])
     parser.add_argument("--seconds", type=float, default=10.0, help="per target")
     parser.add_argument("--connections", type=int, default=32, help="keep-alive connections")
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds per target, discarded")
@@ -40,7 +40,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="simulated backend latency (s)",
     )
     parser.add_argument("--users", type=int, default=130, help="lms: simulated people")
-    parser.add_argument("--meetings", type=int, default=100, help="join: meetings to join")
+    parser.add_argument("--meetings", type=int, default=100, help="join, lean: meetings to join")
     parser.add_argument("--no-save", action="store_true", help="do not write bench/results/")
     return parser.parse_args(argv)
 
@@ -48,6 +48,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 async def scenario_for(name: str, stack: Stack, args: argparse.Namespace) -> Scenario:
     if name == "join":
         return await join_scenario(stack, args.meetings)
+    if name == "lean":
+        return await lean_scenario(stack, args.meetings)
     return create_scenario(stack)
 
 

@@ -5,7 +5,16 @@ join
     them are sent in a loop.  The gateway answers a join locally (a 302 to the
     backend's re-signed join URL, no backend call), so this measures the
     gateway's own per-request work: routing, checksum, ledger look-up, signing.
-    Baseline: the bare endpoint answering a 302 to the very same URLs.
+    Baselines: the bare endpoint answering a 302 to the very same URLs, and the
+    floor (``bench/bare.py --fixed``: a fixed 200, no routing) answering them.
+
+lean
+    One process's own cost against the stack's floor, in one run: the join
+    targets above, then getMeetingInfo for the same meetings forwarded by the
+    gateway against the same call sent straight to the simulated backends (each
+    direct backend holds the same meetingIDs, created on it directly).  Ratios:
+    gateway join / floor, gateway join / bare 302, gateway getMeetingInfo /
+    simulator getMeetingInfo.
 
 create
     Every request creates a new meeting (unique meetingID, maxParticipants=1);
@@ -83,6 +92,11 @@ async def join_scenario(stack: Stack, meetings: int) -> Scenario:
     ids = [f"join-room-{n}" for n in range(meetings)]
     for meeting_id in ids:
         await _create_through_gateway(stack, meeting_id)
+    return _join(stack, ids)
+
+
+def _join(stack: Stack, ids: list[str]) -> Scenario:
+    meetings = len(ids)
     pool = [
         gateway_path(
             "join",
@@ -91,9 +105,29 @@ async def join_scenario(stack: Stack, meetings: int) -> Scenario:
         for n in range(JOIN_POOL)
     ]
     paths = partial(next, itertools.cycle(pool))
+    floor = Target("floor 200", stack.floor, paths, SUCCESS)
     bare = Target("bare 302", stack.bare, paths, JOIN_REDIRECT)
     gateway = Target("gateway join", stack.gateway, paths, JOIN_REDIRECT)
-    return Scenario((bare, gateway), ((gateway.name, bare.name),))
+    comparisons = ((gateway.name, floor.name), (gateway.name, bare.name))
+    return Scenario((floor, bare, gateway), comparisons)
+
+
+async def lean_scenario(stack: Stack, meetings: int) -> Scenario:
+    ids = [f"lean-room-{n}" for n in range(meetings)]
+    for meeting_id in ids:
+        await _create_through_gateway(stack, meeting_id)
+        for port in stack.simulators.ports:
+            await _create_directly(stack, port, meeting_id)
+    join = _join(stack, ids)
+    direct = partial(simulator_path, stack.simulator_api)
+    sim = Target("simulator getMeetingInfo", stack.simulators, _infos(ids, direct), SUCCESS)
+    gateway = Target("gateway getMeetingInfo", stack.gateway, _infos(ids, gateway_path), SUCCESS)
+    return Scenario((*join.targets, sim, gateway), (*join.comparisons, (gateway.name, sim.name)))
+
+
+def _infos(ids: list[str], sign: Signer) -> Callable[[], str]:
+    pool = [sign("getMeetingInfo", [("meetingID", meeting_id)]) for meeting_id in ids]
+    return partial(next, itertools.cycle(pool))
 
 
 def create_scenario(stack: Stack) -> Scenario:
@@ -103,6 +137,13 @@ def create_scenario(stack: Stack) -> Scenario:
     gateway = Target("gateway create", stack.gateway, unique_creates("gw", gateway_path), SUCCESS)
     comparisons = ((gateway.name, sim.name), (gateway.name, bare.name))
     return Scenario((bare, sim, gateway), comparisons)
+
+
+async def _create_directly(stack: Stack, port: int, meeting_id: str) -> None:
+    path = simulator_path(stack.simulator_api, "create", create_params(meeting_id))
+    response = await fetch(HOST, port, path)
+    if not SUCCESS.met_by(response):
+        raise RuntimeError(f"set-up create {meeting_id} on :{port} failed: {response.body[:300]!r}")
 
 
 async def _create_through_gateway(stack: Stack, meeting_id: str) -> None:

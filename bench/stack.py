@@ -1,9 +1,10 @@
 """The processes of one benchmark run: simulated BBB servers, the gateway, the bare endpoint.
 
-Three processes besides this one (the load generator): ``python -m
+Four processes besides this one (the load generator): ``python -m
 proxy.simulator`` serving every simulated backend, ``python -m proxy.cli
 serve`` (the gateway, exactly as ``bbb-proxy serve`` runs in production, on a
-durable ledger in a temporary ``state_dir``), and ``python -m bench.bare``.
+durable ledger in a temporary ``state_dir``), ``python -m bench.bare`` and
+``python -m bench.bare --fixed`` (the floor).
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ class Stack:
     gateway: Endpoint  # served by the gateway and, behind it, its simulated backends
     simulators: Endpoint  # as many other simulated backends, called directly
     simulator_api: str  # their API path, /bigbluebutton/api
-    bare: Endpoint
+    bare: Endpoint  # routes the gateway's URLs: join a 302, anything else a fixed XML
+    floor: Endpoint  # the fixed 200 without routing (bench/bare.py --fixed)
 
 
 @asynccontextmanager
@@ -60,6 +62,8 @@ async def open_stack(workdir: Path, backends: int, latency: float) -> AsyncItera
         gateway_urls, direct_urls = sim_urls[:backends], sim_urls[backends:]
         bare = await start(open_server("bare", _module("bench.bare"), workdir))
         bare_url = (await read_lines(bare, 1))[0]
+        floor = await start(open_server("floor", [*_module("bench.bare"), "--fixed"], workdir))
+        floor_url = (await read_lines(floor, 1))[0]
         gw_port = free_port()
         config = workdir / "gateway.toml"
         config.write_text(gateway_toml(gw_port, gateway_urls, workdir / "state"))
@@ -70,6 +74,7 @@ async def open_stack(workdir: Path, backends: int, latency: float) -> AsyncItera
             simulators=Endpoint(tuple(_port(u) for u in direct_urls), (sim,)),
             simulator_api=urlsplit(direct_urls[0]).path,
             bare=Endpoint((_port(bare_url),), (bare,)),
+            floor=Endpoint((_port(floor_url),), (floor,)),
         )
 
 

@@ -130,10 +130,9 @@ def create_app(gw: Gateway) -> QuartTrio:
     @app.errorhandler(Exception)
     async def unexpected(error: Exception) -> Response:
         log.exception("unexpected error answering %s", request.path)
-        return _response(
-            Answer.xml(envelope.failure("internalError", "An internal error occurred"))
-        )
+        return internal_error()
 
+    app.extensions["bbb_proxy_metrics"] = metrics  # for proxy.fast_api (proxy/server.py)
     return app
 
 
@@ -142,10 +141,28 @@ async def _api(gw: Gateway, metrics: Metrics, customer: str | None, call: str) -
     asked = request_log.asked_meeting_id(request.query_string.decode("utf-8", "replace"))
     request_log.note_call(call, customer, asked)  # as asked; handle() notes it verified
     incoming = await _incoming(customer, call, _body_limit(gw, call))
+    return await _answered(gw, metrics, incoming, started)
+
+
+async def api_answer(gw: Gateway, metrics: Metrics, incoming: Incoming) -> Response:
+    """A body-less API call's answer, as the ``api`` route gives it (:mod:`proxy.fast_api`
+    calls this without quart's request machinery)."""
+    started = time.perf_counter()
+    asked = request_log.asked_meeting_id(incoming.raw_query)
+    request_log.note_call(incoming.call, incoming.customer_id, asked)
+    return await _answered(gw, metrics, incoming, started)
+
+
+async def _answered(gw: Gateway, metrics: Metrics, incoming: Incoming, started: float) -> Response:
     result, answer = await handle(gw, incoming)
-    metrics.observe(call, result, time.perf_counter() - started)
+    metrics.observe(incoming.call, result, time.perf_counter() - started)
     request_log.note_result(result)
     return _response(answer)
+
+
+def internal_error() -> Response:
+    """What an unexpected exception is answered (it is logged by the caller)."""
+    return _response(Answer.xml(envelope.failure("internalError", "An internal error occurred")))
 
 
 def _upload_limit(gw: Gateway) -> int:
