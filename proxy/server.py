@@ -12,7 +12,7 @@ import logging
 import signal
 import socket
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 from hypercorn.config import Config as HypercornConfig
@@ -23,11 +23,14 @@ from proxy.app import create_app
 from proxy.backends.client import Transport
 from proxy.backends.monitor import monitor_backends, reconcile_all
 from proxy.config import Config, Timeouts, split_bind
-from proxy.errors import ConfigError
+from proxy.errors import ConfigError, StateError
 from proxy.fast_api import fast_api
 from proxy.gateway import Gateway, open_gateway
 from proxy.ledger.journal import open_durable_ledger
 from proxy.ledger.service import Ledger
+
+if TYPE_CHECKING:
+    from proxy.store.redis import RedisStore
 from proxy.runtime_service import open_runtime
 from proxy.webhooks.delivery import open_webhooks
 from proxy.webhooks.registry import open_hooks
@@ -103,8 +106,12 @@ async def serve_gateway(
     Error handling: ``StateError`` when the saved state is corrupt or unreadable.
     """
     async with contextlib.AsyncExitStack() as stack:
-        await _open_store(stack, config)  # [store] kind = "redis": the logs on Redis
-        if ledger is None:
+        redis = await _open_store(stack, config)  # [store] kind = "redis": the logs on Redis
+        if ledger is None and redis is not None:
+            from proxy.ledger.redis_journal import open_redis_ledger
+
+            ledger = await stack.enter_async_context(open_redis_ledger(redis))
+        elif ledger is None:
             durable = open_durable_ledger(
                 config.proxy.state_dir, write_timeout=config.proxy.journal_timeout
             )
@@ -119,23 +126,29 @@ async def serve_gateway(
         await _run(gw, bind or config.proxy.bind, handle_signals, monitor, task_status)
 
 
-async def _open_store(stack: contextlib.AsyncExitStack, config: Config) -> None:
+async def _open_store(stack: contextlib.AsyncExitStack, config: Config) -> RedisStore | None:
     """With ``[store] kind = "redis"``, connect to Redis, read its logs, and make every
     store the gateway opens in this task (hooks, webhook-queue, runtime, recording-ready,
-    portal) open there until ``stack`` closes.  The ledger stays in ``state_dir``
-    (docs/decisions.md, "Store on Redis").
+    portal) open there until ``stack`` closes; the store (the ledger opens on it too,
+    one instance per key prefix: docs/decisions.md, "Store on Redis").  None for
+    ``kind = "local"``.
 
     Error handling: ``StateError`` when Redis cannot be reached or a log cannot be
     replayed (the CLI exits 3).
     """
     if config.store.kind != "redis":
-        return
+        return None
+    try:  # still the place of files that are not stores (the portal's cookie key)
+        config.proxy.state_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StateError(f"{config.proxy.state_dir}: cannot create: {exc.strerror}") from None
     from proxy.store.redis import open_redis_store  # coredis only when asked for
 
     opened = open_redis_store(config.store, timeout=config.proxy.journal_timeout)
     redis = await stack.enter_async_context(opened)
     stack.enter_context(store.using(redis.opener))
     log.info("store: the logs are on Redis (%s)", config.store.key_prefix)
+    return redis
 
 
 async def _run(

@@ -26,6 +26,7 @@ from lxml import etree
 
 from proxy.config import Config, StoreSettings
 from proxy.errors import StateError, StorageUnavailable
+from proxy.ledger import redis_journal
 from proxy.server import serve_gateway
 from proxy.simulator import Simulator, serve_simulator
 from proxy.store import Log, Record
@@ -42,6 +43,8 @@ RECORDS: list[Record] = [
     {"op": "create", "id": "h2", "url": "https://lms.example/hook?ä=ß", "at": 17.25},
     {"op": "destroy", "id": "h1", "nested": {"a": [1, {"b": None}], "t": True}},
 ]
+
+TEST_LEASE = 1.0
 
 type Opener = Callable[..., AbstractAsyncContextManager[RedisStore]]
 
@@ -364,6 +367,12 @@ def redis_config(sim_urls: list[str], state_dir: Path, redis: RedisServer) -> Co
     return dataclasses.replace(config, store=StoreSettings(kind="redis", url=redis.url))
 
 
+@pytest.fixture(autouse=True)
+def short_lease(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stopped (cancelled) gateway's ledger lease lasts a second, not ten."""
+    monkeypatch.setattr(redis_journal, "LEASE", TEST_LEASE)
+
+
 @asynccontextmanager
 async def gateway_on_redis(
     sim_urls: list[str], state_dir: Path, redis: RedisServer
@@ -378,6 +387,7 @@ async def gateway_on_redis(
         async with httpx.AsyncClient(timeout=10) as http:
             yield Stack(gateway, binds[0], [], sim_urls, http, config)
         nursery.cancel_scope.cancel()
+    await trio.sleep(TEST_LEASE)  # cancelled: its lease is left to expire
 
 
 async def test_a_gateway_on_redis_keeps_its_hooks_there_and_has_them_after_a_restart(
@@ -394,11 +404,52 @@ async def test_a_gateway_on_redis_keeps_its_hooks_there_and_has_them_after_a_res
     async with store_at() as store:
         records = store.open("hooks")[1]
     assert any(hook_id in orjson.dumps(r).decode() for r in records)
-    async with gateway_on_redis(sim_urls, tmp_path, redis_server) as stack:
+    assert not list(tmp_path.glob("journal.*"))  # noqa: ASYNC240 - the ledger is not either
+    async with gateway_on_redis(sim_urls, tmp_path / "elsewhere", redis_server) as stack:
         listed = await hooks_call(stack, "list", [])
         assert [h.findtext("hookID") for h in listed.iter("hook")] == [hook_id]
         info = await stack.call("getMeetingInfo", [("meetingID", "room-1")])
-        assert text(info, "returncode") == "SUCCESS"  # the ledger (local) is back too
+        assert text(info, "returncode") == "SUCCESS", etree.tostring(info)  # the ledger's
+        reservation = stack.gateway.ledger.get(("acme", "room-1"))
+        assert reservation is not None and reservation.backend_id == "bbb-1"
+
+
+async def test_meetings_acknowledged_before_redis_is_killed_are_there_after_it_restarts(
+    nursery: trio.Nursery, tmp_path: Path, redis_server: RedisServer, store_at: Opener
+) -> None:
+    sims = [Simulator(BACKEND_SECRET, server_name="bbb-1.test", expire_unjoined_minutes=None)]
+    sim_urls = [await nursery.start(serve_simulator, sim) for sim in sims]
+    acknowledged: list[str] = []
+    async with gateway_on_redis(sim_urls, tmp_path / "a", redis_server) as stack:
+        for n in range(20):
+            answer = await stack.create(f"room-{n}", maxParticipants="1")
+            if text(answer, "returncode") == "SUCCESS":
+                acknowledged.append(f"room-{n}")
+        await stack.call("end", [("meetingID", "room-0")])
+        redis_server.kill()
+        refused = await stack.create("room-late")
+        assert text(refused, "returncode") == "FAILED"  # not durable: not admitted
+    redis_server.start()
+    async with store_at() as store:
+        state, _ = redis_journal.replay(store.open("ledger")[1])
+    assert len(acknowledged) == 20
+    assert {r.meeting_id for r in state} == set(acknowledged) - {"room-0"}
+    async with gateway_on_redis(sim_urls, tmp_path / "b", redis_server) as stack:
+        held = {r.meeting_id for r in stack.gateway.ledger.state}
+    assert set(acknowledged) - {"room-0"} <= held  # (and room-late, adopted from bbb-1)
+
+
+async def test_a_second_gateway_on_the_same_redis_does_not_start(
+    nursery: trio.Nursery, tmp_path: Path, redis_server: RedisServer
+) -> None:
+    sims = [Simulator(BACKEND_SECRET, server_name="bbb-1.test", expire_unjoined_minutes=None)]
+    sim_urls = [await nursery.start(serve_simulator, sim) for sim in sims]
+    async with gateway_on_redis(sim_urls, tmp_path / "a", redis_server):
+        config = redis_config(sim_urls, tmp_path / "b", redis_server)
+        with pytest.raises(StateError, match="another gateway holds the ledger"):
+            await serve_gateway(config, monitor=False)
+    async with gateway_on_redis(sim_urls, tmp_path / "b", redis_server):
+        pass  # the first one stopped: its lease is over
 
 
 async def test_a_gateway_whose_redis_dies_answers_bbb_errors_and_recovers_by_itself(
@@ -429,3 +480,27 @@ async def test_a_gateway_cannot_start_without_its_redis(
     config = redis_config(["http://127.0.0.1:9/bigbluebutton/"], tmp_path, redis_server)
     with pytest.raises(StateError, match="cannot connect"):  # the CLI exits 3 on it
         await serve_gateway(config, monitor=False)
+
+
+async def test_the_ledger_compacted_on_redis_replays_the_same_meetings(
+    nursery: trio.Nursery, tmp_path: Path, redis_server: RedisServer, store_at: Opener
+) -> None:
+    sims = [Simulator(BACKEND_SECRET, server_name="bbb-1.test", expire_unjoined_minutes=None)]
+    sim_urls = [await nursery.start(serve_simulator, sim) for sim in sims]
+    async with gateway_on_redis(sim_urls, tmp_path / "a", redis_server) as stack:
+        for n in range(3):
+            await stack.create(f"room-{n}", maxParticipants="1")
+        journal = stack.gateway.ledger.journal
+        assert isinstance(journal, redis_journal.RedisJournal)
+        await journal.log.compact(journal.snapshot_records(stack.gateway.ledger.state))
+        await stack.call("end", [("meetingID", "room-1")])
+        await stack.create("room-3", maxParticipants="1")
+        before = {r.key: r for r in stack.gateway.ledger.state}
+    async with store_at() as store:
+        records = store.open("ledger")[1]
+    assert records[0] == {"op": "snapshot", "seq": 6, "count": 3}  # reserve+confirm each
+    state, last = redis_journal.replay(records)
+    assert {r.key: r for r in state} == before
+    assert last == 6 + len(records) - 4  # then one seq per later record
+    with pytest.raises(StateError, match="record 5: ValueError: record 9 follows record 6"):
+        redis_journal.replay([*records[:4], {**records[4], "seq": 9}])

@@ -124,6 +124,11 @@ def encode_record(seq: int, record: Record) -> bytes:
     return frame(orjson.dumps({"seq": seq, **_record_fields(record)}))
 
 
+def record_payload(seq: int, record: Record) -> dict[str, Any]:
+    """The JSON object of ``record`` numbered ``seq`` (what a journal line frames)."""
+    return {"seq": seq, **_record_fields(record)}
+
+
 def decode_record(payload: Any) -> Entry:
     """The entry a decoded JSON object stands for; raises ``_Invalid``."""
     seq, op, customer, meeting_id = _RECORD.read(payload)

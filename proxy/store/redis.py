@@ -184,6 +184,16 @@ class RedisStore:
             script = self._scripts[name] = self.client.register_script(source)
         return await self.run(lambda: script(keys=keys, args=list(args)), name)
 
+    async def script_source(self, source: str, keys: list[str], args: Sequence[object]) -> Any:
+        """Run the Lua ``source`` (registered once) under ``timeout``.
+
+        Error handling: ``StorageUnavailable`` as :meth:`run`.
+        """
+        script = self._scripts.get(source)
+        if script is None:
+            script = self._scripts[source] = self.client.register_script(source)
+        return await self.run(lambda: script(keys=keys, args=list(args)), "a script")
+
     async def load(self, *, max_bytes: int = MAX_LOG_BYTES) -> None:
         """Read every log under the prefix (at start-up, before :meth:`open`).
 
