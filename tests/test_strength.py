@@ -656,3 +656,35 @@ def test_the_file_parts_own_type_is_kept() -> None:
         b"Content-Type:  application/x-subrip \r\n\r\n1\r\n--XyZ--\r\n"
     )
     assert read_upload(typed)[0] == uploads.FileStart("a.srt", "application/x-subrip")
+
+
+def test_the_upload_reader_is_exact_at_every_split_and_streams() -> None:
+    """Cut anywhere, in two or three pieces, line breaks next to the delimiter included,
+    the file comes out byte for byte; and bytes come out before the body ended."""
+    track = b"\r\n\r\r\n\n\rWEBVTT\r\n\r\n--Xy\r\n\r"
+    body = upload_body([("kind", "x")], track)
+    for i in range(len(body) + 1):
+        for j in range(i, len(body) + 1, 5):
+            reader = uploads.UploadReader(B, 1000)
+            got, pieces = b"", [body[:i], body[i:j], body[j:]]
+            for piece in [*pieces, None]:
+                if piece is None:
+                    reader.close()
+                else:
+                    reader.feed(piece)
+                while (event := reader.next_event()) not in (uploads.NEED_DATA, uploads.DONE):
+                    got += event if isinstance(event, bytes) else b""
+                if event is uploads.DONE:
+                    break
+            assert got == track, (i, j)
+    reader = uploads.UploadReader(B, 10**6)
+    reader.feed(upload_body([], b"line\n" * 20_000)[:50_000])  # more to come
+    out = []
+    while (event := reader.next_event()) is not uploads.NEED_DATA:
+        out.append(event)
+    assert sum(len(e) for e in out if isinstance(e, bytes)) > 49_000
+
+
+def test_a_field_that_is_not_utf8_is_read_with_replacement() -> None:
+    body = b'--XyZ\r\nContent-Disposition: form-data; name="label"\r\n\r\n\xffx\r\n--XyZ--\r\n'
+    assert read_upload(body)[0] == uploads.Field("label", "\ufffdx")
