@@ -458,7 +458,12 @@ async def test_a_gateway_whose_redis_dies_answers_bbb_errors_and_recovers_by_its
     sims = [Simulator(BACKEND_SECRET, server_name="bbb-1.test", expire_unjoined_minutes=None)]
     sim_urls = [await nursery.start(serve_simulator, sim) for sim in sims]
     async with gateway_on_redis(sim_urls, tmp_path, redis_server) as stack:
+        assert text(await stack.create("room-1"), "returncode") == "SUCCESS"
         redis_server.kill()
+        join = await stack.http.get(
+            stack.signed("join", [("meetingID", "room-1"), ("fullName", "A"), ("role", "VIEWER")])
+        )
+        assert join.status_code == 302 and "/join?" in join.headers["location"]  # still works
         refused = await hooks_call(stack, "create", [("callbackURL", URL), ("meetingID", "room-2")])
         assert text(refused, "returncode") == "FAILED", etree.tostring(refused)  # no 5xx
         assert text(refused, "messageKey") == "serverUnavailable"
