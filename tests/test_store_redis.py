@@ -509,3 +509,25 @@ async def test_the_ledger_compacted_on_redis_replays_the_same_meetings(
     assert last == 6 + len(records) - 4  # then one seq per later record
     with pytest.raises(StateError, match="record 5: ValueError: record 9 follows record 6"):
         redis_journal.replay([*records[:4], {**records[4], "seq": 9}])
+
+
+async def test_a_gateway_that_lost_the_ledgers_lease_writes_nothing_until_it_has_it_again(
+    nursery: trio.Nursery, tmp_path: Path, redis_server: RedisServer, store_at: Opener
+) -> None:
+    sims = [Simulator(BACKEND_SECRET, server_name="bbb-1.test", expire_unjoined_minutes=None)]
+    sim_urls = [await nursery.start(serve_simulator, sim) for sim in sims]
+    owner = "bbb-proxy:ledger:owner"
+    async with gateway_on_redis(sim_urls, tmp_path, redis_server) as stack, store_at() as store:
+        assert text(await stack.create("room-1", maxParticipants="1"), "returncode") == "SUCCESS"
+        await store.client.set(owner, "another-gateway")  # took over after an expiry
+        refused = await stack.create("room-2", maxParticipants="1")
+        assert text(refused, "returncode") == "FAILED", etree.tostring(refused)
+        assert (await stack.http.get(f"{stack.url}/readyz")).status_code == 503
+        ledger_records = [record for _, record in (await store.read("ledger")).entries]
+        assert {r.get("meeting_id") for r in ledger_records} == {"room-1"}  # fenced out
+        await store.client.delete([owner])  # the other one is gone: the lease is free
+        with trio.fail_after(10):
+            while (await stack.http.get(f"{stack.url}/readyz")).status_code != 200:  # noqa: ASYNC110
+                await trio.sleep(0.1)
+        again = await stack.create("room-3", maxParticipants="1")
+        assert text(again, "returncode") == "SUCCESS", etree.tostring(again)

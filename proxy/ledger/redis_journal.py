@@ -11,8 +11,10 @@ ledger, so two gateways writing one ledger would overbook.  At start-up the gate
 takes the lease ``<prefix>ledger:owner`` (``SET NX PX``) and renews it every
 ``LEASE / 3`` seconds; a second gateway on the same Redis and prefix does not start
 (``StateError``) while the lease is held.  A gateway killed with SIGKILL leaves the
-lease to expire (``LEASE`` seconds) before another may take over.  A gateway that loses
-its lease (Redis lost it, or it could not renew in time) fails its journal: creates
+lease to expire (``LEASE`` seconds) before another may take over.  Every write of the
+ledger's log is fenced by the lease (the append script checks the owner key holds this
+gateway's id, atomically with the write), so a gateway that lost its lease (cut off
+from Redis for longer than it) writes nothing more: its journal is failed, creates
 answer an error, /readyz is 503, until it holds the lease again.  The shared ledger
 for several instances (compare-and-append on this log) is designed in
 docs/decisions.md, "Store on Redis", and not built yet.
@@ -149,6 +151,7 @@ async def open_redis_ledger(
             f"another gateway holds the ledger on this Redis ({owner}); one instance per "
             f"key_prefix until several are supported (a killed one's lease ends in {lease} s)"
         )
+    redis_log.fence = (owner, redis_log.writer)  # no write once another holds the lease
     state, last = replay(records)
     journal = RedisJournal(redis_log, last)
     ledger = Ledger(state, journal, clock)

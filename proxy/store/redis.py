@@ -82,20 +82,31 @@ READ_CHUNK = 1000  # entries per XRANGE at replay and in tail
 RETRY_EVERY = 1.0
 NO_ID = "0-0"
 
-# KEYS: stream, meta.  ARGV: writer, first number, records...  Returns the last entry id.
-_APPEND = """
+# A fence (KEYS[3], ARGV[3]): write only while that key holds that value (a lease).
+_FENCE = """
+if #KEYS > 2 and redis.call('GET', KEYS[3]) ~= ARGV[3] then
+  return redis.error_reply('FENCED ' .. KEYS[3] .. ' is not held by this writer')
+end
+"""
+
+# KEYS: stream, meta[, fence].  ARGV: writer, first number, fence value, records...
+# Returns the last entry id.
+_APPEND = (
+    _FENCE
+    + """
 local done = tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or '0')
 local first = tonumber(ARGV[2])
 local last = nil
-for i = 3, #ARGV do
-  if first + i - 3 > done then
+for i = 4, #ARGV do
+  if first + i - 4 > done then
     last = redis.call('XADD', KEYS[1], '*', 'r', ARGV[i], 'w', ARGV[1])
   end
 end
-local count = first + #ARGV - 3
+local count = first + #ARGV - 4
 if count > done then redis.call('HSET', KEYS[2], ARGV[1], count) end
 return last or false
 """
+)
 
 # KEYS: stream, meta.  ARGV: writer, gen seen, last id seen, records...
 # Returns {1, last id} appended, or {0, gen, last id} when the log moved on.
@@ -111,19 +122,23 @@ end
 return {1, last}
 """
 
-# KEYS: stream, meta.  ARGV: writer, records covered, records...  Returns {gen, last id}.
-_COMPACT = """
+# KEYS: stream, meta[, fence].  ARGV: writer, records covered, fence value, records...
+# Returns {gen, last id}.
+_COMPACT = (
+    _FENCE
+    + """
 redis.call('DEL', KEYS[1])
 local gen = redis.call('HGET', KEYS[2], 'gen') or '0'
 gen = tostring(tonumber(gen) + 1)
 redis.call('DEL', KEYS[2])
 redis.call('HSET', KEYS[2], 'gen', gen, ARGV[1], ARGV[2])
 local last = '0-0'
-for i = 3, #ARGV do
+for i = 4, #ARGV do
   last = redis.call('XADD', KEYS[1], '*', 'r', ARGV[i], 'w', ARGV[1])
 end
 return {gen, last}
 """
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -369,6 +384,9 @@ class RedisLog:
         self.timeout = timeout
         self.max_bytes = MAX_LOG_BYTES
         self.writer = secrets.token_hex(8)
+        # (key, value): flush and compact write only while Redis' ``key`` holds ``value``
+        # (the ledger's lease), atomically with the write; else StorageUnavailable.
+        self.fence: tuple[str, str] | None = None
         self._key, self._meta = store.key("log", name), store.key("meta", name)
         self._gen, self._seen = loaded.gen, loaded.last_id  # what this log has read
         self._size = self._compacted_size = loaded.size
@@ -411,9 +429,9 @@ class RedisLog:
         if self._size + data > self.max_bytes:
             self._fail(StateError(f"redis {self._key} would pass {self.max_bytes} bytes: compact"))
             raise StorageUnavailable() from self._failed
-        args = [self.writer, str(self._durable + 1), *self._pending]
+        args = [self.writer, str(self._durable + 1), self._fence_value, *self._pending]
         try:
-            await self.store.script("append", [self._key, self._meta], args)
+            await self.store.script("append", self._keys(), args)
         except StorageUnavailable as e:
             self._fail(e.__cause__)
             raise
@@ -433,8 +451,8 @@ class RedisLog:
         try:
             with trio.fail_after(self.timeout * 10):
                 async with self._lock:
-                    args = [self.writer, str(covered), *lines]
-                    gen, last = await self.store.script("compact", [self._key, self._meta], args)
+                    args = [self.writer, str(covered), self._fence_value, *lines]
+                    gen, last = await self.store.script("compact", self._keys(), args)
         except trio.TooSlowError:
             raise StorageUnavailable() from StateError(
                 f"redis {self._key}: compaction not done in time"
@@ -449,6 +467,14 @@ class RedisLog:
     @property
     def failed(self) -> bool:
         return self._failed is not None
+
+    def _keys(self) -> list[str]:
+        keys = [self._key, self._meta]
+        return keys if self.fence is None else [*keys, self.fence[0]]
+
+    @property
+    def _fence_value(self) -> str:
+        return "" if self.fence is None else self.fence[1]
 
     @property
     def compaction_due(self) -> bool:
