@@ -380,6 +380,11 @@ async def test_the_api_switch_rotation_and_defaults_change_the_bbb_api(
     usage = await browser.get("/portal/customers/acme/usage")
     assert "room" in usage and "Reserved until" in usage and "4 connections" in usage
     assert "20 connections" in usage  # the subscription
+    ledger = stack.gateway.ledger
+    ledger.clock = lambda: time.time() + 26 * 60  # past its 25 minutes
+    usage = await browser.get("/portal/customers/acme/usage")
+    assert "overtime" in usage and "Reserved until" not in usage
+    ledger.clock = time.time
     changes = [r.getMessage() for r in caplog.records if r.name == "proxy.portal.web"]
     assert any("disabled by admin@acme.example" in m for m in changes)
     assert any("secret rotated by admin@acme.example" in m for m in changes)
