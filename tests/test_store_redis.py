@@ -16,6 +16,7 @@ import signal
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import orjson
@@ -531,3 +532,26 @@ async def test_a_gateway_that_lost_the_ledgers_lease_writes_nothing_until_it_has
                 await trio.sleep(0.1)
         again = await stack.create("room-3", maxParticipants="1")
         assert text(again, "returncode") == "SUCCESS", etree.tostring(again)
+
+
+async def test_a_compaction_in_the_middle_of_a_read_is_read_again(store_at: Opener) -> None:
+    async with store_at() as first, store_at() as second:
+        a, _ = first.open("ledger")
+        b, _ = second.open("ledger")
+        a.append({"n": 1})
+        await a.flush()
+        original = second._read_entries
+        compacted = False
+
+        async def compacting_meanwhile(*args: Any) -> Any:
+            nonlocal compacted
+            loaded = await original(*args)
+            if not compacted:  # after b read the entries, before it reads gen again
+                compacted = True
+                await a.compact([{"state": "new"}])
+            return loaded
+
+        second._read_entries = compacting_meanwhile  # type: ignore[method-assign, assignment]
+        tail = await b.tail()
+        assert compacted
+        assert tail.reset and tail.records == [{"state": "new"}]

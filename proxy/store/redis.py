@@ -230,13 +230,24 @@ class RedisStore:
     async def read(
         self, name: str, *, after: str = NO_ID, max_bytes: int = MAX_LOG_BYTES
     ) -> _Loaded:
-        """The log's ``gen`` and entries after ``after`` (all writers').
+        """The log's ``gen`` and entries after ``after`` (all writers'), read in chunks
+        between two readings of ``gen``: a compaction in between is read again, so the
+        entries are always of the ``gen`` returned.
 
         Error handling: ``StateError`` for an entry that is not a record or a log over
         ``max_bytes``; ``StorageUnavailable`` when Redis does not answer.
         """
-        key, meta = self.key("log", name), self.key("meta", name)
-        gen = await self.run(lambda: self.client.hget(meta, "gen"), f"HGET {meta}")
+        meta = self.key("meta", name)
+        while True:
+            gen = await self.run(lambda: self.client.hget(meta, "gen"), f"HGET {meta}")
+            loaded = await self._read_entries(name, after, max_bytes, _text(gen) if gen else "0")
+            again = await self.run(lambda: self.client.hget(meta, "gen"), f"HGET {meta}")
+            if again == gen:
+                return loaded
+            after = NO_ID  # compacted meanwhile: the ids of before mean nothing now
+
+    async def _read_entries(self, name: str, after: str, max_bytes: int, gen: str) -> _Loaded:
+        key = self.key("log", name)
         records: list[tuple[str, Record]] = []
         size, last = 0, after
         while True:
@@ -254,7 +265,7 @@ class RedisStore:
                 writer = _text(entry.field_values.get(b"w", b""))
                 records.append((writer, _decoded(body, key, last)))
             if len(entries) < READ_CHUNK:
-                return _Loaded(records, _text(gen) if gen else "0", last, size)
+                return _Loaded(records, gen, last, size)
 
     def opener(self, state_dir: Path, name: str, timeout: float) -> tuple[RedisLog, list[Record]]:
         """:func:`proxy.store.open_store_log`'s way of opening on Redis (``state_dir``
