@@ -688,3 +688,26 @@ def test_the_upload_reader_is_exact_at_every_split_and_streams() -> None:
 def test_a_field_that_is_not_utf8_is_read_with_replacement() -> None:
     body = b'--XyZ\r\nContent-Disposition: form-data; name="label"\r\n\r\n\xffx\r\n--XyZ--\r\n'
     assert read_upload(body)[0] == uploads.Field("label", "\ufffdx")
+
+
+async def test_a_3xx_answer_counts_as_failed_and_a_tls_form_post_names_its_host() -> None:
+    seen = Recorded(300)
+    ok, failed = outbound.OUTCOMES["ok"], outbound.OUTCOMES["failed"]
+    async with httpx.AsyncClient(transport=httpx.MockTransport(seen)) as client:
+        assert await outbound.post_customer_url(client, "https://localhost/r", {"a": "1"}, True)
+    assert (outbound.OUTCOMES["ok"], outbound.OUTCOMES["failed"]) == (ok, failed + 1)
+    assert seen.requests[0].extensions["sni_hostname"] == "localhost"
+
+
+async def test_anything_a_call_raises_is_a_logged_failure(caplog: pytest.LogCaptureFixture) -> None:
+    odd = Recorded(error=RuntimeError("not httpx's"))
+    failed = outbound.OUTCOMES["failed"]
+    with caplog.at_level(logging.WARNING, logger=outbound.__name__):
+        async with httpx.AsyncClient(transport=httpx.MockTransport(odd)) as client:
+            assert await outbound.post_customer_url(client, "http://localhost/r", {}, True) == 0
+            assert await outbound.post_customer_url(client, "ftp://lms.test/r", {}, True) is None
+    assert outbound.OUTCOMES["failed"] == failed + 1
+    assert [r.getMessage() for r in caplog.records] == [
+        "callback http://localhost/r failed: RuntimeError",
+        "not calling ftp://lms.test/r: not an http(s) URL",
+    ]
