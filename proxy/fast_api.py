@@ -6,7 +6,8 @@ in a nursery, URL routing over every route, and signals (``bench/README.md``,
 "One process, leaner").  A body-less ``GET /<customer>/bigbluebutton/api/<call>``
 needs none of it: :func:`fast_api` answers it straight from the ASGI scope with the
 very same code the quart route runs (:func:`proxy.app.api_answer`, the same
-``Response`` object and the same messages quart sends), and hands every other
+``Response`` object, the same bytes on the wire; a whole body goes in one message
+with its end), and hands every other
 request to quart unchanged.
 
 Taken here, and only here (anything else goes to quart):
@@ -37,6 +38,7 @@ from typing import Any
 import trio
 from quart import Response
 from quart.utils import encode_headers
+from quart.wrappers.response import DataBody
 from quart_trio import QuartTrio
 
 from proxy.app import api_answer, internal_error
@@ -111,9 +113,13 @@ async def _cancel_on_disconnect(receive: Any, scope: trio.CancelScope) -> None:
 
 
 async def _send(send: Any, response: Response) -> None:
-    """The answer, in the very messages quart's ASGI layer sends."""
+    """The answer, as quart's ASGI layer sends it (a streamed body part by part)."""
     headers = encode_headers(response.headers)
     await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
+    if isinstance(response.response, DataBody):  # one part and the end in one message:
+        data = await response.get_data(as_text=False)  # the same bytes on the wire
+        await send({"type": "http.response.body", "body": data, "more_body": False})
+        return
     async with response.response as body:
         async for data in body:
             chunk = data.encode() if isinstance(data, str) else data

@@ -193,6 +193,8 @@ class Metrics:
             for reason in REFUSALS.values():
                 self.refusals.labels(call, reason)
         self._gw = gw
+        self._children: dict[tuple[str, str], tuple[Counter, Histogram]] = {}  # see observe()
+        self._backend_children: dict[tuple[str, str, str], tuple[Counter, Histogram]] = {}
         self._state = _StateCollector(gw)
         self.registry.register(self._state)
 
@@ -205,16 +207,31 @@ class Metrics:
         self._state.gauges.append((name, doc, read))
 
     def observe(self, call: str, result: str, seconds: float) -> None:
+        # The label children are looked up once per label set (labels() takes a lock and
+        # builds tuples each time); the labels are bounded: known calls and results.
         label = call if call in KNOWN_CALLS else "other"
-        self.requests.labels(label, result if result in KNOWN_RESULTS else "otherFailure").inc()
-        self.latency.labels(label).observe(seconds)
+        outcome = result if result in KNOWN_RESULTS else "otherFailure"
+        children = self._children.get((label, outcome))
+        if children is None:
+            children = (self.requests.labels(label, outcome), self.latency.labels(label))
+            self._children[(label, outcome)] = children
+        children[0].inc()
+        children[1].observe(seconds)
         reason = REFUSALS.get(result)
         if reason is not None:
             self.refusals.labels(label, reason).inc()
 
     def observe_backend(self, backend: str, call: str, outcome: str, seconds: float) -> None:
-        self.backend_requests.labels(backend, call, outcome).inc()
-        self.backend_latency.labels(backend).observe(seconds)
+        key = (backend, call, outcome)
+        children = self._backend_children.get(key)
+        if children is None:
+            children = (
+                self.backend_requests.labels(backend, call, outcome),
+                self.backend_latency.labels(backend),
+            )
+            self._backend_children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -148,7 +148,7 @@ def client_address(peer: str, forwarded_for: Sequence[str], trusted: Sequence[Ne
     itself trusted; the first untrusted (or, if all are, the leftmost) is the client.
     A value that is not an IP address stops the walk at the last address believed.
     """
-    if not _trusted(peer, trusted):
+    if not trusted or not _trusted(peer, trusted):  # no proxies trusted: no address parsed
         return peer
     chain = [a.strip() for value in forwarded_for for a in value.split(",") if a.strip()]
     client = peer
@@ -232,6 +232,8 @@ def _entry(scope: Any, trusted: Sequence[Network]) -> RequestEntry:
 
 def write(entry: RequestEntry) -> bool:
     """The request's line (INFO), its fields attached for the JSON format; True."""
+    if not log.isEnabledFor(logging.INFO):
+        return True  # nobody reads it: not even its fields are made
     fields = entry.fields(time.perf_counter())
     what = entry.call or fields["path"]
     who = f"{entry.customer or '-'}/{entry.meeting_id or '-'}"
