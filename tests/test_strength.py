@@ -607,7 +607,7 @@ async def test_failures_and_refusals_are_logged_and_counted(
 ) -> None:
     url = "http://localhost/e?course=1"
     broken = Recorded(error=httpx.ConnectError("refused"))
-    failed, refused = outbound.OUTCOMES["failed"], outbound.OUTCOMES["refused"]
+    failed, refused = customer_urls.OUTCOMES["failed"], customer_urls.OUTCOMES["refused"]
     with caplog.at_level(logging.WARNING, logger=outbound.__name__):
         async with httpx.AsyncClient(transport=httpx.MockTransport(broken)) as client:
             assert await outbound.post_customer_url(client, url, {"a": "1"}, True) == 0
@@ -618,8 +618,8 @@ async def test_failures_and_refusals_are_logged_and_counted(
         f"not calling {shown(url)}: host is not public or does not resolve",
         f"callback {shown(url)} failed: ConnectError",
     ]
-    assert outbound.OUTCOMES["failed"] == failed + 2
-    assert outbound.OUTCOMES["refused"] == refused + 1
+    assert customer_urls.OUTCOMES["failed"] == failed + 2
+    assert customer_urls.OUTCOMES["refused"] == refused + 1
     assert len(broken.requests) == 2
 
 
@@ -692,21 +692,21 @@ def test_a_field_that_is_not_utf8_is_read_with_replacement() -> None:
 
 async def test_a_3xx_answer_counts_as_failed_and_a_tls_form_post_names_its_host() -> None:
     seen = Recorded(300)
-    ok, failed = outbound.OUTCOMES["ok"], outbound.OUTCOMES["failed"]
+    ok, failed = customer_urls.OUTCOMES["ok"], customer_urls.OUTCOMES["failed"]
     async with httpx.AsyncClient(transport=httpx.MockTransport(seen)) as client:
         assert await outbound.post_customer_url(client, "https://localhost/r", {"a": "1"}, True)
-    assert (outbound.OUTCOMES["ok"], outbound.OUTCOMES["failed"]) == (ok, failed + 1)
+    assert (customer_urls.OUTCOMES["ok"], customer_urls.OUTCOMES["failed"]) == (ok, failed + 1)
     assert seen.requests[0].extensions["sni_hostname"] == "localhost"
 
 
 async def test_anything_a_call_raises_is_a_logged_failure(caplog: pytest.LogCaptureFixture) -> None:
     odd = Recorded(error=RuntimeError("not httpx's"))
-    failed = outbound.OUTCOMES["failed"]
+    failed = customer_urls.OUTCOMES["failed"]
     with caplog.at_level(logging.WARNING, logger=outbound.__name__):
         async with httpx.AsyncClient(transport=httpx.MockTransport(odd)) as client:
             assert await outbound.post_customer_url(client, "http://localhost/r", {}, True) == 0
             assert await outbound.post_customer_url(client, "ftp://lms.test/r", {}, True) is None
-    assert outbound.OUTCOMES["failed"] == failed + 1
+    assert customer_urls.OUTCOMES["failed"] == failed + 1
     assert [r.getMessage() for r in caplog.records] == [
         "callback http://localhost/r failed: RuntimeError",
         "not calling ftp://lms.test/r: not an http(s) URL",
