@@ -72,7 +72,7 @@ def _accepted_keys() -> set[str]:
     keys = {f.name for f in fields(defaults)} - _proxy_tables()
     for table in _proxy_tables():
         keys |= {f.name for f in fields(getattr(defaults, table))}
-    for cls in (config.Backend, config.Customer, config.Texts):
+    for cls in (config.Backend, config.Customer, config.Texts, config.StoreSettings):
         keys |= set(cls.__dataclass_fields__)
     return keys | {"secret"}  # a customer gives `secret` or `secrets`
 
