@@ -25,8 +25,8 @@ import trio
 import trio.lowlevel
 from lxml import etree
 
-from proxy.config import Config, StoreSettings
-from proxy.errors import StateError, StorageUnavailable
+from proxy.config import Config, StoreSettings, from_mapping
+from proxy.errors import ConfigError, StateError, StorageUnavailable
 from proxy.ledger import redis_journal
 from proxy.server import serve_gateway
 from proxy.simulator import Simulator, serve_simulator
@@ -555,3 +555,26 @@ async def test_a_compaction_in_the_middle_of_a_read_is_read_again(store_at: Open
         tail = await b.tail()
         assert compacted
         assert tail.reset and tail.records == [{"state": "new"}]
+
+
+def test_the_store_settings_are_checked_and_local_is_the_default() -> None:
+    base = config_for(["http://127.0.0.1:9/bigbluebutton/"])
+    assert base.store.kind == "local"
+    table = {
+        "backends": [
+            {"id": "b", "url": "http://127.0.0.1:9/bigbluebutton/", "secret": "s", "capacity": 1}
+        ]
+    }
+    loaded = from_mapping(
+        table | {"store": {"kind": "redis", "url": "rediss://r:6380/2", "password": "pw"}}
+    )
+    assert loaded.store.kind == "redis" and loaded.store.url == "rediss://r:6380/2"
+    assert "pw" not in repr(loaded.store)
+    for bad, key in (
+        ({"kind": "sql"}, "store.kind"),
+        ({"url": "http://r/"}, "store.url"),
+        ({"key_prefix": "a*"}, "store.key_prefix"),
+        ({"tls": True}, "store.tls"),
+    ):
+        with pytest.raises(ConfigError, match=key):
+            from_mapping(table | {"store": bad})
