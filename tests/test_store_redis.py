@@ -189,6 +189,26 @@ async def test_a_log_at_its_bound_refuses_to_grow_until_compacted(store_at: Open
     assert await replayed(store_at) == [{"pad": "small"}, {"n": 2}]
 
 
+async def test_maintain_heals_a_log_at_its_bound_by_compacting(store_at: Opener) -> None:
+    async with store_at() as store:
+        log, _ = store.open("hooks")
+        log.max_bytes = 400
+        state: list[Record] = [{"pad": "x" * 150}]
+        log.append(state[0])
+        log.append(state[0])  # 2 x 162 bytes: in
+        await log.flush()
+        log.append({"pad": "y" * 150})  # would pass 400; the owner's state drops it
+        with pytest.raises(StorageUnavailable):
+            await log.flush()
+        assert log.failed and not log.compaction_due
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(lambda: log.maintain(lambda: state, every=0.01))
+                await until(lambda: not log.failed)
+                nursery.cancel_scope.cancel()
+    assert await replayed(store_at) == state
+
+
 async def test_maintain_compacts_when_due(store_at: Opener) -> None:
     async with store_at() as store:
         log, _ = store.open("hooks")

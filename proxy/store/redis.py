@@ -405,6 +405,7 @@ class RedisLog:
         self._appended = self._durable = 0
         self._lock = trio.Lock()
         self._failed: StateError | None = None
+        self._over_bound = False  # the last flush failed at max_bytes: only compaction helps
 
     # -- the Log protocol ----------------------------------------------------------------------
 
@@ -439,6 +440,7 @@ class RedisLog:
         data = sum(len(line) for line in self._pending)
         if self._size + data > self.max_bytes:
             self._fail(StateError(f"redis {self._key} would pass {self.max_bytes} bytes: compact"))
+            self._over_bound = True
             raise StorageUnavailable() from self._failed
         args = [self.writer, str(self._durable + 1), self._fence_value, *self._pending]
         try:
@@ -449,6 +451,7 @@ class RedisLog:
         del self._pending[:count]
         self._durable += count
         self._size += data
+        self._over_bound = False
         self._recovered()
 
     async def compact(self, records: Iterable[Mapping[str, Json]]) -> None:
@@ -473,6 +476,7 @@ class RedisLog:
         self._durable = max(self._durable, covered)
         self._gen, self._seen = _text(gen), _text(last)
         self._size = self._compacted_size = sum(len(line) for line in lines)
+        self._over_bound = False
         self._recovered()
 
     @property
@@ -519,7 +523,7 @@ class RedisLog:
             await trio.sleep(every)
             if await self.recover() and not self.compaction_due:
                 continue
-            if records is None or not self.compaction_due:
+            if records is None or not (self.compaction_due or self._over_bound):
                 continue
             try:
                 await self.compact(records())
