@@ -155,6 +155,8 @@ async def delete_customer(gw: Gateway, call: Call) -> Result:
         raise Refused(409, f"{len(held)} meetings are running: end them first", "id")
     await _change(gw, {"op": "delete", "kind": "customer", "id": customer_id}, "customer_deleted")
     log.info("admin: customer %s deleted", customer_id)
+    if gw.portal is not None:  # its administrators go with it (proxy.portal)
+        await gw.portal.forget_customer(customer_id)
     return 200, {"id": customer_id, "removed": True}
 
 

@@ -333,8 +333,13 @@ async def test_an_administrator_sees_and_changes_only_its_own_customer(
     for path in ("/portal/customers/globex", "/portal/acme/api", "/portal/customers/", "/portal/x"):
         assert (await globex.http.get(path)).status_code == 404, path
     # The other customer removed: its administrator's pages close.
+    pending = await invite(stack, "globex", "next@globex.example")
     await stack.http.delete(f"{stack.url}/admin/v1/customers/globex", headers=AUTH)
-    assert (await globex.http.get("/portal/customers/globex/api")).status_code == 404
+    assert (await globex.http.get("/portal/customers/globex/api")).status_code in (303, 404)
+    state = portal(stack).state
+    assert not state.admins_of("globex")  # removed with it, invitations withdrawn
+    assert state.invitation(pending["invitation_url"].rsplit("=", 1)[1], time.time()) is None
+    assert [a.email for a in state.admins_of("acme")] == ["admin@acme.example"]
     await globex.aclose()
     await acme_admin.aclose()
 

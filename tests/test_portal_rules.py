@@ -37,6 +37,8 @@ def test_the_model_replays_its_records_and_compacts_to_the_same_state() -> None:
     assert not state.closed
     state.apply({"op": "remove", "email": "a@acme.example"})
     assert not state.admins
+    state.apply({"op": "withdraw", "token": token_digest("t2")})
+    state.apply({"op": "withdraw", "token": token_digest("unknown")})
 
 
 @pytest.mark.parametrize(

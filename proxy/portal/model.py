@@ -9,6 +9,7 @@ rebuild it (what compaction writes).  Records (JSON objects)::
     {"op": "accept", "token": SHA256, "password": ARGON2}   # the invitee's password, hashed
     {"op": "admin", "email": E, "customer": ID, "password": ARGON2}  # compaction's form
     {"op": "remove", "email": E}                            # an administrator removed
+    {"op": "withdraw", "token": SHA256}                     # an invitation withdrawn
     {"op": "logout", "session": SID, "until": T}            # a session closed before its end
 
 An invitation is kept by the SHA-256 of its token, never the token: the log cannot open
@@ -29,7 +30,7 @@ from typing import Any
 
 from proxy.errors import StateError
 
-_OPS = ("invite", "accept", "admin", "remove", "logout")
+_OPS = ("invite", "accept", "admin", "remove", "withdraw", "logout")
 
 
 def token_digest(token: str) -> str:
@@ -82,6 +83,8 @@ class PortalState:
             self.admins[email] = Admin(email, _text(record, "customer"), _text(record, "password"))
         elif op == "remove":
             self.admins.pop(_text(record, "email"), None)
+        elif op == "withdraw":
+            self.invitations.pop(_text(record, "token"), None)
         else:
             self.closed[_text(record, "session")] = _time(record, "until")
 

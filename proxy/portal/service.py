@@ -143,6 +143,15 @@ class PortalService:
         await self._change({"op": "remove", "email": email})
         log.info("portal: administrator %s removed", email)
 
+    async def forget_customer(self, customer: str) -> None:
+        """Remove a deleted customer's administrators and withdraw its invitations, so a
+        customer created again under its id starts without them."""
+        for admin in self.state.admins_of(customer):
+            await self.remove(admin.email)
+        for digest, invitation in sorted(self.state.invitations.items()):
+            if invitation.customer == customer:
+                await self._change({"op": "withdraw", "token": digest})
+
     async def logout(self, session: Session) -> None:
         await self._change({"op": "logout", "session": session.sid, "until": session.expires_at})
         log.info("portal: %s logged out", session.email)
