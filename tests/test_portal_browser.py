@@ -3,14 +3,17 @@
 One administrator's way through every page, each step checked against what the BBB API
 and the admin API do next; axe-core (npm, pinned in ``tests/clients/axe``) and a
 keyboard walk check every page's accessibility; the screenshots in ``docs/screenshots``
-(shown in the README) are written here.  ``./run test`` installs Chromium when missing
-(``BBB_PROXY_NEED_CHROMIUM=1``: then a missing browser fails this test instead of skipping).
+(shown in the README) are written here when ``BBB_PROXY_SCREENSHOTS=1`` (``./run
+screenshots``), else into a temporary folder, so a test run leaves the tree as it was.
+``./run test`` installs Chromium when missing (``BBB_PROXY_NEED_CHROMIUM=1``: then a
+missing browser fails this test instead of skipping).
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +28,12 @@ from tests.harness import StackFactory
 
 CHROMIUM = "/usr/bin/chromium"
 AXE = Path(__file__).resolve().parent / "clients" / "axe"
-SCREENSHOTS = Path(__file__).resolve().parent.parent / "docs" / "screenshots"
+DOCS_SCREENSHOTS = Path(__file__).resolve().parent.parent / "docs" / "screenshots"
+SCREENSHOTS = (
+    DOCS_SCREENSHOTS
+    if os.environ.get("BBB_PROXY_SCREENSHOTS") == "1"
+    else Path(tempfile.gettempdir()) / f"bbb-proxy-screenshots-{os.getpid()}"
+)
 TOKEN = "browser-admin-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 PASSWORD = "a long portal password"
