@@ -169,12 +169,15 @@ async def test_unreachable_backend_is_skipped_for_another(make_stack: StackFacto
     # Point bbb-1 at a closed port: connect fails before anything is sent.
     closed = Pool("http://127.0.0.1:9/bigbluebutton/api", stack.config.proxy.timeouts, 4)
     client = stack.gateway.client("bbb-1")
-    await client.aclose()
-    client._transport = closed
-    for i in range(6):
-        root = await stack.create(f"room-{i}", maxParticipants="1")
-        assert text(root, "returncode") == "SUCCESS"
-    assert {r.backend_id for r in stack.gateway.ledger.state} == {"bbb-2"}
+    # The old pool is closed only at the end: a poll may be in flight on it right now.
+    old, client._transport = client._transport, closed
+    try:
+        for i in range(6):
+            root = await stack.create(f"room-{i}", maxParticipants="1")
+            assert text(root, "returncode") == "SUCCESS"
+        assert {r.backend_id for r in stack.gateway.ledger.state} == {"bbb-2"}
+    finally:
+        await old.aclose()
 
 
 async def test_behaviour_can_be_flipped_and_reset_at_run_time(stack: Stack) -> None:
