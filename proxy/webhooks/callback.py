@@ -1,7 +1,7 @@
 """What one webhook callback is, as bbb-webhooks sends it: decided without I/O.
 
-bbb-webhooks 3.x (``src/out/webhooks/callback-emitter.js``; ``../shared/bbb-api.md`` §3)
-POSTs each event on its own to the hook's callback URL:
+bbb-webhooks 3.x (``src/out/webhooks/callback-emitter.js``; docs/decisions.md,
+"Webhooks: delivery") POSTs each event on its own to the hook's callback URL:
 
 - body ``application/x-www-form-urlencoded``, keys in alphabetical order:
   ``domain=<server domain>&event=[<event JSON>]&timestamp=<epoch ms>`` (the event is
