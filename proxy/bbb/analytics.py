@@ -43,7 +43,7 @@ import jwt
 import orjson
 from jwt.warnings import InsecureKeyLengthWarning
 
-from proxy.bbb import customer_urls, rewrite
+from proxy.bbb import bodies, customer_urls, rewrite
 from proxy.bbb.recording_ready import Target, signed_url
 from proxy.config import Backend
 from proxy.webhooks.mapping import clean_metadata
@@ -104,7 +104,7 @@ def backend_document(
     expected = rewrite.backend_meeting_id(target.customer, target.meeting_id)
     if not isinstance(document, dict) or document.get("meeting_id") != expected:
         return None
-    if _depth(document) > MAX_DEPTH:
+    if not bodies.nests_within(document, MAX_DEPTH - 1):  # the top level is depth 1
         return None
     return document
 
@@ -117,21 +117,6 @@ def _verified(token: str, secret: str) -> bool:
         except jwt.PyJWTError:
             return False
     return True
-
-
-def _depth(value: object) -> int:
-    """How deeply ``value`` nests (iteratively: a peer's document never recurses us)."""
-    deepest, todo = 0, [(value, 1)]
-    while todo:
-        item, depth = todo.pop()
-        deepest = max(deepest, depth)
-        if depth > MAX_DEPTH:
-            return depth
-        if isinstance(item, dict):
-            todo.extend((v, depth + 1) for v in item.values())
-        elif isinstance(item, list):
-            todo.extend((v, depth + 1) for v in item)
-    return deepest
 
 
 def customer_document(document: dict[str, object], target: Target, own_url: str) -> bytes:

@@ -165,3 +165,18 @@ def _parse_xml(data: bytes) -> etree._Element:
         return etree.fromstring(data, _PARSER)
     except (etree.XMLSyntaxError, ValueError):
         raise ValidationError("The XML body could not be parsed") from None
+
+
+def nests_within(value: object, limit: int) -> bool:
+    """Whether parsed JSON ``value`` nests at most ``limit`` levels below its top (walked
+    without recursion: a peer's document never recurses us)."""
+    stack: list[tuple[object, int]] = [(value, 0)]
+    while stack:
+        current, depth = stack.pop()
+        if depth > limit:
+            return False
+        if isinstance(current, dict):
+            stack.extend((v, depth + 1) for v in current.values())
+        elif isinstance(current, list):
+            stack.extend((v, depth + 1) for v in current)
+    return True

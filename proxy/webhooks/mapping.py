@@ -52,7 +52,7 @@ from urllib.parse import parse_qsl, urlencode
 
 import orjson
 
-from proxy.bbb import rewrite
+from proxy.bbb import bodies, rewrite
 from proxy.bbb.checksum import ALGORITHMS_BY_LENGTH
 from proxy.bbb.numbers import parse_count
 from proxy.config import Backend
@@ -132,23 +132,9 @@ def parse_events(body: bytes) -> list[Event] | None:
     found = [decoded] if isinstance(decoded, dict) else decoded
     if not isinstance(found, list) or len(found) > MAX_EVENTS:
         return None
-    if not all(isinstance(e, dict) and _depth_within(e, MAX_DEPTH) for e in found):
+    if not all(isinstance(e, dict) and bodies.nests_within(e, MAX_DEPTH) for e in found):
         return None
     return found
-
-
-def _depth_within(value: Json, limit: int) -> bool:
-    """Whether ``value`` nests at most ``limit`` levels (walked without recursion)."""
-    stack: list[tuple[Json, int]] = [(value, 0)]
-    while stack:
-        current, depth = stack.pop()
-        if depth > limit:
-            return False
-        if isinstance(current, dict):
-            stack.extend((v, depth + 1) for v in current.values())
-        elif isinstance(current, list):
-            stack.extend((v, depth + 1) for v in current)
-    return True
 
 
 def event_name(event: Event) -> str | None:
