@@ -598,3 +598,30 @@ def test_the_store_settings_are_checked_and_local_is_the_default() -> None:
     ):
         with pytest.raises(ConfigError, match=key):
             from_mapping(table | {"store": bad})
+
+
+async def test_tail_with_own_gives_this_writers_entries_too(store_at: Opener) -> None:
+    async with store_at() as first:
+        a, _ = first.open("ledger")
+        assert await a.try_append([{"n": 1}])
+        assert (await a.tail(own=True)).records == []  # it has seen its won append
+        a.append({"n": 2})
+        await a.flush()  # a plain append does not move what the log has seen
+        assert (await a.tail(own=True)).records == [{"n": 2}]
+
+
+async def test_compare_and_compact_only_over_what_was_seen(store_at: Opener) -> None:
+    async with store_at() as first, store_at() as second:
+        a, _ = first.open("ledger")
+        b, _ = second.open("ledger")
+        b.append({"n": 1})
+        await b.flush()
+        assert not await a.try_compact([{"state": 0}])  # a has not seen b's record
+        assert (await a.tail()).records == [{"n": 1}]
+        assert await a.try_compact([{"state": 1}])
+        b.append({"n": 2})
+        await b.flush()  # b's count survived: only its new record is added
+        tail = await b.tail()
+        assert tail.reset and tail.records == [{"state": 1}, {"n": 2}]
+        assert await b.try_append([{"n": 3}])
+    assert await replayed(store_at, "ledger") == [{"state": 1}, {"n": 2}, {"n": 3}]

@@ -122,6 +122,26 @@ end
 return {1, last}
 """
 
+# KEYS: stream, meta.  ARGV: writer, gen seen, last id seen, records...
+# Compaction by one of several writers: only if nobody appended since (as _TRY_APPEND),
+# and every writer's count is kept, so a flush retried after it adds nothing twice.
+# Returns {1, gen, last id}, or {0, gen, last id} when the log moved on.
+_TRY_COMPACT = """
+local gen = redis.call('HGET', KEYS[2], 'gen') or '0'
+local top = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+local last = '0-0'
+if #top > 0 then last = top[1][1] end
+if gen ~= ARGV[2] or last ~= ARGV[3] then return {0, gen, last} end
+redis.call('DEL', KEYS[1])
+gen = tostring(tonumber(gen) + 1)
+redis.call('HSET', KEYS[2], 'gen', gen)
+last = '0-0'
+for i = 4, #ARGV do
+  last = redis.call('XADD', KEYS[1], '*', 'r', ARGV[i], 'w', ARGV[1])
+end
+return {1, gen, last}
+"""
+
 # KEYS: stream, meta[, fence].  ARGV: writer, records covered, fence value, records...
 # Returns {gen, last id}.
 _COMPACT = (
@@ -195,7 +215,12 @@ class RedisStore:
     async def script(self, name: str, keys: list[str], args: Sequence[object]) -> Any:
         script = self._scripts.get(name)
         if script is None:
-            source = {"append": _APPEND, "try_append": _TRY_APPEND, "compact": _COMPACT}[name]
+            source = {
+                "append": _APPEND,
+                "try_append": _TRY_APPEND,
+                "compact": _COMPACT,
+                "try_compact": _TRY_COMPACT,
+            }[name]
             script = self._scripts[name] = self.client.register_script(source)
         return await self.run(lambda: script(keys=keys, args=list(args)), name)
 
@@ -535,10 +560,12 @@ class RedisLog:
 
     # -- several instances ---------------------------------------------------------------------
 
-    async def tail(self) -> Tail:
+    async def tail(self, *, own: bool = False) -> Tail:
         """Records OTHER writers appended since this log last read (or wrote with
         :meth:`try_append`), in order; the whole content, ``reset``, after another
-        writer's compaction.
+        writer's compaction.  With ``own``, this writer's entries too (a log written
+        only with :meth:`try_append` has applied none it has not seen: after an
+        unanswered one, its records may be there).
 
         Error handling: ``StorageUnavailable`` when Redis does not answer; ``StateError``
         for an entry that is not a record.
@@ -550,7 +577,7 @@ class RedisLog:
             return Tail([record for _, record in loaded.entries], reset=True)
         self._seen = loaded.last_id
         self._size += loaded.size
-        return Tail([record for writer, record in loaded.entries if writer != self.writer])
+        return Tail([r for w, r in loaded.entries if own or w != self.writer])
 
     async def follow(self, every: float = RETRY_EVERY) -> AsyncIterator[Tail]:
         """:meth:`tail` every ``every`` seconds, forever, yielding what is new.
@@ -591,6 +618,23 @@ class RedisLog:
             return False
         self._seen = _text(answer[1])
         self._size += sum(len(line) for line in lines)
+        return True
+
+    async def try_compact(self, records: Iterable[Mapping[str, Json]]) -> bool:
+        """Replace the stream with ``records`` only if nobody appended or compacted since
+        this log last read (the records are a state of exactly what it has seen); True
+        if replaced.  Every writer's count is kept (see ``_TRY_COMPACT``).
+
+        Error handling: ``StorageUnavailable`` when Redis does not answer in time (the
+        log may or may not be replaced: the next :meth:`tail` says, by ``reset``).
+        """
+        lines = [encode(r) for r in records]
+        args = [self.writer, self._gen, self._seen, *lines]
+        answer = await self.store.script("try_compact", [self._key, self._meta], args)
+        if int(answer[0]) != 1:
+            return False
+        self._gen, self._seen = _text(answer[1]), _text(answer[2])
+        self._size = self._compacted_size = sum(len(line) for line in lines)
         return True
 
     # -- failure -------------------------------------------------------------------------------
