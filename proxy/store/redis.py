@@ -579,6 +579,17 @@ class RedisLog:
         self._size += loaded.size
         return Tail([r for w, r in loaded.entries if own or w != self.writer])
 
+    async def reread(self) -> Tail:
+        """The log's whole content, ``reset``, from now on the position this log has seen
+        (a reader that found its replica inconsistent starts again from the truth).
+
+        Error handling: as :meth:`tail`.
+        """
+        loaded = await self.store.read(self.name)
+        self._gen, self._seen = loaded.gen, loaded.last_id
+        self._size = loaded.size
+        return Tail([record for _, record in loaded.entries], reset=True)
+
     async def follow(self, every: float = RETRY_EVERY) -> AsyncIterator[Tail]:
         """:meth:`tail` every ``every`` seconds, forever, yielding what is new.
 
