@@ -100,6 +100,7 @@ class ProxySettings:
     # Request logs (proxy.request_log): "auto" is JSON lines unless stderr is a terminal.
     log_format: str = "auto"  # "auto" | "json" | "text"
     trusted_proxies: tuple[str, ...] = ()  # peers whose X-Forwarded-For is believed (CIDRs)
+    workers: int = 1  # gateway processes on one listening socket (proxy.workers); >1: Redis
 
     @property
     def calls_per_customer(self) -> int:
@@ -301,6 +302,8 @@ def from_mapping(data: Mapping[str, Any]) -> Config:
     _unique([h for c in customers for h in c.hosts], "customers", "hosts")
     if not backends:
         raise ConfigError("backends: at least one [[backends]] entry is required")
+    if proxy.workers > 1 and store.kind != "redis":  # the local journal is one process's
+        raise ConfigError('proxy.workers > 1 needs [store] kind = "redis"')
     return Config(
         proxy=proxy,
         backends=backends,
@@ -342,6 +345,7 @@ def _proxy(t: Mapping[str, Any]) -> ProxySettings:
         allow_private_callbacks=_get(t, "proxy", "allow_private_callbacks", _bool, False),
         log_format=_get(t, "proxy", "log_format", _log_format, d.log_format),
         trusted_proxies=_get(t, "proxy", "trusted_proxies", _cidrs, ()),
+        workers=_get(t, "proxy", "workers", _positive, d.workers),
     )
 
 
