@@ -292,6 +292,32 @@ class RedisStore:
             if len(entries) < READ_CHUNK:
                 return _Loaded(records, gen, last, size)
 
+    # -- members: which writers still run (proxy.store.shared) ------------------------------
+
+    async def beat(self, member: str, ttl: float) -> None:
+        """Say ``member`` runs, for ``ttl`` seconds (``<prefix>alive:<member>``).
+
+        Error handling: ``StorageUnavailable`` when Redis does not answer.
+        """
+        key, ms = self.key("alive", member), max(1, int(ttl * 1000))
+        await self.run(lambda: self.client.set(key, b"1", px=ms), f"SET {key}")
+
+    async def alive(self, member: str) -> bool:
+        """Whether ``member``'s last :meth:`beat` has not run out.
+
+        Error handling: ``StorageUnavailable`` when Redis does not answer.
+        """
+        key = self.key("alive", member)
+        return bool(await self.run(lambda: self.client.exists([key]), f"EXISTS {key}"))
+
+    async def leave(self, member: str) -> None:
+        """``member`` stops (its work may be taken over at once).
+
+        Error handling: ``StorageUnavailable`` when Redis does not answer.
+        """
+        key = self.key("alive", member)
+        await self.run(lambda: self.client.delete([key]), f"DEL {key}")
+
     def opener(self, state_dir: Path, name: str, timeout: float) -> tuple[RedisLog, list[Record]]:
         """:func:`proxy.store.open_store_log`'s way of opening on Redis (``state_dir``
         unused: the log lives in Redis)."""
@@ -520,6 +546,16 @@ class RedisLog:
     def compaction_due(self) -> bool:
         return self._size > max(2 * self._compacted_size, COMPACT_MIN_BYTES)
 
+    @property
+    def over_bound(self) -> bool:
+        """The last flush failed at ``max_bytes``: only a compaction lets the log grow."""
+        return self._over_bound
+
+    @property
+    def unflushed(self) -> int:
+        """Records appended and not yet known to be in Redis."""
+        return self._appended - self._durable
+
     # -- what LocalLog's owners call ---------------------------------------------------------
 
     async def recover(self) -> bool:
@@ -647,6 +683,27 @@ class RedisLog:
         self._gen, self._seen = _text(answer[1]), _text(answer[2])
         self._size = self._compacted_size = sum(len(line) for line in lines)
         return True
+
+    async def reread_with_queued(self) -> list[Record]:
+        """The whole content, then this writer's records not yet in it: what a replica
+        rebuilds from after another writer's compaction (:class:`proxy.store.shared.Replica`).
+
+        Read under the flush lock, so no flush of this writer is half-way: its records
+        are either in the content or still queued (a flush whose answer was lost may
+        have landed, and its records come twice then: owners' models take that).
+
+        Error handling: ``StorageUnavailable`` when Redis does not answer in time.
+        """
+        try:
+            with trio.fail_after(self.timeout * 10):
+                async with self._lock:
+                    loaded = await self.store.read(self.name, max_bytes=self.max_bytes)
+                    queued = [orjson.loads(line) for line in self._pending]
+        except trio.TooSlowError:
+            raise StorageUnavailable() from StateError(f"redis {self._key}: read not done in time")
+        self._gen, self._seen = loaded.gen, loaded.last_id
+        self._size = self._compacted_size = loaded.size
+        return [record for _, record in loaded.entries] + queued
 
     # -- failure -------------------------------------------------------------------------------
 
