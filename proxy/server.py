@@ -31,6 +31,7 @@ from proxy.ledger.service import Ledger
 
 if TYPE_CHECKING:
     from proxy.store.redis import RedisStore
+    from proxy.workers import Seat
 from proxy.runtime_service import open_runtime
 from proxy.webhooks.delivery import open_webhooks
 from proxy.webhooks.registry import open_hooks
@@ -95,6 +96,7 @@ async def serve_gateway(
     handle_signals: bool = False,
     monitor: bool = True,
     transport_factory: Callable[[str], Transport | None] = lambda _id: None,
+    worker: Seat | None = None,
     task_status: trio.TaskStatus[tuple[Gateway, list[str]]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the gateway until cancelled (or, with ``handle_signals``, until SIGTERM/SIGINT).
@@ -102,15 +104,17 @@ async def serve_gateway(
     Without a ``ledger`` the durable one under ``config.proxy.state_dir`` is used;
     a final snapshot is written when the gateway stops.  The customers and backends
     changed at run time are read from the ``runtime`` log there (:mod:`proxy.runtime`).
+    ``worker``: this process is one of ``[proxy] workers`` (:mod:`proxy.workers`): it
+    serves the socket its parent listens on, and stops as on SIGTERM when the parent dies.
 
     Error handling: ``StateError`` when the saved state is corrupt or unreadable.
     """
     async with contextlib.AsyncExitStack() as stack:
         redis = await _open_store(stack, config)  # [store] kind = "redis": the logs on Redis
         if ledger is None and redis is not None:
-            from proxy.ledger.redis_journal import open_redis_ledger
+            from proxy.ledger.shared import open_shared_ledger
 
-            ledger = await stack.enter_async_context(open_redis_ledger(redis))
+            ledger = await stack.enter_async_context(open_shared_ledger(redis))
         elif ledger is None:
             durable = open_durable_ledger(
                 config.proxy.state_dir, write_timeout=config.proxy.journal_timeout
@@ -123,14 +127,15 @@ async def serve_gateway(
         gw.runtime = runtime
         gw.stores["runtime"] = runtime.log
         runtime.start(gw)
-        await _run(gw, bind or config.proxy.bind, handle_signals, monitor, task_status)
+        bind = worker.bind if worker is not None else bind or config.proxy.bind
+        await _run(gw, bind, handle_signals, monitor, worker, task_status)
 
 
 async def _open_store(stack: contextlib.AsyncExitStack, config: Config) -> RedisStore | None:
     """With ``[store] kind = "redis"``, connect to Redis, read its logs, and make every
     store the gateway opens in this task (hooks, webhook-queue, runtime, recording-ready,
     portal) open there until ``stack`` closes; the store (the ledger opens on it too,
-    one instance per key prefix: docs/decisions.md, "Store on Redis").  None for
+    shared by every instance on the key prefix: :mod:`proxy.ledger.shared`).  None for
     ``kind = "local"``.
 
     Error handling: ``StateError`` when Redis cannot be reached or a log cannot be
@@ -156,6 +161,7 @@ async def _run(
     bind: str,
     handle_signals: bool,
     monitor: bool,
+    worker: Seat | None,
     task_status: trio.TaskStatus[tuple[Gateway, list[str]]],
 ) -> None:
     proxy = gw.config.proxy
@@ -167,11 +173,17 @@ async def _run(
     async with trio.open_nursery() as background:
         if handle_signals:
             background.start_soon(_stop_on_signal, stop)
+        if worker is not None:
+            background.start_soon(_stop_when_parent_gone, worker, stop)
         if monitor:
             background.start_soon(monitor_backends, gw)
         async with trio.open_nursery() as serving:
             binds = await serving.start(_serve_app, gw, hyper)
-            log.info("gateway listening on %s", ", ".join(binds))
+            if worker is not None:
+                log.info("worker %d of %d listening on %s", worker.index, worker.count, binds[0])
+                worker.ready()
+            else:
+                log.info("gateway listening on %s", ", ".join(binds))
             task_status.started((gw, binds))
             await stop.wait()
             # Finish what is in flight (bounded), then close every connection, idle
@@ -191,8 +203,10 @@ async def _serve_app(
     quart = create_app(gw)
     quart.config["BODY_TIMEOUT"] = gw.config.proxy.timeouts.client_read  # the whole body
     trusted = request_log.networks(gw.config.proxy.trusted_proxies)
-    fast = fast_api(gw, quart.extensions["bbb_proxy_metrics"], quart)  # the API's GETs
+    metrics = quart.extensions["bbb_proxy_metrics"]
+    fast = fast_api(gw, metrics, quart)  # the API's GETs
     app = counted(gw, request_log.logged(closing_unread(fast), trusted))
+    gw.spawn("metrics", metrics.mirror_forever)  # workers: this one's counts (proxy.metrics)
     await serve(app, hyper, shutdown_trigger=trio.sleep_forever, task_status=task_status)
 
 
@@ -244,6 +258,13 @@ def closing_unread(app: Any) -> Any:
         return None
 
     return asgi
+
+
+async def _stop_when_parent_gone(worker: Seat, stop: trio.Event) -> None:
+    await worker.parent_gone()
+    if not stop.is_set():
+        log.warning("worker %d: the parent process is gone, stopping", worker.index)
+        stop.set()
 
 
 async def _stop_on_signal(stop: trio.Event) -> None:

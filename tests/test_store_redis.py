@@ -28,6 +28,7 @@ from lxml import etree
 from proxy.config import Config, StoreSettings, from_mapping
 from proxy.errors import ConfigError, StateError, StorageUnavailable
 from proxy.ledger import redis_journal
+from proxy.ledger.shared import SharedLedger
 from proxy.server import serve_gateway
 from proxy.simulator import Simulator, serve_simulator
 from proxy.store import Log, Record
@@ -45,7 +46,6 @@ RECORDS: list[Record] = [
     {"op": "destroy", "id": "h1", "nested": {"a": [1, {"b": None}], "t": True}},
 ]
 
-TEST_LEASE = 1.0
 
 type Opener = Callable[..., AbstractAsyncContextManager[RedisStore]]
 
@@ -388,12 +388,6 @@ def redis_config(sim_urls: list[str], state_dir: Path, redis: RedisServer) -> Co
     return dataclasses.replace(config, store=StoreSettings(kind="redis", url=redis.url))
 
 
-@pytest.fixture(autouse=True)
-def short_lease(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A stopped (cancelled) gateway's ledger lease lasts a second, not ten."""
-    monkeypatch.setattr(redis_journal, "LEASE", TEST_LEASE)
-
-
 @asynccontextmanager
 async def gateway_on_redis(
     sim_urls: list[str], state_dir: Path, redis: RedisServer
@@ -408,7 +402,6 @@ async def gateway_on_redis(
         async with httpx.AsyncClient(timeout=10) as http:
             yield Stack(gateway, binds[0], [], sim_urls, http, config)
         nursery.cancel_scope.cancel()
-    await trio.sleep(TEST_LEASE)  # cancelled: its lease is left to expire
 
 
 async def test_a_gateway_on_redis_keeps_its_hooks_there_and_has_them_after_a_restart(
@@ -460,17 +453,19 @@ async def test_meetings_acknowledged_before_redis_is_killed_are_there_after_it_r
     assert set(acknowledged) - {"room-0"} <= held  # (and room-late, adopted from bbb-1)
 
 
-async def test_a_second_gateway_on_the_same_redis_does_not_start(
+async def test_a_second_gateway_on_the_same_redis_shares_the_ledger(
     nursery: trio.Nursery, tmp_path: Path, redis_server: RedisServer
 ) -> None:
     sims = [Simulator(BACKEND_SECRET, server_name="bbb-1.test", expire_unjoined_minutes=None)]
     sim_urls = [await nursery.start(serve_simulator, sim) for sim in sims]
-    async with gateway_on_redis(sim_urls, tmp_path / "a", redis_server):
-        config = redis_config(sim_urls, tmp_path / "b", redis_server)
-        with pytest.raises(StateError, match="another gateway holds the ledger"):
-            await serve_gateway(config, monitor=False)
-    async with gateway_on_redis(sim_urls, tmp_path / "b", redis_server):
-        pass  # the first one stopped: its lease is over
+    async with (
+        gateway_on_redis(sim_urls, tmp_path / "a", redis_server) as a,
+        gateway_on_redis(sim_urls, tmp_path / "b", redis_server) as b,
+    ):
+        assert text(await a.create("room-1"), "returncode") == "SUCCESS"
+        info = await b.call("getMeetingInfo", [("meetingID", "room-1")])  # at once
+        assert text(info, "returncode") == "SUCCESS", etree.tostring(info)
+        assert b.gateway.ledger.get(("acme", "room-1")) == a.gateway.ledger.get(("acme", "room-1"))
 
 
 async def test_a_gateway_whose_redis_dies_answers_bbb_errors_and_recovers_by_itself(
@@ -516,9 +511,9 @@ async def test_the_ledger_compacted_on_redis_replays_the_same_meetings(
     async with gateway_on_redis(sim_urls, tmp_path / "a", redis_server) as stack:
         for n in range(3):
             await stack.create(f"room-{n}", maxParticipants="1")
-        journal = stack.gateway.ledger.journal
-        assert isinstance(journal, redis_journal.RedisJournal)
-        await journal.log.compact(journal.snapshot_records(stack.gateway.ledger.state))
+        ledger = stack.gateway.ledger
+        assert isinstance(ledger, SharedLedger)
+        assert await ledger.log.try_compact(ledger.snapshot_records())
         await stack.call("end", [("meetingID", "room-1")])
         await stack.create("room-3", maxParticipants="1")
         before = {r.key: r for r in stack.gateway.ledger.state}
@@ -530,28 +525,6 @@ async def test_the_ledger_compacted_on_redis_replays_the_same_meetings(
     assert last == 6 + len(records) - 4  # then one seq per later record
     with pytest.raises(StateError, match="record 5: ValueError: record 9 follows record 6"):
         redis_journal.replay([*records[:4], {**records[4], "seq": 9}])
-
-
-async def test_a_gateway_that_lost_the_ledgers_lease_writes_nothing_until_it_has_it_again(
-    nursery: trio.Nursery, tmp_path: Path, redis_server: RedisServer, store_at: Opener
-) -> None:
-    sims = [Simulator(BACKEND_SECRET, server_name="bbb-1.test", expire_unjoined_minutes=None)]
-    sim_urls = [await nursery.start(serve_simulator, sim) for sim in sims]
-    owner = "bbb-proxy:ledger:owner"
-    async with gateway_on_redis(sim_urls, tmp_path, redis_server) as stack, store_at() as store:
-        assert text(await stack.create("room-1", maxParticipants="1"), "returncode") == "SUCCESS"
-        await store.client.set(owner, "another-gateway")  # took over after an expiry
-        refused = await stack.create("room-2", maxParticipants="1")
-        assert text(refused, "returncode") == "FAILED", etree.tostring(refused)
-        assert (await stack.http.get(f"{stack.url}/readyz")).status_code == 503
-        ledger_records = [record for _, record in (await store.read("ledger")).entries]
-        assert {r.get("meeting_id") for r in ledger_records} == {"room-1"}  # fenced out
-        await store.client.delete([owner])  # the other one is gone: the lease is free
-        with trio.fail_after(10):
-            while (await stack.http.get(f"{stack.url}/readyz")).status_code != 200:  # noqa: ASYNC110
-                await trio.sleep(0.1)
-        again = await stack.create("room-3", maxParticipants="1")
-        assert text(again, "returncode") == "SUCCESS", etree.tostring(again)
 
 
 async def test_a_compaction_in_the_middle_of_a_read_is_read_again(store_at: Opener) -> None:

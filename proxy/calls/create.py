@@ -64,7 +64,7 @@ async def create(gw: Gateway, req: ApiRequest) -> Answer:
     rule = tag_rule(req)
     backend_tags = {b.id: frozenset(b.tags) for b in gw.backends()}
     while True:
-        decision = gw.ledger.admit(
+        decision = await gw.ledger.decide(
             request,
             req.customer.max_connections,
             gw.backend_specs(),

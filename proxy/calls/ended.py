@@ -44,6 +44,9 @@ async def meeting_ended(gw: Gateway, raw_query: str) -> bool:
 
 async def _release(gw: Gateway, notice: callbacks.EndNotice) -> None:
     held = gw.ledger.state.by_backend_meeting(notice.backend_id, notice.backend_meeting_id)
+    if held is None and gw.ledger.shared:  # created on another instance a moment ago?
+        await gw.ledger.refresh()
+        held = gw.ledger.state.by_backend_meeting(notice.backend_id, notice.backend_meeting_id)
     if held is None:
         return  # not in the ledger: nothing to change
     if not callbacks.releases(notice, held.created_at):

@@ -33,8 +33,10 @@ _XML_BODY = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=F
 XML_TYPES = ("application/xml", "text/xml")
 
 
-def pinned(gw: Gateway, req: ApiRequest) -> Reservation | None:
-    return gw.ledger.get((req.customer.id, req.meeting_id()))
+async def pinned(gw: Gateway, req: ApiRequest) -> Reservation | None:
+    """The request's meeting, as the ledger holds it (after catching up with other
+    instances when it is not found: read-your-writes)."""
+    return await gw.ledger.lookup((req.customer.id, req.meeting_id()))
 
 
 def backend_params(req: ApiRequest, reservation: Reservation) -> list[tuple[str, str]]:
@@ -82,7 +84,7 @@ def restored(reply: Reply, reservation: Reservation) -> Answer:
 
 
 async def end(gw: Gateway, req: ApiRequest) -> Answer:
-    reservation = pinned(gw, req)
+    reservation = await pinned(gw, req)
     if reservation is None:
         raise NotFound()
     gw.ledger.check_writable()  # a failed journal: serverUnavailable, the meeting goes on
@@ -94,7 +96,7 @@ async def end(gw: Gateway, req: ApiRequest) -> Answer:
 
 
 async def get_meeting_info(gw: Gateway, req: ApiRequest) -> Answer:
-    reservation = pinned(gw, req)
+    reservation = await pinned(gw, req)
     if reservation is None:
         raise NotFound()
     reply = await forward(gw, req, reservation)
@@ -103,21 +105,21 @@ async def get_meeting_info(gw: Gateway, req: ApiRequest) -> Answer:
 
 
 async def is_meeting_running(gw: Gateway, req: ApiRequest) -> Answer:
-    reservation = pinned(gw, req)
+    reservation = await pinned(gw, req)
     if reservation is None:
         return Answer.xml(envelope.success([("running", False)]))
     return restored(await forward(gw, req, reservation), reservation)
 
 
 async def send_chat_message(gw: Gateway, req: ApiRequest) -> Answer:
-    reservation = pinned(gw, req)
+    reservation = await pinned(gw, req)
     if reservation is None:
         raise NotFound()
     return restored(await forward(gw, req, reservation), reservation)
 
 
 async def insert_document(gw: Gateway, req: ApiRequest) -> Answer:
-    reservation = pinned(gw, req)
+    reservation = await pinned(gw, req)
     if req.body is None or (req.content_type or "").split(";")[0].strip() not in XML_TYPES:
         raise ValidationError(
             "POST request Content-Type is missing or unsupported",
@@ -149,7 +151,7 @@ async def join(gw: Gateway, req: ApiRequest) -> Answer:
     meeting is looked up), ``NotFound``, ``BackendUnavailable`` (DOWN backend, plain
     join) and the backend's own join errors; :func:`join_error` renders them.
     """
-    reservation = pinned(gw, req)
+    reservation = await pinned(gw, req)
     full_name = req.first("fullName")
     if full_name is None or not full_name.strip():
         raise ValidationError(

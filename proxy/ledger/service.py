@@ -79,7 +79,15 @@ class NullJournal:
 
 
 class Ledger:
-    """Reservations held by this gateway process."""
+    """Reservations held by this gateway process.
+
+    The shared ledger (:class:`proxy.ledger.shared.SharedLedger`, several instances on one
+    Redis) has the same methods; what callers use to be right on both: :meth:`decide`
+    (not :meth:`admit`), :meth:`lookup` for read-your-writes, and :meth:`release`'s
+    answer (what THIS call released) for side effects that must happen once.
+    """
+
+    shared = False  # decisions are committed against other instances' (SharedLedger)
 
     def __init__(
         self,
@@ -137,6 +145,30 @@ class Ledger:
             self._record(Reserve(decision.reservation))
             self._settled[decision.reservation.key] = trio.Event()
         return decision
+
+    async def decide(
+        self,
+        request: CreateRequest,
+        limit: int,
+        backends: Sequence[BackendSpec],
+        choose: Chooser,
+        *,
+        bridge_length: int | None = None,
+    ) -> Decision:
+        """:meth:`admit`, as create calls it on either ledger (the shared one commits it
+        against the other instances' before answering).
+
+        Error handling: as :meth:`admit`.
+        """
+        return self.admit(request, limit, backends, choose, bridge_length=bridge_length)
+
+    async def refresh(self) -> None:
+        """Catch up with what other instances committed (nothing to do in one process)."""
+
+    async def lookup(self, key: MeetingKey) -> Reservation | None:
+        """:meth:`get`; the shared ledger catches up before calling a meeting unknown, so
+        one another instance has just created is seen (read-your-writes)."""
+        return self.state.get(key)
 
     def settling(self, key: MeetingKey) -> bool:
         """Whether a create of ``key`` is in flight in this process."""
