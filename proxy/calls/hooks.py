@@ -44,6 +44,7 @@ async def create(gw: Gateway, req: ApiRequest) -> Answer:
 
 async def list_hooks(gw: Gateway, req: ApiRequest) -> Answer:
     meeting_id = (req.first("meetingID") or "").strip() or None
+    await gw.hooks.refresh()  # hooks other gateway instances made (on Redis), as of now
     return Answer.xml(hooks.listed(gw.hooks.listed(req.customer.id, meeting_id)))
 
 
