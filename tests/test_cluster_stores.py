@@ -8,18 +8,28 @@ compare-and-compact, claims, members; then each store on it.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractAsyncContextManager
+from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import trio
+from lxml import etree
 
-from proxy.config import StoreSettings
+from proxy.config import Config, StoreSettings
+from proxy.ledger.service import Ledger
+from proxy.server import serve_gateway
+from proxy.simulator import Simulator, serve_simulator
 from proxy.store import Json, Record, shared
 from proxy.store.redis import RedisStore, open_redis_store
 from proxy.store.shared import Replica
+from tests.harness import BACKEND_SECRET, Stack, config_for, free_port, text
 from tests.redis_server import RedisServer, redis_server
+from tests.test_hooks_api import create_hook, hooks_call
 
 __all__ = ["redis_server"]  # the fixture, used by name below
 
@@ -275,3 +285,98 @@ async def test_on_the_local_store_a_replica_is_the_log() -> None:
     assert await replica.claim({"add": "y"}, lambda: True)
     await replica.compact()
     assert log.durable == [{"add": "x"}, {"add": "y"}] and log.compactions == 1
+
+
+# -- gateways: each with its own in-memory ledger, every other store on one Redis ------------------
+
+
+def cluster_config(
+    sim_urls: list[str], state_dir: Path, redis: RedisServer, **sections: Any
+) -> Config:
+    port = free_port()
+    own = {
+        "state_dir": str(state_dir),
+        "bind": f"127.0.0.1:{port}",
+        "public_url": f"http://127.0.0.1:{port}",
+        "allow_private_callbacks": True,
+    }
+    proxy = own | sections.pop("proxy", {})
+    config = config_for(sim_urls, proxy=proxy, **sections)
+    return dataclasses.replace(config, store=StoreSettings(kind="redis", url=redis.url))
+
+
+async def gateways(
+    nursery: trio.Nursery,
+    tmp_path: Path,
+    redis: RedisServer,
+    count: int = 2,
+    **sections: Any,
+) -> list[Stack]:
+    """``count`` gateways on ``redis`` (each its own state_dir and in-memory ledger: the
+    ledger is not what these tests are about), over the same two simulated backends."""
+    sims = [
+        Simulator(BACKEND_SECRET, server_name=f"bbb-{i + 1}.test", expire_unjoined_minutes=None)
+        for i in range(2)
+    ]
+    sim_urls = [await nursery.start(serve_simulator, sim) for sim in sims]
+    stacks = []
+    for n in range(count):
+        config = cluster_config(sim_urls, tmp_path / f"gw-{n}", redis, **sections)
+        start = functools.partial(serve_gateway, config, ledger=Ledger(), monitor=False)
+        gateway, binds = await nursery.start(start)
+        http = httpx.AsyncClient(timeout=10)
+        await nursery.start(_closed_at_end, http)
+        stacks.append(Stack(gateway, binds[0], sims, sim_urls, http, config))
+    return stacks
+
+
+async def _closed_at_end(
+    http: httpx.AsyncClient, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    task_status.started()
+    try:
+        await trio.sleep_forever()
+    finally:
+        with trio.CancelScope(shield=True):
+            await http.aclose()
+
+
+@pytest.fixture(autouse=True)
+def quick_follow(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Replicas follow every 50 ms, members beat every 50 ms and are gone after 0.5 s."""
+    monkeypatch.setattr(shared, "FOLLOW_EVERY", 0.05)
+    monkeypatch.setattr(shared, "HEARTBEAT_EVERY", 0.05)
+    monkeypatch.setattr(shared, "HEARTBEAT_TTL", 0.5)
+
+
+def hook_ids(root: etree._Element) -> list[str]:
+    return [str(h.findtext("hookID")) for h in root.iter("hook")]
+
+
+async def test_a_hook_created_on_one_instance_is_listed_and_destroyed_on_another(
+    nursery: trio.Nursery, tmp_path: Path, redis_server: RedisServer
+) -> None:
+    a, b = await gateways(nursery, tmp_path, redis_server)
+    created = await create_hook(a, "room-1")
+    assert text(created, "returncode") == "SUCCESS", etree.tostring(created)
+    hook_id = text(created, "hookID")
+    # read-your-writes: at once, not after the follow interval
+    assert hook_ids(await hooks_call(b, "list", [])) == [hook_id]
+    again = await create_hook(b, "room-1")  # the same URL and meeting: bbb-webhooks' duplicate
+    assert text(again, "hookID") == hook_id
+    destroyed = await hooks_call(b, "destroy", [("hookID", hook_id)])
+    assert text(destroyed, "returncode") == "SUCCESS", etree.tostring(destroyed)
+    assert hook_ids(await hooks_call(a, "list", [])) == []
+    assert a.gateway.hooks.get(hook_id) is None
+
+
+async def test_a_hook_made_on_one_instance_reaches_the_others_within_the_follow_interval(
+    nursery: trio.Nursery, tmp_path: Path, redis_server: RedisServer
+) -> None:
+    a, b, c = await gateways(nursery, tmp_path, redis_server, count=3)
+    hook_id = text(await create_hook(a, "room-2"), "hookID")
+    await until(lambda: b.gateway.hooks.get(hook_id) is not None)
+    await until(lambda: c.gateway.hooks.get(hook_id) is not None)
+    assert [h.id for h in c.gateway.hooks.matching("acme", "room-2", "meeting-ended")] == [hook_id]
+    await c.gateway.hooks.meeting_ended("acme", "room-2", at=1.0)  # long ago: expired
+    await until(lambda: a.gateway.hooks.get(hook_id) is None)

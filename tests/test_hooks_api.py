@@ -28,6 +28,7 @@ from proxy.gateway import Gateway
 from proxy.server import serve_gateway
 from proxy.simulator import Simulator, serve_simulator
 from proxy.store import MemoryLog
+from proxy.store.shared import Replica
 from tests.harness import (
     BACKEND_SECRET,
     SECRETS,
@@ -388,7 +389,8 @@ async def _create(
 async def test_the_hooks_store_is_part_of_readiness(stack: Stack) -> None:
     response = await stack.http.get(f"{stack.url}/readyz")
     assert response.json()["stores"]["hooks"] == "ok"
-    assert stack.gateway.stores["hooks"] is stack.gateway.hooks.log
+    replica = stack.gateway.hooks.log
+    assert isinstance(replica, Replica) and stack.gateway.stores["hooks"] is replica.log
 
 
 async def test_a_disabled_customer_and_a_disabled_call(make_stack: StackFactory) -> None:

@@ -84,13 +84,13 @@ class Replica:
         clear: Callable[[], object],
         records: Callable[[], Iterable[Mapping[str, Json]]],
         changed: Callable[[], object] | None = None,
-        every: float = FOLLOW_EVERY,
+        every: float | None = None,
         members: bool = False,
         compact_when_due: bool = True,
     ) -> None:
         self.log = log
         self.name = name
-        self.every = every
+        self.every = FOLLOW_EVERY if every is None else every  # seconds between two reads
         self.members = members
         self.compact_when_due = compact_when_due  # False: the owner compacts by itself
         self._apply, self._clear, self._records = apply, clear, records

@@ -227,7 +227,7 @@ class Webhooks:
         failing_since: float | None = None
         failures = 0
         while (pending := self.queues.head(hook_id)) is not None:
-            hook = self.hooks.get(hook_id)
+            hook = await self.hooks.lookup(hook_id)  # made on another instance: caught up
             secret = None if hook is None else self._secret(hook.customer)
             if hook is None or secret is None:
                 self._forget(hook_id, "hook-gone")

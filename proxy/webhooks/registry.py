@@ -31,6 +31,14 @@ named ``hooks``: it applies a change, appends its record and flushes before
 the customer is answered.  The log's owner compacts it to :meth:`HookRegistry.records`
 (the live hooks; ``LocalLog.maintain`` does it when the file has grown).
 
+Several gateway instances on one Redis (``[store] kind = "redis"``): the log is a
+:class:`~proxy.store.shared.Replica`, so each instance follows the hooks the others
+create, destroy or mark ended (every :data:`~proxy.store.shared.FOLLOW_EVERY` seconds), and
+:meth:`HookRegistry.lookup` / :meth:`HookRegistry.refresh` catch up at once before a
+hook is "not found", before hooks/list and before a create checks duplicates and the
+limit (read-your-writes).  Two creates at once on two instances may both pass the
+limit, or both register one URL (each instance decides on its own replica).
+
 Error handling: :meth:`HookState.apply` raises ``StateError`` for a record it
 does not understand (never ``KeyError``).  :meth:`HookRegistry.create` and
 :meth:`HookRegistry.destroy` raise ``StorageUnavailable`` when the change cannot
@@ -53,6 +61,7 @@ from typing import TYPE_CHECKING
 from proxy.config import WebhookSettings
 from proxy.errors import StateError, StorageUnavailable, ValidationError
 from proxy.store import Json, Log, Record, open_store_log
+from proxy.store.shared import Replica
 
 if TYPE_CHECKING:
     from proxy.gateway import Gateway
@@ -291,6 +300,36 @@ class HookRegistry:
         hook = self.state.hooks.get(hook_id)
         return None if hook is None or hook.expired(self.clock(), self.grace) else hook
 
+    async def lookup(self, hook_id: str) -> Hook | None:
+        """:meth:`get`; when not found, :meth:`refresh` first (read-your-writes: a hook
+        another instance just created).  Never raises for storage."""
+        hook = self.get(hook_id)
+        if hook is None and await self.refresh():
+            hook = self.get(hook_id)
+        return hook
+
+    async def refresh(self) -> bool:
+        """Catch up with the hooks other gateway instances changed (``[store] kind =
+        "redis"``; :class:`~proxy.store.shared.Replica`); True if something may have been
+        read.  Never raises for storage: with Redis unreachable the hooks known here are
+        answered."""
+        refresh = getattr(self.log, "refresh", None)
+        if refresh is None or not getattr(self.log, "shared", False):
+            return False
+        try:
+            await refresh()
+        except StorageUnavailable:
+            return False
+        return True
+
+    def apply_other(self, record: Mapping[str, Json]) -> None:
+        """Another instance's record (the replica's ``apply``)."""
+        self.state.apply(record)
+
+    def clear(self) -> None:
+        """Forget every hook (the replica rebuilds after another instance's compaction)."""
+        self.state = HookState()
+
     async def drop(self, hook_id: str) -> Hook | None:
         """Remove a hook whose receiver keeps failing; never raises for storage."""
         hook = self.state.hooks.get(hook_id)
@@ -322,6 +361,7 @@ class HookRegistry:
         ``StorageUnavailable`` when the log cannot write (nothing is registered if
         it had failed already).
         """
+        await self.refresh()  # a duplicate or the limit, as another instance left them
         self._purge(force=True)
         old = self.state.duplicate(customer, meeting_id, callback_url)
         if old is not None:
@@ -351,7 +391,7 @@ class HookRegistry:
 
         Error handling: ``StorageUnavailable`` when the log cannot write.
         """
-        hook = self.get(hook_id)
+        hook = await self.lookup(hook_id)
         if hook is None or hook.customer != customer:
             return False
         self._check_writable()
@@ -431,7 +471,11 @@ def open_hooks(gw: Gateway) -> HookRegistry:
     store, records = open_store_log(proxy.state_dir, "hooks", timeout=proxy.journal_timeout)
     registry = HookRegistry.configured(store, gw.config.webhooks)
     registry.replay(records)
+    replica = Replica(
+        store, "hooks", apply=registry.apply_other, clear=registry.clear, records=registry.records
+    )
+    registry.log = replica  # on Redis: the other instances' hooks followed (proxy.store.shared)
     gw.hooks = registry
     gw.stores["hooks"] = store  # /readyz is 503 while it cannot write
-    gw.spawn("hooks-store", store.maintain, registry.records)
+    gw.spawn("hooks-store", replica.maintain)
     return registry
