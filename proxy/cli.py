@@ -22,6 +22,7 @@ from proxy.config import Config, load
 from proxy.errors import ConfigError, StateError
 from proxy.logs import FORMATS, setup_logging
 from proxy.server import check_listen, serve_gateway
+from proxy.workers import Seat, StartFailed, serve_workers
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -30,7 +31,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     Error handling: 2 for a usage or configuration error (a ``bind`` that cannot be
     listened on: busy, unresolvable), 3 for a ledger state that cannot be loaded or a
     ``state_dir`` that cannot be written, each with one line on stderr and no traceback,
-    also when the error comes out of a task group; 130 on Ctrl-C.  The admin
+    also when the error comes out of a task group; 130 on Ctrl-C.  With ``[proxy]
+    workers > 1``, a worker that cannot start: its exit code (it said why).  The admin
     subcommands: 1 when the API refused, 2 when the gateway cannot be reached.
     """
     try:
@@ -57,8 +59,7 @@ def _run(args: argparse.Namespace) -> None:
         config = load(path)
         if args.log_format is None:  # the flag wins over [proxy] log_format
             setup_logging(args.log_level, config.proxy.log_format)
-        check_listen(config.proxy.bind)
-        trio.run(lambda: serve_gateway(config, handle_signals=True))
+        _serve(args, path, config)
     elif args.command == "demo":
         check_listen(f"127.0.0.1:{args.port}")
         trio.run(lambda: demo.run_demo(args.port, args.backends))
@@ -70,11 +71,27 @@ def _run(args: argparse.Namespace) -> None:
         admin_cli.run(args)
 
 
+def _serve(args: argparse.Namespace, path: str, config: Config) -> None:
+    """One gateway process; or, with ``[proxy] workers > 1``, their parent; or one of
+    them (started by the parent, :mod:`proxy.workers`)."""
+    seat = Seat.from_environ()
+    if seat is not None:
+        trio.run(lambda: serve_gateway(config, handle_signals=True, worker=seat))
+    elif config.proxy.workers > 1:
+        options = ["--log-level", args.log_level]
+        options += ["--log-format", args.log_format] if args.log_format else []
+        trio.run(lambda: serve_workers(config, path, options))
+    else:
+        check_listen(config.proxy.bind)
+        trio.run(lambda: serve_gateway(config, handle_signals=True))
+
+
 def _summary(path: str, config: Config) -> str:
     admin = "on" if config.proxy.admin_token else "off (no admin_token)"
+    workers = f", {config.proxy.workers} workers" if config.proxy.workers > 1 else ""
     return (
         f"{path}: ok: {len(config.backends)} backends, {len(config.customers)} customers, "
-        f"listening on {config.proxy.bind}, admin API {admin}"
+        f"listening on {config.proxy.bind}{workers}, admin API {admin}"
     )
 
 
@@ -101,6 +118,9 @@ def _exit_code(exc: BaseException) -> int:
             _say(f"configuration error: {exc}")
         case StateError():
             _say(f"ledger state in state_dir: {exc}")
+        case StartFailed():
+            _say(str(exc))
+            return exc.code
         case KeyboardInterrupt():
             pass
         case _:
@@ -113,6 +133,7 @@ def _exit_code(exc: BaseException) -> int:
 _EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
     (ConfigError, 2),
     (StateError, 3),
+    (StartFailed, 1),  # its own code: see _exit_code
     (KeyboardInterrupt, 130),
 )
 

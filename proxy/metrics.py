@@ -3,18 +3,38 @@
 Counters and histograms are updated on the request path (a dict lookup and an
 add).  Everything else (the ledger, backend health and modes, limits, the
 journal) is read from the components' ``statistics()`` or state when
-Prometheus scrapes, so the request path pays nothing for it.  One process
-only for now: several hypercorn workers would need prometheus-client's
-multiprocess mode.
+Prometheus scrapes, so the request path pays nothing for it.
+
+Several workers (``[proxy] workers``, :mod:`proxy.workers`): any worker may answer a
+scrape, so the answer must be the machine's, not one worker's.  With
+``PROMETHEUS_MULTIPROC_DIR`` set (the parent sets it) prometheus-client's multiprocess
+mode is on, and each family is shown as follows:
+
+- the request path's counters and histograms: the sum over every worker, those dead
+  included (their values are in the directory's files, written as they change; a worker
+  started again starts a new file), so the sums never go down;
+- the counters read from components (:class:`_ProcessCounts`: tallies, task failures,
+  failover events, customer URLs, the journal's counts): each worker copies its own
+  into the same files (:class:`_Mirror`) every ``MIRROR_INTERVAL`` and when it answers a
+  scrape, so a sum may lag another worker's newest events by that much;
+- gauges of one process's own doing: ``bbb_proxy_webhook_in_flight`` the sum over live
+  workers, ``bbb_proxy_store_failed`` the most over live workers (1 if any has failed);
+- gauges of shared state (the ledger, whose replica every worker holds; customers,
+  backends, their health; the webhook queues): the answering worker's reading, once,
+  not N times it.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any, cast
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+import trio
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from proxy.bbb.customer_urls import OUTCOMES as CUSTOMER_URL_OUTCOMES
@@ -151,43 +171,55 @@ TALLIES = {
 }  # fmt: skip
 # Recording-ready notices: the HTTP status the gateway answered -> the ``answer`` label.
 READY_ANSWERS = {200: "accepted", 401: "bad_jwt", 403: "unsigned_url", 503: "not_durable"}
+MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"  # set by proxy.workers for its children
+MIRROR_INTERVAL = 1.0  # seconds between copies of a worker's component counts
+# Gauges of one process's doing, and how several workers' are combined (prometheus-client's
+# multiprocess_mode); any other gauge is shared state, shown as the answering worker reads it.
+PROCESS_GAUGES = {"bbb_proxy_webhook_in_flight": "livesum", "bbb_proxy_store_failed": "livemax"}
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
 class Metrics:
-    def __init__(self, gw: Gateway) -> None:
+    """The gateway's metrics; ``multiprocess_dir``: prometheus-client's multiprocess
+    directory (default ``$PROMETHEUS_MULTIPROC_DIR``; unset: this process alone)."""
+
+    def __init__(self, gw: Gateway, multiprocess_dir: str | None = None) -> None:
+        multiprocess_dir = multiprocess_dir or os.environ.get(MULTIPROCESS_ENV)
         self.registry = CollectorRegistry()
+        # Multiprocess mode: the values live in the directory's files, which one collector
+        # reads for every worker; registered here, a metric would show this worker's only.
+        own = None if multiprocess_dir else self.registry
         self.requests = Counter(
             "bbb_proxy_requests",
             "API requests answered, by call and result (success or the messageKey)",
             ["call", "result"],
-            registry=self.registry,
+            registry=own,
         )
         self.latency = Histogram(
             "bbb_proxy_request_seconds",
             "Time to answer an API request, by call",
             ["call"],
             buckets=BUCKETS,
-            registry=self.registry,
+            registry=own,
         )
         self.backend_requests = Counter(
             "bbb_proxy_backend_requests",
             "Calls to BBB servers, by backend, call and outcome",
             ["backend", "call", "outcome"],
-            registry=self.registry,
+            registry=own,
         )
         self.backend_latency = Histogram(
             "bbb_proxy_backend_request_seconds",
             "Time a BBB server took to answer, by backend",
             ["backend"],
             buckets=BUCKETS,
-            registry=self.registry,
+            registry=own,
         )
         self.refusals = Counter(
             "bbb_proxy_refusals",
             "Requests refused for the platform's reasons, by call and reason",
             ["call", "reason"],
-            registry=self.registry,
+            registry=own,
         )
         for call in REFUSAL_CALLS:
             for reason in REFUSALS.values():
@@ -195,8 +227,14 @@ class Metrics:
         self._gw = gw
         self._children: dict[tuple[str, str], tuple[Counter, Histogram]] = {}  # see observe()
         self._backend_children: dict[tuple[str, str, str], tuple[Counter, Histogram]] = {}
-        self._state = _StateCollector(gw)
+        self._state = _SharedState(gw)
         self.registry.register(self._state)
+        counts = _ProcessCounts(gw)
+        self._mirror = _Mirror(counts) if multiprocess_dir else None
+        if multiprocess_dir:
+            MultiProcessCollector(self.registry, path=multiprocess_dir)  # type: ignore[no-untyped-call]
+        else:
+            self.registry.register(counts)
 
     def recording_ready_notice(self, status: int) -> None:
         """Count one recording-ready notice by the HTTP status it was answered."""
@@ -234,7 +272,18 @@ class Metrics:
         children[1].observe(seconds)
 
     def exposition(self) -> bytes:
+        if self._mirror is not None:
+            self._mirror.update()  # this worker's own counts as of now
         return generate_latest(self.registry)
+
+    async def mirror_forever(self) -> None:
+        """Multiprocess mode: copy this worker's component counts into the shared files
+        every ``MIRROR_INTERVAL`` (returns at once otherwise)."""
+        if self._mirror is None:
+            return
+        while True:
+            await trio.sleep(MIRROR_INTERVAL)
+            self._mirror.update()
 
 
 def _gauge(
@@ -246,38 +295,20 @@ def _gauge(
     return family
 
 
-class _StateCollector(Collector):
+class _SharedState(Collector):
+    """Gauges of state every worker reads alike (the ledger replica, customers, backends)."""
+
     def __init__(self, gw: Gateway) -> None:
         self._gw = gw
         self.gauges: list[tuple[str, str, Callable[[], float]]] = []
 
-    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily]:
         stats = self._gw.ledger.statistics()  # one walk of the ledger per scrape
         yield from self._ledger(stats)
         yield from self._backends(stats)
-        yield from self._journal()
-        yield from self._background()
-        yield from self._tallies()
-        yield _gauge(
-            "bbb_proxy_store_failed",
-            "1 while a durable store cannot write (the ledger journal is 'ledger')",
-            ["store"],
-            {(name,): float(failed) for name, failed in _failed_stores(self._gw).items()},
-        )
         for name, doc, read in self.gauges:
             yield GaugeMetricFamily(name, doc, read())
         yield from _webhook_queues(self._gw)
-
-    def _tallies(self) -> Iterator[CounterMetricFamily]:
-        counted: dict[str, dict[str, int]] = {}
-        for (family, label), n in self._gw.tallies.items():
-            counted.setdefault(family, {})[label] = n
-        for family, tally in TALLIES.items():
-            metric = CounterMetricFamily(tally.name, tally.doc, labels=[tally.label])
-            counts = dict.fromkeys(tally.labels, 0) | counted.get(family, {})
-            for label, n in sorted(counts.items()):
-                metric.add_metric([label], n)
-            yield metric
 
     def _ledger(self, stats: LedgerStatistics) -> Iterator[GaugeMetricFamily]:
         yield GaugeMetricFamily("bbb_proxy_meetings", "Meetings held in the ledger", stats.meetings)
@@ -332,6 +363,40 @@ class _StateCollector(Collector):
             {(b.id,): gw.health[b.id].latency or 0.0 for b in backends},
         )
 
+
+class _ProcessCounts(Collector):
+    """What this process counted (and its own gauges, :data:`PROCESS_GAUGES`)."""
+
+    def __init__(self, gw: Gateway) -> None:
+        self._gw = gw
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        yield from self._journal()
+        yield from self._background()
+        yield from self._tallies()
+        yield _gauge(
+            "bbb_proxy_store_failed",
+            "1 while a durable store cannot write (the ledger journal is 'ledger')",
+            ["store"],
+            {(name,): float(failed) for name, failed in _failed_stores(self._gw).items()},
+        )
+        yield GaugeMetricFamily(
+            "bbb_proxy_webhook_in_flight",
+            "Webhook POSTs in flight now",
+            self._gw.webhooks.statistics().in_flight,
+        )
+
+    def _tallies(self) -> Iterator[CounterMetricFamily]:
+        counted: dict[str, dict[str, int]] = {}
+        for (family, label), n in self._gw.tallies.items():
+            counted.setdefault(family, {})[label] = n
+        for family, tally in TALLIES.items():
+            metric = CounterMetricFamily(tally.name, tally.doc, labels=[tally.label])
+            counts = dict.fromkeys(tally.labels, 0) | counted.get(family, {})
+            for label, n in sorted(counts.items()):
+                metric.add_metric([label], n)
+            yield metric
+
     def _journal(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
         statistics = getattr(self._gw.ledger.journal, "statistics", None)
         if statistics is None:
@@ -382,10 +447,48 @@ def _webhook_queues(gw: Gateway) -> Iterator[GaugeMetricFamily]:
         ("queue_events", "Webhook events queued for delivery, all hooks", stats.queue_events),
         ("queue_hooks", "Hooks with webhook events queued", stats.queue_hooks),
         ("queue_deepest", "Events queued for the hook with the most", stats.deepest),
-        ("in_flight", "Webhook POSTs in flight now", stats.in_flight),
     ):
         yield GaugeMetricFamily(f"bbb_proxy_webhook_{name}", doc, value)
 
 
 def _failed_stores(gw: Gateway) -> dict[str, bool]:
     return {"ledger": gw.ledger.journal.failed} | {n: s.failed for n, s in gw.stores.items()}
+
+
+class _Mirror:
+    """Copies a collector's families into multiprocess-mode metrics of the same names:
+    counters by their increase since the last copy, gauges (:data:`PROCESS_GAUGES`) set."""
+
+    def __init__(self, source: Collector) -> None:
+        self._source = source
+        self._counters: dict[str, Counter] = {}
+        self._gauges: dict[str, Gauge] = {}
+        self._copied: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+
+    def update(self) -> None:
+        for family in self._source.collect():
+            for sample in family.samples:
+                if family.type == "counter" and sample.name.endswith("_total"):
+                    self._count(family.name, family.documentation, sample.labels, sample.value)
+                elif family.type == "gauge":
+                    self._set(family.name, family.documentation, sample.labels, sample.value)
+
+    def _count(self, name: str, doc: str, labels: dict[str, str], value: float) -> None:
+        counter = self._counters.get(name)
+        if counter is None:
+            counter = Counter(name, doc, sorted(labels), registry=None)
+            self._counters[name] = counter
+        child = counter.labels(**labels) if labels else counter  # shown from 0
+        key = (name, tuple(sorted(labels.items())))
+        copied = self._copied.get(key, 0.0)
+        if value > copied:
+            child.inc(value - copied)
+            self._copied[key] = value
+
+    def _set(self, name: str, doc: str, labels: dict[str, str], value: float) -> None:
+        gauge = self._gauges.get(name)
+        if gauge is None:
+            mode = cast(Any, PROCESS_GAUGES[name])  # one of prometheus-client's modes
+            gauge = Gauge(name, doc, sorted(labels), registry=None, multiprocess_mode=mode)
+            self._gauges[name] = gauge
+        (gauge.labels(**labels) if labels else gauge).set(value)
