@@ -369,3 +369,19 @@ async def test_random_interleavings_keep_replicas_equal_to_the_log(
         for ledger in ledgers:
             await ledger.refresh()
             assert same_state(ledger.state, truth)
+
+
+async def test_a_log_that_lost_records_is_reread_not_raced_forever(
+    instances: Instances, redis_server: RedisServer
+) -> None:
+    async with instances(1) as (a,):
+        for n in range(3):
+            assert isinstance(await decide(a, request(f"m{n}", size=1)), Admit)
+        settings = StoreSettings(kind="redis", url=redis_server.url)
+        async with open_redis_store(settings, timeout=2) as store:
+            key = store.key("log", "ledger")
+            newest = await store.client.xrevrange(key, count=2)
+            await store.client.xdel(key, [e.identifier for e in newest])  # lost the last two
+        assert isinstance(await decide(a, request("after", size=1)), Admit)
+        assert a.reloads == 1
+        assert same_state(a.state, await on_redis(redis_server))

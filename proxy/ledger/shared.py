@@ -350,7 +350,9 @@ class SharedLedger(Ledger):
                         self.state.apply(record)
                     return value
                 self.races += 1
-                await self._catch_up()
+                if not await self._catch_up():  # lost, yet nothing new: Redis lost data
+                    log.error("ledger: the log on Redis is behind this replica: rereading")
+                    await self._reload(await self.log.reread())
                 caught_up = True
         raise StorageUnavailable() from StateError(f"ledger: {MAX_RACES} races lost in a row")
 
