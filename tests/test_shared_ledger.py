@@ -385,3 +385,18 @@ async def test_a_log_that_lost_records_is_reread_not_raced_forever(
         assert isinstance(await decide(a, request("after", size=1)), Admit)
         assert a.reloads == 1
         assert same_state(a.state, await on_redis(redis_server))
+
+
+async def test_a_release_redis_did_not_take_still_ends_the_wait_for_the_create(
+    instances: Instances, redis_server: RedisServer
+) -> None:
+    async with instances(1) as (a,):
+        a.log.store.timeout = 0.5
+        assert isinstance(await decide(a, request("room")), Admit)  # its create in flight
+        assert a.settling(("acme", "room"))
+        redis_server.kill()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(a.release, ("acme", "room"), "failed")  # the create failed
+            with trio.fail_after(5):
+                await a.wait_settled(("acme", "room"))  # a duplicate create goes on
+        assert ("acme", "room") not in a._settled

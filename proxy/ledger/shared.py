@@ -216,9 +216,10 @@ class SharedLedger(Ledger):
             return current, [Release(key, reason)]
 
         released = None
-        with contextlib.suppress(StorageUnavailable):
-            released = await self._commit(build)
-        if released is not None or self.state.get(key) is None:
+        try:
+            with contextlib.suppress(StorageUnavailable):
+                released = await self._commit(build)
+        finally:  # this process's create of it is over, committed or not
             self._settle(key)
         return released
 
