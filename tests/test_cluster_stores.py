@@ -12,22 +12,28 @@ import dataclasses
 import functools
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl
 
 import httpx
+import orjson
 import pytest
 import trio
 from lxml import etree
 
 from proxy.config import Config, StoreSettings
+from proxy.gateway import Gateway
 from proxy.ledger.service import Ledger
 from proxy.server import serve_gateway
 from proxy.simulator import Simulator, serve_simulator
 from proxy.store import Json, Record, shared
 from proxy.store.redis import RedisStore, open_redis_store
 from proxy.store.shared import Replica
-from tests.harness import BACKEND_SECRET, Stack, config_for, free_port, text
+from proxy.webhooks import delivery
+from proxy.webhooks.queue import QueueState
+from tests.harness import BACKEND_SECRET, Stack, config_for, free_port, serve_endpoint, text
 from tests.redis_server import RedisServer, redis_server
 from tests.test_hooks_api import create_hook, hooks_call
 
@@ -305,13 +311,34 @@ def cluster_config(
     return dataclasses.replace(config, store=StoreSettings(kind="redis", url=redis.url))
 
 
+@dataclass
+class Instance(Stack):
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+
+    def cancel(self) -> None:
+        """Stop this instance (cancelled: no clean shutdown of what is in flight)."""
+        self.scope.cancel()
+
+
+async def _serve_one(
+    config: Config,
+    *,
+    task_status: trio.TaskStatus[tuple[Gateway, list[str], trio.CancelScope]],
+) -> None:
+    with trio.CancelScope() as scope:
+        async with trio.open_nursery() as inner:
+            start = functools.partial(serve_gateway, config, ledger=Ledger(), monitor=False)
+            gateway, binds = await inner.start(start)
+            task_status.started((gateway, binds, scope))
+
+
 async def gateways(
     nursery: trio.Nursery,
     tmp_path: Path,
     redis: RedisServer,
     count: int = 2,
     **sections: Any,
-) -> list[Stack]:
+) -> list[Instance]:
     """``count`` gateways on ``redis`` (each its own state_dir and in-memory ledger: the
     ledger is not what these tests are about), over the same two simulated backends."""
     sims = [
@@ -322,11 +349,10 @@ async def gateways(
     stacks = []
     for n in range(count):
         config = cluster_config(sim_urls, tmp_path / f"gw-{n}", redis, **sections)
-        start = functools.partial(serve_gateway, config, ledger=Ledger(), monitor=False)
-        gateway, binds = await nursery.start(start)
+        gateway, binds, scope = await nursery.start(_serve_one, config)
         http = httpx.AsyncClient(timeout=10)
         await nursery.start(_closed_at_end, http)
-        stacks.append(Stack(gateway, binds[0], sims, sim_urls, http, config))
+        stacks.append(Instance(gateway, binds[0], sims, sim_urls, http, config, scope=scope))
     return stacks
 
 
@@ -380,3 +406,130 @@ async def test_a_hook_made_on_one_instance_reaches_the_others_within_the_follow_
     assert [h.id for h in c.gateway.hooks.matching("acme", "room-2", "meeting-ended")] == [hook_id]
     await c.gateway.hooks.meeting_ended("acme", "room-2", at=1.0)  # long ago: expired
     await until(lambda: a.gateway.hooks.get(hook_id) is None)
+
+
+# -- webhook delivery: each event once, across instances -----------------------------------------
+
+
+@dataclass
+class CountingReceiver:
+    """Answers 503 while ``down``, else 200; counts the events it took (by their ``n``)."""
+
+    down: bool = False
+    took: list[int] = field(default_factory=list)
+    refused: int = 0
+
+    async def respond(self, scope: dict[str, Any], body: bytes) -> int:
+        if self.down:
+            self.refused += 1
+            return 503
+        form = dict(parse_qsl(body.decode(), keep_blank_values=True))
+        for event in orjson.loads(form["event"]):
+            self.took.append(int(event["data"]["attributes"]["n"]))
+        return 200
+
+
+def events(numbers: range, meeting_id: str = "room-1") -> list[dict[str, Json]]:
+    meeting = {"internal-meeting-id": "abc-1", "external-meeting-id": meeting_id}
+    return [
+        {
+            "data": {
+                "type": "event",
+                "id": "poll-started",
+                "attributes": {"meeting": meeting, "n": n},
+            }
+        }
+        for n in numbers
+    ]
+
+
+def queued(stack: Stack) -> int:
+    return stack.gateway.webhooks.queues.statistics().events
+
+
+def delivered(stack: Stack) -> int:
+    return stack.gateway.tallies.get(("webhook_events", "delivered"), 0)
+
+
+async def hook_on_all(stacks: list[Stack], url: str) -> str:
+    hook_id = text(await create_hook(stacks[0], "room-1", url), "hookID")
+    for stack in stacks:
+        assert await stack.gateway.hooks.lookup(hook_id) is not None
+    return hook_id
+
+
+@pytest.fixture(autouse=True)
+def quick_claims(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(delivery, "CLAIM_EVERY", 0.05)
+
+
+async def test_events_accepted_by_two_instances_are_each_delivered_once(
+    nursery: trio.Nursery, tmp_path: Path, redis_server: RedisServer
+) -> None:
+    a, b = await gateways(nursery, tmp_path, redis_server)
+    receiver = CountingReceiver()
+    url = await serve_endpoint(nursery, receiver.respond)
+    hook_id = await hook_on_all([a, b], f"{url}/hook")
+
+    async def post(stack: Stack, numbers: range) -> None:
+        for n in numbers:  # one event a call, as a backend's webhooks would post them
+            await stack.gateway.webhooks.accept("acme", "room-1", events(range(n, n + 1)))
+
+    async with trio.open_nursery() as posting:
+        posting.start_soon(post, a, range(0, 30))
+        posting.start_soon(post, b, range(100, 130))
+    await until(lambda: len(receiver.took) >= 60 and queued(a) == queued(b) == 0)
+    assert sorted(receiver.took) == [*range(0, 30), *range(100, 130)]  # each once
+    assert delivered(a) + delivered(b) == 60
+    owners = {a.gateway.webhooks.queues.owners.get(hook_id)}
+    assert owners == {b.gateway.webhooks.queues.owners.get(hook_id)}  # one owner, agreed
+    [owner] = [s for s in (a, b) if s.gateway.webhooks.owns(hook_id)]
+    assert delivered(owner) == 60  # ... and only it POSTed
+
+
+@pytest.mark.parametrize("clean", [True, False], ids=["stopped", "killed"])
+async def test_events_queued_on_an_instance_that_stops_are_delivered_once_by_another(
+    nursery: trio.Nursery,
+    tmp_path: Path,
+    redis_server: RedisServer,
+    monkeypatch: pytest.MonkeyPatch,
+    clean: bool,
+) -> None:
+    if not clean:  # as a kill -9: the heartbeat is not removed, it runs out (0.5 s here)
+
+        async def stays(self: RedisStore, member: str) -> None:
+            return None
+
+        monkeypatch.setattr(RedisStore, "leave", stays)
+    a, b, c = await gateways(nursery, tmp_path, redis_server, count=3)
+    receiver = CountingReceiver(down=True)
+    url = await serve_endpoint(nursery, receiver.respond)
+    hook_id = await hook_on_all([a, b, c], f"{url}/hook")
+    await a.gateway.webhooks.accept("acme", "room-1", events(range(0, 10)))
+    await until(lambda: a.gateway.webhooks.owns(hook_id) and receiver.refused >= 1)
+    await b.gateway.webhooks.accept("acme", "room-1", events(range(10, 20)))
+    await until(lambda: a.gateway.webhooks.queues.depth(hook_id) == 20)
+    a.cancel()  # a stops with 20 events queued for the hook it delivers
+    receiver.down = False
+    await until(lambda: len(receiver.took) >= 20 and queued(b) == queued(c) == 0)
+    assert sorted(receiver.took) == list(range(20))  # each once, in spite of two candidates
+    assert delivered(b) + delivered(c) == 20
+    assert b.gateway.webhooks.queues.owners[hook_id] == c.gateway.webhooks.queues.owners[hook_id]
+
+
+def test_the_queue_knows_events_by_instance_and_number_and_keeps_owners_in_compaction() -> None:
+    queues = QueueState()
+    a = queues.event_record("h", {"n": 1}, 5, "node-a")
+    b = {**a, "event": {"n": 2}, "node": "node-b"}  # the same seq from another instance
+    for record in (queues.owner_record("h", "node-a"), a, b, a):  # a read twice: queued once
+        queues.apply(record)
+    assert [p.event for p in queues.queues["h"]] == [{"n": 1}, {"n": 2}]
+    queues.apply({"type": "done", "hook": "h", "seq": a["seq"], "node": "node-b"})
+    assert [p.event for p in queues.queues["h"]] == [{"n": 1}]
+    again = QueueState()
+    for record in queues.records():
+        again.apply(record)
+    assert again.owners == {"h": "node-a"} and again.head("h") == queues.head("h")
+    again.apply({"type": "dropped", "hook": "h"})
+    assert again.owners == {} and again.hooks() == []
+    assert "node" not in QueueState().event_record("h", {}, 1)  # the local store's records

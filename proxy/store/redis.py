@@ -62,6 +62,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import anyio
 import coredis
 import orjson
 import trio
@@ -204,8 +205,9 @@ class RedisStore:
             raise StorageUnavailable() from StateError(
                 f"redis: {what} not answered within {self.timeout} s"
             )
-        except (RedisError, OSError) as e:
-            raise StorageUnavailable() from StateError(f"redis: {what}: {e}")
+        except (RedisError, OSError, anyio.ClosedResourceError, anyio.BrokenResourceError) as e:
+            # (anyio's: a connection a cancelled command left closed, coredis 6.9)
+            raise StorageUnavailable() from StateError(f"redis: {what}: {e or type(e).__name__}")
         except BaseExceptionGroup as group:  # coredis' task groups
             leaf = _redis_failure(group)
             if leaf is None:

@@ -30,6 +30,21 @@ after a delivery may send that event again after the restart; and an ``accept`` 
 flush failed may be repeated by the backend.  An accepted event is never lost while its
 hook lives.
 
+Several gateway instances on one Redis (``[store] kind = "redis"``): the queue's log is a
+:class:`~proxy.store.shared.Replica` that every instance follows, so each holds every
+instance's queued events; each hook's queue is delivered by ONE instance, its *owner*
+(an ``owner`` record, :mod:`proxy.webhooks.queue`), so an event is POSTed once and the
+order and the one-POST-per-hook bound hold across instances.  The first instance that
+queues an event for a hook with no owner claims it (:meth:`~proxy.store.shared.Replica.claim`:
+a compare-and-append after catching up, so of two racing instances one wins); events
+queued on other instances reach the owner within the follow interval.  An owner that stops
+(its member heartbeat runs out: :data:`~proxy.store.shared.HEARTBEAT_TTL`, at once on a
+clean stop) loses its hooks: every :data:`CLAIM_EVERY` seconds each instance claims the
+queued hooks whose owner is not alive, and one wins.  A ``done`` not yet flushed when an
+owner dies makes that event come again from the new owner (at least once, as above).  An
+instance that sees another's ``owner`` record for a hook it delivers stops after the POST
+in flight (it was cut off longer than the heartbeat).
+
 Error handling: :meth:`Webhooks.accept` raises only ``StorageUnavailable``; nothing a
 backend or a receiver does makes delivery raise (a failed attempt is a retry, a bug in
 one attempt is logged and counted as a failed attempt).
@@ -51,6 +66,8 @@ from proxy.config import Config, Network, WebhookSettings
 from proxy.errors import StorageUnavailable
 from proxy.logs import shown
 from proxy.store import Json, Log, open_store_log
+from proxy.store import shared as shared_store
+from proxy.store.shared import Replica
 from proxy.webhooks.callback import form_body, outcome, retry_delay, signed_url
 from proxy.webhooks.privacy import scrubbed
 from proxy.webhooks.queue import Pending, QueueState
@@ -64,6 +81,8 @@ log = logging.getLogger(__name__)
 SECONDS = 1.0
 FLUSH_EVERY = 0.2 * SECONDS  # delivered events' records reach the disk this soon
 COMPACT_AFTER = 4096  # records appended beyond twice what is queued before compacting
+CLAIM_EVERY = 1.0 * SECONDS  # several instances: a look for hooks whose owner is gone
+QUEUE_FOLLOW_EVERY = 0.2 * SECONDS  # at most: events queued on another instance reach the owner
 DROP_REASONS = ("overflow", "hook-dropped", "hook-gone", "invalid")
 QUEUE_LOG = "webhook-queue"
 # Gateway.tally families (proxy.metrics.TALLIES): the counters of WebhookStatistics.
@@ -127,6 +146,39 @@ class Webhooks:
         self._nursery: trio.Nursery | None = None
         self._dirty = trio.Event()
         self._since_compaction = 0
+        self._claiming: set[str] = set()
+
+    @property
+    def node(self) -> str:
+        """This instance's name in the queue's records ("" on the local store)."""
+        return self.log.node if isinstance(self.log, Replica) else ""
+
+    @property
+    def shared(self) -> bool:
+        return isinstance(self.log, Replica) and self.log.shared
+
+    def owns(self, hook_id: str) -> bool:
+        """Whether this instance delivers ``hook_id``'s queue (always, on the local store)."""
+        return not self.shared or self.queues.owners.get(hook_id) == self.node
+
+    def apply_other(self, record: Mapping[str, Json]) -> None:
+        """Another instance's record (the replica's ``apply``)."""
+        self.queues.apply(record)
+        self._since_compaction += 1
+
+    def clear(self) -> None:
+        """Forget every queue (the replica rebuilds after another instance's compaction)."""
+        self.queues = QueueState(self.settings.queue_per_hook)
+        self._since_compaction = 0  # another instance compacted
+
+    def others_changed(self) -> None:
+        """After the other instances' records: deliver what this instance owns, claim what
+        has no owner."""
+        for hook_id in self.queues.hooks():
+            if self.owns(hook_id):
+                self._start_worker(hook_id)
+            elif hook_id not in self.queues.owners:
+                self._claim_soon(hook_id, None)
 
     @property
     def hooks(self) -> HookRegistry:
@@ -162,10 +214,13 @@ class Webhooks:
         if touched:
             await self.log.flush()
         for hook_id in touched:
-            self._start_worker(hook_id)
+            if self.owns(hook_id):
+                self._start_worker(hook_id)
+            elif hook_id not in self.queues.owners:
+                self._claim_soon(hook_id, None)
 
     def _enqueue(self, hook: Hook, event: Mapping[str, Json], timestamp: int) -> None:
-        record = self.queues.event_record(hook.id, event, timestamp)
+        record = self.queues.event_record(hook.id, event, timestamp, self.node)
         try:
             self._append(record)
         except ValueError:  # over the log's record bound (intake bounds a POST at 1 MiB)
@@ -196,11 +251,58 @@ class Webhooks:
             self._nursery = nursery
             try:
                 nursery.start_soon(self._flush_forever)
+                if self.shared:
+                    nursery.start_soon(self._claim_forever)
                 for hook_id in self.queues.hooks():
-                    self._start_worker(hook_id)
+                    if self.owns(hook_id):
+                        self._start_worker(hook_id)
                 await trio.sleep_forever()
             finally:
                 self._nursery = None
+
+    # -- owners (several instances) ---------------------------------------------------------------
+
+    def _claim_soon(self, hook_id: str, gone: str | None) -> None:
+        """Try to become ``hook_id``'s owner in the background (its owner now: ``gone``)."""
+        if self._nursery is not None and hook_id not in self._claiming:
+            self._claiming.add(hook_id)
+            self._nursery.start_soon(self._claim, hook_id, gone)
+
+    async def _claim(self, hook_id: str, gone: str | None) -> None:
+        replica = self.log
+        assert isinstance(replica, Replica)
+        record = self.queues.owner_record(hook_id, self.node)
+        try:
+            won = await replica.claim(
+                record,
+                lambda: self.queues.depth(hook_id) > 0 and self.queues.owners.get(hook_id) == gone,
+            )
+        except StorageUnavailable:
+            return  # claimed again at the next look
+        finally:
+            self._claiming.discard(hook_id)
+        if won:
+            log.info("webhooks: this instance delivers hook %s now (was %s)", hook_id, gone)
+            self._start_worker(hook_id)
+
+    async def _claim_forever(self) -> None:
+        """Every :data:`CLAIM_EVERY`: claim the queued hooks whose owner is gone."""
+        replica = self.log
+        assert isinstance(replica, Replica)
+        while True:
+            await trio.sleep(CLAIM_EVERY)
+            alive: dict[str, bool] = {}
+            for hook_id in self.queues.hooks():
+                owner = self.queues.owners.get(hook_id)
+                if owner == self.node:
+                    continue
+                if owner is not None and owner not in alive:
+                    try:
+                        alive[owner] = await replica.alive(owner)
+                    except StorageUnavailable:
+                        break  # Redis away: nobody can claim; look again later
+                if owner is None or not alive[owner]:
+                    self._claim_soon(hook_id, owner)
 
     def _start_worker(self, hook_id: str) -> None:
         if self._nursery is not None and hook_id not in self._workers:
@@ -227,6 +329,8 @@ class Webhooks:
         failing_since: float | None = None
         failures = 0
         while (pending := self.queues.head(hook_id)) is not None:
+            if not self.owns(hook_id):
+                return  # another instance took it over
             hook = await self.hooks.lookup(hook_id)  # made on another instance: caught up
             secret = None if hook is None else self._secret(hook.customer)
             if hook is None or secret is None:
@@ -339,7 +443,9 @@ class Webhooks:
     # -- statistics -------------------------------------------------------------------------------
 
     def statistics(self) -> WebhookStatistics:
-        tallies, queues = self._gw.tallies, self.queues.statistics()
+        tallies = self._gw.tallies
+        owned = [h for h in self.queues.hooks() if self.owns(h)] if self.shared else None
+        queues = self.queues.statistics(owned)  # several instances: what this one delivers
 
         def count(family: str, label: str) -> int:
             return tallies.get((family, label), 0)
@@ -387,11 +493,21 @@ def open_webhooks(gw: Gateway) -> Webhooks:
     store, records = open_store_log(proxy.state_dir, QUEUE_LOG, timeout=proxy.journal_timeout)
     webhooks = Webhooks(gw, store)
     webhooks.replay(records)
+    webhooks.log = Replica(
+        store,
+        QUEUE_LOG,
+        apply=webhooks.apply_other,
+        clear=webhooks.clear,
+        records=lambda: webhooks.queues.records(),
+        changed=webhooks.others_changed,
+        every=min(shared_store.FOLLOW_EVERY, QUEUE_FOLLOW_EVERY),
+        members=True,  # owners of hooks: taken over when their heartbeat runs out
+    )
     if webhooks.queues.hooks():
         stats = webhooks.queues.statistics()
         log.info("webhooks: %d events to deliver to %d hooks", stats.events, stats.hooks)
     gw.webhooks = webhooks
     gw.stores[QUEUE_LOG] = store
-    gw.spawn("webhook-queue-store", store.maintain, webhooks.queues.records)
+    gw.spawn("webhook-queue-store", webhooks.log.maintain)
     gw.spawn("webhooks", webhooks.deliver_forever)
     return webhooks

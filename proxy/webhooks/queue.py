@@ -7,16 +7,24 @@ model changes only through :meth:`QueueState.apply` with a record, so the log
 replays to the same queues after a restart or a ``kill -9``.  Records (JSON
 objects, ``"type"`` first, as the other logs under ``proxy/store``)::
 
-    {"type": "event", "hook", "seq", "ts", "event": {...}}   queued at the tail
-    {"type": "done", "hook", "seq"}                          taken off (delivered)
+    {"type": "event", "hook", "seq", "ts", "event": {...}[, "node"]}  queued at the tail
+    {"type": "done", "hook", "seq"[, "node"]}                taken off (delivered)
     {"type": "dropped", "hook"}                              the hook's whole queue is gone
+    {"type": "owner", "hook", "node"}                        who delivers it (several instances)
 
 ``seq`` numbers events across all hooks (unique among what is queued; replay
-continues after the largest).  ``ts`` is the ``timestamp`` of bbb-webhooks'
-callback form, in epoch milliseconds: fixed when the event is accepted, so it
-stays the same across retries and restarts, as bbb-webhooks keeps it across
-retries.  ``event`` is the event as the customer receives it (already scrubbed
-of personal data: nothing else is ever queued).
+continues after the largest).  Several gateway instances on one Redis (``[store] kind =
+"redis"``) queue into one log: there an event also names the ``node`` that queued it
+(the instance's writer id), and an event is known by ``(node, seq)``, so two instances'
+numbers never mix; an ``event`` seen twice (a flush whose answer was lost, read back after
+another instance's compaction) is queued once.  ``owner`` says which instance delivers a
+hook's queue (:mod:`proxy.webhooks.delivery`); compaction writes it before the queue.  On
+the local store no record has a ``node`` and there is no ``owner``.
+
+``ts`` is the ``timestamp`` of bbb-webhooks' callback form, in epoch milliseconds:
+fixed when the event is accepted, so it stays the same across retries and restarts, as
+bbb-webhooks keeps it across retries.  ``event`` is the event as the customer receives
+it (already scrubbed of personal data: nothing else is ever queued).
 
 Bound: a queue holds at most ``max_per_hook`` events; an event beyond pushes the
 oldest out (``overflow``, counted by the service).  The newest events are
@@ -36,7 +44,7 @@ does not understand (unknown type, missing or mistyped field), never
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 from proxy.errors import StateError
@@ -53,15 +61,19 @@ class Pending:
     seq: int
     timestamp: int  # epoch ms: the callback form's ``timestamp``
     event: Mapping[str, Json]
+    origin: str = ""  # the instance that queued it (several instances); "" on the local store
 
     def record(self) -> Record:
-        return {
+        record: Record = {
             "type": "event",
             "hook": self.hook,
             "seq": self.seq,
             "ts": self.timestamp,
             "event": self.event,
         }
+        if self.origin:
+            record["node"] = self.origin
+        return record
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +92,8 @@ class QueueState:
         self.max_per_hook = max_per_hook
         self.queues: dict[str, deque[Pending]] = {}
         self.next_seq = 0
+        self.owners: dict[str, str] = {}  # hook -> the instance delivering it (several)
+        self._queued: set[tuple[str, str, int]] = set()  # (hook, origin, seq) in a queue
 
     # -- the log ----------------------------------------------------------------------------------
 
@@ -92,21 +106,28 @@ class QueueState:
         handler(self, record)
 
     def records(self) -> Iterator[Record]:
-        """The queues as records, each queue in order: what compaction writes."""
-        return (pending.record() for queue in self.queues.values() for pending in queue)
+        """The queues as records, each queue in order (after its owner, if any): what
+        compaction writes."""
+        for hook, queue in list(self.queues.items()):
+            owner = self.owners.get(hook)
+            if owner is not None:
+                yield {"type": "owner", "hook": hook, "node": owner}
+            yield from (pending.record() for pending in list(queue))
 
     # -- changes: each builds its record, applies it and returns it for the log ------------------
 
     def enqueue(
-        self, hook: str, event: Mapping[str, Json], timestamp: int
+        self, hook: str, event: Mapping[str, Json], timestamp: int, origin: str = ""
     ) -> tuple[Record, Pending | None]:
         """Queue ``event`` for ``hook``; its record, and the event it pushed out (or None)."""
-        record = self.event_record(hook, event, timestamp)
+        record = self.event_record(hook, event, timestamp, origin)
         return record, self.push(record)
 
-    def event_record(self, hook: str, event: Mapping[str, Json], timestamp: int) -> Record:
+    def event_record(
+        self, hook: str, event: Mapping[str, Json], timestamp: int, origin: str = ""
+    ) -> Record:
         """The record that would queue ``event`` for ``hook`` (nothing changes yet)."""
-        return Pending(hook, self.next_seq, timestamp, event).record()
+        return Pending(hook, self.next_seq, timestamp, event, origin).record()
 
     def push(self, record: Mapping[str, Json]) -> Pending | None:
         """Apply an ``event`` record; the event it pushed out of a full queue, or None."""
@@ -117,8 +138,14 @@ class QueueState:
 
     def delivered(self, pending: Pending) -> Record:
         record: Record = {"type": "done", "hook": pending.hook, "seq": pending.seq}
+        if pending.origin:
+            record["node"] = pending.origin
         self.apply(record)
         return record
+
+    def owner_record(self, hook: str, node: str) -> Record:
+        """The record that makes ``node`` the deliverer of ``hook`` (nothing changes yet)."""
+        return {"type": "owner", "hook": hook, "node": node}
 
     def drop(self, hook: str) -> tuple[Record, int]:
         """Forget everything queued for ``hook``; the record and how many events went."""
@@ -140,8 +167,10 @@ class QueueState:
         """Hooks with something queued, in the order their queues began."""
         return list(self.queues)
 
-    def statistics(self) -> QueueStatistics:
-        depths = [len(q) for q in self.queues.values()]
+    def statistics(self, hooks: Iterable[str] | None = None) -> QueueStatistics:
+        """Of every queue, or of ``hooks``' only (an instance's own, with several)."""
+        queues = self.queues.values() if hooks is None else [self.queues[h] for h in hooks]
+        depths = [len(q) for q in queues]
         return QueueStatistics(len(depths), sum(depths), max(depths, default=0))
 
     # -- applying ---------------------------------------------------------------------------------
@@ -150,36 +179,64 @@ class QueueState:
         event = record.get("event")
         if not isinstance(event, Mapping):
             raise StateError(f"webhook-queue: event record needs an object event, not {event!r}")
-        pending = Pending(_text(record, "hook"), _int(record, "seq"), _int(record, "ts"), event)
+        pending = Pending(
+            _text(record, "hook"),
+            _int(record, "seq"),
+            _int(record, "ts"),
+            event,
+            _node(record),
+        )
+        self.next_seq = max(self.next_seq, pending.seq + 1)
+        known = (pending.hook, pending.origin, pending.seq)
+        if known in self._queued:
+            return  # seen twice: queued once
         queue = self.queues.setdefault(pending.hook, deque())
         if len(queue) >= self.max_per_hook:
-            queue.popleft()
+            self._forget(queue.popleft())
         queue.append(pending)
-        self.next_seq = max(self.next_seq, pending.seq + 1)
+        self._queued.add(known)
 
     def _done(self, record: Mapping[str, Json]) -> None:
-        hook, seq = _text(record, "hook"), _int(record, "seq")
+        hook, seq, origin = _text(record, "hook"), _int(record, "seq"), _node(record)
         queue = self.queues.get(hook)
         if queue is None:
             return
-        if queue[0].seq == seq:
-            queue.popleft()  # the usual case: delivery takes heads off
+        if queue[0].seq == seq and queue[0].origin == origin:
+            self._forget(queue.popleft())  # the usual case: delivery takes heads off
         else:
-            found = next((p for p in queue if p.seq == seq), None)
+            found = next((p for p in queue if p.seq == seq and p.origin == origin), None)
             if found is not None:
                 queue.remove(found)
+                self._forget(found)
         if not queue:
             del self.queues[hook]
 
     def _dropped(self, record: Mapping[str, Json]) -> None:
-        self.queues.pop(_text(record, "hook"), None)
+        hook = _text(record, "hook")
+        for pending in self.queues.pop(hook, ()):
+            self._forget(pending)
+        self.owners.pop(hook, None)
+
+    def _owner(self, record: Mapping[str, Json]) -> None:
+        self.owners[_text(record, "hook")] = _text(record, "node")
+
+    def _forget(self, pending: Pending) -> None:
+        self._queued.discard((pending.hook, pending.origin, pending.seq))
 
 
 _APPLY: dict[str, Callable[[QueueState, Mapping[str, Json]], None]] = {
     "event": QueueState._event,
     "done": QueueState._done,
     "dropped": QueueState._dropped,
+    "owner": QueueState._owner,
 }
+
+
+def _node(record: Mapping[str, Json]) -> str:
+    value = record.get("node", "")
+    if not isinstance(value, str):
+        raise StateError(f"webhook-queue: {record.get('type')} record's node must be a string")
+    return value
 
 
 def _text(record: Mapping[str, Json], key: str) -> str:
