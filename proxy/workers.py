@@ -1,14 +1,17 @@
-"""Several gateway processes on one listening socket (``[proxy] workers = N``).
+"""Several gateway processes on one listening address (``[proxy] workers = N``).
 
 ``bbb-proxy serve`` with ``workers > 1`` becomes a small parent, :func:`serve_workers`,
 which serves nothing itself:
 
-- it binds the listening socket once (as hypercorn's own ``workers`` does) and starts N
-  children, each ``python -m proxy.cli serve`` on a copy of the configuration file made
-  at start-up (a worker started again later runs the same configuration as the others);
-  each child inherits the socket and accepts on it, so the kernel hands each connection
-  to a worker that is waiting for one, and a worker that is started again leaves no gap:
-  the socket stays open in the parent;
+- it binds ``[proxy] bind`` once per worker, N sockets on one port with ``SO_REUSEPORT``
+  (the kernel spreads new connections evenly over them, by a hash of each connection's
+  addresses; one socket shared by all would let whichever worker wakes first take most
+  of a burst of connections), and starts N children, each ``python -m proxy.cli serve``
+  on a copy of the configuration file made at start-up (a worker started again later
+  runs the same configuration as the others).  Worker *i* inherits socket *i* and accepts
+  on it; the parent keeps every socket open, so while a worker is started again the
+  connections the kernel hands its socket wait in its queue (a few seconds), none is
+  refused;
 - every child is a whole gateway, an *instance* on the Redis store with its own replica of
   the shared ledger (``proxy.ledger.shared``); ``workers > 1`` with ``[store] kind =
   "local"`` is refused by :mod:`proxy.config`: the local journal belongs to one process;
@@ -78,7 +81,7 @@ class Seat:
 
     index: int  # 1..count
     count: int
-    listen_fd: int  # the listening socket
+    listen_fd: int  # its listening socket
     ready_fd: int  # a pipe: written once when this worker listens
     lifeline_fd: int  # a pipe the parent never writes to: it closes when the parent dies
 
@@ -114,8 +117,9 @@ class Seat:
                 pass
 
 
-def listen(bind: str) -> socket.socket:
-    """The listening socket every worker accepts on (blocking, before the event loop).
+def listen(bind: str, count: int) -> list[socket.socket]:
+    """``count`` listening sockets on ``bind``'s one port (``SO_REUSEPORT``), one per worker
+    (blocking, before the event loop; port 0: the first one's free port for all).
 
     Error handling: ``ConfigError`` naming ``proxy.bind`` (the CLI exits 2).
     """
@@ -126,17 +130,23 @@ def listen(bind: str) -> socket.socket:
         raise ConfigError(f"proxy.bind {bind!r}: {exc}") from None
     except (socket.gaierror, UnicodeError) as exc:
         raise ConfigError(f"proxy.bind {bind!r}: cannot resolve the host: {exc}") from None
-    sock = socket.socket(family, kind, proto)
+    sockets: list[socket.socket] = []
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.bind(address)
-        sock.listen(BACKLOG)
+        for _ in range(count):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.bind(address)
+            sock.listen(BACKLOG)
+            sock.setblocking(False)
+            address = sock.getsockname()  # port 0: the same free port for the next ones
     except OSError as exc:
-        sock.close()
+        for sock in sockets:
+            sock.close()
         raise ConfigError(f"proxy.bind {bind}: cannot listen: {exc.strerror}") from None
-    sock.setblocking(False)
-    return sock
+    return sockets
 
 
 async def serve_workers(
@@ -151,14 +161,15 @@ async def serve_workers(
     ``cli_options`` go before ``serve`` on each child's command line (``--log-level``...).
     ``task_status`` gets the address listened on once every worker listens.
     """
-    sock = listen(config.proxy.bind)
+    sockets = listen(config.proxy.bind, config.proxy.workers)
     run_dir = Path(tempfile.mkdtemp(prefix="bbb-proxy-workers-"))
     try:
-        with sock:
-            _prepare(config, config_file, run_dir)
-            pool = _Pool(config.proxy.workers, sock.fileno(), run_dir, cli_options)
-            await pool.run(_address(sock), task_status)
+        _prepare(config, config_file, run_dir)
+        pool = _Pool([sock.fileno() for sock in sockets], run_dir, cli_options)
+        await pool.run(_address(sockets[0]), task_status)
     finally:
+        for sock in sockets:
+            sock.close()
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
@@ -186,9 +197,9 @@ def _address(sock: socket.socket) -> str:
 class _Pool:
     """The workers: started, watched, started again, stopped."""
 
-    def __init__(self, count: int, listen_fd: int, run_dir: Path, cli: Sequence[str]) -> None:
-        self.count = count
-        self.listen_fd = listen_fd
+    def __init__(self, listen_fds: list[int], run_dir: Path, cli: Sequence[str]) -> None:
+        self.count = len(listen_fds)
+        self.listen_fds = listen_fds  # worker i's socket: listen_fds[i - 1]
         self.run_dir = run_dir
         self.cli = list(cli)
         self.stopping = False
@@ -235,12 +246,13 @@ class _Pool:
         """Start worker ``index`` and wait until it exits: its status, whether it listened."""
         ready_r, ready_w = os.pipe()
         life_r, life_w = os.pipe()
-        seat = Seat(index, self.count, self.listen_fd, ready_w, life_r)
+        listen_fd = self.listen_fds[index - 1]
+        seat = Seat(index, self.count, listen_fd, ready_w, life_r)
         try:
             process = await trio.lowlevel.open_process(
                 self._argv(),
                 env=os.environ | {SEAT_ENV: seat.encode(), METRICS_ENV: str(self._metrics_dir)},
-                pass_fds=(self.listen_fd, ready_w, life_r),
+                pass_fds=(listen_fd, ready_w, life_r),
                 start_new_session=True,  # a terminal's Ctrl-C goes to the parent only
             )
         finally:
