@@ -118,9 +118,9 @@ def haproxy_config(frontend: int, instances: list[int], check_interval: str) -> 
     replaced here (the test then says so rather than running another configuration).
     """
     text = HAPROXY_CFG.read_text()
-    servers = re.findall(r"^    server (\S+) \S+$", text, flags=re.MULTILINE)
+    servers = list(dict.fromkeys(re.findall(r"^    server (\S+) \S+$", text, flags=re.M)))
     assert len(servers) == len(instances) == 3, servers
-    for name, port in zip(servers, instances, strict=True):
+    for name, port in zip(servers, instances, strict=True):  # in each backend
         text = re.sub(
             rf"^    server {name} \S+$", f"    server {name} {HOST}:{port}", text, flags=re.M
         )

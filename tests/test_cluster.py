@@ -376,6 +376,13 @@ async def test_redis_killed_and_restarted_in_a_burst_loses_nothing_and_recovers(
                 "join", [("meetingID", "known"), ("fullName", "Ada"), ("role", "VIEWER")], 2
             )
             outage["join"] = join.status_code
+            # Through HAProxy too: with no instance ready it sends calls to the live ones.
+            await wait_for(lambda: _lb_has_none_ready(cluster))
+            lb_join = await cluster.get(
+                "join", [("meetingID", "known"), ("fullName", "Bo"), ("role", "VIEWER")], None
+            )
+            outage["lb_join"] = lb_join.status_code
+            outage["lb_create"] = answer(await cluster.create("during-lb", None))
             await cluster.start_redis()
             for via in range(3):
 
@@ -387,6 +394,8 @@ async def test_redis_killed_and_restarted_in_a_burst_loses_nothing_and_recovers(
         answers = await burst_through(cluster, redis_outage, after=30, then=40, via=lambda i: i % 3)
         assert outage["create"] == "FAILED:serverUnavailable"
         assert outage["join"] == 302  # a known meeting's join works without Redis
+        assert outage["lb_join"] == 302
+        assert outage["lb_create"] == "FAILED:serverUnavailable"  # the gateway's own answer
         codes = Counter(a for _, a in answers)
         assert set(codes) <= {"SUCCESS", "FAILED:serverUnavailable"}, codes
         acknowledged = {m for m, a in answers if a == "SUCCESS"}
@@ -401,6 +410,12 @@ async def test_redis_killed_and_restarted_in_a_burst_loses_nothing_and_recovers(
         assert acknowledged <= held
         assert acknowledged <= set(gateway_meeting_ids(await cluster.backend_meetings()))
         assert all(i.proc.running for i in cluster.instances)
+
+
+async def _lb_has_none_ready(cluster: Cluster) -> bool:
+    """Whether HAProxy has taken every instance out of ``gateways`` (it says so in its log)."""
+    log = await trio.Path(cluster.haproxy.log).read_text()
+    return "backend gateways has no server available" in log
 
 
 # -- read-your-writes --------------------------------------------------------------------------
