@@ -35,6 +35,7 @@ from proxy.webhooks import delivery
 from proxy.webhooks.queue import QueueState
 from tests.harness import BACKEND_SECRET, Stack, config_for, free_port, serve_endpoint, text
 from tests.redis_server import RedisServer, redis_server
+from tests.test_admin_api import NEW_CUSTOMER, TOKEN, Admin, created
 from tests.test_hooks_api import create_hook, hooks_call
 
 __all__ = ["redis_server"]  # the fixture, used by name below
@@ -533,3 +534,35 @@ def test_the_queue_knows_events_by_instance_and_number_and_keeps_owners_in_compa
     again.apply({"type": "dropped", "hook": "h"})
     assert again.owners == {} and again.hooks() == []
     assert "node" not in QueueState().event_record("h", {}, 1)  # the local store's records
+
+
+# -- runtime customers and backends --------------------------------------------------------------
+
+
+async def test_a_customer_added_on_one_instance_is_served_by_the_others(
+    nursery: trio.Nursery, tmp_path: Path, redis_server: RedisServer
+) -> None:
+    a, b, c = await gateways(nursery, tmp_path, redis_server, count=3, proxy={"admin_token": TOKEN})
+    customer = {**NEW_CUSTOMER, "secret": "initech-secret-1"}
+    answer = await Admin(a)("POST", "customers", customer, expect=201)
+    assert answer["secret"] == "initech-secret-1"
+    for stack in (a, b, c):
+        stack.secrets["initech"] = "initech-secret-1"
+    await until(lambda: b.gateway.customer("initech") is not None)
+    await until(lambda: c.gateway.customer("initech") is not None)
+    assert await created(b, "room-1", "initech") == "SUCCESS"
+    # one order everywhere: two changes of one field at once on two instances end the same
+    async with trio.open_nursery() as changing:
+        for stack, n in ((b, 3), (c, 4)):
+            change = {"max_connections": n}
+            changing.start_soon(
+                functools.partial(Admin(stack), "PATCH", "customers/initech", change)
+            )
+
+    def limits() -> set[object]:
+        return {s.gateway.customer("initech").max_connections for s in (a, b, c)}  # type: ignore[union-attr]
+
+    await until(lambda: len(limits()) == 1)
+    assert limits() <= {3, 4}
+    assert await Admin(c)("DELETE", "customers/initech")  # deleted on c: gone on a
+    await until(lambda: a.gateway.customer("initech") is None)

@@ -32,6 +32,8 @@ and keeps the owner's in-memory state in step with the other instances' records:
 - **Claims** (:meth:`Replica.claim`): a record appended only if, after catching up, a
   condition still holds on the state and nobody appended in between (compare-and-append):
   how one instance, and only one, takes over work (a queued event, a delivery).
+  :meth:`Replica.commit` is the same for a change that must be applied in one order
+  everywhere (checked on the caught-up state, applied once it is in the stream).
 - **Members** (``members=True``): the replica says every :data:`HEARTBEAT_EVERY` seconds
   that its writer runs (a Redis key that expires after :data:`HEARTBEAT_TTL`), and removes
   the key when it stops; :meth:`Replica.alive` asks that of another writer.  Work owned by
@@ -179,6 +181,31 @@ class Replica:
                     self._notify()
                     return True
         return False
+
+    async def commit(self, record: Mapping[str, Json], check: Callable[[], object]) -> None:
+        """Shared only: append ``record`` in the stream's order (compare-and-append after
+        catching up, ``check()`` run on the caught-up state first: it raises to refuse),
+        then apply it; so every instance applies every such record in the same order
+        (last writer wins the same way everywhere).  For changes that do not commute and
+        are rare (runtime customers and backends, the portal).
+
+        Error handling: what ``check`` raises; ``StorageUnavailable`` when Redis does not
+        answer (nothing applied) or every try lost a race.
+        """
+        shared = self._shared
+        if shared is None:
+            raise RuntimeError("commit is for a shared log")
+        for _ in range(CLAIM_TRIES):
+            async with self._lock:
+                await self._catch_up(shared)
+                check()
+                if await shared.try_append([record]):
+                    self._apply(record)
+                    self._notify()
+                    return
+        raise StorageUnavailable() from StateError(
+            f"the {self.name} log: {CLAIM_TRIES} tries lost to other writers"
+        )
 
     async def alive(self, node: str) -> bool:
         """Whether the member ``node`` runs (its heartbeat has not run out); always True
