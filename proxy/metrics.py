@@ -286,6 +286,20 @@ class Metrics:
             self._mirror.update()
 
 
+def _polls(gw: Gateway) -> CounterMetricFamily:
+    """Polls this instance sent (proxy/backends/monitor.py counts them as the tally
+    ``backend_polls``); on the Redis store only a backend's lease holder polls it."""
+    polls = CounterMetricFamily(
+        "bbb_proxy_backend_polls",
+        "getMeetings polls this instance sent, by backend (on the Redis store, only the "
+        "instance holding the backend's poll lease polls it)",
+        labels=["backend"],
+    )
+    for b in gw.backends():
+        polls.add_metric([b.id], gw.tallies.get(("backend_polls", b.id), 0))
+    return polls
+
+
 def _gauge(
     name: str, doc: str, labels: list[str], rows: dict[tuple[str, ...], float]
 ) -> GaugeMetricFamily:
@@ -438,6 +452,7 @@ class _ProcessCounts(Collector):
         for outcome in CUSTOMER_URL_KINDS:
             urls.add_metric([outcome], CUSTOMER_URL_OUTCOMES[outcome])
         yield urls
+        yield _polls(self._gw)
 
 
 def _webhook_queues(gw: Gateway) -> Iterator[GaugeMetricFamily]:
