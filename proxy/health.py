@@ -27,6 +27,7 @@ it new meetings only when no responsive backend can take them.
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 LATENCY_WEIGHT = 0.25  # weight of the newest sample in the latency average
@@ -86,3 +87,29 @@ def responsive(health: Health, limits: Thresholds) -> bool:
 def suspended(health: Health) -> bool:
     """Whether the backend's reservations stop counting against subscriptions."""
     return health.state is State.DOWN
+
+
+def shared_fields(health: Health, now: float) -> dict[str, str]:
+    """``health`` as text fields for another gateway instance (the Redis store's health
+    hash, :mod:`proxy.backends.cluster`); ``down_since`` as an age, each instance's
+    clock being its own."""
+    down_for = "" if health.down_since is None else repr(max(0.0, now - health.down_since))
+    return {
+        "state": health.state.value,
+        "failures": str(health.failures),
+        "successes": str(health.successes),
+        "latency": "" if health.latency is None else repr(health.latency),
+        "down_for": down_for,
+    }
+
+
+def from_shared(fields: Mapping[str, str], now: float) -> Health | None:
+    """The :class:`Health` :func:`shared_fields` made (at this instance's ``now``);
+    None for fields that are not such (another version's, or damaged)."""
+    try:
+        state = State(fields["state"])
+        latency = float(fields["latency"]) if fields["latency"] else None
+        down_since = now - float(fields["down_for"]) if fields["down_for"] else None
+        return Health(state, int(fields["failures"]), int(fields["successes"]), down_since, latency)
+    except (KeyError, ValueError):
+        return None
