@@ -386,6 +386,7 @@ class _ProcessCounts(Collector):
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         yield from self._journal()
+        yield from self._shared_ledger()
         yield from self._background()
         yield from self._tallies()
         yield _gauge(
@@ -424,6 +425,18 @@ class _ProcessCounts(Collector):
             ("recoveries", "Times the journal wrote again after failing"),
         ):
             yield CounterMetricFamily(f"bbb_proxy_journal_{field}", doc, getattr(stats, field))
+
+    def _shared_ledger(self) -> Iterator[CounterMetricFamily]:
+        ledger = self._gw.ledger
+        if not ledger.shared:
+            return
+        for field, doc in (
+            ("commits", "Ledger records this instance committed to Redis"),
+            ("races", "Ledger commits lost to another instance (decided again)"),
+            ("catch_ups", "Ledger records of other instances applied to this replica"),
+            ("reloads", "Times this replica reloaded the whole ledger from Redis"),
+        ):
+            yield CounterMetricFamily(f"bbb_proxy_ledger_{field}", doc, getattr(ledger, field))
 
     def _background(self) -> Iterator[CounterMetricFamily]:
         failures = CounterMetricFamily(

@@ -466,6 +466,10 @@ async def test_a_second_gateway_on_the_same_redis_shares_the_ledger(
         info = await b.call("getMeetingInfo", [("meetingID", "room-1")])  # at once
         assert text(info, "returncode") == "SUCCESS", etree.tostring(info)
         assert b.gateway.ledger.get(("acme", "room-1")) == a.gateway.ledger.get(("acme", "room-1"))
+        scraped = [(await s.http.get(f"{s.url}/metrics")).text for s in (a, b)]
+        assert "bbb_proxy_ledger_commits_total 2.0" in scraped[0]  # reserve, confirm
+        assert "bbb_proxy_ledger_catch_ups_total 2.0" in scraped[1]  # b applied both
+        assert "bbb_proxy_ledger_commits_total 0.0" in scraped[1]
 
 
 async def test_a_gateway_whose_redis_dies_answers_bbb_errors_and_recovers_by_itself(

@@ -136,6 +136,7 @@ class SharedLedger(Ledger):
         self.log = redis_log
         self.seq = last_seq  # the last record applied to the replica
         self._lock = trio.Lock()
+        self.commits = 0  # records this instance committed
         self.races = 0  # compare-and-appends lost to another instance
         self.catch_ups = 0  # records of other instances applied
         self.reloads = 0  # times the whole log was read again
@@ -347,6 +348,7 @@ class SharedLedger(Ledger):
                 payloads = [record_payload(first + i, r) for i, r in enumerate(records)]
                 if await self.log.try_append(payloads):
                     self.seq += len(records)
+                    self.commits += len(records)
                     for record in records:
                         self.state.apply(record)
                     return value
