@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 import itertools
+import json
 import os
 import shutil
 from collections import Counter
@@ -168,13 +169,30 @@ async def test_prometheus_cluster_config_is_valid() -> None:
 # -- the harness itself ------------------------------------------------------------------------
 
 
-async def test_harness_leaves_no_process(tmp_path: Path) -> None:
+async def test_harness_leaves_no_process_and_haproxy_forwards_the_client(tmp_path: Path) -> None:
     async with open_cluster(tmp_path) as cluster:
         sessions = cluster.sessions()
         assert len(sessions) == 5  # simulators, haproxy, three gateways
         assert all(session_alive(s) for s in sessions)
         vias = {via: await cluster.ready(via) for via in (0, 1, 2, None)}
         assert vias == {0: 200, 1: 200, 2: 200, None: 200}
+        # HAProxy's X-Forwarded-For: a call from 127.0.0.2 is logged with that address by
+        # the instance HAProxy sent it to (it trusts HAProxy, on 127.0.0.1).
+        transport = httpx.AsyncHTTPTransport(local_address="127.0.0.2")
+        async with httpx.AsyncClient(transport=transport, timeout=10) as client:
+            response = await client.get(cluster.signed("getMeetings", [], None))
+        assert response.status_code == 200
+        request_id = response.headers["x-request-id"]
+
+        async def logged() -> list[dict[str, Any]]:
+            lines = []
+            for instance in cluster.instances:
+                text = await trio.Path(instance.proc.log).read_text()
+                lines += [json.loads(line) for line in text.splitlines() if request_id in line]
+            return lines
+
+        await wait_for(logged)
+        assert [line["client"] for line in await logged()] == ["127.0.0.2"]
     assert not any(session_alive(s) for s in sessions)
 
 
