@@ -1,6 +1,7 @@
 """``python -m bench join|create|lean|lms [--seconds S] [--connections N] [--warmup S] ...``;
 ``python -m bench curve NAME ...`` for the scaling curves (see bench/curves.py);
-``python -m bench webhooks ...`` for webhook delivery (see bench/webhooks.py)."""
+``python -m bench webhooks ...`` for webhook delivery (see bench/webhooks.py);
+``python -m bench cluster ...`` for several workers on Redis (see bench/cluster.py)."""
 
 from __future__ import annotations
 
@@ -112,6 +113,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from bench.curves import main as curves_main
 
         return curves_main(argv[1:])
+    if argv[:1] == ["cluster"]:
+        from bench.cluster import main as cluster_main
+
+        return cluster_main(argv[1:])
     if argv[:1] == ["webhooks"]:
         from bench.webhooks import main as webhooks_main
 
