@@ -20,7 +20,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -49,10 +49,11 @@ def free_port() -> int:
 class RedisServer:
     """One redis-server process on 127.0.0.1:``port``, data under ``directory``."""
 
-    def __init__(self, directory: Path, port: int | None = None) -> None:
+    def __init__(self, directory: Path, port: int | None = None, extra: Sequence[str] = ()) -> None:
         self.binary = redis_binary()
         self.directory = directory
         self.port = port or free_port()
+        self.extra = tuple(extra)  # more redis-server options, e.g. ("--replicaof", ...)
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -74,6 +75,7 @@ class RedisServer:
             "--protected-mode", "yes",
             "--logfile", str(log),
             "--daemonize", "no",
+            *self.extra,
         ]  # fmt: skip
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + START_TIMEOUT
