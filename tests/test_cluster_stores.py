@@ -15,7 +15,7 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, urlencode
 
 import httpx
 import orjson
@@ -23,6 +23,9 @@ import pytest
 import trio
 from lxml import etree
 
+from proxy.bbb import recording_ready as ready_rules
+from proxy.bbb.rewrite import backend_meeting_id
+from proxy.calls import recording_ready as ready_calls
 from proxy.config import Config, StoreSettings
 from proxy.gateway import Gateway
 from proxy.ledger.service import Ledger
@@ -33,12 +36,23 @@ from proxy.store.redis import RedisStore, open_redis_store
 from proxy.store.shared import Replica
 from proxy.webhooks import delivery
 from proxy.webhooks.queue import QueueState
-from tests.harness import BACKEND_SECRET, Stack, config_for, free_port, serve_endpoint, text
+from tests.harness import (
+    BACKEND_SECRET,
+    SECRETS,
+    Stack,
+    config_for,
+    free_port,
+    serve_endpoint,
+    text,
+)
 from tests.redis_server import RedisServer, redis_server
 from tests.test_admin_api import NEW_CUSTOMER, TOKEN, Admin, created
 from tests.test_hooks_api import create_hook, hooks_call
+from tests.test_recordings_ready import claims
 
 __all__ = ["redis_server"]  # the fixture, used by name below
+
+FORM = "application/x-www-form-urlencoded"
 
 type Opener = Callable[..., AbstractAsyncContextManager[RedisStore]]
 
@@ -566,3 +580,80 @@ async def test_a_customer_added_on_one_instance_is_served_by_the_others(
     assert limits() <= {3, 4}
     assert await Admin(c)("DELETE", "customers/initech")  # deleted on c: gone on a
     await until(lambda: a.gateway.customer("initech") is None)
+
+
+# -- recording-ready callbacks: each once, across instances --------------------------------------
+
+
+@dataclass
+class ReadyReceiver:
+    """A customer's recording-ready URL: 503 while ``down``, else 200; the recordIDs taken."""
+
+    down: bool = False
+    took: list[str] = field(default_factory=list)
+    refused: int = 0
+
+    async def respond(self, scope: dict[str, Any], body: bytes) -> int:
+        if self.down:
+            self.refused += 1
+            return 503
+        form = dict(parse_qsl(body.decode()))
+        self.took.append(str(claims(form["signed_parameters"], SECRETS["acme"])["record_id"]))
+        return 200
+
+
+async def notice(stack: Stack, url: str, record_id: str, meeting_id: str = "room-1") -> int:
+    """What a backend's post_publish script POSTs for ``record_id``; the HTTP status."""
+    backend = stack.gateway.backends()[0]
+    own = ready_rules.signed_url(
+        stack.config.proxy.public_url,
+        ready_rules.PATH,
+        backend,
+        ("acme", meeting_id, url),
+        b"recording-ready",
+    )
+    payload = {"meeting_id": backend_meeting_id("acme", meeting_id), "record_id": record_id}
+    token = ready_rules.signed_jwt(payload, backend.secret)
+    response = await stack.http.post(
+        own, content=urlencode({"signed_parameters": token}), headers={"Content-Type": FORM}
+    )
+    return response.status_code
+
+
+def ready_tally(stacks: list[Instance], how: str = "done") -> int:
+    return sum(s.gateway.tallies.get(("recording_ready_deliveries", how), 0) for s in stacks)
+
+
+@pytest.fixture
+def quick_ready(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ready_rules, "backoff", lambda attempt: 0.05)
+    monkeypatch.setattr(ready_calls, "CLAIM_EVERY", 0.05)
+
+
+@pytest.mark.usefixtures("quick_ready")
+async def test_recording_ready_notices_received_by_two_instances_are_each_delivered_once(
+    nursery: trio.Nursery, tmp_path: Path, redis_server: RedisServer
+) -> None:
+    a, b = await gateways(nursery, tmp_path, redis_server)
+    receiver = ReadyReceiver()
+    url = await serve_endpoint(nursery, receiver.respond)
+    for n in range(10):
+        assert await notice((a, b)[n % 2], f"{url}/ready", f"rec-{n}") == 200
+    await until(lambda: ready_tally([a, b]) == 10)
+    assert sorted(receiver.took) == sorted(f"rec-{n}" for n in range(10))
+
+
+@pytest.mark.usefixtures("quick_ready")
+async def test_recording_ready_deliveries_of_a_stopped_instance_are_made_once_by_another(
+    nursery: trio.Nursery, tmp_path: Path, redis_server: RedisServer
+) -> None:
+    a, b, c = await gateways(nursery, tmp_path, redis_server, count=3)
+    receiver = ReadyReceiver(down=True)
+    url = await serve_endpoint(nursery, receiver.respond)
+    for n in range(6):
+        assert await notice(a, f"{url}/ready", f"rec-{n}") == 200
+    await until(lambda: receiver.refused >= 6)  # each tried once by a, refused
+    a.cancel()
+    receiver.down = False
+    await until(lambda: ready_tally([b, c]) == 6)
+    assert sorted(receiver.took) == [f"rec-{n}" for n in range(6)]  # once each

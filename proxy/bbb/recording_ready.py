@@ -27,6 +27,10 @@ is final; anything else is retried after :func:`backoff`, at most :data:`MAX_ATT
 The queue (:class:`Pending`) lives on a :class:`~proxy.store.Log` named "recording-ready":
 ``queue`` records (a delivery to make) and ``done`` records (it ended); replaying them gives
 the deliveries still to make, and compaction writes a ``queue`` record for each of those.
+Several gateway instances on one Redis: a ``queue`` record also names the ``node`` (the
+instance) that delivers it, and a ``claim`` record (``{"op": "claim", "ids", "node"}``)
+hands the deliveries of an instance that stopped to another
+(:class:`proxy.calls.recording_ready.ReadyQueue`); on the local store neither appears.
 
 Error handling: nothing here raises on what a peer sends; :func:`verify_url` and
 :func:`backend_claims` answer None for anything not genuine.
@@ -242,8 +246,18 @@ def backoff(attempt: int) -> float:
 # -- the queue's records (a Log named "recording-ready", proxy.store) --------------------------
 
 
-def queue_record(delivery: Delivery) -> Record:
-    return {"op": "queue", **_fields(delivery)}
+def queue_record(delivery: Delivery, node: str = "") -> Record:
+    """The record that queues ``delivery``; ``node``: the instance that delivers it
+    (several instances on one Redis; none on the local store)."""
+    record: Record = {"op": "queue", **_fields(delivery)}
+    if node:
+        record["node"] = node
+    return record
+
+
+def claim_record(ids: Sequence[str], node: str) -> Record:
+    """``node`` delivers ``ids`` from now on (their instance stopped)."""
+    return {"op": "claim", "ids": list(ids), "node": node}
 
 
 def done_record(delivery_id_: str, how: str) -> Record:
@@ -267,6 +281,7 @@ class Pending:
 
     deliveries: dict[str, Delivery] = field(default_factory=dict)
     skipped: int = 0  # lines of a legacy file that could not be read
+    owners: dict[str, str] = field(default_factory=dict)  # id -> the instance delivering it
 
     def apply(self, record: Mapping[str, Json]) -> None:
         """One record of the log.  Total: one it does not know is a ``StateError``."""
@@ -277,14 +292,23 @@ class Pending:
             self.deliveries[fields["id"]] = Delivery(
                 record_id=str(record["record_id"]), body=str(body), **fields
             )
+            node = record.get("node")
+            if isinstance(node, str) and node:
+                self.owners[fields["id"]] = node
         elif op == "done" and isinstance(record.get("id"), str):
             self.deliveries.pop(str(record["id"]), None)
+            self.owners.pop(str(record["id"]), None)
+        elif op == "claim" and _is_claim(record):
+            node, ids = str(record["node"]), record["ids"]
+            for delivery_id_ in ids if isinstance(ids, list) else ():
+                if delivery_id_ in self.deliveries:
+                    self.owners[str(delivery_id_)] = node
         else:  # the keys only: a URL may carry the customer's tokens
             raise StateError(f"not a recording-ready record: op {op!r}, keys {sorted(record)}")
 
     def records(self) -> Iterator[Record]:
         """What compaction writes: a ``queue`` record per delivery still to make."""
-        return (queue_record(d) for d in list(self.deliveries.values()))
+        return (queue_record(d, self.owners.get(d.id, "")) for d in list(self.deliveries.values()))
 
     @classmethod
     def from_legacy(cls, lines: Iterable[bytes]) -> Pending:
@@ -304,6 +328,15 @@ class Pending:
             self.apply(record)
         except (orjson.JSONDecodeError, StateError):
             self.skipped += 1
+
+
+def _is_claim(record: Mapping[str, object]) -> bool:
+    ids = record.get("ids")
+    return (
+        isinstance(record.get("node"), str)
+        and isinstance(ids, list)
+        and all(isinstance(i, str) for i in ids)
+    )
 
 
 def _is_delivery(record: Mapping[str, object]) -> bool:

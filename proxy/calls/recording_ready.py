@@ -16,6 +16,15 @@ The rules (the gateway's URL, the JWTs, outcomes, the journal's records) are in
   deliver (attempt counts start again).  The JSON lines file of earlier versions
   (``recording-ready.jsonl``) is converted once, before the log is opened.
 
+Several gateway instances on one Redis (``[store] kind = "redis"``): the log is a
+:class:`~proxy.store.shared.Replica` every instance follows.  The instance that received
+a notice delivers it (its ``queue`` record names it); every :data:`CLAIM_EVERY` seconds
+each instance looks for deliveries whose instance is gone (its member heartbeat ran out,
+or it stopped cleanly) and claims them with one compare-and-append ``claim`` record, so
+one instance takes each over: each callback is made once (at least once across a crash
+between the POST and its ``done``, as on one instance).  The start-up compaction is left
+to the shared log's maintenance (other instances are writing).
+
 Error handling: :meth:`receive` never raises for what a backend sends; the delivery loop
 logs a failed delivery and goes on.
 """
@@ -25,7 +34,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Self
 
@@ -35,14 +44,17 @@ from proxy.backends.outbound import post_customer_url
 from proxy.bbb import recording_ready as rules
 from proxy.errors import StateError, StorageUnavailable
 from proxy.gateway import Gateway
-from proxy.store import Log, Record, open_store_log
+from proxy.store import Json, Log, Record, open_store_log
 from proxy.store.files import os_errors
 from proxy.store.local import MAX_LOG_BYTES, create_log, log_path
+from proxy.store.shared import Replica
 
 log = logging.getLogger(__name__)
 LOG = "recording-ready"
 LEGACY = "recording-ready.jsonl"  # before proxy.store: JSON lines, converted at start-up
 CONCURRENT = 8  # deliveries in flight at once
+CLAIM_EVERY = 1.0  # seconds: several instances, a look for deliveries whose instance is gone
+CLAIM_CHUNK = 200  # ids per claim record
 
 
 class ReadyQueue:
@@ -64,10 +76,21 @@ class ReadyQueue:
         maintain: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self._gw = gw
-        self._log = store
-        self._maintain = maintain  # the local log's recovery and compaction task
         self._pending = pending
-        self._due: dict[str, float] = dict.fromkeys(pending.deliveries, 0.0)  # trio time
+        self._log = Replica(
+            store,
+            self.LOG_NAME,
+            apply=self._apply_other,
+            clear=self._clear,
+            records=lambda: self._pending.records(),
+            changed=lambda: self._wake.set(),
+            members=True,  # deliveries of a stopped instance are claimed
+        )
+        self._maintain = maintain  # the local log's recovery and compaction task
+        # trio time each delivery THIS instance makes is due
+        self._due: dict[str, float] = dict.fromkeys(
+            (i for i in pending.deliveries if self._owned(i)), 0.0
+        )
         self._attempts: dict[str, int] = {}
         self._busy: set[str] = set()
         self._wake = trio.Event()
@@ -89,11 +112,28 @@ class ReadyQueue:
         gw.stores[cls.LOG_NAME] = store  # /readyz is 503 while it cannot write
         if pending.deliveries:
             log.info("%s: %d deliveries to resume", cls.LOG_NAME, len(pending.deliveries))
-        return cls(gw, store, pending, lambda: store.maintain(pending.records))
+        queue = cls(gw, store, pending)
+        queue._maintain = queue._log.maintain  # recovery, compaction (and on Redis: following)
+        return queue
 
     @property
     def pending(self) -> list[rules.Delivery]:
         return list(self._pending.deliveries.values())
+
+    @property
+    def node(self) -> str:
+        """This instance's name in the records ("" on the local store)."""
+        return self._log.node
+
+    def _owned(self, delivery_id: str) -> bool:
+        """Whether this instance makes that delivery (always, on the local store)."""
+        return not self._log.shared or self._pending.owners.get(delivery_id) == self.node
+
+    def _apply_other(self, record: Mapping[str, Json]) -> None:
+        self._pending.apply(record)
+
+    def _clear(self) -> None:
+        self._pending = rules.Pending()
 
     # -- receiving ---------------------------------------------------------------------------
 
@@ -121,8 +161,9 @@ class ReadyQueue:
 
     async def _queued(self, delivery: rules.Delivery) -> int:
         """Queue ``delivery`` durably: 200 once it is on disk, 503 if it cannot be now."""
-        self._pending.deliveries[delivery.id] = delivery
-        self._log.append(rules.queue_record(delivery))
+        record = rules.queue_record(delivery, self.node)
+        self._pending.apply(record)
+        self._log.append(record)
         self._due[delivery.id] = 0.0
         self._wake.set()
         try:
@@ -140,22 +181,60 @@ class ReadyQueue:
         First the log is compacted to what is still to deliver; its maintenance (recovery
         of a failed disk, compaction when due) runs beside.
         """
-        with contextlib.suppress(StorageUnavailable):  # maintain() compacts later
-            await self._log.compact(self._pending.records())
+        if not self._log.shared:
+            with contextlib.suppress(StorageUnavailable):  # maintain() compacts later
+                await self._log.compact(self._pending.records())
         async with trio.open_nursery() as nursery:
             if self._maintain is not None:
                 nursery.start_soon(self._maintain)
+            if self._log.shared:
+                nursery.start_soon(self._claim_forever)
             while True:
                 now = trio.current_time()
                 for delivery in self.pending:
-                    due = self._due.get(delivery.id, 0.0)
+                    if not self._owned(delivery.id):
+                        continue
+                    due = self._due.setdefault(delivery.id, 0.0)
                     if delivery.id not in self._busy and due <= now:
                         self._busy.add(delivery.id)
                         nursery.start_soon(self._deliver, delivery)
+                for gone in [i for i in self._due if i not in self._pending.deliveries]:
+                    del self._due[gone]  # ended by another instance
                 waiting = [t for i, t in self._due.items() if i not in self._busy]
                 self._wake = trio.Event()
                 with trio.move_on_at(min(waiting, default=now + 3600)):
                     await self._wake.wait()
+
+    async def _claim_forever(self) -> None:
+        """Every :data:`CLAIM_EVERY`: claim the deliveries whose instance is gone."""
+        while True:
+            await trio.sleep(CLAIM_EVERY)
+            with contextlib.suppress(StorageUnavailable):  # Redis away: next time
+                await self._claim_gone()
+
+    async def _claim_gone(self) -> None:
+        by_owner: dict[str, list[str]] = {}
+        for delivery_id, owner in self._owners_now().items():
+            if owner != self.node:
+                by_owner.setdefault(owner, []).append(delivery_id)
+        for owner, ids in by_owner.items():
+            if owner and await self._log.alive(owner):
+                continue
+            for start in range(0, len(ids), CLAIM_CHUNK):
+                chunk = ids[start : start + CLAIM_CHUNK]
+                record = rules.claim_record(chunk, self.node)
+
+                def still(chunk: list[str] = chunk, owner: str = owner) -> bool:
+                    return all(self._owners_now().get(i) == owner for i in chunk)
+
+                if await self._log.claim(record, still):
+                    log.info("%s: %d deliveries taken over", self.LOG_NAME, len(chunk))
+                    self._wake.set()
+
+    def _owners_now(self) -> dict[str, str]:
+        """Each delivery still to make and its instance ("" if none is named)."""
+        owners = self._pending.owners
+        return {i: owners.get(i, "") for i in self._pending.deliveries}
 
     async def _deliver(self, delivery: rules.Delivery) -> None:
         try:
@@ -196,8 +275,9 @@ class ReadyQueue:
 
     async def _finish(self, delivery: rules.Delivery, how: str) -> None:
         """The delivery ended: record it (written once the log can, if it cannot now)."""
-        self._pending.deliveries.pop(delivery.id, None)
-        self._log.append(rules.done_record(delivery.id, how))
+        record = rules.done_record(delivery.id, how)
+        self._pending.apply(record)
+        self._log.append(record)
         try:
             await self._log.flush()
         except StorageUnavailable as exc:
