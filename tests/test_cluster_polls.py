@@ -392,3 +392,28 @@ async def test_a_meeting_gone_from_its_backend_is_released_once_for_every_instan
         )
         released = [i.gateway.failover.get("released", 0) for i in three.instances]
         assert sorted(released) == [0, 0, 1], released  # by the backend's poller alone
+
+
+async def test_without_redis_every_instance_polls_for_health_and_shares_again_after(
+    nursery: trio.Nursery, tmp_path: Path, redis_server: RedisServer
+) -> None:
+    async with open_three(nursery, tmp_path, redis_server, "own") as three:
+        redis_server.kill()
+        sent = [i.sent("bbb-2") for i in three.instances]
+        three.sims[0].behaviour.mode = "http500"  # dies while nobody can share its health
+        await eventually(
+            lambda: all(i.gateway.health["bbb-1"].state is State.DOWN for i in three.instances)
+        )
+        assert all(i.sent("bbb-2") > n for i, n in zip(three.instances, sent, strict=True))
+        assert all(i.gateway.failover == {} for i in three.instances)  # nothing reconciled
+        three.sims[0].behaviour.mode = "ok"
+        redis_server.start()
+        await eventually(three.settled)
+        await eventually(
+            lambda: all(i.gateway.health["bbb-1"].state is State.UP for i in three.instances)
+        )
+        sent = [i.sent("bbb-2") for i in three.instances]
+        before = three.polled("bbb-2")
+        await eventually(lambda: three.polled("bbb-2") >= before + 3)  # three polls later
+        grew = [i.sent("bbb-2") - n for i, n in zip(three.instances, sent, strict=True)]
+        assert sorted(grew)[:-1] == [0, 0], grew  # one instance polls it again
