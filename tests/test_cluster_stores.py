@@ -29,6 +29,8 @@ from proxy.calls import recording_ready as ready_calls
 from proxy.config import Config, StoreSettings
 from proxy.gateway import Gateway
 from proxy.ledger.service import Ledger
+from proxy.portal.service import PortalService, Refusal
+from proxy.portal.sessions import opened, sealed
 from proxy.server import serve_gateway
 from proxy.simulator import Simulator, serve_simulator
 from proxy.store import Json, Record, shared
@@ -657,3 +659,31 @@ async def test_recording_ready_deliveries_of_a_stopped_instance_are_made_once_by
     receiver.down = False
     await until(lambda: ready_tally([b, c]) == 6)
     assert sorted(receiver.took) == [f"rec-{n}" for n in range(6)]  # once each
+
+
+# -- the portal ------------------------------------------------------------------------------------
+
+
+def portal_of(stack: Stack) -> PortalService:
+    portal = stack.gateway.portal
+    assert portal is not None
+    return portal
+
+
+async def test_portal_administrators_and_sessions_are_the_same_on_every_instance(
+    nursery: trio.Nursery, tmp_path: Path, redis_server: RedisServer
+) -> None:
+    a, b, c = await gateways(nursery, tmp_path, redis_server, count=3)
+    portals = [portal_of(s) for s in (a, b, c)]
+    await until(lambda: len({p.key for p in portals}) == 1)  # one cookie key, from the log
+    invited = await portals[0].invite("acme", "admin@acme.example")
+    password = "a long enough password"
+    await portals[1].accept(invited.token, password, password)  # at once on another instance
+    with pytest.raises(Refusal):  # used up, everywhere
+        await portals[2].accept(invited.token, password, password)
+    session = await portals[2].login("admin@acme.example", password, "127.0.0.9")
+    cookie = sealed(portals[2].key, session)
+    for portal in portals:
+        assert portal.current(opened(portal.key, cookie, portal.clock())) == session
+    await portals[0].logout(session)
+    await until(lambda: all(p.current(session) is None for p in portals))

@@ -11,11 +11,14 @@ rebuild it (what compaction writes).  Records (JSON objects)::
     {"op": "remove", "email": E}                            # an administrator removed
     {"op": "withdraw", "token": SHA256}                     # an invitation withdrawn
     {"op": "logout", "session": SID, "until": T}            # a session closed before its end
+    {"op": "key", "key": HEX}                               # the cookie key (several instances)
 
 An invitation is kept by the SHA-256 of its token, never the token: the log cannot open
 the door it describes.  Accepting it makes (or, for an administrator of the same
 customer, resets) the administrator and uses the invitation up.  One e-mail address is
-the administrator of one customer.  Times are epoch seconds.
+the administrator of one customer.  Times are epoch seconds.  A ``key`` record is only
+written by gateway instances sharing one Redis without ``[portal] cookie_secret``: the
+cookie key they all use (the first one in the log counts).
 
 :class:`Throttle` counts failed logins per key (an account, a client address); it lives
 in memory only (see docs/decisions.md, "Customer portal").
@@ -30,7 +33,7 @@ from typing import Any
 
 from proxy.errors import StateError
 
-_OPS = ("invite", "accept", "admin", "remove", "withdraw", "logout")
+_OPS = ("invite", "accept", "admin", "remove", "withdraw", "logout", "key")
 
 
 def token_digest(token: str) -> str:
@@ -59,6 +62,7 @@ class PortalState:
         self.admins: dict[str, Admin] = {}
         self.invitations: dict[str, Invitation] = {}
         self.closed: dict[str, float] = {}  # session id -> when it would have ended
+        self.key: str | None = None  # the shared cookie key, hex (several instances)
 
     def apply(self, record: Mapping[str, Any]) -> None:
         """Apply one record.  Error handling: ``StateError`` for a record it does not know
@@ -85,11 +89,16 @@ class PortalState:
             self.admins.pop(_text(record, "email"), None)
         elif op == "withdraw":
             self.invitations.pop(_text(record, "token"), None)
+        elif op == "key":
+            key = _text(record, "key")
+            self.key = key if self.key is None else self.key
         else:
             self.closed[_text(record, "session")] = _time(record, "until")
 
     def records(self) -> Iterator[dict[str, Any]]:
         """Records that rebuild this state from nothing (invitations before acceptance)."""
+        if self.key is not None:
+            yield {"op": "key", "key": self.key}
         for digest, inv in sorted(self.invitations.items()):
             yield {"op": "invite", "token": digest, "customer": inv.customer,
                    "email": inv.email, "expires_at": inv.expires_at}  # fmt: skip

@@ -6,6 +6,16 @@ before it is answered (:mod:`proxy.store`).  Passwords are hashed with argon2id
 event loop; a password is never logged or kept.  Failed logins are counted per account
 and per client address (:class:`~proxy.portal.model.Throttle`).
 
+Several gateway instances on one Redis (``[store] kind = "redis"``): the log is a
+:class:`~proxy.store.shared.Replica`; each change is committed in the stream's order
+(:meth:`~proxy.store.shared.Replica.commit`, checked on the caught-up state: an
+invitation accepted on another instance meanwhile is refused here), and the others'
+changes are followed, so administrators, invitations and logouts are the same on every
+instance.  A session cookie opens on every instance when they share the cookie key: the
+configured ``cookie_secret``, else one key committed once to the log (a ``key`` record;
+until an instance has read it, it uses a key of its own, so a login in its first moments
+may have to be made again).  Failed-login counts stay per instance.
+
 Error handling: :meth:`PortalService.invite`, :meth:`~PortalService.accept` and
 :meth:`~PortalService.logout` raise ``StorageUnavailable`` when the change cannot be made
 durable, and :class:`Refusal` (with a message key for the page) for what the person got
@@ -21,7 +31,7 @@ import os
 import re
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -34,8 +44,9 @@ from proxy.config import Config, PortalSettings
 from proxy.errors import StateError, StorageUnavailable
 from proxy.portal.model import Admin, Invitation, PortalState, Throttle, token_digest
 from proxy.portal.sessions import Session, fingerprint, new_session
-from proxy.store import Log, open_store_log
+from proxy.store import Json, Log, open_store_log
 from proxy.store.local import log_path
+from proxy.store.shared import Replica
 
 if TYPE_CHECKING:
     from proxy.gateway import Gateway
@@ -92,6 +103,15 @@ class PortalService:
         self._hashing = trio.CapacityLimiter(2)
         self._dummy = self._hasher.hash(secrets.token_hex(8))  # unknown accounts cost the same
         self._appended = 0
+        self.replica = Replica(
+            store,
+            LOG,
+            apply=self._apply_other,
+            clear=self._clear,
+            records=lambda: self.state.records(),
+            changed=self._use_shared_key,
+            compact_when_due=False,  # every COMPACT_AFTER changes, below
+        )
 
     # -- changes -------------------------------------------------------------------------
 
@@ -124,6 +144,8 @@ class PortalService:
         ``password_short``/``password_long`` or ``password_mismatch``.
         """
         invitation = self.state.invitation(token, self.clock())
+        if invitation is None and await self._fresh():  # made on another instance just now
+            invitation = self.state.invitation(token, self.clock())
         if invitation is None:
             raise Refusal("invitation")
         if len(password) < MIN_PASSWORD:
@@ -170,6 +192,8 @@ class PortalService:
             log.warning("portal: login for %s from %s refused: throttled", email, address)
             raise Refusal("throttled")
         admin = self.state.admins.get(email)
+        if admin is None and await self._fresh():  # its password set on another instance
+            admin = self.state.admins.get(email)
         stored = admin.password_hash if admin is not None else self._dummy
         ok = await self._run(self._verified, stored, password[:MAX_PASSWORD])
         if admin is None or not ok:
@@ -202,23 +226,79 @@ class PortalService:
     async def _run[T](self, fn: Callable[[str, str], T] | Callable[[str], T], *args: str) -> T:
         return await trio.to_thread.run_sync(fn, *args, limiter=self._hashing)  # type: ignore[arg-type]
 
-    async def _change(self, record: dict[str, object]) -> None:
+    async def _change(self, record: dict[str, Json]) -> None:
         if self.log.failed:
             raise StorageUnavailable()
-        self.state.apply(record)
-        self.log.append(record)  # type: ignore[arg-type]
-        await self.log.flush()
+        if self.replica.shared:
+            await self.replica.commit(record, lambda: self._check(record))
+        else:
+            self.state.apply(record)
+            self.log.append(record)
+            await self.log.flush()
         self._appended += 1
         if self._appended >= COMPACT_AFTER:
             self.state.purge(self.clock())
             with contextlib.suppress(StorageUnavailable):
-                await self.log.compact(list(self.state.records()))
+                await self.replica.compact(list(self.state.records()))
                 self._appended = 0
 
+    async def _fresh(self) -> bool:
+        """Catch up with the other instances (several on Redis); True if it did."""
+        if not self.replica.shared:
+            return False
+        try:
+            await self.replica.refresh()
+        except StorageUnavailable:
+            return False
+        return True
+
+    def _check(self, record: dict[str, Json]) -> None:
+        """Whether ``record`` still applies to the caught-up state (several instances)."""
+        if record["op"] == "accept" and record["token"] not in self.state.invitations:
+            raise Refusal("invitation")  # accepted or withdrawn on another instance
+        if record["op"] == "key" and self.state.key is not None:
+            raise Refusal("key")
+
+    def _apply_other(self, record: Mapping[str, Json]) -> None:
+        self.state.apply(record)
+
+    def _clear(self) -> None:
+        self.state = PortalState()
+
+    def _use_shared_key(self) -> None:
+        if self.shared_key and self.state.key is not None:
+            self.key = bytes.fromhex(self.state.key)
+
+    @property
+    def shared_key(self) -> bool:
+        """Whether the cookie key is the one in the log (several instances, no
+        ``cookie_secret``)."""
+        return self.replica.shared and not self.settings.cookie_secret
+
+    async def _share_key(self) -> None:
+        """Commit this instance's key as everyone's if the log has none yet; use the
+        log's.  Retried every few seconds while Redis does not answer."""
+        while True:
+            try:
+                if self.state.key is None:
+                    with contextlib.suppress(Refusal):  # another instance's was first
+                        await self.replica.commit(
+                            {"op": "key", "key": self.key.hex()},
+                            lambda: self._check({"op": "key"}),
+                        )
+                else:
+                    await self.replica.refresh()
+                self._use_shared_key()
+                return
+            except StorageUnavailable:
+                await trio.sleep(2.0)
+
     def start(self, gw: Gateway) -> None:
-        recover = getattr(self.log, "recover_forever", None)
-        if recover is not None:
-            gw.spawn("portal-store", recover)
+        if self.replica.shared or hasattr(self.log, "recover_forever"):
+            gw.spawn("portal-store", self.replica.maintain)  # on Redis: follows the others
+        if self.shared_key:
+            self._use_shared_key()
+            gw.spawn("portal-key", self._share_key)
 
 
 def open_portal(config: Config) -> PortalService:

@@ -72,6 +72,7 @@ HEARTBEAT_EVERY = 2.0  # seconds between two "still running" of a member
 HEARTBEAT_TTL = 10.0  # seconds after its last one that a member counts as gone
 COMPACT_TRIES = 5
 CLAIM_TRIES = 8
+RETRY_EVERY = 1.0  # seconds after an unexpected failure of following
 
 
 class Replica:
@@ -250,6 +251,9 @@ class Replica:
                 if not down:
                     log.warning("the %s log cannot follow the others: %s", self.name, e.__cause__)
                 down = True
+            except Exception:  # an entry that is not a record, a bug: logged, following goes on
+                log.exception("the %s log: following the others failed", self.name)
+                await trio.sleep(RETRY_EVERY)
             else:
                 down = False
 
