@@ -22,6 +22,10 @@ Latency is part of health: :func:`with_latency` keeps a moving average
 (exponentially weighted) of the backend's answer times, and a backend whose
 average is above ``slow_after`` is not :func:`responsive`; placement gives
 it new meetings only when no responsive backend can take them.
+
+On the Redis store one gateway instance polls a backend and the others take its health
+from it (:mod:`proxy.backends.cluster`): :func:`shared_fields` and :func:`from_shared`
+turn a :class:`Health` into text fields and back.
 """
 
 from __future__ import annotations
