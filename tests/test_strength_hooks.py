@@ -1,0 +1,127 @@
+"""Tests written to kill mutants of ``proxy.bbb.hooks`` that survived (docs/mutation.md).
+
+The hooks API's refusals are answered to the customer: each one's messageKey and
+message are checked whole, as a client sees them.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from proxy.bbb import hooks
+from proxy.errors import ValidationError
+
+URL = "https://lms.example.com/hook"
+PUBLIC_NOTE = ". It must be an http(s) URL whose host is a public address"
+
+
+def refusal(params: list[tuple[str, str]]) -> tuple[str, str]:
+    with pytest.raises(ValidationError) as refused:
+        hooks.create_params(params)
+    return refused.value.message_key, refused.value.message
+
+
+@pytest.mark.parametrize(
+    ("params", "expected"),
+    [
+        ([], ("missingParamCallbackURL", "You must specify a callbackURL in the parameters.")),
+        (
+            [("callbackURL", "  ")],
+            ("missingParamCallbackURL", "You must specify a callbackURL in the parameters."),
+        ),
+        (
+            [("callbackURL", URL), ("getRaw", "TRUE ")],
+            (
+                "createHookError",
+                "Raw events (getRaw=true) are not offered: they cannot be filtered of "
+                "personal data. Register the hook without getRaw to get the mapped events",
+            ),
+        ),
+        (
+            [("callbackURL", URL), ("getRaw", "yes")],
+            ("validationError", "Parameter getRaw must be true or false"),
+        ),
+        (
+            [("callbackURL", URL), ("eventID", ",".join(f"e{i}" for i in range(65)))],
+            ("validationError", "Parameter eventID may list at most 64 events"),
+        ),
+        (
+            [("callbackURL", URL), ("eventID", "user-joined,Not An Id")],
+            (
+                "validationError",
+                "Parameter eventID must be a comma list of event ids such as user-joined",
+            ),
+        ),
+    ],
+)
+def test_every_create_refusal_says_what_is_wrong(
+    params: list[tuple[str, str]], expected: tuple[str, str]
+) -> None:
+    assert refusal(params) == expected
+
+
+def test_an_unusable_callback_url_names_the_reason() -> None:
+    key, message = refusal([("callbackURL", "ftp://lms.example.com/hook")])
+    assert key == "createHookError"
+    assert message.startswith("The callbackURL cannot be used: ")
+    assert message.endswith(PUBLIC_NOTE)
+    assert len(message) > len("The callbackURL cannot be used: ") + len(PUBLIC_NOTE)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (None, None),
+        ("", None),
+        (" , ,", None),
+        ("User-Joined, meeting-ended ,user-joined", frozenset({"user-joined", "meeting-ended"})),
+        (",".join(f"e{i}" for i in range(64)), frozenset(f"e{i}" for i in range(64))),
+        ("a" * 64, frozenset({"a" * 64})),
+    ],
+)
+def test_event_ids(value: str | None, expected: frozenset[str] | None) -> None:
+    params = [] if value is None else [("eventID", value)]
+    assert hooks.event_ids(params) == expected
+
+
+@pytest.mark.parametrize("bad", ["a" * 65, "-a", ".a", "a b", "a/b", "é"])
+def test_event_ids_refused(bad: str) -> None:
+    with pytest.raises(ValidationError, match="comma list"):
+        hooks.event_ids([("eventID", bad)])
+
+
+@pytest.mark.parametrize("value", [None, "", "  "])
+def test_a_hook_id_is_required(value: str | None) -> None:
+    params = [] if value is None else [("hookID", value)]
+    with pytest.raises(ValidationError) as refused:
+        hooks.hook_id(params)
+    assert (refused.value.message_key, refused.value.message) == (
+        "missingParamHookID",
+        "You must specify a hookID in the parameters.",
+    )
+    assert hooks.hook_id([("hookID", " 7 "), ("hookID", "8")]) == "7"
+
+
+def test_fixed_refusals() -> None:
+    missing = hooks.missing_meeting_id()
+    assert (missing.message_key, missing.message) == (
+        "missingParamMeetingID",
+        "You must provide a meeting ID: this gateway registers hooks for one meeting each; "
+        "hooks for all meetings are not offered",
+    )
+    gone = hooks.missing_hook()
+    assert (gone.message_key, gone.message) == (
+        "destroyMissingHook",
+        "The hook informed was not found.",
+    )
+    with pytest.raises(ValidationError) as control:
+        hooks.checked_meeting_id("room\x01")
+    assert (control.value.message_key, control.value.message) == (
+        "validationError",
+        "Meeting ID cannot contain control characters",
+    )
+    for ok in ["room-1", "räum\t\n\r", "\ue000"]:
+        assert hooks.checked_meeting_id(ok) == ok
+    for bad in ["\x00", "\x08", "\x0b", "\x0c", "\x0e", "\x1f", "\ufffe", "\uffff", "\ud800"]:
+        with pytest.raises(ValidationError):
+            hooks.checked_meeting_id(f"a{bad}b")
