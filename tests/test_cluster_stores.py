@@ -27,6 +27,7 @@ from proxy.bbb import recording_ready as ready_rules
 from proxy.bbb.rewrite import backend_meeting_id
 from proxy.calls import recording_ready as ready_calls
 from proxy.config import Config, StoreSettings
+from proxy.errors import StorageUnavailable
 from proxy.gateway import Gateway
 from proxy.ledger.service import Ledger
 from proxy.portal.service import PortalService, Refusal
@@ -274,6 +275,40 @@ async def test_of_two_racing_claims_one_wins(store_at: Opener) -> None:
         assert "job" in a_keys.keys and "job" in b_keys.keys
         raw = await a_store.read("keys")
         assert [r for _, r in raw.entries] == [{"add": "job"}]
+
+
+async def test_a_commit_whose_answer_was_lost_is_applied_once_after_reading_all_again(
+    store_at: Opener,
+) -> None:
+    async with store_at() as a_store, store_at() as b_store:
+        log, _ = a_store.open("keys")
+        applied: list[Record] = []
+        a = Replica(
+            log,
+            "keys",
+            apply=lambda r: applied.append(dict(r)),
+            clear=applied.clear,
+            records=lambda: list(applied),
+        )
+        b, b_keys = replica_of(b_store)
+        original = log.try_append
+
+        async def landed_unanswered(records: Any) -> bool:
+            await original(records)
+            raise StorageUnavailable()
+
+        log.try_append = landed_unanswered  # type: ignore[method-assign]
+        with pytest.raises(StorageUnavailable):
+            await a.commit({"add": "x"}, lambda: None)
+        assert applied == []  # not known to be in
+        log.try_append = original  # type: ignore[method-assign]
+        b_keys.change(b, {"add": "y"})
+        await b.flush()
+        await a.refresh()
+        assert applied == [{"add": "x"}, {"add": "y"}]  # x once, from the log
+        await a.commit({"add": "z"}, lambda: None)
+        await a.refresh()
+        assert applied == [{"add": "x"}, {"add": "y"}, {"add": "z"}]
 
 
 async def test_a_member_is_alive_while_it_runs_and_not_once_stopped(

@@ -102,6 +102,9 @@ class Replica:
         self._shared = cast("RedisLog", log) if hasattr(log, "try_compact") else None
         self.node = self._shared.writer if self._shared is not None else ""
         self._lock = trio.Lock()
+        # A claim or commit went unanswered: whether it is in the stream is unknown, and
+        # the tail skips this writer's entries, so the next catch-up reads the whole log.
+        self._stale = False
         self.skipped = 0  # others' records apply refused
 
     @property
@@ -177,7 +180,7 @@ class Replica:
                 await self._catch_up(shared)
                 if not still():
                     return False
-                if await shared.try_append([record]):
+                if await self._try_append(shared, record):
                     self._apply(record)
                     self._notify()
                     return True
@@ -200,7 +203,7 @@ class Replica:
             async with self._lock:
                 await self._catch_up(shared)
                 check()
-                if await shared.try_append([record]):
+                if await self._try_append(shared, record):
                     self._apply(record)
                     self._notify()
                     return
@@ -257,19 +260,28 @@ class Replica:
             else:
                 down = False
 
+    async def _try_append(self, shared: RedisLog, record: Mapping[str, Json]) -> bool:
+        try:
+            return await shared.try_append([record])
+        except StorageUnavailable:
+            self._stale = True  # in or not: the next catch-up reads everything again
+            raise
+
     async def _catch_up(self, shared: RedisLog) -> None:
         """One tail, applied (the caller holds ``_lock``)."""
-        tail = await shared.tail()
-        if tail.reset:
-            records = await shared.reread_with_queued()
-            self._clear()
-            for record in records:
-                self._take(record)
-            log.info("the %s log was compacted by another instance: state rebuilt", self.name)
+        if self._stale:
+            reset, records = True, []
         else:
-            for record in tail.records:
-                self._take(record)
-        if tail.reset or tail.records:
+            tail = await shared.tail()
+            reset, records = tail.reset, tail.records
+        if reset:
+            records = await shared.reread_with_queued()
+            self._stale = False
+            self._clear()
+            log.info("the %s log read again whole: state rebuilt", self.name)
+        for record in records:
+            self._take(record)
+        if reset or records:
             self._notify()
 
     def _take(self, record: Record) -> None:
