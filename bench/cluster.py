@@ -1,32 +1,35 @@
 """``./run bench cluster``: creates/s and joins/s with 1, 2 and 4 worker processes on one
 Redis, beside the single-process gateway on its local journal, in one run.
 
-Targets, each on a fresh stack (its own ``python -m proxy.simulator`` process serving
+Targets, each its own stack (its own ``python -m proxy.simulator`` process serving
 ``--backends`` simulated BBB servers, its own ``redis-server`` with AOF and ``appendfsync
-always`` as the README requires, a new ``python -m proxy.cli serve``):
+always`` as the README requires, its own ``python -m proxy.cli serve``), all started first:
 
 - ``local``: ``[store] kind = "local"``, one process (journal and fsync in ``state_dir``);
 - ``redis xN`` for each N of ``--workers`` (default 1,2,4): ``[store] kind = "redis"``,
   ``[proxy] workers = N`` (N = 1: one process, no parent), every worker an instance on
   the shared ledger.
 
-Per target, in order:
+Then:
 
-1. **idle** (``--idle`` s): Redis commands per second with no request at all (replicas
-   following the ledger, leases, heartbeats, backend polls): the background;
-2. **create** (warm-up, then ``--seconds``): closed loop over ``--connections`` keep-alive
-   connections, every request a new meetingID (as ``bench create``); Redis commands
-   (``INFO commandstats`` delta, the background subtracted) per create;
-3. **join**: ``--meetings`` meetings created first, then joins of them round-robin (as
-   ``bench join``); Redis commands per join;
-4. **counted**: ``--counted`` creates, then as many joins, sent one at a time with
-   ``MONITOR`` on (slow: never while measuring throughput): each request's top-level Redis
-   requests (a bound on its round trips, :mod:`bench.redis_stats`) and the commands its
-   scripts ran, an idle window of the same length subtracted.
+1. per target, ``--meetings`` meetings created (to be joined), and **idle** (``--idle``
+   s): Redis commands per second with no request at all (replicas following the ledger,
+   leases, heartbeats, backend polls): the background;
+2. ``--rounds`` rounds; in each, every target in turn: **create** (warm-up, then
+   ``--seconds``; closed loop over ``--connections`` keep-alive connections, every
+   request a new meetingID, as ``bench create``), then every target in turn: **join**
+   (the meetings round-robin, as ``bench join``).  Redis commands per request: the
+   ``INFO commandstats`` delta, the background subtracted.  Alternating spreads the busy
+   machine's swings over all targets alike;
+3. per Redis target, **counted**: ``--counted`` creates, then as many joins, sent one at a
+   time with ``MONITOR`` on (slow: never while measuring throughput): each request's
+   top-level Redis requests (a bound on its round trips, :mod:`bench.redis_stats`) and
+   the commands its scripts ran, an idle window of the same length subtracted.
 
-Ratios: each target's creates/s and joins/s over ``local``'s.  ``bench/results/cluster-*.json``
-keeps every figure.  On a 2-core machine shared with the load generator, N workers cannot
-use N cores: compare ratios, and read the CPU per request.
+Ratios: each target's creates/s and joins/s over ``local``'s in the same round, the
+median over the rounds.  ``bench/results/cluster-*.json`` keeps every figure.  On a
+2-core machine shared with the load generator, N workers cannot use N cores: compare
+ratios, and read the CPU per request.
 """
 
 from __future__ import annotations
@@ -35,7 +38,9 @@ import argparse
 import contextlib
 import glob
 import itertools
+import math
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -99,6 +104,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--meetings", type=int, default=100, help="meetings to join")
     parser.add_argument("--idle", type=float, default=3.0, help="seconds of background")
     parser.add_argument("--counted", type=int, default=100, help="requests under MONITOR")
+    parser.add_argument("--rounds", type=int, default=3, help="every target, alternating")
     parser.add_argument("--no-save", action="store_true", help="do not write bench/results/")
     return parser.parse_args(argv)
 
@@ -112,14 +118,16 @@ async def run(args: argparse.Namespace) -> None:
     shown = {k: v for k, v in vars(args).items() if k != "no_save"}
     info = report.machine()
     stamp = time.strftime("%Y%m%dT%H%M%S")
-    report.print_header("cluster", info, shown)
-    results = []
     with tempfile.TemporaryDirectory(prefix="bbb-bench-cluster-") as workdir:
-        for number, variant in enumerate(variants(args.workers)):
-            directory = Path(workdir) / f"{number}"
-            directory.mkdir()
-            async with open_target(directory, variant, args.backends) as running:
-                results.append(await measure_target(variant, running, args))
+        async with AsyncExitStack() as stack:
+            targets = []
+            for number, variant in enumerate(variants(args.workers)):
+                directory = Path(workdir) / f"{number}"
+                directory.mkdir()
+                opened = open_target(directory, variant, args.backends)
+                targets.append((variant, await stack.enter_async_context(opened)))
+            report.print_header("cluster", info, shown)
+            results = await measure_all(targets, args)
     ratios = compare(results)
     print_summary(results, ratios)
     if not args.no_save:
@@ -221,29 +229,43 @@ def _cpu(pid: int) -> float:
 # -- the measurements -------------------------------------------------------------------------
 
 
-async def measure_target(
-    variant: Variant, running: Running, args: argparse.Namespace
-) -> dict[str, Any]:
-    print(f"\n{variant.name}: {variant.workers} process(es), {variant.store} store", flush=True)
-    background = await _idle_rate(running, args.idle)
-    creates = unique_creates(f"c{variant.workers}{variant.store}", gateway_path)
-    create = await _measure("create", running, creates, SUCCESS, args, background)
-    ids = [f"join-room-{n}" for n in range(args.meetings)]
-    for meeting_id in ids:
-        await _setup_create(running.port, meeting_id)
-    join = await _measure("join", running, _joins(ids), JOIN_REDIRECT, args, background)
-    counted = None
-    if running.redis_port is not None:
-        counted = await _count(running, args.counted, _joins(ids), variant)
-    return {
-        "name": variant.name,
-        "store": variant.store,
-        "workers": variant.workers,
-        "background_redis_commands_per_second": background,
-        "create": create,
-        "join": join,
-        "monitor": counted,
-    }
+async def measure_all(
+    targets: list[tuple[Variant, Running]], args: argparse.Namespace
+) -> list[dict[str, Any]]:
+    """Every target up at once; each round measures them in turn (creates, then joins),
+    so that the machine's swings fall on all of them alike."""
+    results: list[dict[str, Any]] = []
+    joins = []
+    for variant, running in targets:
+        ids = [f"join-room-{n}" for n in range(args.meetings)]
+        for meeting_id in ids:
+            await _setup_create(running.port, meeting_id)
+        joins.append(_joins(ids))
+        results.append(
+            {
+                "name": variant.name,
+                "store": variant.store,
+                "workers": variant.workers,
+                "background_redis_commands_per_second": await _idle_rate(running, args.idle),
+                "create": [],
+                "join": [],
+            }
+        )
+    creates = [unique_creates(f"c{n}", gateway_path) for n in range(len(targets))]
+    for number in range(args.rounds):
+        print(f"\nround {number + 1} of {args.rounds}", flush=True)
+        for call, paths, expect in (("create", creates, SUCCESS), ("join", joins, JOIN_REDIRECT)):
+            for (variant, running), source, result in zip(targets, paths, results, strict=True):
+                background = result["background_redis_commands_per_second"]
+                name = f"{variant.name} {call}"
+                row = await _measure(name, running, source, expect, args, background)
+                result[call].append(row)
+    for (variant, running), source, result in zip(targets, joins, results, strict=True):
+        result["monitor"] = None
+        if running.redis_port is not None:
+            print(f"\n{variant.name}:", flush=True)
+            result["monitor"] = await _count(running, args.counted, source, variant)
+    return results
 
 
 async def _idle_rate(running: Running, seconds: float) -> float | None:
@@ -257,7 +279,7 @@ async def _idle_rate(running: Running, seconds: float) -> float | None:
 
 
 async def _measure(
-    call: str,
+    name: str,
     running: Running,
     paths: Callable[[], str],
     expect: Expect,
@@ -271,14 +293,19 @@ async def _measure(
     tally, elapsed = await run_load(load(args.seconds, 1_000_000))
     cpu, own = running.cpu() - cpu_before, time.process_time() - own_before
     stats_after = await _calls(running)
-    summary = summarise(call, tally.latencies, tally.errors, elapsed, cpu, own, tally.first_error)
+    summary = summarise(name, tally.latencies, tally.errors, elapsed, cpu, own, tally.first_error)
     report.print_row(summary)
     result: dict[str, Any] = asdict(summary)
     if stats_before is not None and stats_after is not None and summary.requests:
         commands = redis_stats.total_without_info(stats_before, stats_after)
         net = commands - (background or 0.0) * elapsed
         result["redis_commands_per_request"] = net / summary.requests
-        print(f"  redis: {net / summary.requests:.1f} commands per {call}", flush=True)
+        result["redis_calls_per_request"] = {  # the background not subtracted here
+            command: (n - stats_before.get(command, 0)) / summary.requests
+            for command, n in stats_after.items()
+            if command != "info" and n > stats_before.get(command, 0)
+        }
+        print(f"  redis: {net / summary.requests:.1f} commands per request", flush=True)
     return result
 
 
@@ -315,9 +342,14 @@ async def _count(
     for call, paths, expect in (("create", creates, SUCCESS), ("join", joins, JOIN_REDIRECT)):
         busy, seconds = await _monitored(running, count, paths, expect)
         idle, _ = await _monitored(running, 0, paths, expect, seconds)
+        names = set(busy.by_command) | set(idle.by_command)
         found[call] = {
             "round_trips_per_request": (busy.client_requests - idle.client_requests) / count,
             "script_commands_per_request": (busy.script_commands - idle.script_commands) / count,
+            "per_request_by_command": {  # top-level commands, the idle window's subtracted
+                name: (busy.by_command.get(name, 0) - idle.by_command.get(name, 0)) / count
+                for name in sorted(names)
+            },
             "commands_seen": busy.by_command,
             "idle_commands_seen": idle.by_command,
             "seconds": seconds,
@@ -325,7 +357,8 @@ async def _count(
         print(
             f"  MONITOR, one {call} at a time: "
             f"{found[call]['round_trips_per_request']:.1f} round trips (at most), "
-            f"{found[call]['script_commands_per_request']:.1f} commands in scripts",
+            f"{found[call]['script_commands_per_request']:.1f} commands in scripts; "
+            + ", ".join(f"{k} {v:+.2f}" for k, v in found[call]["per_request_by_command"].items()),
             flush=True,
         )
     return found
@@ -354,31 +387,43 @@ async def _monitored(
 
 
 def compare(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each target's req/s over the local journal's in the same round; medians."""
     base = next(r for r in results if r["store"] == "local")
-    return [
-        {
-            "subject": r["name"],
-            "baseline": base["name"],
-            **{
-                f"{call}_throughput": r[call]["requests_per_second"]
-                / base[call]["requests_per_second"]
-                for call in ("create", "join")
-            },
-        }
-        for r in results
-        if r is not base
-    ]
+    rows = []
+    for r in results:
+        if r is base:
+            continue
+        row: dict[str, Any] = {"subject": r["name"], "baseline": base["name"]}
+        for call in ("create", "join"):
+            per_round = [
+                mine["requests_per_second"] / theirs["requests_per_second"]
+                for mine, theirs in zip(r[call], base[call], strict=True)
+            ]
+            row[f"{call}_throughput_rounds"] = per_round
+            row[f"{call}_throughput"] = statistics.median(per_round)
+        rows.append(row)
+    return rows
+
+
+def _median(rows: list[dict[str, Any]], key: str) -> float:
+    values = [row[key] for row in rows if key in row]
+    return statistics.median(values) if values else math.nan
 
 
 def print_summary(results: list[dict[str, Any]], ratios: list[dict[str, Any]]) -> None:
-    print("\nper target: creates/s, joins/s, server CPU µs per create / join")
+    print("\nmedians over the rounds: creates/s, joins/s; server CPU µs per create, per join;")
+    print("Redis commands per create, per join (under load, background subtracted)")
     for r in results:
         c, j = r["create"], r["join"]
         print(
-            f"  {r['name']:<9} {c['requests_per_second']:8.0f} {j['requests_per_second']:8.0f}"
-            f"   {c['server_cpu_us_per_request']:7.0f} {j['server_cpu_us_per_request']:7.0f}"
+            f"  {r['name']:<9} {_median(c, 'requests_per_second'):7.0f}"
+            f" {_median(j, 'requests_per_second'):7.0f}"
+            f"   {_median(c, 'server_cpu_us_per_request'):7.0f}"
+            f" {_median(j, 'server_cpu_us_per_request'):7.0f}"
+            f"   {_median(c, 'redis_commands_per_request'):6.1f}"
+            f" {_median(j, 'redis_commands_per_request'):6.1f}"
         )
-    print("\nratios over the local journal, one process:")
+    print("\nratios over the local journal, one process (median over the rounds):")
     for row in ratios:
         print(
             f"  {row['subject']} / {row['baseline']}: creates x{row['create_throughput']:.2f}, "
