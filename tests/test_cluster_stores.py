@@ -557,11 +557,13 @@ async def test_events_queued_on_an_instance_that_stops_are_delivered_once_by_ano
     receiver = CountingReceiver(down=True)
     url = await serve_endpoint(nursery, receiver.respond)
     hook_id = await hook_on_all([a, b, c], f"{url}/hook")
+    monkeypatch.setattr(delivery, "retry_delay", lambda failures: 3600.0)  # a tries once
     await a.gateway.webhooks.accept("acme", "room-1", events(range(0, 10)))
-    await until(lambda: a.gateway.webhooks.owns(hook_id) and receiver.refused >= 1)
+    retried = ("webhook_events", "retried")
+    await until(lambda: a.gateway.webhooks.owns(hook_id) and retried in a.gateway.tallies)
     await b.gateway.webhooks.accept("acme", "room-1", events(range(10, 20)))
     await until(lambda: a.gateway.webhooks.queues.depth(hook_id) == 20)
-    a.cancel()  # a stops with 20 events queued for the hook it delivers
+    a.cancel()  # a stops with 20 events queued for the hook it delivers, none in flight
     receiver.down = False
     await until(lambda: len(receiver.took) >= 20 and queued(b) == queued(c) == 0)
     assert sorted(receiver.took) == list(range(20))  # each once, in spite of two candidates
@@ -682,15 +684,19 @@ async def test_recording_ready_notices_received_by_two_instances_are_each_delive
 
 @pytest.mark.usefixtures("quick_ready")
 async def test_recording_ready_deliveries_of_a_stopped_instance_are_made_once_by_another(
-    nursery: trio.Nursery, tmp_path: Path, redis_server: RedisServer
+    nursery: trio.Nursery,
+    tmp_path: Path,
+    redis_server: RedisServer,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     a, b, c = await gateways(nursery, tmp_path, redis_server, count=3)
     receiver = ReadyReceiver(down=True)
     url = await serve_endpoint(nursery, receiver.respond)
+    monkeypatch.setattr(ready_rules, "backoff", lambda attempt: 3600.0)  # a tries once each
     for n in range(6):
         assert await notice(a, f"{url}/ready", f"rec-{n}") == 200
-    await until(lambda: receiver.refused >= 6)  # each tried once by a, refused
-    a.cancel()
+    await until(lambda: receiver.refused >= 6 and ready_tally([a], "retry") >= 6)
+    a.cancel()  # with nothing in flight (an in-process cancel mid-POST leaves httpx unclosed)
     receiver.down = False
     await until(lambda: ready_tally([b, c]) == 6)
     assert sorted(receiver.took) == [f"rec-{n}" for n in range(6)]  # once each
