@@ -417,3 +417,22 @@ async def test_without_redis_every_instance_polls_for_health_and_shares_again_af
         await eventually(lambda: three.polled("bbb-2") >= before + 3)  # three polls later
         grew = [i.sent("bbb-2") - n for i, n in zip(three.instances, sent, strict=True)]
         assert sorted(grew)[:-1] == [0, 0], grew  # one instance polls it again
+
+
+async def test_a_lease_taken_by_another_stops_the_polls_here_and_is_logged_once(
+    three: Cluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, "proxy.backends.monitor")
+    (holder,) = three.holders("bbb-3")
+    store, taken_for = holder.polls.store, 4 * INTERVAL
+    key = store.key("poll", "bbb-3")
+    await store.run(lambda: store.client.set(key, "intruder", px=int(taken_for * 1000)), "SET")
+    taken = trio.current_time()
+    await eventually(lambda: not holder.polls.holds("bbb-3"))  # its next turn saw it
+    sent = [i.sent("bbb-3") for i in three.instances]
+    await eventually(
+        lambda: any(i.sent("bbb-3") > n for i, n in zip(three.instances, sent, strict=True))
+    )
+    assert trio.current_time() - taken >= taken_for - INTERVAL  # none polled it meanwhile
+    lost = [r for r in caplog.records if "went to another instance" in r.getMessage()]
+    assert len(lost) == 1, caplog.text
