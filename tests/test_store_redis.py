@@ -54,7 +54,7 @@ type Opener = Callable[..., AbstractAsyncContextManager[RedisStore]]
 def store_at(redis_server: RedisServer) -> Opener:
     """``store_at(timeout=...)``: a new connection, as another process would open it."""
 
-    def opener(timeout: float = 2.0, **settings: str) -> AbstractAsyncContextManager[RedisStore]:
+    def opener(timeout: float = 2.0, **settings: Any) -> AbstractAsyncContextManager[RedisStore]:
         config = StoreSettings(kind="redis", url=redis_server.url, **settings)
         return open_redis_store(config, timeout=timeout)
 
