@@ -186,6 +186,12 @@ class StoreSettings:
     "redis"``: streams on one Redis server (proxy.store.redis); ``url`` is coredis'
     (``redis://`` or ``rediss://`` for TLS, ``/N`` the database), ``password`` (and
     ``username``) override the URL's, ``tls_ca_file`` checks the server's certificate.
+
+    With ``sentinels`` (``host:port`` each) and ``sentinel_master``, the master is the one
+    those Sentinels name (proxy.store.redis_connect), followed across failovers; the
+    URL's host and port are then unused (its scheme, database and credentials apply).
+    ``wait_replicas`` > 0: each log write waits (``WAIT``) for that many replicas, at most
+    ``wait_timeout`` seconds, and is not acknowledged with fewer.
     """
 
     kind: str = "local"  # "local" | "redis"
@@ -194,6 +200,11 @@ class StoreSettings:
     password: str = field(default="", repr=False)
     tls_ca_file: str = ""  # with a rediss:// URL; "": the system's CAs
     key_prefix: str = "bbb-proxy:"  # every key the gateway uses starts with it
+    sentinels: tuple[str, ...] = ()  # "host:port" of Redis Sentinels; (): url is the master
+    sentinel_master: str = ""  # the master's name in Sentinel (sentinel monitor <name> ...)
+    sentinel_password: str = field(default="", repr=False)  # the Sentinels' (requirepass)
+    wait_replicas: int = 0  # replicas that must have each write (WAIT); 0: not waited for
+    wait_timeout: float = 0.5  # seconds WAIT may take (below proxy.journal_timeout)
 
 
 @dataclass(frozen=True, slots=True)
@@ -304,6 +315,10 @@ def from_mapping(data: Mapping[str, Any]) -> Config:
         raise ConfigError("backends: at least one [[backends]] entry is required")
     if proxy.workers > 1 and store.kind != "redis":  # the local journal is one process's
         raise ConfigError('proxy.workers > 1 needs [store] kind = "redis"')
+    if store.wait_replicas and store.wait_timeout >= proxy.journal_timeout:
+        raise ConfigError(  # WAIT runs within the write's bound
+            f"store.wait_timeout: must be below proxy.journal_timeout ({proxy.journal_timeout} s)"
+        )
     return Config(
         proxy=proxy,
         backends=backends,
@@ -461,6 +476,17 @@ def _store(t: Mapping[str, Any]) -> StoreSettings:
     prefix = _get(t, "store", "key_prefix", _string, d.key_prefix)
     if not prefix or any(c in prefix for c in "*?[]\\"):
         raise ConfigError("store.key_prefix: must be non-empty, without * ? [ ] or \\")
+    sentinels = tuple(_get(t, "store", "sentinels", _host_ports, list(d.sentinels)))
+    master = _get(t, "store", "sentinel_master", _string, d.sentinel_master)
+    sentinel_password = _get(t, "store", "sentinel_password", _string, d.sentinel_password)
+    if sentinels and not master:
+        raise ConfigError("store.sentinel_master: required with store.sentinels")
+    if master and not sentinels:
+        raise ConfigError("store.sentinels: required with store.sentinel_master")
+    if sentinel_password and not sentinels:
+        raise ConfigError("store.sentinel_password: only with store.sentinels")
+    if sentinels and url.startswith("unix://"):
+        raise ConfigError("store.url: must be redis:// or rediss:// with store.sentinels")
     return StoreSettings(
         kind=kind,
         url=url,
@@ -468,7 +494,26 @@ def _store(t: Mapping[str, Any]) -> StoreSettings:
         password=_get(t, "store", "password", _string, d.password),
         tls_ca_file=_get(t, "store", "tls_ca_file", _string, d.tls_ca_file),
         key_prefix=prefix,
+        sentinels=sentinels,
+        sentinel_master=master,
+        sentinel_password=sentinel_password,
+        wait_replicas=_get(t, "store", "wait_replicas", _count, d.wait_replicas),
+        wait_timeout=_get(t, "store", "wait_timeout", _seconds, d.wait_timeout),
     )
+
+
+def _host_ports(value: Any) -> list[str]:
+    entries = _str_list(value)
+    for entry in entries:
+        try:
+            port = split_bind(entry)[1]
+        except ValueError:
+            port = 0
+        if not port:
+            raise ValueError(f"{entry!r} is not HOST:PORT, e.g. 127.0.0.1:26379")
+    if len(set(entries)) != len(entries):
+        raise ValueError("a Sentinel appears twice")
+    return entries
 
 
 def _webhooks(t: Mapping[str, Any]) -> WebhookSettings:
