@@ -2,9 +2,13 @@
 
 The lease primitive (proxy.store.leases) against a real redis-server, the pure parts of
 proxy.backends.cluster, and three gateways in this process on one redis-server sharing
-three simulated backends: one poll per backend per interval (not one per instance), a
-backend made DOWN seen DOWN by every instance, and a dead (or stopped) lease holder's
-backends polled by another within the lease's length.
+three simulated backends (the shared ledger; the poll count also with a ledger in memory
+per instance): one poll per backend per interval (not one per instance), a backend made
+DOWN seen DOWN by every instance, a dead (or stopped) lease holder's backends polled by
+another within the lease's length, a meeting gone from its backend released once, a lease
+taken by another holder stopping the polls, and without Redis every instance polling for
+health until it is back.  Each gateway's monitor runs in a scope of its own (as
+serve_gateway runs it) so that it can be stopped alone.
 """
 
 from __future__ import annotations
@@ -286,14 +290,18 @@ async def open_three(
             await instance.stop()
 
 
-@pytest.fixture(params=["own", "shared"], ids=["own-ledgers", "shared-ledger"])
+@pytest.fixture
 async def three(
     request: pytest.FixtureRequest, nursery: trio.Nursery, tmp_path: Path, redis_server: RedisServer
 ) -> AsyncIterator[Cluster]:
-    async with open_three(nursery, tmp_path, redis_server, request.param) as running:
+    """:func:`open_three` on the shared ledger (or, parametrized ``"own"``, on ledgers in
+    memory, one per instance: the polls alone on Redis)."""
+    ledger = getattr(request, "param", "shared")
+    async with open_three(nursery, tmp_path, redis_server, ledger) as running:
         yield running
 
 
+@pytest.mark.parametrize("three", ["own", "shared"], indirect=True)
 async def test_each_backend_is_polled_once_per_interval_not_once_per_instance(
     three: Cluster,
 ) -> None:
