@@ -212,10 +212,6 @@ class SharedPolls:
             self._down = False
             log.warning("polls: Redis answers again: this instance polls its share")
 
-    @property
-    def redis_down(self) -> bool:
-        return self._down
-
 
 def _text(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
