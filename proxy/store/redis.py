@@ -16,9 +16,12 @@ Durability.  A flush returns once Redis has answered the script.  Redis acknowle
 write after appending it to its AOF; with ``appendonly yes`` and ``appendfsync always``
 (the README's required settings) that is after an fsync, so an acknowledged record
 survives a crash of Redis and of the host.  ``appendfsync everysec`` loses up to a
-second of acknowledged records in a host crash (documented trade-off).  Replication is
-not waited for (``WAIT`` is not issued): a failover to a replica may lose the last
-writes; run one Redis with AOF, not a Sentinel pair, until that is added.
+second of acknowledged records in a host crash (documented trade-off).  With ``[store]
+wait_replicas`` = N, each log script is followed by ``WAIT N`` on its connection
+(:func:`proxy.store.redis_connect.replicated`): fewer acknowledgements within
+``wait_timeout`` make the write unacknowledged (``StorageUnavailable``; it is on the
+master, and is kept or lost as a lost answer is).  ``[store] sentinels``: the master is
+found through Redis Sentinel and followed across a failover (proxy.store.redis_connect).
 
 Compaction.  :meth:`RedisLog.compact` sends the owner's whole state to a script that
 deletes the stream, adds the records, bumps ``gen`` and sets this writer's count to
@@ -55,23 +58,21 @@ import contextlib
 import functools
 import logging
 import secrets
-import ssl
-import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import anyio
-import coredis
 import orjson
 import trio
-from coredis.connection import TCPConnection
 from coredis.exceptions import RedisError
 
 from proxy.config import StoreSettings
 from proxy.errors import StateError, StorageUnavailable
 from proxy.store import Json, Record, encode
+from proxy.store.redis_connect import connect, replicated, where
+from proxy.store.redis_connect import safe_url as _safe_url
 
 __all__ = ["MAX_LOG_BYTES", "RedisLog", "RedisStore", "Tail", "open_redis_store"]
 
@@ -224,7 +225,12 @@ class RedisStore:
                 "try_compact": _TRY_COMPACT,
             }[name]
             script = self._scripts[name] = self.client.register_script(source)
-        return await self.run(lambda: script(keys=keys, args=list(args)), name)
+
+        async def write() -> Any:  # the log writes: WAIT for [store] wait_replicas after
+            with replicated(self.client, self.settings):
+                return await script(keys=keys, args=list(args))
+
+        return await self.run(write, name)
 
     async def script_source(self, source: str, keys: list[str], args: Sequence[object]) -> Any:
         """Run the Lua ``source`` (registered once) under ``timeout``.
@@ -353,87 +359,20 @@ async def open_redis_store(
     Error handling: ``StateError`` when Redis cannot be reached or a log cannot be
     replayed (the CLI exits 3); the password is never in a message.
     """
-    await _reachable(settings, timeout)
-    client = _client(settings, timeout)
     try:
-        async with client:
+        async with connect(settings, timeout) as client:
             store = RedisStore(client, settings, timeout)
             await store.load()
             yield store
     except BaseExceptionGroup as group:  # coredis' task group wraps what the block raised
         leaf = _redis_failure(group)
         if leaf is not None:
-            raise StateError(f"redis {_safe_url(settings.url)}: {leaf}") from None
+            raise StateError(f"redis {where(settings)}: {leaf}") from None
         if len(group.exceptions) == 1:
             raise group.exceptions[0] from None
         raise
     except (RedisError, OSError) as e:
-        raise StateError(f"redis {_safe_url(settings.url)}: {e}") from None
-
-
-async def _reachable(settings: StoreSettings, seconds: float) -> None:
-    """Whether Redis' address takes a connection (coredis' pool, entered with Redis
-    down, leaves streams unclosed: asked first with a plain socket).
-
-    Error handling: ``StateError`` naming the address (never the password).
-    """
-    url = urllib.parse.urlsplit(settings.url)
-    if url.scheme == "unix":
-        return
-    host, port = url.hostname or "localhost", url.port or 6379
-    try:
-        with trio.fail_after(seconds):
-            stream = await trio.open_tcp_stream(host, port)
-        await stream.aclose()
-    except (OSError, trio.TooSlowError) as e:
-        reason = str(e) or "no answer in time"
-        raise StateError(f"redis {host}:{port}: cannot connect: {reason}") from None
-
-
-def _client(settings: StoreSettings, timeout: float) -> Any:
-    options: dict[str, Any] = {
-        "stream_timeout": timeout,
-        "connect_timeout": timeout,
-        "decode_responses": False,
-    }
-    if settings.username:
-        options["username"] = settings.username
-    if settings.password:
-        options["password"] = settings.password
-    if settings.url.startswith("rediss://") and settings.tls_ca_file:
-        options["ssl_context"] = ssl.create_default_context(cafile=settings.tls_ca_file)
-    pool = coredis.ConnectionPool.from_url(settings.url, **options)
-    if pool.connection_class is TCPConnection:
-        pool.connection_class = _ClosingTCPConnection
-    return coredis.Redis(connection_pool=pool, decode_responses=False)
-
-
-class _ClosingTCPConnection(TCPConnection):
-    """coredis' TCP connection, closing its buffers when it cannot connect (coredis 6.9
-    leaves them open then, and each refused connection warns when collected)."""
-
-    async def _connect(self) -> Any:
-        try:
-            return await super()._connect()
-        except BaseException:
-            for buffer in (
-                self._write_buffer_in,
-                self._write_buffer_out,
-                self._push_message_buffer_in,
-                self._push_message_buffer_out,
-                self._streamed_message_buffer_in,
-                self._streamed_message_buffer_out,
-            ):
-                buffer.close()
-            raise
-
-
-def _safe_url(url: str) -> str:
-    """``url`` without a password in it."""
-    scheme, sep, rest = url.partition("://")
-    if "@" in rest:
-        rest = "***@" + rest.rsplit("@", 1)[1]
-    return f"{scheme}{sep}{rest}"
+        raise StateError(f"redis {where(settings)}: {e}") from None
 
 
 # -- one log ------------------------------------------------------------------------------------
