@@ -258,3 +258,26 @@ async def test_get_meetings_logs_a_backend_left_out(
     assert text(listed, "messageKey") == "noMeetings"
     [warning] = warnings_of(caplog)
     assert warning.startswith("getMeetings: leaving out bbb-1: BackendBadResponse(bbb-1): ")
+
+
+# -- why a meeting is released -------------------------------------------------------------------
+
+
+async def test_end_releases_as_end_and_a_vanished_meeting_as_gone(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for meeting_id in ["room-1", "room-2", "room-3"]:
+        await stack.create(meeting_id, maxParticipants="2")
+    seen = spy_releases(stack, monkeypatch)
+    ended = await stack.call("end", [("meetingID", "room-1")])
+    assert text(ended, "returncode") == "SUCCESS"
+    for meeting_id, call in [("room-2", "getMeetingInfo"), ("room-3", "end")]:
+        sim, backend_meeting = stack.backend_meeting("acme", meeting_id)
+        del sim.meetings[backend_meeting]  # gone from the backend without a notice
+        answer = await stack.call(call, [("meetingID", meeting_id)])
+        assert text(answer, "messageKey") == "notFound", seen
+    assert seen == [
+        (("acme", "room-1"), "end"),
+        (("acme", "room-2"), "gone"),
+        (("acme", "room-3"), "gone"),
+    ]
