@@ -368,8 +368,11 @@ async def open_redis_store(
         leaf = _redis_failure(group)
         if leaf is not None:
             raise StateError(f"redis {where(settings)}: {leaf}") from None
-        if len(group.exceptions) == 1:
-            raise group.exceptions[0] from None
+        inner: BaseException = group
+        while isinstance(inner, BaseExceptionGroup) and len(inner.exceptions) == 1:
+            inner = inner.exceptions[0]  # (nested: a Sentinel client's groups around it)
+        if inner is not group:
+            raise inner from None
         raise
     except (RedisError, OSError) as e:
         raise StateError(f"redis {where(settings)}: {e}") from None

@@ -74,12 +74,19 @@ async def connect(
     )
     for one in sentinel.sentinels:
         one.connection_pool.connection_class = _ClosingTCPConnection
+    failure: StateError | None = None
     async with sentinel:
-        host, port = await _master(sentinel, settings, timeout)
-        await _probe(host, port, timeout)
-        client = sentinel.primary_for(settings.sentinel_master, connection_pool_class=_Pool)
-        async with client:
-            yield client
+        try:
+            host, port = await _master(sentinel, settings, timeout)
+            await _probe(host, port, timeout)
+        except StateError as e:  # raised out here: not wrapped in coredis' task groups
+            failure = e
+        if failure is None:
+            client = sentinel.primary_for(settings.sentinel_master, connection_pool_class=_Pool)
+            async with client:
+                yield client
+    if failure is not None:
+        raise failure
 
 
 def replicated(client: Any, settings: StoreSettings) -> contextlib.AbstractContextManager[Any]:
