@@ -245,6 +245,18 @@ async def test_get_meetings_lists_the_customers_meetings_after_anothers(
         m.findtext("meetingID"): m.findtext("duration") for m in listed.iterfind("meetings/meeting")
     }
     assert found == {"room-1": "45", "room-2": "0"}
+    container = listed.find("meetings")
+    assert container is not None and not (container.text or "").strip()
+    assert all(not (m.tail or "").strip() for m in container)  # nothing between them
+
+
+async def test_get_meetings_without_meetings_is_bbbs_answer(stack: Stack) -> None:
+    response = await stack.http.get(stack.signed("getMeetings", []))
+    assert response.text == (
+        "<response><returncode>SUCCESS</returncode><meetings/>"
+        "<messageKey>noMeetings</messageKey>"
+        "<message>no meetings were found on this server</message></response>"
+    )
 
 
 async def test_get_meetings_logs_a_backend_left_out(
