@@ -91,7 +91,16 @@ class Running:
         return [s.pid for s in self.servers] + _children(self.gateway.pid)
 
     def cpu(self) -> float:
-        return sum(_cpu(pid) for pid in self.pids())
+        return sum(self.cpu_by_role().values())
+
+    def cpu_by_role(self) -> dict[str, float]:
+        """CPU seconds so far: the gateway's processes (parent and workers), the others."""
+        gateway = [self.gateway.pid, *_children(self.gateway.pid)]
+        found = {"gateway": sum(_cpu(pid) for pid in gateway)}
+        for server in self.servers:
+            if server is not self.gateway:
+                found[server.name] = _cpu(server.pid)
+        return found
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -289,13 +298,23 @@ async def _measure(
     load = partial(Load, HOST, (running.port,), paths, expect, args.connections)
     await run_load(load(args.warmup, 1_000_000))
     stats_before = await _calls(running)
-    cpu_before, own_before = running.cpu(), time.process_time()
+    roles_before, own_before = running.cpu_by_role(), time.process_time()
     tally, elapsed = await run_load(load(args.seconds, 1_000_000))
-    cpu, own = running.cpu() - cpu_before, time.process_time() - own_before
+    roles = {k: v - roles_before.get(k, 0.0) for k, v in running.cpu_by_role().items()}
+    cpu, own = sum(roles.values()), time.process_time() - own_before
     stats_after = await _calls(running)
     summary = summarise(name, tally.latencies, tally.errors, elapsed, cpu, own, tally.first_error)
     report.print_row(summary)
     result: dict[str, Any] = asdict(summary)
+    if summary.requests:
+        result["cpu_us_per_request_by_process"] = {
+            role: seconds / summary.requests * 1e6 for role, seconds in roles.items()
+        }
+        print(
+            "  CPU µs per request: "
+            + ", ".join(f"{k} {v:.0f}" for k, v in result["cpu_us_per_request_by_process"].items()),
+            flush=True,
+        )
     if stats_before is not None and stats_after is not None and summary.requests:
         commands = redis_stats.total_without_info(stats_before, stats_after)
         net = commands - (background or 0.0) * elapsed
