@@ -455,7 +455,11 @@ async def open_cluster(
                 starting.start_soon(cluster.start, instance.index)
         await haproxy.start()
         await wait_for(lambda: _all_up_behind(cluster), START_TIMEOUT)
-        yield cluster
+        try:
+            yield cluster
+        except BaseException:
+            _report(cluster)  # pytest shows it with the failure
+            raise
     finally:
         with trio.CancelScope(shield=True):
             await http.aclose()
@@ -464,6 +468,21 @@ async def open_cluster(
             await trio.to_thread.run_sync(redis.stop)
             left = [s for s in cluster.sessions() if session_alive(s)]
             assert not left, f"processes left behind in sessions {left}"
+
+
+def _report(cluster: Cluster) -> None:
+    """What each process logged at WARNING and above (the last 40 lines each), on stdout."""
+    for proc in [cluster.haproxy, *(i.proc for i in cluster.instances), cluster.simulators]:
+        text = proc.log.read_text(errors="replace") if proc.log.exists() else ""
+        worse = [
+            line
+            for line in text.splitlines()
+            if '"level":"INFO"' not in line
+            and '"level":"DEBUG"' not in line
+            and " 200 " not in line
+        ]
+        print(f"--- {proc.name} ({proc.log}): {len(worse)} lines not INFO ---")
+        print("\n".join(worse[-40:]))
 
 
 def _write_gateway_configs(

@@ -20,7 +20,6 @@ import json
 import os
 import shutil
 from collections import Counter
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -50,12 +49,6 @@ def answer(root: etree._Element) -> str:
     """``SUCCESS``, or ``FAILED:<messageKey>``."""
     code = root.findtext("returncode") or "?"
     return code if code == "SUCCESS" else f"{code}:{root.findtext('messageKey')}"
-
-
-@pytest.fixture
-async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
-    async with open_cluster(tmp_path) as running:
-        yield running
 
 
 def assert_within_limits(state: LedgerState, capacity: int, max_connections: int) -> None:
@@ -101,6 +94,14 @@ async def ended_then_gone(cluster: Cluster, meeting: str, via: int) -> None:
     await wait_for(not_found, 2)
 
 
+async def held(cluster: Cluster) -> dict[str, Any]:
+    """For a failure's message: the meetings Redis and each instance hold."""
+    return {
+        "redis": sorted((r.meeting_id, r.connections, r.confirmed) for r in await cluster.ledger()),
+        **{f"instance {v}": sorted(await admin_meetings(cluster, v)) for v in range(3)},
+    }
+
+
 # -- the shipped files -------------------------------------------------------------------------
 
 
@@ -133,10 +134,14 @@ async def test_loopback_haproxy_config_is_valid_without_warnings(tmp_path: Path)
 
 
 def test_compose_file_names_what_is_shipped() -> None:
-    """docker-compose.yml parses (the YAML parser the venv has: PyYAML-ft, mutmut's) and
-    runs three gateways from the Dockerfile, Redis with AOF always, HAProxy with
-    config/haproxy.cfg and Prometheus with a config that scrapes all three."""
-    yaml: Any = importlib.import_module("yaml_ft")
+    """docker-compose.yml parses (with the YAML parser the venv has, PyYAML-ft through
+    mutmut's libcst: no dependency added for it) and runs three gateways from the
+    Dockerfile, Redis with AOF always, HAProxy with config/haproxy.cfg and Prometheus
+    with a config that scrapes all three."""
+    try:
+        yaml: Any = importlib.import_module("yaml_ft")  # what the venv has
+    except ModuleNotFoundError:
+        yaml = importlib.import_module("yaml")  # PyYAML, its original
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     services = compose["services"]
     gateways = sorted(name for name in services if name.startswith("gateway"))
@@ -439,37 +444,39 @@ async def _lb_has_none_ready(cluster: Cluster) -> bool:
 # -- read-your-writes --------------------------------------------------------------------------
 
 
-async def test_create_on_one_instance_is_seen_at_once_by_another(cluster: Cluster) -> None:
-    for i in range(6):
-        a, b = i % 3, (i + 1) % 3
-        meeting = f"ryw-{i}"
-        created = await cluster.create(meeting, a, maxParticipants="2")
-        assert answer(created) == "SUCCESS"
-        info = await cluster.call("getMeetingInfo", [("meetingID", meeting)], b)
-        assert answer(info) == "SUCCESS", (a, b, etree.tostring(info))
-        join = await cluster.get(
-            "join", [("meetingID", meeting), ("fullName", "Ada"), ("role", "VIEWER")], b
-        )
-        assert join.status_code == 302, (a, b, join.text)
-        ended = await cluster.call("end", [("meetingID", meeting)], b)
-        assert answer(ended) == "SUCCESS", (a, b, etree.tostring(ended))
-        await ended_then_gone(cluster, meeting, a)
+async def test_create_on_one_instance_is_seen_at_once_by_another(tmp_path: Path) -> None:
+    async with open_cluster(tmp_path) as cluster:
+        for i in range(6):
+            a, b = i % 3, (i + 1) % 3
+            meeting = f"ryw-{i}"
+            created = await cluster.create(meeting, a, maxParticipants="2")
+            assert answer(created) == "SUCCESS"
+            info = await cluster.call("getMeetingInfo", [("meetingID", meeting)], b)
+            assert answer(info) == "SUCCESS", (a, b, etree.tostring(info))
+            join = await cluster.get(
+                "join", [("meetingID", meeting), ("fullName", "Ada"), ("role", "VIEWER")], b
+            )
+            assert join.status_code == 302, (a, b, join.text)
+            ended = await cluster.call("end", [("meetingID", meeting)], b)
+            assert answer(ended) == "SUCCESS", (a, b, etree.tostring(ended))
+            await ended_then_gone(cluster, meeting, a)
 
 
 async def test_end_on_one_instance_frees_connections_for_another_at_once(
-    cluster: Cluster,
+    tmp_path: Path,
 ) -> None:
     """The customer's 20 connections held by one meeting; ended on A, a create of 20 on
     B is admitted at once."""
-    for i in range(6):
-        a, b = i % 3, (i + 1) % 3
-        full = await cluster.create(f"full-{i}", a, maxParticipants="20")
-        assert answer(full) == "SUCCESS"
-        refused = await cluster.create(f"more-{i}", b, maxParticipants="1")
-        assert answer(refused) == "FAILED:subscriptionExhausted"
-        ended = await cluster.call("end", [("meetingID", f"full-{i}")], a)
-        assert answer(ended) == "SUCCESS"
-        again = await cluster.create(f"next-{i}", b, maxParticipants="20")
-        assert answer(again) == "SUCCESS", (a, b, etree.tostring(again))
-        ended = await cluster.call("end", [("meetingID", f"next-{i}")], b)
-        assert answer(ended) == "SUCCESS"
+    async with open_cluster(tmp_path) as cluster:
+        for i in range(6):
+            a, b = i % 3, (i + 1) % 3
+            full = await cluster.create(f"full-{i}", a, maxParticipants="20")
+            assert answer(full) == "SUCCESS", (i, a, b, await held(cluster))
+            refused = await cluster.create(f"more-{i}", b, maxParticipants="1")
+            assert answer(refused) == "FAILED:subscriptionExhausted", (i, a, b, await held(cluster))
+            ended = await cluster.call("end", [("meetingID", f"full-{i}")], a)
+            assert answer(ended) == "SUCCESS", (i, a, b, etree.tostring(ended))
+            again = await cluster.create(f"next-{i}", b, maxParticipants="20")
+            assert answer(again) == "SUCCESS", (i, a, b, await held(cluster))
+            ended = await cluster.call("end", [("meetingID", f"next-{i}")], b)
+            assert answer(ended) == "SUCCESS", (i, a, b, etree.tostring(ended))
