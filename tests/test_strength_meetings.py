@@ -293,3 +293,32 @@ async def test_end_releases_as_end_and_a_vanished_meeting_as_gone(
         (("acme", "room-2"), "gone"),
         (("acme", "room-3"), "gone"),
     ]
+
+
+async def test_a_late_not_found_leaves_the_meeting_created_again(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The backend's answer about the old meeting comes after it was ended and created
+    again under the same meetingID: the new one stays."""
+    key = ("acme", "room-1")
+    await stack.create("room-1")
+    old = stack.gateway.ledger.get(key)
+    assert old is not None
+    sim, backend_meeting = stack.backend_meeting(*key)
+    client = stack.gateway.client(old.backend_id)
+    call = client.call
+
+    async def racing(name: str, params: Any, **kwargs: Any) -> Any:
+        reply = await call(name, params, **kwargs)
+        monkeypatch.setattr(client, "call", call)
+        await stack.gateway.ledger.release(key, "end")  # meanwhile ended...
+        created = await stack.create("room-1")  # ...and created again
+        assert text(created, "returncode") == "SUCCESS"
+        return reply
+
+    del sim.meetings[backend_meeting]
+    monkeypatch.setattr(client, "call", racing)
+    answer = await stack.call("getMeetingInfo", [("meetingID", "room-1")])
+    assert text(answer, "messageKey") == "notFound"
+    new = stack.gateway.ledger.get(key)
+    assert new is not None and new.created_at != old.created_at
