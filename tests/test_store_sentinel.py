@@ -36,14 +36,16 @@ from tests.harness import BACKEND_SECRET, Stack, config_for, text
 from tests.redis_server import START_TIMEOUT, RedisServer, free_port, redis_binary
 
 MASTER = "bbb-store"
+SENTINEL_PASSWORD = "sentinel-secret"  # the Sentinels' requirepass ([store] sentinel_password)
 SETTLE_TIMEOUT = 30.0  # seconds for replicas to sync and Sentinels to know each other
 QUICK_SYNC = ("--repl-diskless-sync-delay", "0")  # a replica's full sync at once, not in 5 s
 
 
-def cli(port: int, *args: str) -> str:
+def cli(port: int, *args: str, password: str = "") -> str:
     """``redis-cli -p port args``' output ('' if it cannot connect)."""
+    auth = ["--no-auth-warning", "-a", password] if password else []
     done = subprocess.run(
-        ["redis-cli", "-h", "127.0.0.1", "-p", str(port), *args],
+        ["redis-cli", "-h", "127.0.0.1", "-p", str(port), *auth, *args],
         capture_output=True,
         text=True,
         timeout=5,
@@ -53,8 +55,8 @@ def cli(port: int, *args: str) -> str:
 
 
 def fields(port: int, *args: str) -> dict[str, str]:
-    """A reply of alternating names and values (``SENTINEL master``) as a dict."""
-    lines = cli(port, *args).splitlines()
+    """A Sentinel's reply of alternating names and values (``SENTINEL master``) as a dict."""
+    lines = cli(port, *args, password=SENTINEL_PASSWORD).splitlines()
     return dict(zip(lines[::2], lines[1::2], strict=False))
 
 
@@ -89,6 +91,7 @@ class SentinelServer:
             f"sentinel down-after-milliseconds {MASTER} 500\n"
             f"sentinel failover-timeout {MASTER} 1000\n"
             f"sentinel parallel-syncs {MASTER} 2\n"
+            f"requirepass {SENTINEL_PASSWORD}\n"
         )
         self.process = subprocess.Popen(
             [self.binary, str(conf), "--sentinel"],
@@ -96,7 +99,9 @@ class SentinelServer:
             stderr=subprocess.DEVNULL,
         )
         wait_for(
-            lambda: cli(self.port, "PING").strip() == "PONG", "Sentinel answers", START_TIMEOUT
+            lambda: cli(self.port, "PING", password=SENTINEL_PASSWORD).strip() == "PONG",
+            "Sentinel answers",
+            START_TIMEOUT,
         )
 
     def stop(self) -> None:
@@ -116,11 +121,23 @@ class Group:
 
     def settings(self, **more: Any) -> StoreSettings:
         sentinels = tuple(f"127.0.0.1:{s.port}" for s in self.sentinels)
-        return StoreSettings(kind="redis", sentinels=sentinels, sentinel_master=MASTER, **more)
+        return StoreSettings(
+            kind="redis",
+            sentinels=sentinels,
+            sentinel_master=MASTER,
+            sentinel_password=SENTINEL_PASSWORD,
+            **more,
+        )
 
     def master_port(self) -> int:
         """The master's port as the first Sentinel names it now."""
-        reply = cli(self.sentinels[0].port, "SENTINEL", "get-master-addr-by-name", MASTER)
+        reply = cli(
+            self.sentinels[0].port,
+            "SENTINEL",
+            "get-master-addr-by-name",
+            MASTER,
+            password=SENTINEL_PASSWORD,
+        )
         return int(reply.split()[1])
 
 
@@ -223,6 +240,15 @@ async def test_the_store_opens_through_sentinel_and_names_them_when_none_answers
     with pytest.raises(StateError, match="sentinel master 'other'"):
         async with open_redis_store(unknown, timeout=1.0):
             pass
+    no_password = dataclasses.replace(group.settings(), sentinel_password="")
+    with pytest.raises(StateError, match="no master") as refused:
+        async with open_redis_store(no_password, timeout=1.0):
+            pass
+    wrong = dataclasses.replace(group.settings(), sentinel_password="wrong-one")
+    with pytest.raises(StateError, match="no master") as refused_too:
+        async with open_redis_store(wrong, timeout=1.0):
+            pass
+    assert "wrong-one" not in str(refused_too.value) and SENTINEL_PASSWORD not in str(refused.value)
 
 
 # -- WAIT without replicas -------------------------------------------------------------------------
