@@ -311,6 +311,19 @@ async def test_a_commit_whose_answer_was_lost_is_applied_once_after_reading_all_
         assert applied == [{"add": "x"}, {"add": "y"}, {"add": "z"}]
 
 
+async def test_concurrent_refreshes_share_a_catch_up(store_at: Opener) -> None:
+    async with store_at() as a_store, store_at() as b_store:
+        a, a_keys = replica_of(a_store)
+        b, b_keys = replica_of(b_store)
+        a_keys.change(a, {"add": "x"})
+        await a.flush()
+        async with trio.open_nursery() as nursery:
+            for _ in range(20):
+                nursery.start_soon(b.refresh)
+        assert "x" in b_keys.keys
+        assert b._started <= 2  # the first, and one for all that waited on it
+
+
 async def test_a_member_is_alive_while_it_runs_and_not_once_stopped(
     store_at: Opener, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -537,6 +550,21 @@ async def test_events_accepted_by_two_instances_are_each_delivered_once(
     assert owners == {b.gateway.webhooks.queues.owners.get(hook_id)}  # one owner, agreed
     [owner] = [s for s in (a, b) if s.gateway.webhooks.owns(hook_id)]
     assert delivered(owner) == 60  # ... and only it POSTed
+
+
+async def test_an_event_for_a_hook_just_made_on_another_instance_is_queued(
+    nursery: trio.Nursery,
+    tmp_path: Path,
+    redis_server: RedisServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(shared, "FOLLOW_EVERY", 3600.0)  # nothing is followed by itself here
+    a, b = await gateways(nursery, tmp_path, redis_server)
+    receiver = CountingReceiver()
+    url = await serve_endpoint(nursery, receiver.respond)
+    text(await create_hook(a, "room-1", f"{url}/hook"), "hookID")
+    await b.gateway.webhooks.accept("acme", "room-1", events(range(7, 8)))  # at once, on b
+    await until(lambda: receiver.took == [7])
 
 
 @pytest.mark.parametrize("clean", [True, False], ids=["stopped", "killed"])

@@ -105,6 +105,7 @@ class Replica:
         # A claim or commit went unanswered: whether it is in the stream is unknown, and
         # the tail skips this writer's entries, so the next catch-up reads the whole log.
         self._stale = False
+        self._started = self._finished = 0  # catch-ups begun, and the last one completed
         self.skipped = 0  # others' records apply refused
 
     @property
@@ -151,13 +152,17 @@ class Replica:
     # -- several instances ----------------------------------------------------------------------
 
     async def refresh(self) -> None:
-        """Apply what the other instances appended since the last read (one catch-up).
+        """Apply what the other instances appended since the last read (one catch-up;
+        concurrent calls share one that started after they were made).
 
         Error handling: ``StorageUnavailable`` when Redis does not answer.
         """
         shared = self._shared
-        if shared is not None:
-            async with self._lock:
+        if shared is None:
+            return
+        ticket = self._started + 1  # any catch-up that starts from now on will do
+        async with self._lock:
+            if self._finished < ticket:  # none has run since the call: run one
                 await self._catch_up(shared)
 
     async def claim(self, record: Mapping[str, Json], still: Callable[[], bool]) -> bool:
@@ -269,6 +274,12 @@ class Replica:
 
     async def _catch_up(self, shared: RedisLog) -> None:
         """One tail, applied (the caller holds ``_lock``)."""
+        self._started += 1
+        number = self._started
+        await self._read_and_apply(shared)
+        self._finished = number
+
+    async def _read_and_apply(self, shared: RedisLog) -> None:
         if self._stale:
             reset, records = True, []
         else:

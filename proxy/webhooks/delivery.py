@@ -172,13 +172,12 @@ class Webhooks:
         self._since_compaction = 0  # another instance compacted
 
     def others_changed(self) -> None:
-        """After the other instances' records: deliver what this instance owns, claim what
-        has no owner."""
+        """After the other instances' records: deliver what this instance owns.  A hook
+        without an owner is left to the instance that queued its event (it claims at once)
+        for :data:`CLAIM_EVERY`; then any instance may claim it."""
         for hook_id in self.queues.hooks():
             if self.owns(hook_id):
                 self._start_worker(hook_id)
-            elif hook_id not in self.queues.owners:
-                self._claim_soon(hook_id, None)
 
     @property
     def hooks(self) -> HookRegistry:
@@ -200,6 +199,8 @@ class Webhooks:
         """
         if self.log.failed:
             raise StorageUnavailable()
+        if self.shared:  # a hook made on another instance just before its meeting's events
+            await self.hooks.refresh()
         timestamp = int(time.time() * 1000)
         touched: list[str] = []
         for event in events:
