@@ -345,6 +345,8 @@ async def test_a_gateway_answers_bbb_errors_during_a_failover_and_loses_no_ackno
         with trio.fail_after(SETTLE_TIMEOUT):
             while text(answer := await create(n), "returncode") != "SUCCESS":
                 assert text(answer, "messageKey"), etree.tostring(answer)  # a BBB error
+                if not refused:  # (the promotion is >= 500 ms away: down-after-milliseconds)
+                    assert (await stack.http.get(f"{stack.url}/readyz")).status_code == 503
                 refused += 1
                 n += 1
                 await trio.sleep(0.1)  # the client's next try
@@ -353,6 +355,9 @@ async def test_a_gateway_answers_bbb_errors_during_a_failover_and_loses_no_ackno
         for m in range(n + 1, n + 4):
             assert text(await create(m), "returncode") == "SUCCESS"
             acknowledged.append(f"room-{m}")
+        with trio.fail_after(SETTLE_TIMEOUT):  # ready again by itself
+            while (await stack.http.get(f"{stack.url}/readyz")).status_code != 200:  # noqa: ASYNC110
+                await trio.sleep(0.1)
     async with open_redis_store(group.settings(), timeout=2.0) as store:
         state, _ = redis_journal.replay(store.open("ledger")[1])
     assert set(acknowledged) <= {r.meeting_id for r in state}
