@@ -50,6 +50,7 @@ from tests.harness import (
 )
 from tests.redis_server import RedisServer, redis_server
 from tests.test_admin_api import NEW_CUSTOMER, TOKEN, Admin, created
+from tests.test_analytics import start_receiver as start_analytics_receiver
 from tests.test_hooks_api import create_hook, hooks_call
 from tests.test_recordings_ready import claims
 
@@ -756,3 +757,22 @@ async def test_portal_administrators_and_sessions_are_the_same_on_every_instance
         assert portal.current(opened(portal.key, cookie, portal.clock())) == session
     await portals[0].logout(session)
     await until(lambda: all(p.current(session) is None for p in portals))
+
+
+async def test_analytics_callbacks_of_meetings_on_two_instances_are_each_delivered_once(
+    nursery: trio.Nursery, tmp_path: Path, redis_server: RedisServer
+) -> None:
+    a, b = await gateways(nursery, tmp_path, redis_server)
+    receiver = await start_analytics_receiver(nursery)
+    for n, stack in enumerate((a, b, a, b)):
+        created = await stack.create(f"lesson-{n}", **{"meta_analytics-callback-url": receiver.url})
+        assert created.findtext("returncode") == "SUCCESS", etree.tostring(created)
+    for n, stack in enumerate((a, b, a, b)):
+        await stack.call("end", [("meetingID", f"lesson-{n}")])
+
+    def done() -> int:
+        return sum(s.gateway.tallies.get(("analytics_deliveries", "done"), 0) for s in (a, b))
+
+    await until(lambda: done() == 4)
+    meetings = sorted(orjson.loads(body)["meeting_id"] for _, body in receiver.posts)
+    assert meetings == [f"lesson-{n}" for n in range(4)]  # each once
