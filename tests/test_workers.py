@@ -20,6 +20,7 @@ import contextlib
 import glob
 import os
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
@@ -326,3 +327,15 @@ def test_several_workers_need_the_redis_store(
     none.write_text(config_text(8080, backends, tmp_path / "s", 'kind = "redis"', 0))
     assert cli.main(["check-config", str(none)]) == 2
     assert "proxy.workers: must be an integer >= 1" in capsys.readouterr().err
+
+
+def test_a_busy_address_is_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    backends = [f"http://{HOST}:9/bigbluebutton/api"]
+    with socket.socket() as taken:
+        taken.bind((HOST, 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = tmp_path / "busy.toml"
+        config.write_text(config_text(port, backends, tmp_path / "s", 'kind = "redis"', 2))
+        assert cli.main(["serve", "--config", str(config)]) == 2
+    assert f"proxy.bind {HOST}:{port}: cannot listen" in capsys.readouterr().err
