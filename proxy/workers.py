@@ -119,7 +119,9 @@ class Seat:
 
 def listen(bind: str, count: int) -> list[socket.socket]:
     """``count`` listening sockets on ``bind``'s one port (``SO_REUSEPORT``), one per worker
-    (blocking, before the event loop; port 0: the first one's free port for all).
+    (blocking, before the event loop; port 0: the first one's free port for all).  A port
+    some process listens on already is refused, as for one process: a second gateway's
+    workers would otherwise share the port and its connections without a word.
 
     Error handling: ``ConfigError`` naming ``proxy.bind`` (the CLI exits 2).
     """
@@ -132,6 +134,9 @@ def listen(bind: str, count: int) -> list[socket.socket]:
         raise ConfigError(f"proxy.bind {bind!r}: cannot resolve the host: {exc}") from None
     sockets: list[socket.socket] = []
     try:
+        with socket.socket(family, kind, proto) as probe:  # without SO_REUSEPORT: fails if
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # anyone listens
+            probe.bind(address)  # there, even another gateway's SO_REUSEPORT workers
         for _ in range(count):
             sock = socket.socket(family, kind, proto)
             sockets.append(sock)

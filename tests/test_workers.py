@@ -37,6 +37,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from proxy import cli
 from proxy.bbb.checksum import signed_query
 from proxy.bbb.rewrite import READY_PATH
+from proxy.errors import ConfigError
+from proxy.workers import listen
 from tests.redis_server import RedisServer, free_port, redis_server
 
 __all__ = ["redis_server"]  # the fixture, used by name below
@@ -339,3 +341,15 @@ def test_a_busy_address_is_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[
         config.write_text(config_text(port, backends, tmp_path / "s", 'kind = "redis"', 2))
         assert cli.main(["serve", "--config", str(config)]) == 2
     assert f"proxy.bind {HOST}:{port}: cannot listen" in capsys.readouterr().err
+
+
+def test_a_second_gateways_workers_do_not_share_the_port() -> None:
+    first = listen(f"{HOST}:0", 2)  # SO_REUSEPORT: another set could join them
+    try:
+        port = first[0].getsockname()[1]
+        assert {s.getsockname()[1] for s in first} == {port}
+        with pytest.raises(ConfigError, match="cannot listen"):
+            listen(f"{HOST}:{port}", 2)
+    finally:
+        for sock in first:
+            sock.close()
