@@ -23,7 +23,9 @@ As quart-trio does, the (empty) body is read first (so the answer's last part is
 held back, :func:`proxy.server.closing_unread`), the answer is given up when the client goes away
 (``http.disconnect`` cancels it), the answer's sending is bounded by the app's
 ``RESPONSE_TIMEOUT``, and an unexpected exception is answered BBB's
-``internalError`` envelope and logged.
+``internalError`` envelope and logged.  Once the answer is out, nothing is cancelled: the
+task watching for the disconnect ends on the ``http.disconnect`` hypercorn reports as the
+answer's end is written (or after :data:`DISCONNECT_GRACE`, should it not come).
 
 Error handling: nothing raised by the call escapes (see above); a failure to send
 propagates to hypercorn as with quart.
@@ -32,6 +34,7 @@ propagates to hypercorn as with quart.
 from __future__ import annotations
 
 import logging
+import math
 import re
 from typing import Any
 
@@ -48,6 +51,10 @@ from proxy.metrics import Metrics
 
 log = logging.getLogger("proxy.app")
 
+# How long a request's task waits, after its answer is out, for hypercorn's word that the
+# stream is closed (an ``http.disconnect``, sent as the answer's end is written) before it
+# stops waiting (cancelled: a second Cancelled per request was most of the watcher's cost).
+DISCONNECT_GRACE = 1.0
 _API_PATH = re.compile(r"/([^/]+)/bigbluebutton/api/([A-Za-z]+(?:/[A-Za-z]+)*)")
 
 
@@ -65,15 +72,17 @@ def fast_api(gw: Gateway, metrics: Metrics, quart: QuartTrio) -> Any:
             return await quart(scope, receive, send)
         if (await receive())["type"] == "http.disconnect":  # else the (empty) body: read whole
             return None
+        answered: list[bool] = []
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope)
+            nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope, answered)
             response = await _answer(gw, metrics, incoming, scope["path"])
-            if timeout is None:
+            with trio.move_on_after(math.inf if timeout is None else timeout) as sending:
                 await _send(send, response)
-            else:
-                with trio.move_on_after(timeout):
-                    await _send(send, response)
-            nursery.cancel_scope.cancel()
+            if sending.cancelled_caught:
+                nursery.cancel_scope.cancel()
+            else:  # the watcher ends on the disconnect hypercorn reports after the answer
+                answered.append(True)
+                nursery.cancel_scope.deadline = trio.current_time() + DISCONNECT_GRACE
         return None
 
     return asgi
@@ -106,10 +115,14 @@ async def _answer(gw: Gateway, metrics: Metrics, incoming: Incoming, path: str) 
         return internal_error()
 
 
-async def _cancel_on_disconnect(receive: Any, scope: trio.CancelScope) -> None:
+async def _cancel_on_disconnect(
+    receive: Any, scope: trio.CancelScope, answered: list[bool]
+) -> None:
+    """Cancel the call when the client goes away; once answered, just end."""
     while (await receive())["type"] != "http.disconnect":
         pass
-    scope.cancel()
+    if not answered:
+        scope.cancel()
 
 
 async def _send(send: Any, response: Response) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
 
 import pytest
@@ -16,6 +16,7 @@ from proxy.config import Timeouts
 FAST = Timeouts(connect=1, read=0.3, write=1, pool=0.2)
 
 type Handler = Callable[[trio.SocketStream], Awaitable[None]]
+CLOSE = b"<close>"
 
 
 async def serve(nursery: trio.Nursery, handler: Handler) -> str:
@@ -196,4 +197,163 @@ async def test_answers_above_the_cap_are_refused(nursery: trio.Nursery) -> None:
     for _ in range(3):
         with pytest.raises(ProtocolFailed, match="larger than 1000 bytes"):
             await pool.request("GET", "/")
+    await pool.aclose()
+
+
+def canned(answers: list[bytes], connections: list[int]) -> Handler:
+    """A server answering each request with the next of ``answers``, counting connections;
+    an answer ending in ``CLOSE`` is sent without it, then the connection is closed."""
+    queue = iter(answers)
+
+    async def handler(stream: trio.SocketStream) -> None:
+        connections.append(1)
+        while await read_request(stream):
+            answer = next(queue)
+            await stream.send_all(answer.removesuffix(CLOSE))
+            if answer.endswith(CLOSE):
+                return
+
+    return handler
+
+
+@pytest.mark.parametrize(
+    ("answer", "body", "reused"),
+    [
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", b"ok", True),
+        (b"HTTP/1.1 200 \r\ncontent-length: 2\r\n\r\nok", b"ok", True),  # hypercorn's, no reason
+        (
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+            b"ok",
+            True,
+        ),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok", b"ok", False),
+        (
+            b"HTTP/1.1 200 OK\r\nConnection: x\r\nConnection: Close\r\nContent-Length: 2\r\n\r\nok",
+            b"ok",
+            False,
+        ),
+        (b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok", b"ok", False),
+        (b"HTTP/1.1 200 OK\r\n\r\nto the end" + CLOSE, b"to the end", False),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nok", b"ok", True),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200 OK", b"ok", False),  # more
+        (b"HTTP/1.1 204 No Content\r\n\r\n", b"", True),
+        (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: Chunked\r\n\r\n"
+            b"2;ext=1\r\nok\r\n1 \r\n!\r\n0\r\nX-Trailer: t\r\n\r\n",
+            b"ok!",
+            True,
+        ),
+    ],
+)
+async def test_answers_are_framed_and_kept_as_http_1_1_says(
+    nursery: trio.Nursery, answer: bytes, body: bytes, reused: bool
+) -> None:
+    connections: list[int] = []
+    second = b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nnext"
+    pool = Pool(await serve(nursery, canned([answer, second], connections)), FAST, 4)
+    first = await pool.request("GET", "/")
+    assert (first.status, first.body) == (204 if b" 204 " in answer else 200, body)
+    assert (await pool.request("GET", "/")).body == b"next"
+    assert len(connections) == (1 if reused else 2)
+    await pool.aclose()
+
+
+@pytest.mark.parametrize(
+    ("answer", "refusal"),
+    [
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n", "chunked alone"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 2\r\n\r\n", "alone"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok", "twice"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: +2\r\n\r\nok", "Content-Length"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n folded\r\n\r\nok", "header line"),
+        (b"HTTP/1.1 200 OK\r\nX: a\x00b\r\nContent-Length: 2\r\n\r\nok", "header line"),
+        (b"HTTP/1.1 200 OK\r\nX : a\r\nContent-Length: 2\r\n\r\nok", "header line"),
+        (b"HTTP/1.1 200 OK\nContent-Length: 2\r\n\r\nok", "status line"),  # a bare LF
+        (b"HTTP/2 200 OK\r\nContent-Length: 2\r\n\r\nok", "status line"),
+        (b"HTTP/1.1 20 OK\r\nContent-Length: 2\r\n\r\nok", "status line"),
+        (b"HTTP/1.1 101 Switching Protocols\r\n\r\n", "switched"),
+        (b"HTTP/1.1 200 OK\r\nX: " + b"a" * 20000 + b"\r\n\r\n", "head larger"),
+        (b"HTTP/1.1 200 OK\r\nX: " + b"a" * 20000, "head larger"),  # and no end in sight
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", "chunk size"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nokX\r\n0\r\n\r\n", "CRLF"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + b"1" * 20000, "line longer"),
+        (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n"
+            + b"X: t\r\n" * 3000
+            + b"\r\n",
+            "trailers larger",
+        ),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\no" + CLOSE, "closed before"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\no" + CLOSE, "closed before"),
+        (b"HTTP/1.1 200 OK\r\n" + CLOSE, "closed before"),
+    ],
+)
+async def test_answers_that_are_not_http_1_1_are_refused(
+    nursery: trio.Nursery, answer: bytes, refusal: str
+) -> None:
+    pool = Pool(await serve(nursery, canned([answer], [])), FAST, 4)
+    with pytest.raises(ProtocolFailed, match=refusal):
+        await pool.request("GET", "/")
+    await pool.aclose()
+
+
+async def test_a_streamed_answer_is_handed_over_as_it_comes(nursery: trio.Nursery) -> None:
+    chunked = (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"
+    )
+    sized = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nxyz"
+    failed = b"HTTP/1.1 500 Oops\r\nContent-Length: 4\r\n\r\noops"
+    pool = Pool(await serve(nursery, canned([chunked, sized, failed], [])), FAST, 4)
+    parts: list[bytes] = []
+    for expected in (b"abcde", b"xyz"):
+        answer = await pool.stream("GET", "/", parts.append)
+        assert (answer.status, answer.body, b"".join(parts)) == (200, b"", expected)
+        parts.clear()
+    answer = await pool.stream("GET", "/", parts.append)  # not a 200: kept, not handed over
+    assert (answer.status, answer.body, parts) == (500, b"oops", [])
+    await pool.aclose()
+
+
+@pytest.mark.parametrize(
+    ("target", "content_type"),
+    [
+        ("/api/getMeetings?x=1 HTTP/1.1\r\nX-Injected: 1\r\n\r\nGET /", None),
+        ("/api/getMeetings?x=\x00", None),
+        ("/api/getMeetings?x=é", None),
+        ("/api/insertDocument", "text/xml\r\nX-Injected: 1"),
+        ("/api/insertDocument", "text/xml\x00"),
+        ("/api/insertDocument", "text/xml; name=\u20ac"),
+    ],
+)
+async def test_a_request_that_cannot_be_written_as_asked_is_not_sent(
+    nursery: trio.Nursery, target: str, content_type: str | None
+) -> None:
+    connections: list[int] = []
+    pool = Pool(await serve(nursery, canned([], connections)), FAST, 4)
+    with pytest.raises(ProtocolFailed, match="cannot send"):
+        await pool.request("POST", target, b"<x/>", content_type)
+    assert connections == []
+    await pool.aclose()
+
+
+async def test_a_body_streamed_in_chunks(nursery: trio.Nursery) -> None:
+    seen: list[bytes] = []
+
+    async def handler(stream: trio.SocketStream) -> None:
+        request = await read_request(stream)
+        while not request.endswith(b"0\r\n\r\n"):
+            request += await stream.receive_some(100)
+        seen.append(request)
+        await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    async def body() -> AsyncIterator[bytes]:
+        yield b"abc"
+        yield b""  # nothing to send: no chunk (an empty one would end the body)
+        yield b"defghijklmnopq"
+
+    pool = Pool(await serve(nursery, handler), FAST, 4)
+    assert (await pool.request("POST", "/api/x", body(), "text/plain")).body == b"ok"
+    head, _, sent = seen[0].partition(b"\r\n\r\n")
+    assert b"Transfer-Encoding: chunked" in head and b"Content-Length" not in head
+    assert sent == b"3\r\nabc\r\ne\r\ndefghijklmnopq\r\n0\r\n\r\n"
     await pool.aclose()

@@ -16,6 +16,7 @@ import pytest
 import trio
 
 from proxy import app as web
+from proxy import fast_api as fast_api_module
 from proxy.fast_api import fast_api
 from tests.harness import Stack, wait_until
 from tests.test_request_logs import JOIN, Captured, captured, rid  # noqa: F401
@@ -193,17 +194,8 @@ async def test_a_bodyless_api_get_does_not_reach_quart(monkeypatch: pytest.Monke
     quart = _Quart()
     app = fast_api(None, None, quart)  # type: ignore[arg-type]
     inbox = [{"type": "http.request", "body": b"", "more_body": False}]
-
-    async def receive() -> Any:
-        if inbox:
-            return inbox.pop()
-        await trio.sleep_forever()
-
     sent: list[Any] = []
-
-    async def send(message: Any) -> None:
-        sent.append(message)
-
+    receive, send = _hypercorn_like(inbox, sent)
     for path in ("/acme/bigbluebutton/api/join", "/x/bigbluebutton/api/hooks/create"):
         inbox[:] = [{"type": "http.request", "body": b"", "more_body": False}]
         headers = [(b"host", b"gw.example"), (b"content-length", b"0")]
@@ -249,3 +241,72 @@ async def test_a_client_gone_before_the_answer_cancels_it(monkeypatch: pytest.Mo
     with trio.fail_after(5):
         await app(_scope("GET", "/acme/bigbluebutton/api/getMeetings"), receive, send)
     assert cancelled.is_set() and sent == []
+
+
+def _hypercorn_like(inbox: list[Any], sent: list[Any]) -> tuple[Any, Any]:
+    """ASGI receive and send as hypercorn's: the request's messages from ``inbox``, then,
+    once the answer's end is sent, ``http.disconnect`` (the stream is closed)."""
+    closed = trio.Event()
+
+    async def receive() -> Any:
+        if inbox:
+            return inbox.pop()
+        await closed.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+        if message["type"] == "http.response.body" and not message.get("more_body"):
+            closed.set()
+
+    return receive, send
+
+
+async def _answered(_gw: object, _metrics: object, _incoming: object) -> Any:
+    return web.internal_error()
+
+
+async def test_an_answered_call_ends_on_the_disconnect_after_its_answer(
+    monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The watcher ends on hypercorn's ``http.disconnect`` after the answer: no waiting for
+    the grace, and nothing cancelled (a Cancelled per request cost more than the rest)."""
+    monkeypatch.setattr("proxy.fast_api.api_answer", _answered)
+    cancels: list[str] = []
+    real_cancel = trio.CancelScope.cancel
+
+    def cancel(scope: trio.CancelScope, *args: Any) -> None:
+        cancels.append("cancel")
+        real_cancel(scope, *args)
+
+    monkeypatch.setattr(trio.CancelScope, "cancel", cancel)
+    app = fast_api(None, None, _Quart())  # type: ignore[arg-type]
+    sent: list[Any] = []
+    receive, send = _hypercorn_like([{"type": "http.request", "body": b""}], sent)
+    started = trio.current_time()
+    await app(_scope("GET", "/acme/bigbluebutton/api/getMeetings"), receive, send)
+    assert trio.current_time() - started < fast_api_module.DISCONNECT_GRACE
+    assert sent[0]["status"] == 200 and cancels == []
+
+
+async def test_without_the_disconnect_after_the_answer_the_call_ends_after_the_grace(
+    monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock
+) -> None:
+    monkeypatch.setattr("proxy.fast_api.api_answer", _answered)
+    app = fast_api(None, None, _Quart())  # type: ignore[arg-type]
+    inbox = [{"type": "http.request", "body": b""}]
+    sent: list[Any] = []
+
+    async def receive() -> Any:
+        if inbox:
+            return inbox.pop()
+        await trio.sleep_forever()  # a server that never says the stream is closed
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    started = trio.current_time()
+    with trio.fail_after(10 * fast_api_module.DISCONNECT_GRACE):  # never: a hung request
+        await app(_scope("GET", "/acme/bigbluebutton/api/getMeetings"), receive, send)
+    assert trio.current_time() - started == pytest.approx(fast_api_module.DISCONNECT_GRACE)
+    assert sent[0]["status"] == 200 and not sent[-1].get("more_body")

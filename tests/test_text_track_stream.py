@@ -379,7 +379,10 @@ async def test_pool_streams_a_body_chunked_and_aborts_on_error(nursery: trio.Nur
         while chunk := await stream.receive_some(65536):
             data += chunk
             if b"0\r\n\r\n" in data:
-                await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                # One request per connection, and it says so: the pool must not reuse it.
+                await stream.send_all(
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
+                )
                 break
         seen.append(data)
 

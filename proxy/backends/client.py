@@ -25,8 +25,7 @@ Two bounds keep one peer from starving the rest:
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 from urllib.parse import urlsplit
@@ -184,36 +183,37 @@ class BackendClient:
 
         Error handling: as :meth:`call`.
         """
-        async with self._customer_slot(call, customer):
-            started = time.perf_counter()
-            outcome = "ok"
-            target = f"{self._path}/{call}?{self._query(call, params)}"
-            try:
-                return await self._fetch(target, body, content_type, sink)
-            except BackendError as exc:
-                outcome = type(exc).__name__.removeprefix("Backend").lower()
-                raise
-            finally:
-                self.observer(self.id, call, outcome, time.perf_counter() - started)
+        target = f"{self._path}/{call}?{self._query(call, params)}"
+        slots = None if customer is None else await self._customer_slot(call, customer)
+        started = time.perf_counter()
+        outcome = "ok"
+        try:
+            return await self._fetch(target, body, content_type, sink)
+        except BackendError as exc:
+            outcome = type(exc).__name__.removeprefix("Backend").lower()
+            raise
+        finally:
+            self.observer(self.id, call, outcome, time.perf_counter() - started)
+            if slots is not None:
+                slots.release()
 
-    @asynccontextmanager
-    async def _customer_slot(self, call: str, customer: str | None) -> AsyncIterator[None]:
-        """Hold one of ``customer``'s slots on this backend for the call (none for our own)."""
-        if customer is None:
-            yield
-            return
+    async def _customer_slot(self, call: str, customer: str) -> trio.CapacityLimiter:
+        """One of ``customer``'s slots on this backend, held for the call (the caller
+        releases it); none is taken for the gateway's own calls."""
         slots = self._per_customer.get(customer)
         if slots is None:
             slots = self._per_customer[customer] = trio.CapacityLimiter(self._share)
+        try:
+            slots.acquire_nowait()  # the usual case: no wait, no extra task switch
+            return slots
+        except trio.WouldBlock:
+            pass
         with trio.move_on_after(self._share_wait) as waiting:
             await slots.acquire()
         if waiting.cancelled_caught:
             self.observer(self.id, call, "customer_limit", 0.0)
             raise BackendUnavailable(self.id, f"{customer} has {self._share} calls in flight")
-        try:
-            yield
-        finally:
-            slots.release()
+        return slots
 
     async def _fetch(
         self,

@@ -1,16 +1,34 @@
 """A small HTTP/1.1 client for the gateway's calls to one BBB server.
 
-Why not httpx: profiled under create load, httpx's request machinery (URL
-model, auth and redirect layers, anyio, the connection pool's bookkeeping)
-cost about a quarter of the gateway's CPU, for calls that are always the same
-shape: one GET or POST to one known server, no redirects, no cookies.  This
-client keeps a LIFO pool of keep-alive connections per server, parses answers
-with h11, and applies each phase's timeout exactly where the I/O happens:
+Why not httpx, nor h11: profiled under create load, httpx's request machinery
+(URL model, auth and redirect layers, anyio, the connection pool's bookkeeping)
+cost about a quarter of the gateway's CPU; later, under getMeetingInfo load,
+h11's event objects and state machine were still most of what remained of a
+backend call (``bench/README.md``, "One process, leaner").  The calls are
+always the same shape: one GET or POST to one known server, no redirects, no
+cookies, no pipelining.  This client keeps a LIFO pool of keep-alive
+connections per server, writes each request in one piece, reads answers with
+the small parser below, and applies each phase's timeout exactly where the
+I/O happens:
 
 - ``pool``: waiting for a free connection slot;
 - ``connect``: TCP connect and TLS handshake;
 - ``write``: sending the request (a streamed body: each of its chunks);
 - ``read``: from the request sent to the answer's last byte.
+
+What it reads (and refuses, as :class:`ProtocolFailed`): a status line
+``HTTP/1.0`` or ``HTTP/1.1``, a three-digit status and an optional reason;
+header lines ``name: value`` (a token, then no control characters but tab),
+ended by CRLF, the whole head at most :data:`MAX_HEAD_BYTES` (no obsolete line
+folding); interim ``1xx`` answers are skipped (``101`` is refused).  The body
+is framed by ``Transfer-Encoding: chunked`` (the only coding accepted; not
+together with ``Content-Length``), else by ``Content-Length`` (digits; repeated
+values must agree), else it runs to the connection's end; ``204`` and ``304``
+have none.  A connection is kept for the next request only if the answer was
+HTTP/1.1, framed, without ``Connection: close``, read to its end and followed by
+nothing.  A request is written only with a target and header values that cannot
+change its meaning (no spaces, controls or line breaks in the target; no line
+breaks or NULs in a value): anything else is refused before a connection is taken.
 
 A request body is bytes (sent with its Content-Length) or an async iterable of chunks,
 sent with chunked transfer encoding as the chunks come (putRecordingTextTrack's upload,
@@ -20,21 +38,21 @@ the server never sees a whole request, and the exception propagates unchanged.
 
 Error handling: every failure is raised as one of :class:`ConnectFailed`
 (nothing was sent: safe to try elsewhere), :class:`Timeout` (sent, no answer
-in time) or :class:`ProtocolFailed` (the connection broke or the answer was
-not HTTP).  An idle connection the server has closed is noticed before reuse
-(it reads as ready) and dropped, so a request is never sent into a dead socket.
+in time) or :class:`ProtocolFailed` (the connection broke, the answer was
+not HTTP, or the request could not be written).  An idle connection the server
+has closed is noticed before reuse (it reads as ready) and dropped, so a
+request is never sent into a dead socket.
 """
 
 from __future__ import annotations
 
+import re
 import ssl
 import time
-from collections.abc import AsyncIterable, Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import AsyncIterable, Callable
+from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-import h11
 import trio
 
 from proxy.bbb.numbers import parse_int
@@ -45,11 +63,21 @@ from proxy.config import Timeouts
 MAX_ANSWER_BYTES = 16 * 1024 * 1024
 # A streamed answer (Pool.stream) is not kept, so it is capped far higher: 1 GiB.
 MAX_STREAMED_BYTES = 1024 * 1024 * 1024
+MAX_HEAD_BYTES = 16 * 1024  # an answer's status line and headers; a chunk's size line, trailers
 STREAM_READ = 16 * 1024  # a streamed answer's reads: 20 listings at once hold 20 of them
+READ = 64 * 1024  # every other read
 IDLE_SECONDS = 30.0  # idle connections older than this are closed rather than reused
 USER_AGENT = b"bbb-proxy"
 
 type Body = bytes | AsyncIterable[bytes]  # an iterable is streamed (chunked)
+type Sink = Callable[[bytes], None]
+
+_STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([0-9]{3})(?: [^\x00-\x08\x0a-\x1f\x7f]*)?")
+_HEADER_LINE = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([^\x00-\x08\x0a-\x1f\x7f]*)")
+_CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(?:;[^\x00-\x08\x0a-\x1f\x7f]*)?")
+_TARGET = re.compile(r"[\x21-\x7e]+")  # what may stand between the method and the version
+_METHOD = re.compile(r"[A-Z]+")
+_VALUE = re.compile(r"[^\x00\r\n]*")  # a header value we send: no line break, no NUL
 
 
 class HttpError(Exception):
@@ -65,7 +93,8 @@ class Timeout(HttpError):
 
 
 class ProtocolFailed(HttpError):
-    """The connection broke mid-answer, or the answer was not valid HTTP/1.1."""
+    """The connection broke mid-answer, the answer was not valid HTTP/1.1, or the request
+    could not be written as asked."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,11 +104,11 @@ class Answer:
     location: str = ""  # a redirect's Location header (join errors), else ""
 
 
-@dataclass
+@dataclass(slots=True)
 class _Connection:
     stream: trio.abc.Stream
-    h11: h11.Connection
     idle_since: float
+    buffer: bytearray = field(default_factory=bytearray)  # received, not yet parsed
 
     def reusable(self, now: float) -> bool:
         if now - self.idle_since > IDLE_SECONDS:
@@ -109,7 +138,8 @@ class Pool:
         self._host = parts.hostname or ""
         self._port = parts.port or (443 if self._tls else 80)
         default_port = self._port == (443 if self._tls else 80)
-        self._host_header = (parts.netloc if not default_port else self._host).encode()
+        host = (parts.netloc if not default_port else self._host).encode()
+        self._fixed_headers = b"Host: %b\r\nUser-Agent: %b\r\n" % (host, USER_AGENT)
         self._timeouts = timeouts
         self._max_answer = max_answer_bytes
         self._slots = trio.CapacityLimiter(size)
@@ -122,7 +152,7 @@ class Pool:
         """Send one request (``target`` is the path and query) and read the whole answer."""
         return await self._request(method, target, body, content_type, None)
 
-    async def stream(self, method: str, target: str, sink: Callable[[bytes], None]) -> Answer:
+    async def stream(self, method: str, target: str, sink: Sink) -> Answer:
         """As :meth:`request`, but a 200 answer's body goes to ``sink`` as it arrives and is
         not kept (``Answer.body`` is empty), capped at :data:`MAX_STREAMED_BYTES`.
         ``sink`` must not raise."""
@@ -134,15 +164,19 @@ class Pool:
         target: str,
         body: Body | None,
         content_type: str | None,
-        sink: Callable[[bytes], None] | None,
+        sink: Sink | None,
     ) -> Answer:
-        with trio.move_on_after(self._timeouts.pool) as waiting:
-            await self._slots.acquire()
-        if waiting.cancelled_caught:
-            raise ConnectFailed("no free connection in time")
+        head = self._head(method, target, body, content_type)
+        try:
+            self._slots.acquire_nowait()  # the usual case: no wait, no extra task switch
+        except trio.WouldBlock:
+            with trio.move_on_after(self._timeouts.pool) as waiting:
+                await self._slots.acquire()
+            if waiting.cancelled_caught:
+                raise ConnectFailed("no free connection in time") from None
         try:
             connection = await self._connection()
-            answer = await self._exchange(connection, method, target, body, content_type, sink)
+            answer = await self._exchange(connection, head, body, sink)
         finally:
             self._slots.release()
         return answer
@@ -151,6 +185,27 @@ class Pool:
         idle, self._idle = self._idle, []
         for connection in idle:
             await trio.aclose_forcefully(connection.stream)
+
+    def _head(self, method: str, target: str, body: Body | None, content_type: str | None) -> bytes:
+        """The request's head (with a whole body, the body too)."""
+        if not _METHOD.fullmatch(method) or not _TARGET.fullmatch(target):
+            raise ProtocolFailed(f"cannot send {method} {target!r}: not a request line")
+        head = [b"%b %b HTTP/1.1\r\n%b" % (method.encode(), target.encode(), self._fixed_headers)]
+        if isinstance(body, bytes):
+            head.append(b"Content-Length: %d\r\n" % len(body))
+        elif body is not None:
+            head.append(b"Transfer-Encoding: chunked\r\n")
+        if body is not None and content_type:
+            if not _VALUE.fullmatch(content_type):
+                raise ProtocolFailed("cannot send a Content-Type with a line break")
+            try:
+                head.append(b"Content-Type: %b\r\n" % content_type.encode("latin-1"))
+            except UnicodeEncodeError:
+                raise ProtocolFailed("cannot send a Content-Type outside latin-1") from None
+        head.append(b"\r\n")
+        if isinstance(body, bytes):
+            head.append(body)
+        return b"".join(head)
 
     async def _connection(self) -> _Connection:
         now = time.monotonic()
@@ -167,7 +222,7 @@ class Pool:
                 raise ConnectFailed(f"{type(cause).__name__}: {cause}") from None
         if connecting.cancelled_caught:
             raise ConnectFailed("connect timed out")
-        return _Connection(stream, h11.Connection(h11.CLIENT), now)
+        return _Connection(stream, now)
 
     async def _open(self) -> trio.abc.Stream:
         tcp = await trio.open_tcp_stream(self._host, self._port)
@@ -182,130 +237,211 @@ class Pool:
         return stream
 
     async def _exchange(
-        self,
-        connection: _Connection,
-        method: str,
-        target: str,
-        body: Body | None,
-        content_type: str | None,
-        sink: Callable[[bytes], None] | None = None,
+        self, connection: _Connection, head: bytes, body: Body | None, sink: Sink | None
     ) -> Answer:
         try:
-            events = self._events(method, target, body, content_type)
-            data = b"".join(connection.h11.send(e) or b"" for e in events)
-            with _deadline(self._timeouts.write, "sending the request"):
-                await _send(connection.stream, data)
+            with trio.move_on_after(self._timeouts.write) as sending:
+                await _send(connection.stream, head)
+            if sending.cancelled_caught:
+                raise Timeout("timed out sending the request")
             if body is not None and not isinstance(body, bytes):
                 await self._stream_body(connection, body)
-            with _deadline(self._timeouts.read, "waiting for the answer"):
-                answer = await _read_answer(connection, self._max_answer, sink)
+            with trio.move_on_after(self._timeouts.read) as reading:
+                answer, keep = await _read_answer(connection, self._max_answer, sink)
+            if reading.cancelled_caught:
+                raise Timeout("timed out waiting for the answer")
         except BaseException:
             await trio.aclose_forcefully(connection.stream)
             raise
-        await self._keep_or_close(connection)
+        if keep and not connection.buffer:  # anything after the answer: not ours to guess
+            connection.idle_since = time.monotonic()
+            self._idle.append(connection)
+        else:
+            await trio.aclose_forcefully(connection.stream)
         return answer
-
-    def _events(
-        self, method: str, target: str, body: Body | None, content_type: str | None
-    ) -> list[h11.Request | h11.Data | h11.EndOfMessage]:
-        """The request's events; for a streamed body only its head (see _stream_body)."""
-        headers = [(b"Host", self._host_header), (b"User-Agent", USER_AGENT)]
-        if isinstance(body, bytes):
-            headers.append((b"Content-Length", str(len(body)).encode()))
-        elif body is not None:
-            headers.append((b"Transfer-Encoding", b"chunked"))
-        if body is not None and content_type:
-            headers.append((b"Content-Type", content_type.encode("latin-1")))
-        events: list[h11.Request | h11.Data | h11.EndOfMessage] = [
-            h11.Request(method=method, target=target, headers=headers)
-        ]
-        if body is not None and not isinstance(body, bytes):
-            return events
-        if body:
-            events.append(h11.Data(data=body))
-        events.append(h11.EndOfMessage())
-        return events
 
     async def _stream_body(self, connection: _Connection, body: AsyncIterable[bytes]) -> None:
         """Send ``body``'s chunks as they come, each within the write timeout, then its end."""
         async for chunk in body:
             if chunk:
-                with _deadline(self._timeouts.write, "sending the request"):
-                    await _send(connection.stream, connection.h11.send(h11.Data(data=chunk)) or b"")
-        with _deadline(self._timeouts.write, "sending the request"):
-            await _send(connection.stream, connection.h11.send(h11.EndOfMessage()) or b"")
+                await self._send_in_time(connection, b"%x\r\n%b\r\n" % (len(chunk), chunk))
+        await self._send_in_time(connection, b"0\r\n\r\n")
 
-    async def _keep_or_close(self, connection: _Connection) -> None:
-        if connection.h11.our_state is h11.DONE and connection.h11.their_state is h11.DONE:
-            connection.h11.start_next_cycle()
-            connection.idle_since = time.monotonic()
-            self._idle.append(connection)
-        else:
-            await trio.aclose_forcefully(connection.stream)
+    async def _send_in_time(self, connection: _Connection, data: bytes) -> None:
+        with trio.move_on_after(self._timeouts.write) as sending:
+            await _send(connection.stream, data)
+        if sending.cancelled_caught:
+            raise Timeout("timed out sending the request")
 
 
-@contextmanager
-def _deadline(seconds: float, phase: str) -> Iterator[None]:
-    """A phase's time limit; running out of it is :class:`Timeout`, naming the phase."""
-    with trio.move_on_after(seconds) as scope:
-        yield
-    if scope.cancelled_caught:
-        raise Timeout(f"timed out {phase}")
+# -- reading an answer ---------------------------------------------------------------------------
 
 
 async def _read_answer(
-    connection: _Connection, limit: int, sink: Callable[[bytes], None] | None = None
-) -> Answer:
-    """Read one whole answer, at most ``limit`` bytes of body (else :class:`ProtocolFailed`).
+    connection: _Connection, limit: int, sink: Sink | None = None
+) -> tuple[Answer, bool]:
+    """Read one whole answer, at most ``limit`` bytes of body (else :class:`ProtocolFailed`);
+    and whether the connection may carry another request.
 
     With ``sink``, a 200 answer's body is handed to it as it comes, not kept, and capped at
     :data:`MAX_STREAMED_BYTES` instead."""
-    conn = connection.h11
-    status, location = 0, ""
-    chunks: list[bytes] = []
-    size = 0
+    size = STREAM_READ if sink is not None else READ
     while True:
-        event = _next_event(conn)
-        if event is h11.NEED_DATA:
-            data = await _receive(connection.stream, STREAM_READ if sink else 65536)
-            conn.receive_data(data)
-        elif isinstance(event, h11.Response):
-            status = event.status_code
-            headers = dict(event.headers)
-            location = headers.get(b"location", b"").decode("latin-1")
-            if sink is not None and status == 200:
-                limit = MAX_STREAMED_BYTES
-            else:
-                sink = None
-            _check_declared_size(headers.get(b"content-length", b""), limit)
-        elif isinstance(event, h11.Data):
-            size += len(event.data)
-            if size > limit:
+        version, status, headers = await _read_head(connection, size)
+        if status == 101:
+            raise ProtocolFailed("not HTTP/1.1: the server switched protocols")
+        if not 100 <= status < 200:
+            break  # else an interim answer (100 Continue): the real one follows
+    location = headers.get(b"location", b"").decode("latin-1")
+    if sink is not None and status == 200:
+        limit = MAX_STREAMED_BYTES
+    else:
+        sink = None
+    chunks: list[bytes] = []
+    into = sink if sink is not None else chunks.append
+    keep = version == b"1" and b"close" not in _tokens(headers.get(b"connection", b""))
+    coding, length = headers.get(b"transfer-encoding"), headers.get(b"content-length")
+    if status in (204, 304):
+        pass
+    elif coding is not None:
+        if coding.strip().lower() != b"chunked" or length is not None:
+            raise ProtocolFailed("not HTTP/1.1: a Transfer-Encoding other than chunked alone")
+        await _read_chunked(connection, limit, into, size)
+    elif length is not None:
+        await _read_sized(connection, _declared_size(length, limit), into, size)
+    else:
+        await _read_to_close(connection, limit, into, size)
+        keep = False
+    return Answer(status, b"".join(chunks), location), keep
+
+
+async def _read_head(connection: _Connection, size: int) -> tuple[bytes, int, dict[bytes, bytes]]:
+    """The next head's HTTP minor version, status and headers (names lower case)."""
+    buffer = connection.buffer
+    searched = 0
+    while (end := buffer.find(b"\r\n\r\n", searched)) < 0:
+        if len(buffer) > MAX_HEAD_BYTES:
+            raise ProtocolFailed(f"not HTTP/1.1: a head larger than {MAX_HEAD_BYTES} bytes")
+        searched = max(0, len(buffer) - 3)
+        await _more(connection, size)
+    if end > MAX_HEAD_BYTES:
+        raise ProtocolFailed(f"not HTTP/1.1: a head larger than {MAX_HEAD_BYTES} bytes")
+    lines = bytes(buffer[:end]).split(b"\r\n")
+    del buffer[: end + 4]
+    found = _STATUS_LINE.fullmatch(lines[0])
+    if found is None:
+        raise ProtocolFailed(f"not HTTP/1.1: status line {lines[0][:40]!r}")
+    headers: dict[bytes, bytes] = {}
+    for line in lines[1:]:
+        header = _HEADER_LINE.fullmatch(line)
+        if header is None:
+            raise ProtocolFailed(f"not HTTP/1.1: header line {line[:40]!r}")
+        name, value = header.group(1).lower(), header.group(2).rstrip(b" \t")
+        if name not in headers:
+            headers[name] = value
+        elif name == b"connection":
+            headers[name] += b"," + value  # every token counts ("close")
+        elif name == b"transfer-encoding" or (name == b"content-length" and headers[name] != value):
+            raise ProtocolFailed(f"not HTTP/1.1: {name.decode()} given twice")
+        else:
+            headers[name] = value  # another repeated header: the last one (Location)
+    return found.group(1), int(found.group(2)), headers
+
+
+async def _read_sized(
+    connection: _Connection, length: int, into: Callable[[bytes], None], size: int
+) -> None:
+    buffer = connection.buffer
+    while length:
+        if not buffer:
+            await _more(connection, size)
+        piece = bytes(buffer[:length])
+        del buffer[: len(piece)]
+        length -= len(piece)
+        into(piece)
+
+
+async def _read_chunked(
+    connection: _Connection, limit: int, into: Callable[[bytes], None], size: int
+) -> None:
+    buffer = connection.buffer
+    total = 0
+    while True:
+        line = await _read_line(connection, size)
+        found = _CHUNK_SIZE.fullmatch(line)
+        if found is None:
+            raise ProtocolFailed(f"not HTTP/1.1: chunk size line {line[:40]!r}")
+        length = int(found.group(1), 16)
+        if length == 0:
+            break
+        total += length
+        if total > limit:
+            raise ProtocolFailed(f"answer larger than {limit} bytes")
+        await _read_sized(connection, length, into, size)
+        while len(buffer) < 2:
+            await _more(connection, size)
+        if buffer[:2] != b"\r\n":
+            raise ProtocolFailed("not HTTP/1.1: a chunk not ended by CRLF")
+        del buffer[:2]
+    trailers = 0
+    while line := await _read_line(connection, size):  # trailers, ignored, up to a blank line
+        trailers += len(line) + 2
+        if trailers > MAX_HEAD_BYTES:
+            raise ProtocolFailed(f"not HTTP/1.1: trailers larger than {MAX_HEAD_BYTES} bytes")
+
+
+async def _read_to_close(
+    connection: _Connection, limit: int, into: Callable[[bytes], None], size: int
+) -> None:
+    buffer = connection.buffer
+    total = 0
+    while True:
+        if buffer:
+            total += len(buffer)
+            if total > limit:
                 raise ProtocolFailed(f"answer larger than {limit} bytes")
-            if sink is not None:
-                sink(bytes(event.data))
-            else:
-                chunks.append(bytes(event.data))
-        elif isinstance(event, h11.EndOfMessage):
-            return Answer(status, b"".join(chunks), location)
-        elif isinstance(event, h11.ConnectionClosed):
-            raise ProtocolFailed("connection closed before the answer was complete")
+            into(bytes(buffer))
+            buffer.clear()
+        data = await _receive(connection.stream, size)
+        if not data:
+            return
+        buffer += data
 
 
-def _check_declared_size(content_length: bytes, limit: int) -> None:
-    """Refuse at once an answer whose Content-Length says it is too large."""
-    if not content_length:
-        return  # chunked, or read until close: counted as it comes
-    declared = parse_int(content_length.decode("latin-1"))
+async def _read_line(connection: _Connection, size: int) -> bytes:
+    buffer = connection.buffer
+    searched = 0
+    while (end := buffer.find(b"\r\n", searched)) < 0:
+        if len(buffer) > MAX_HEAD_BYTES:
+            raise ProtocolFailed(f"not HTTP/1.1: a line longer than {MAX_HEAD_BYTES} bytes")
+        searched = max(0, len(buffer) - 1)
+        await _more(connection, size)
+    line = bytes(buffer[:end])
+    del buffer[: end + 2]
+    return line
+
+
+async def _more(connection: _Connection, size: int) -> None:
+    """More of the answer into the connection's buffer; its end here is a failure."""
+    data = await _receive(connection.stream, size)
+    if not data:
+        raise ProtocolFailed("connection closed before the answer was complete")
+    connection.buffer += data
+
+
+def _declared_size(content_length: bytes, limit: int) -> int:
+    """The Content-Length; one that says the answer is too large is refused at once."""
+    digits = content_length.decode("latin-1")
+    if not digits.isdigit() or not digits.isascii():
+        raise ProtocolFailed(f"not HTTP/1.1: Content-Length {content_length[:40]!r}")
+    declared = parse_int(digits)
     if declared is None or declared > limit:  # None: more digits than any answer needs
         raise ProtocolFailed(f"answer larger than {limit} bytes")
+    return declared
 
 
-def _next_event(conn: h11.Connection) -> object:
-    try:
-        return conn.next_event()
-    except h11.RemoteProtocolError as exc:
-        raise ProtocolFailed(f"not HTTP/1.1: {exc}") from None
+def _tokens(value: bytes) -> list[bytes]:
+    return [token.strip().lower() for token in value.split(b",")]
 
 
 async def _send(stream: trio.abc.Stream, data: bytes) -> None:
@@ -315,7 +451,7 @@ async def _send(stream: trio.abc.Stream, data: bytes) -> None:
         raise ProtocolFailed(f"connection broke: {type(exc).__name__}") from None
 
 
-async def _receive(stream: trio.abc.Stream, size: int = 65536) -> bytes:
+async def _receive(stream: trio.abc.Stream, size: int = READ) -> bytes:
     try:
         return bytes(await stream.receive_some(size))
     except (trio.BrokenResourceError, OSError, ssl.SSLError) as exc:
