@@ -23,6 +23,7 @@ import pytest
 import trio
 from lxml import etree
 
+from proxy.backends.cluster import shared_polls
 from proxy.bbb import recording_ready as ready_rules
 from proxy.bbb.rewrite import backend_meeting_id
 from proxy.calls import recording_ready as ready_calls
@@ -38,6 +39,7 @@ from proxy.store import Json, Record, shared
 from proxy.store.redis import RedisStore, open_redis_store
 from proxy.store.shared import Replica
 from proxy.webhooks import delivery
+from proxy.webhooks.intake import Intake
 from proxy.webhooks.queue import QueueState
 from tests.harness import (
     BACKEND_SECRET,
@@ -388,12 +390,13 @@ class Instance(Stack):
 
 async def _serve_one(
     config: Config,
+    monitor: bool,
     *,
     task_status: trio.TaskStatus[tuple[Gateway, list[str], trio.CancelScope]],
 ) -> None:
     with trio.CancelScope() as scope:
         async with trio.open_nursery() as inner:
-            start = functools.partial(serve_gateway, config, ledger=Ledger(), monitor=False)
+            start = functools.partial(serve_gateway, config, ledger=Ledger(), monitor=monitor)
             gateway, binds = await inner.start(start)
             task_status.started((gateway, binds, scope))
 
@@ -403,19 +406,22 @@ async def gateways(
     tmp_path: Path,
     redis: RedisServer,
     count: int = 2,
+    *,
+    backends: int = 2,
+    monitor: bool = False,
     **sections: Any,
 ) -> list[Instance]:
     """``count`` gateways on ``redis`` (each its own state_dir and in-memory ledger: the
     ledger is not what these tests are about), over the same two simulated backends."""
     sims = [
         Simulator(BACKEND_SECRET, server_name=f"bbb-{i + 1}.test", expire_unjoined_minutes=None)
-        for i in range(2)
+        for i in range(backends)
     ]
     sim_urls = [await nursery.start(serve_simulator, sim) for sim in sims]
     stacks = []
     for n in range(count):
         config = cluster_config(sim_urls, tmp_path / f"gw-{n}", redis, **sections)
-        gateway, binds, scope = await nursery.start(_serve_one, config)
+        gateway, binds, scope = await nursery.start(_serve_one, config, monitor)
         http = httpx.AsyncClient(timeout=10)
         await nursery.start(_closed_at_end, http)
         stacks.append(Instance(gateway, binds[0], sims, sim_urls, http, config, scope=scope))
@@ -776,3 +782,43 @@ async def test_analytics_callbacks_of_meetings_on_two_instances_are_each_deliver
     await until(lambda: done() == 4)
     meetings = sorted(orjson.loads(body)["meeting_id"] for _, body in receiver.posts)
     assert meetings == [f"lesson-{n}" for n in range(4)]  # each once
+
+
+async def test_the_gateways_hook_on_a_backend_is_checked_by_its_poller_only(
+    nursery: trio.Nursery,
+    tmp_path: Path,
+    redis_server: RedisServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    checks: list[tuple[int, bool]] = []  # (instance, held the backend's poll lease)
+    ensure = Intake.ensure
+
+    async def recorded(intake: Intake, backend_id: str) -> bool:
+        polls = shared_polls(intake.gw)
+        assert polls is not None
+        checks.append((id(intake.gw), polls.holds(backend_id)))
+        return await ensure(intake, backend_id)
+
+    monkeypatch.setattr(Intake, "ensure", recorded)
+    await gateways(
+        nursery,
+        tmp_path,
+        redis_server,
+        count=3,
+        backends=1,
+        monitor=True,
+        webhooks={"backend_hook_check": 0.05},
+    )
+
+    def periodic() -> list[tuple[int, bool]]:
+        first: set[int] = set()  # each instance's first look: at start-up, lease or not
+        later = []
+        for check in checks:
+            if check[0] in first:
+                later.append(check)
+            first.add(check[0])
+        return later
+
+    await until(lambda: len(periodic()) >= 10)
+    assert all(held for _, held in periodic()), checks
+    assert len({instance for instance, _ in checks}) == 3

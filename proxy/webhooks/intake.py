@@ -5,7 +5,9 @@ deletes a hook whose callbacks kept failing (bbb-api.md §3), so registering onc
 enough.  :meth:`Intake.keep_registered` (a supervised background task) watches every
 backend in service: when it is first seen not DOWN (start-up, a backend added at run
 time), when it comes back from DOWN (the monitor tells :meth:`Intake.backend_back`), and
-every ``[webhooks] backend_hook_check`` seconds while it is not DOWN, it asks the
+every ``[webhooks] backend_hook_check`` seconds while it is not DOWN (with several
+instances on one Redis: by the instance holding the backend's poll lease only,
+:mod:`proxy.backends.cluster`), it asks the
 backend's ``hooks/list`` and, when the gateway's hook
 (:func:`~proxy.webhooks.mapping.intake_url`) is not among them, ``hooks/create``\\s it:
 global (no meetingID), mapped events (``getRaw=false``).  A hook of this gateway with
@@ -158,7 +160,15 @@ class Intake:
             return False
         if backend_id in self._ensuring:
             return False
-        return came_back or now >= due.get(backend_id, now)
+        if came_back:
+            return True
+        if self.gw.webhooks.shared:  # several instances: the backend's poller checks it
+            from proxy.backends.cluster import shared_polls  # coredis only on the Redis store
+
+            polls = shared_polls(self.gw)
+            if polls is not None and not polls.holds(backend_id):
+                return False
+        return now >= due.get(backend_id, now)
 
     async def _ensure_once(self, backend_id: str) -> None:
         try:
