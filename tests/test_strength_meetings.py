@@ -184,7 +184,10 @@ async def test_join_redirect_false_failure_is_logged_with_the_meeting(
     sim.behaviour.mode = "http500"
     caplog.set_level(logging.WARNING)
     response = await stack.http.get(stack.signed("join", NO_REDIRECT))
-    assert failure(response)[0] == "internalError"
+    assert failure(response) == (
+        "internalError",
+        "The server hosting this meeting gave an invalid answer",
+    )
     [warning] = warnings_of(caplog)
     assert warning.startswith("join (redirect=false) of ('acme', 'room-1') failed: Backend")
     assert "(bbb-" in warning
