@@ -28,7 +28,7 @@ from proxy.bbb import recording_ready as ready_rules
 from proxy.bbb.rewrite import backend_meeting_id
 from proxy.calls import recording_ready as ready_calls
 from proxy.config import Config, StoreSettings
-from proxy.errors import StorageUnavailable
+from proxy.errors import StorageUnavailable, ValidationError
 from proxy.gateway import Gateway
 from proxy.ledger.service import Ledger
 from proxy.portal.service import PortalService, Refusal
@@ -466,6 +466,36 @@ async def test_a_hook_created_on_one_instance_is_listed_and_destroyed_on_another
     assert text(destroyed, "returncode") == "SUCCESS", etree.tostring(destroyed)
     assert hook_ids(await hooks_call(a, "list", [])) == []
     assert a.gateway.hooks.get(hook_id) is None
+
+
+async def test_creates_at_once_on_several_instances_keep_one_hook_per_url_and_the_limit(
+    nursery: trio.Nursery, tmp_path: Path, redis_server: RedisServer
+) -> None:
+    stacks = await gateways(
+        nursery, tmp_path, redis_server, count=3, webhooks={"max_hooks_per_customer": 3}
+    )
+    same: list[tuple[str, bool]] = []
+    outcomes: list[str] = []
+
+    async def create(stack: Stack, url: str, into: list[Any]) -> None:
+        try:
+            hook, duplicated = await stack.gateway.hooks.create("acme", "room-1", url, None, "sha1")
+        except ValidationError as e:
+            into.append(e.message_key)
+        else:
+            into.append((hook.id, duplicated) if into is same else "created")
+
+    async with trio.open_nursery() as racing:
+        for stack in stacks:
+            racing.start_soon(create, stack, "http://127.0.0.1:9/same", same)
+    assert len({hook_id for hook_id, _ in same}) == 1, same  # one hook, the same id for all three
+    assert sorted(duplicated for _, duplicated in same) == [False, True, True]
+    async with trio.open_nursery() as racing:
+        for n in range(6):
+            racing.start_soon(create, stacks[n % 3], f"http://127.0.0.1:9/other-{n}", outcomes)
+    assert sorted(outcomes) == ["createHookError"] * 4 + ["created"] * 2  # 3 in all, with "same"
+    await stacks[0].gateway.hooks.refresh()
+    assert len(stacks[0].gateway.hooks.listed("acme")) == 3
 
 
 async def test_a_hook_made_on_one_instance_reaches_the_others_within_the_follow_interval(

@@ -266,11 +266,18 @@ class Replica:
                 down = False
 
     async def _try_append(self, shared: RedisLog, record: Mapping[str, Json]) -> bool:
+        # Lost, the log's position is put back where this replica's state is: the next
+        # catch-up reads what was missed through the tail, which skips this writer's own
+        # entries (a log read past them on a lost race would leave them unapplied here).
+        gen, seen = shared._gen, shared._seen
         try:
-            return await shared.try_append([record])
+            won = await shared.try_append([record])
         except StorageUnavailable:
             self._stale = True  # in or not: the next catch-up reads everything again
             raise
+        if not won:
+            shared._gen, shared._seen = gen, seen
+        return won
 
     async def _catch_up(self, shared: RedisLog) -> None:
         """One tail, applied (the caller holds ``_lock``)."""

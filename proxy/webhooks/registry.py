@@ -36,8 +36,10 @@ Several gateway instances on one Redis (``[store] kind = "redis"``): the log is 
 create, destroy or mark ended (every :data:`~proxy.store.shared.FOLLOW_EVERY` seconds), and
 :meth:`HookRegistry.lookup` / :meth:`HookRegistry.refresh` catch up at once before a
 hook is "not found", before hooks/list and before a create checks duplicates and the
-limit (read-your-writes).  Two creates at once on two instances may both pass the
-limit, or both register one URL (each instance decides on its own replica).
+limit (read-your-writes).  A create is committed in the stream's order
+(:meth:`~proxy.store.shared.Replica.commit`, its duplicate and limit checks run again on
+the caught-up state), so two creates of one URL at once on two instances register one
+hook and the per-customer limit holds across instances.
 
 Error handling: :meth:`HookState.apply` raises ``StateError`` for a record it
 does not understand (never ``KeyError``).  :meth:`HookRegistry.create` and
@@ -254,6 +256,14 @@ def _number(record: Mapping[str, Json], key: str) -> float:
     return float(value)
 
 
+class _Duplicate(Exception):
+    """The customer has a hook for that meeting and URL already: ``hook``."""
+
+    def __init__(self, hook: Hook) -> None:
+        super().__init__(hook.id)
+        self.hook = hook
+
+
 class HookRegistry:
     """The hooks as the API calls, the end notices and delivery use them.
 
@@ -362,16 +372,10 @@ class HookRegistry:
         it had failed already).
         """
         await self.refresh()  # a duplicate or the limit, as another instance left them
-        self._purge(force=True)
-        old = self.state.duplicate(customer, meeting_id, callback_url)
-        if old is not None:
-            return old, True
-        if self.state.count(customer) >= self.max_per_customer:
-            raise ValidationError(
-                f"You have {self.max_per_customer} hooks already, the most this gateway "
-                "allows; destroy hooks you no longer need first",
-                message_key="createHookError",
-            )
+        try:
+            self._may_create(customer, meeting_id, callback_url)
+        except _Duplicate as found:
+            return found.hook, True
         self._check_writable()
         hook = Hook(
             str(uuid.uuid4()),
@@ -382,9 +386,32 @@ class HookRegistry:
             algorithm,
             self.clock(),
         )
+        if isinstance(self.log, Replica) and self.log.shared:
+            # in the stream's order, checked again on the caught-up state: of two creates of
+            # one URL on two instances at once, one registers; the limit holds across them
+            try:
+                await self.log.commit(
+                    hook.record(), lambda: self._may_create(customer, meeting_id, callback_url)
+                )
+            except _Duplicate as found:
+                return found.hook, True
+            return hook, False
         self._record(hook.record())
         await self.log.flush()
         return hook, False
+
+    def _may_create(self, customer: str, meeting_id: str, callback_url: str) -> None:
+        """``_Duplicate`` for bbb-webhooks' duplicate; ``ValidationError`` over the limit."""
+        self._purge(force=True)
+        old = self.state.duplicate(customer, meeting_id, callback_url)
+        if old is not None:
+            raise _Duplicate(old)
+        if self.state.count(customer) >= self.max_per_customer:
+            raise ValidationError(
+                f"You have {self.max_per_customer} hooks already, the most this gateway "
+                "allows; destroy hooks you no longer need first",
+                message_key="createHookError",
+            )
 
     async def destroy(self, customer: str, hook_id: str) -> bool:
         """Remove one of ``customer``'s live hooks; False if it has none of that id.
