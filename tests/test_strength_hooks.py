@@ -6,6 +6,8 @@ message are checked whole, as a client sees them.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
 from proxy.bbb import hooks
@@ -65,7 +67,35 @@ def test_an_unusable_callback_url_names_the_reason() -> None:
     assert key == "createHookError"
     assert message.startswith("The callbackURL cannot be used: ")
     assert message.endswith(PUBLIC_NOTE)
-    assert len(message) > len("The callbackURL cannot be used: ") + len(PUBLIC_NOTE)
+    assert message == "The callbackURL cannot be used: not an http(s) URL" + PUBLIC_NOTE
+
+
+def test_hooks_list_is_bbb_webhooks_xml_exactly() -> None:
+    """Element by element as bbb-webhooks writes them: eventID only with a filter, the
+    flags false, nothing between the hooks."""
+    every = SimpleNamespace(
+        id="1", callback_url="https://a.test/x", meeting_id="m1", event_ids=None
+    )
+    some = SimpleNamespace(
+        id="2",
+        callback_url="https://b.test/]]>",
+        meeting_id="m2",
+        event_ids=frozenset({"user-joined", "meeting-ended"}),
+    )
+    assert hooks.listed([every, some]) == (
+        "<response><returncode>SUCCESS</returncode><hooks>"
+        "<hook><hookID>1</hookID><callbackURL><![CDATA[https://a.test/x]]></callbackURL>"
+        "<meetingID><![CDATA[m1]]></meetingID>"
+        "<permanentHook>false</permanentHook><rawData>false</rawData></hook>"
+        "<hook><hookID>2</hookID>"
+        "<callbackURL><![CDATA[https://b.test/]]]]><![CDATA[>]]></callbackURL>"
+        "<meetingID><![CDATA[m2]]></meetingID><eventID>meeting-ended,user-joined</eventID>"
+        "<permanentHook>false</permanentHook><rawData>false</rawData></hook>"
+        "</hooks></response>"
+    )
+    assert (
+        hooks.listed([]) == "<response><returncode>SUCCESS</returncode><hooks></hooks></response>"
+    )
 
 
 @pytest.mark.parametrize(
