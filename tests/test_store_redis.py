@@ -549,7 +549,7 @@ async def test_a_compaction_in_the_middle_of_a_read_is_read_again(store_at: Open
             return loaded
 
         second._read_entries = compacting_meanwhile  # type: ignore[method-assign, assignment]
-        tail = await b.tail()
+        tail = await b.reread()  # a tail reads each chunk with its gen in one script
         assert compacted
         assert tail.reset and tail.records == [{"state": "new"}]
 
@@ -602,3 +602,23 @@ async def test_compare_and_compact_only_over_what_was_seen(store_at: Opener) -> 
         assert tail.reset and tail.records == [{"state": 1}, {"n": 2}]
         assert await b.try_append([{"n": 3}])
     assert await replayed(store_at, "ledger") == [{"state": 1}, {"n": 2}, {"n": 3}]
+
+
+async def test_a_lost_compare_and_append_reads_what_it_missed_in_the_same_call(
+    store_at: Opener,
+) -> None:
+    async with store_at() as first, store_at() as second:
+        a, _ = first.open("ledger")
+        b, _ = second.open("ledger")
+        assert await a.try_append_or_read([{"by": "a", "n": 1}]) is None
+        assert await a.try_append_or_read([{"by": "a", "n": 2}]) is None
+        missed = await b.try_append_or_read([{"by": "b", "n": 1}])
+        assert missed is not None and not missed.reset
+        assert missed.records == [{"by": "a", "n": 1}, {"by": "a", "n": 2}]
+        assert await b.try_append_or_read([{"by": "b", "n": 3}]) is None  # b is at the end
+        assert await a.try_compact([{"state": "a"}]) is False  # a has not seen b's
+        assert (await a.tail()).records == [{"by": "b", "n": 3}]
+        assert await a.try_compact([{"state": "a"}])
+        after = await b.try_append_or_read([{"by": "b", "n": 4}])
+        assert after is not None and after.reset and after.records == [{"state": "a"}]
+    assert await replayed(store_at, "ledger") == [{"state": "a"}]

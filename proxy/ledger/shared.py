@@ -346,14 +346,15 @@ class SharedLedger(Ledger):
                     continue
                 first = self.seq + 1
                 payloads = [record_payload(first + i, r) for i, r in enumerate(records)]
-                if await self.log.try_append(payloads):
+                missed = await self.log.try_append_or_read(payloads)
+                if missed is None:
                     self.seq += len(records)
                     self.commits += len(records)
                     for record in records:
                         self.state.apply(record)
                     return value
                 self.races += 1
-                if not await self._catch_up():  # lost, yet nothing new: Redis lost data
+                if not await self._absorb(missed):  # lost, yet nothing new: Redis lost data
                     log.error("ledger: the log on Redis is behind this replica: rereading")
                     await self._reload(await self.log.reread())
                 caught_up = True
@@ -363,7 +364,10 @@ class SharedLedger(Ledger):
         """Apply the records appended since the replica's position (the lock is held);
         True if there were any.  A gap or a record that cannot be applied: read the whole
         log again."""
-        tail = await self.log.tail(own=True)
+        return await self._absorb(await self.log.tail(own=True))
+
+    async def _absorb(self, tail: Tail) -> bool:
+        """Apply what a tail read (the lock is held); True if it held anything."""
         if not tail.records and not tail.reset:
             return False
         if tail.reset or not self._apply_all(tail.records):

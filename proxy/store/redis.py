@@ -110,19 +110,57 @@ return last or false
 """
 )
 
+# Appends to ``out`` the entries of stream KEYS[1] after id ``after`` (at most ``count``)
+# as flat triples: id, writer, record.
+_RANGE = """
+local function range(out, after, count)
+  local start = '-'
+  if after ~= '0-0' then start = '(' .. after end
+  for _, e in ipairs(redis.call('XRANGE', KEYS[1], start, '+', 'COUNT', count)) do
+    local f, r, w = e[2], '', ''
+    for i = 1, #f, 2 do
+      if f[i] == 'r' then r = f[i + 1] elseif f[i] == 'w' then w = f[i + 1] end
+    end
+    out[#out + 1] = e[1]
+    out[#out + 1] = w
+    out[#out + 1] = r
+  end
+  return out
+end
+"""
+
 # KEYS: stream, meta.  ARGV: writer, gen seen, last id seen, records...
-# Returns {1, last id} appended, or {0, gen, last id} when the log moved on.
-_TRY_APPEND = """
+# Returns {1, last id} appended, or {0, gen, last id, entries after the id seen...} when
+# the log moved on (the entries, as _RANGE's triples, only if ``gen`` is the one seen):
+# a lost race reads what it missed in the same round trip.
+_TRY_APPEND = (
+    _RANGE
+    + """
 local gen = redis.call('HGET', KEYS[2], 'gen') or '0'
 local top = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
 local last = '0-0'
 if #top > 0 then last = top[1][1] end
-if gen ~= ARGV[2] or last ~= ARGV[3] then return {0, gen, last} end
+if gen ~= ARGV[2] then return {0, gen, last} end
+if last ~= ARGV[3] then return range({0, gen, last}, ARGV[3], """
+    + str(READ_CHUNK)
+    + """) end
 for i = 4, #ARGV do
   last = redis.call('XADD', KEYS[1], '*', 'r', ARGV[i], 'w', ARGV[1])
 end
 return {1, last}
 """
+)
+
+# KEYS: stream, meta.  ARGV: gen seen, id seen, count.  One round trip for a tail:
+# {gen} when the log was compacted since, else {gen, entries after the id...}.
+_TAIL = (
+    _RANGE
+    + """
+local gen = redis.call('HGET', KEYS[2], 'gen') or '0'
+if gen ~= ARGV[1] then return {gen} end
+return range({gen}, ARGV[2], tonumber(ARGV[3]))
+"""
+)
 
 # KEYS: stream, meta.  ARGV: writer, gen seen, last id seen, records...
 # Compaction by one of several writers: only if nobody appended since (as _TRY_APPEND),
@@ -550,14 +588,34 @@ class RedisLog:
         Error handling: ``StorageUnavailable`` when Redis does not answer; ``StateError``
         for an entry that is not a record.
         """
-        loaded = await self.store.read(self.name, after=self._seen)
-        if loaded.gen != self._gen:  # compacted: ids of before mean nothing now
-            loaded = await self.store.read(self.name)
-            self._gen, self._seen = loaded.gen, loaded.last_id
-            return Tail([record for _, record in loaded.entries], reset=True)
-        self._seen = loaded.last_id
-        self._size += loaded.size
-        return Tail([r for w, r in loaded.entries if own or w != self.writer])
+        entries: list[tuple[str, Record]] = []
+        while True:  # one round trip per READ_CHUNK entries (``_TAIL``)
+            args = [self._gen, self._seen, READ_CHUNK]
+            answer = await self.store.script_source(_TAIL, [self._key, self._meta], args)
+            if _text(answer[0]) != self._gen:  # compacted: ids of before mean nothing now
+                return await self.reread()
+            chunk = self._moved_on(answer, 1)
+            entries.extend(chunk)
+            if len(chunk) < READ_CHUNK:
+                return Tail([r for w, r in entries if own or w != self.writer])
+
+    def _moved_on(self, answer: Sequence[Any], start: int) -> list[tuple[str, Record]]:
+        """The entries of a script's answer from ``start`` (``_RANGE``'s triples), read:
+        this log's position moves past them.
+
+        Error handling: ``StateError`` for an entry that is not a record, or past
+        ``max_bytes`` of records.
+        """
+        entries: list[tuple[str, Record]] = []
+        for i in range(start, len(answer) - 2, 3):
+            entry_id, writer, body = _text(answer[i]), _text(answer[i + 1]), answer[i + 2]
+            body = body if isinstance(body, bytes) else str(body).encode()
+            self._size += len(body)
+            if self._size > self.max_bytes:
+                raise StateError(f"redis {self._key}: over {self.max_bytes} bytes: compact it")
+            entries.append((writer, _decoded(body, self._key, entry_id)))
+            self._seen = entry_id
+        return entries
 
     async def reread(self) -> Tail:
         """The log's whole content, ``reset``, from now on the position this log has seen
@@ -597,6 +655,31 @@ class RedisLog:
         Error handling: ``StorageUnavailable`` when Redis does not answer in time (the
         records may or may not be in: :meth:`tail` tells, they carry this writer's id).
         """
+        return await self._try_append(records) is None
+
+    async def try_append_or_read(self, records: Sequence[Mapping[str, Json]]) -> Tail | None:
+        """:meth:`try_append`, and on a lost race what was missed, read in the same round
+        trip: None if appended, else the records appended since this log's position
+        (every writer's, this one's too), the position moved past them; ``reset`` with
+        the whole content after a compaction.  Up to ``READ_CHUNK`` entries come with
+        the answer; more are read as :meth:`tail` does.
+
+        Error handling: as :meth:`try_append`; ``StateError`` for an entry that is not
+        a record.
+        """
+        answer = await self._try_append(records)
+        if answer is None:
+            return None
+        if _text(answer[1]) != self._gen:
+            return await self.reread()
+        missed = [record for _, record in self._moved_on(answer, 3)]
+        if len(missed) == READ_CHUNK:
+            missed.extend((await self.tail(own=True)).records)
+        return Tail(missed)
+
+    async def _try_append(self, records: Sequence[Mapping[str, Json]]) -> Sequence[Any] | None:
+        """Run ``_TRY_APPEND``: None if appended (the position moved past the records),
+        else the script's answer (the position unchanged)."""
         lines = [encode(r) for r in records]
         args = [self.writer, self._gen, self._seen, *lines]
         try:
@@ -606,10 +689,10 @@ class RedisLog:
             raise
         self._recovered()
         if int(answer[0]) != 1:
-            return False
+            return list(answer)
         self._seen = _text(answer[1])
         self._size += sum(len(line) for line in lines)
-        return True
+        return None
 
     async def try_compact(self, records: Iterable[Mapping[str, Json]]) -> bool:
         """Replace the stream with ``records`` only if nobody appended or compacted since
