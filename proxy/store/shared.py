@@ -283,7 +283,11 @@ class Replica:
         """One tail, applied (the caller holds ``_lock``)."""
         self._started += 1
         number = self._started
-        await self._read_and_apply(shared)
+        try:
+            await self._read_and_apply(shared)
+        except StorageUnavailable as e:  # the log is failed (/readyz) until Redis answers
+            shared._fail(e.__cause__)
+            raise
         self._finished = number
 
     async def _read_and_apply(self, shared: RedisLog) -> None:
