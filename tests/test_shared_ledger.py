@@ -400,3 +400,23 @@ async def test_a_release_redis_did_not_take_still_ends_the_wait_for_the_create(
             with trio.fail_after(5):
                 await a.wait_settled(("acme", "room"))  # a duplicate create goes on
         assert ("acme", "room") not in a._settled
+
+
+async def test_a_release_redis_did_not_take_is_committed_once_it_is_back(
+    instances: Instances, redis_server: RedisServer
+) -> None:
+    async with instances(2, follow_every=0.05) as (a, b):
+        a.log.store.timeout = 0.5
+        assert isinstance(await decide(a, request("room", size=30)), Admit)
+        await b.refresh()
+        redis_server.kill()
+        assert await a.release(("acme", "room"), "end") is None  # the backend ended it
+        assert a.owed == 1
+        redis_server.start()
+        with trio.fail_after(10):
+            while a.owed:  # noqa: ASYNC110 - the follow task pays it
+                await trio.sleep(0.05)
+        await b.refresh()
+        assert b.get(("acme", "room")) is None  # freed for every instance
+        assert isinstance(await decide(b, request("next", size=30)), Admit)
+        assert same_state(await on_redis(redis_server), b.state)

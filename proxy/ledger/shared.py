@@ -41,13 +41,14 @@ since); others see the ``reset`` and load that state.  Backends suspended (DOWN)
 suspended across a reload: suspension is health, not a record.
 
 Failures.  Redis unreachable: no change can commit: creates and ends answer BBB errors
-(``serverUnavailable``), confirms and releases of background work are dropped (the
-polls' reconciliation makes them again), reads go on from the replica, ``journal.failed``
-makes ``/readyz`` 503, and the follow loop notices Redis' return.  A compare-and-append
-whose answer was lost may have been applied: its records carry the next ``seq`` numbers
-and are found, and applied, by the next catch-up (which reads this instance's entries
-too); the create that sent them answered an error, and its pending reservation is
-settled as any whose answer was never seen.
+(``serverUnavailable``), a confirm is dropped (the polls confirm a running meeting), a
+release is owed: kept and committed by the follow task once Redis is back (an end that
+the backend carried out while Redis was away frees the connections then), reads go on
+from the replica, ``journal.failed`` makes ``/readyz`` 503, and the follow loop notices
+Redis' return.  A compare-and-append whose answer was lost may have been applied: its
+records carry the next ``seq`` numbers and are found, and applied, by the next catch-up
+(which reads this instance's entries too); the create that sent them answered an error,
+and its pending reservation is settled as any whose answer was never seen.
 
 Error handling: start-up (:func:`open_shared_ledger`) raises ``StateError`` for a log
 that cannot be replayed; once running, :meth:`SharedLedger.decide` and
@@ -98,6 +99,7 @@ MAX_RACES = 64  # lost compare-and-appends in a row before a change gives up
 REMOTE_SETTLE = 15.0  # seconds another instance's pending create is waited for
 SETTLE_POLL = 0.02  # seconds between catch-ups while waiting for it
 COMPACT_EVERY = 5.0  # seconds between checks whether the stream should be compacted
+MAX_OWED = 10_000  # releases kept for committing once Redis is back
 
 type Build[T] = Callable[[], tuple[T, list[Record]]]
 
@@ -140,6 +142,7 @@ class SharedLedger(Ledger):
         self.races = 0  # compare-and-appends lost to another instance
         self.catch_ups = 0  # records of other instances applied
         self.reloads = 0  # times the whole log was read again
+        self._owed: dict[MeetingKey, tuple[Reservation, str]] = {}  # releases not committed
 
     # -- deciding ------------------------------------------------------------------------------
 
@@ -203,26 +206,54 @@ class SharedLedger(Ledger):
         """Free the meeting's connections, if the reservation seen now is still held
         after catching up; returns it only to the ONE caller whose release committed.
 
-        Never raises for storage (None then; the polls release what has ended).
+        Never raises for storage: None then, and the release is owed: committed by the
+        follow task as soon as Redis takes it (if still true then; at most ``MAX_OWED``
+        are kept, the polls release what has ended beyond them).
         """
         expected = self.state.get(key)
         if expected is None:
             self._settle(key)
             return None
+        released = None
+        try:
+            released = await self._commit(self._releasing(key, expected, reason))
+        except StorageUnavailable:
+            self._owe(key, expected, reason)
+        finally:  # this process's create of it is over, committed or not
+            self._settle(key)
+        return released
 
+    def _releasing(
+        self, key: MeetingKey, expected: Reservation, reason: str
+    ) -> Build[Reservation | None]:
         def build() -> tuple[Reservation | None, list[Record]]:
             current = self.state.get(key)
             if current is None or not _same(current, expected):
                 return None, []
             return current, [Release(key, reason)]
 
-        released = None
-        try:
-            with contextlib.suppress(StorageUnavailable):
-                released = await self._commit(build)
-        finally:  # this process's create of it is over, committed or not
-            self._settle(key)
-        return released
+        return build
+
+    def _owe(self, key: MeetingKey, expected: Reservation, reason: str) -> None:
+        self._owed.pop(key, None)
+        self._owed[key] = (expected, reason)
+        while len(self._owed) > MAX_OWED:
+            del self._owed[next(iter(self._owed))]
+
+    async def _pay_owed(self) -> None:
+        """Commit the releases Redis did not take when they were made (oldest first).
+
+        Error handling: ``StorageUnavailable`` (the rest stay owed)."""
+        while self._owed:
+            key, (expected, reason) = next(iter(self._owed.items()))
+            if await self._commit(self._releasing(key, expected, reason)) is not None:
+                log.info("ledger: %s released (%s) once Redis took it", key, reason)
+            self._owed.pop(key, None)
+
+    @property
+    def owed(self) -> int:
+        """Releases made while Redis did not take them, not committed yet."""
+        return len(self._owed)
 
     async def record(self, record: Record) -> None:
         """Commit one record of reconciliation, if still true after catching up (an
@@ -300,6 +331,7 @@ class SharedLedger(Ledger):
                 await self.refresh()
                 if self.log.failed:
                     await self.log.recover()
+                await self._pay_owed()
             except StorageUnavailable as e:
                 if not down:
                     log.warning("ledger: cannot follow Redis: %s", e.__cause__)
