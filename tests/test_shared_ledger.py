@@ -420,3 +420,19 @@ async def test_a_release_redis_did_not_take_is_committed_once_it_is_back(
         assert b.get(("acme", "room")) is None  # freed for every instance
         assert isinstance(await decide(b, request("next", size=30)), Admit)
         assert same_state(await on_redis(redis_server), b.state)
+
+
+async def test_an_idle_instance_is_not_ready_within_moments_of_redis_going_away(
+    instances: Instances, redis_server: RedisServer
+) -> None:
+    async with instances(1, follow_every=0.05) as (a,):
+        a.log.store.timeout = 0.5
+        assert not a.journal.failed
+        redis_server.kill()  # nothing is written meanwhile: the follow task notices
+        with trio.fail_after(5):
+            while not a.journal.failed:  # noqa: ASYNC110
+                await trio.sleep(0.05)
+        redis_server.start()
+        with trio.fail_after(10):
+            while a.journal.failed:  # noqa: ASYNC110
+                await trio.sleep(0.05)

@@ -585,13 +585,18 @@ class RedisLog:
         only with :meth:`try_append` has applied none it has not seen: after an
         unanswered one, its records may be there).
 
-        Error handling: ``StorageUnavailable`` when Redis does not answer; ``StateError``
-        for an entry that is not a record.
+        Error handling: ``StorageUnavailable`` when Redis does not answer (the log is
+        failed then, until :meth:`recover`); ``StateError`` for an entry that is not a
+        record.
         """
         entries: list[tuple[str, Record]] = []
         while True:  # one round trip per READ_CHUNK entries (``_TAIL``)
             args = [self._gen, self._seen, READ_CHUNK]
-            answer = await self.store.script_source(_TAIL, [self._key, self._meta], args)
+            try:
+                answer = await self.store.script_source(_TAIL, [self._key, self._meta], args)
+            except StorageUnavailable as e:  # Redis away: nothing could be written either
+                self._fail(e.__cause__)
+                raise
             if _text(answer[0]) != self._gen:  # compacted: ids of before mean nothing now
                 return await self.reread()
             chunk = self._moved_on(answer, 1)
