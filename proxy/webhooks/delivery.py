@@ -438,7 +438,13 @@ class Webhooks:
 
     async def _compact_if_due(self) -> None:
         if self._since_compaction > COMPACT_AFTER + 2 * self.queues.statistics().events:
-            await self.log.compact(list(self.queues.records()))
+            try:
+                await self.log.compact(list(self.queues.records()))
+            except StorageUnavailable:
+                if not self.shared:
+                    raise
+                # lost to the other instances' appends (or Redis away): not again at once
+                log.info("webhook queue: not compacted now; after %d more records", COMPACT_AFTER)
             self._since_compaction = 0
 
     # -- statistics -------------------------------------------------------------------------------
