@@ -25,6 +25,7 @@ on disk within the journal's timeout.
 from __future__ import annotations
 
 import contextlib
+import functools
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -125,6 +126,19 @@ class Ledger:
         Error handling: ``StorageUnavailable`` for a new meeting while the journal cannot
         write (nothing is changed); a repeated create of a held meeting is decided as usual.
         """
+        decision, records = self.admission(request, limit, backends, choose, bridge_length)
+        return self._reserved(decision, records)
+
+    def admission(
+        self,
+        request: CreateRequest,
+        limit: int,
+        backends: Sequence[BackendSpec],
+        choose: Chooser,
+        bridge_length: int | None,
+    ) -> tuple[Decision, list[Record]]:
+        """A create decided on the state as it is now, and the records that carry it out
+        (none for a duplicate or a refusal); changes nothing."""
         key = (request.customer, request.meeting_id)
         voice = None if bridge_length is None else Bridges(bridge_length, self.rng)
         decision = self.state.admit(
@@ -136,13 +150,21 @@ class Ledger:
             may_move=not self.settling(key),
             voice=voice,
         )
+        if not isinstance(decision, Admit):
+            return decision, []
+        records: list[Record] = []
+        if decision.replaces is not None:  # failover: its old pin goes in the same step
+            records.append(Release(decision.replaces.key, "moved"))
+        records.extend(Release(victim.key, "preempted") for victim in decision.victims)
+        records.append(Reserve(decision.reservation))
+        return decision, records
+
+    def _reserved(self, decision: Decision, records: list[Record]) -> Decision:
+        """Apply an admission's records at once (the journal writes them before the answer)."""
         if isinstance(decision, Admit):
             self.check_writable()
-            if decision.replaces is not None:  # failover: its old pin goes in the same step
-                self._record(Release(decision.replaces.key, "moved"))
-            for victim in decision.victims:
-                self._record(Release(victim.key, "preempted"))
-            self._record(Reserve(decision.reservation))
+            for record in records:
+                self._record(record)
             self._settled[decision.reservation.key] = trio.Event()
         return decision
 
@@ -160,7 +182,12 @@ class Ledger:
 
         Error handling: as :meth:`admit`.
         """
-        return self.admit(request, limit, backends, choose, bridge_length=bridge_length)
+        return await self._admitted(
+            functools.partial(self.admission, request, limit, backends, choose, bridge_length)
+        )
+
+    async def _admitted(self, build: Callable[[], tuple[Decision, list[Record]]]) -> Decision:
+        return self._reserved(*build())
 
     async def refresh(self) -> None:
         """Catch up with what other instances committed (nothing to do in one process)."""

@@ -61,7 +61,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import trio
@@ -70,11 +70,7 @@ from proxy.errors import StateError, StorageUnavailable
 from proxy.ledger.codec import decode_record, record_payload, reservation_fields
 from proxy.ledger.model import (
     Admit,
-    BackendSpec,
-    Bridges,
-    Chooser,
     Confirm,
-    CreateRequest,
     Decision,
     LedgerState,
     MeetingKey,
@@ -146,42 +142,12 @@ class SharedLedger(Ledger):
 
     # -- deciding ------------------------------------------------------------------------------
 
-    async def decide(
-        self,
-        request: CreateRequest,
-        limit: int,
-        backends: Sequence[BackendSpec],
-        choose: Chooser,
-        *,
-        bridge_length: int | None = None,
-    ) -> Decision:
-        """Admission, committed (see the module); what :meth:`Ledger.admit` answers.
+    async def _admitted(self, build: Build[Decision]) -> Decision:
+        """Admission (:meth:`Ledger.decide`), committed (see the module).
 
         Error handling: ``StorageUnavailable`` when Redis does not take the records
         (nothing is reserved then, unless a lost answer hides that it was: see the module).
         """
-        key = (request.customer, request.meeting_id)
-
-        def build() -> tuple[Decision, list[Record]]:
-            voice = None if bridge_length is None else Bridges(bridge_length, self.rng)
-            decision = self.state.admit(
-                request,
-                limit,
-                backends,
-                choose,
-                self.clock(),
-                may_move=not self.settling(key),
-                voice=voice,
-            )
-            if not isinstance(decision, Admit):
-                return decision, []
-            records: list[Record] = []
-            if decision.replaces is not None:
-                records.append(Release(decision.replaces.key, "moved"))
-            records.extend(Release(v.key, "preempted") for v in decision.victims)
-            records.append(Reserve(decision.reservation))
-            return decision, records
-
         decision = await self._commit(build, fresh_for_nothing=True)
         if isinstance(decision, Admit):
             self._settled[decision.reservation.key] = trio.Event()
