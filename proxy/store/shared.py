@@ -71,6 +71,7 @@ FOLLOW_EVERY = 0.5  # seconds between two reads of what the other instances wrot
 HEARTBEAT_EVERY = 2.0  # seconds between two "still running" of a member
 HEARTBEAT_TTL = 10.0  # seconds after its last one that a member counts as gone
 COMPACT_TRIES = 5
+COMPACT_BACKOFF = 10.0  # seconds before a compaction that lost every try is tried again
 CLAIM_TRIES = 8
 RETRY_EVERY = 1.0  # seconds after an unexpected failure of following
 
@@ -247,14 +248,20 @@ class Replica:
 
     async def _follow(self, shared: RedisLog) -> None:
         down = False
+        next_compaction = 0.0  # trio time: not before (after a compaction that lost)
         while True:
             await trio.sleep(self.every)
             try:
                 if not await shared.recover():
                     continue
                 await self.refresh()
-                if self.compact_when_due and (shared.compaction_due or shared.over_bound):
-                    await self.compact()
+                due = shared.compaction_due or shared.over_bound
+                if self.compact_when_due and due and trio.current_time() >= next_compaction:
+                    try:
+                        await self.compact()
+                    except StorageUnavailable as e:
+                        next_compaction = trio.current_time() + COMPACT_BACKOFF
+                        log.info("the %s log not compacted now: %s", self.name, e.__cause__)
             except StorageUnavailable as e:
                 if not down:
                     log.warning("the %s log cannot follow the others: %s", self.name, e.__cause__)
