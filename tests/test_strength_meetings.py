@@ -325,3 +325,21 @@ async def test_a_late_not_found_leaves_the_meeting_created_again(
     assert text(answer, "messageKey") == "notFound"
     new = stack.gateway.ledger.get(key)
     assert new is not None and new.created_at != old.created_at
+
+
+async def test_forwarded_calls_are_made_on_the_customers_account(
+    make_stack: StackFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a body or without, the customer's fair share of the backend applies."""
+    stack = await make_stack(backends=1)
+    await stack.create("room-1")
+    seen = spy_calls(stack, "bbb-1", monkeypatch)
+    info = await stack.call("getMeetingInfo", [("meetingID", "room-1")])
+    assert text(info, "returncode") == "SUCCESS"
+    inserted = await stack.http.post(
+        stack.signed("insertDocument", [("meetingID", "room-1")]),
+        content=MODULES,
+        headers={"Content-Type": "application/xml"},
+    )
+    assert "<returncode>SUCCESS</returncode>" in inserted.text
+    assert seen == [("getMeetingInfo", "acme"), ("insertDocument", "acme")]
