@@ -65,9 +65,8 @@ def hypercorn_config(
     return config
 
 
-def check_listen(bind: str, *, try_bind: bool = True) -> None:
-    """Whether the gateway can listen on ``bind``: its host resolves and (``try_bind``)
-    the port is free.  Blocking: before the event loop starts.
+def resolve_bind(bind: str) -> tuple[socket.AddressFamily, socket.SocketKind, int, Any]:
+    """``bind``'s socket family, kind, protocol and address (blocking: a name lookup).
 
     Error handling: ``ConfigError`` naming ``proxy.bind`` and why (the CLI exits 2).
     """
@@ -78,6 +77,16 @@ def check_listen(bind: str, *, try_bind: bool = True) -> None:
         raise ConfigError(f"proxy.bind {bind!r}: {exc}") from None
     except (socket.gaierror, UnicodeError) as exc:
         raise ConfigError(f"proxy.bind {bind!r}: cannot resolve the host: {exc}") from None
+    return family, kind, proto, address
+
+
+def check_listen(bind: str, *, try_bind: bool = True) -> None:
+    """Whether the gateway can listen on ``bind``: its host resolves and (``try_bind``)
+    the port is free.  Blocking: before the event loop starts.
+
+    Error handling: ``ConfigError`` naming ``proxy.bind`` and why (the CLI exits 2).
+    """
+    family, kind, proto, address = resolve_bind(bind)
     if not try_bind:
         return
     with socket.socket(family, kind, proto) as probe:

@@ -54,8 +54,9 @@ from pathlib import Path
 
 import trio
 
-from proxy.config import Config, split_bind
+from proxy.config import Config
 from proxy.errors import ConfigError, StateError
+from proxy.server import resolve_bind
 
 log = logging.getLogger(__name__)
 
@@ -125,13 +126,7 @@ def listen(bind: str, count: int) -> list[socket.socket]:
 
     Error handling: ``ConfigError`` naming ``proxy.bind`` (the CLI exits 2).
     """
-    try:
-        host, port = split_bind(bind)
-        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-    except ValueError as exc:
-        raise ConfigError(f"proxy.bind {bind!r}: {exc}") from None
-    except (socket.gaierror, UnicodeError) as exc:
-        raise ConfigError(f"proxy.bind {bind!r}: cannot resolve the host: {exc}") from None
+    family, kind, proto, address = resolve_bind(bind)
     sockets: list[socket.socket] = []
     try:
         with socket.socket(family, kind, proto) as probe:  # without SO_REUSEPORT: fails if
