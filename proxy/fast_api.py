@@ -34,7 +34,6 @@ propagates to hypercorn as with quart.
 from __future__ import annotations
 
 import logging
-import math
 import re
 from typing import Any
 
@@ -76,13 +75,12 @@ def fast_api(gw: Gateway, metrics: Metrics, quart: QuartTrio) -> Any:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope, answered)
             response = await _answer(gw, metrics, incoming, scope["path"])
-            with trio.move_on_after(math.inf if timeout is None else timeout) as sending:
-                await _send(send, response)
-            if sending.cancelled_caught:
-                nursery.cancel_scope.cancel()
-            else:  # the watcher ends on the disconnect hypercorn reports after the answer
-                answered.append(True)
-                nursery.cancel_scope.deadline = trio.current_time() + DISCONNECT_GRACE
+            if timeout is not None:  # sending out of time cancels all, the watcher too
+                nursery.cancel_scope.deadline = trio.current_time() + timeout
+            await _send(send, response)
+            # The watcher ends on the disconnect hypercorn reports after the answer.
+            answered.append(True)
+            nursery.cancel_scope.deadline = trio.current_time() + DISCONNECT_GRACE
         return None
 
     return asgi

@@ -310,3 +310,32 @@ async def test_without_the_disconnect_after_the_answer_the_call_ends_after_the_g
         await app(_scope("GET", "/acme/bigbluebutton/api/getMeetings"), receive, send)
     assert trio.current_time() - started == pytest.approx(fast_api_module.DISCONNECT_GRACE)
     assert sent[0]["status"] == 200 and not sent[-1].get("more_body")
+
+
+class _ShortQuart(_Quart):
+    config: ClassVar[dict[str, Any]] = {"RESPONSE_TIMEOUT": 3}
+
+
+async def test_an_answer_not_sent_in_time_is_given_up(
+    monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock
+) -> None:
+    """As quart-trio: sending is bounded by RESPONSE_TIMEOUT (a client that never reads)."""
+    monkeypatch.setattr("proxy.fast_api.api_answer", _answered)
+    app = fast_api(None, None, _ShortQuart())  # type: ignore[arg-type]
+    inbox = [{"type": "http.request", "body": b""}]
+    sent: list[Any] = []
+
+    async def receive() -> Any:
+        if inbox:
+            return inbox.pop()
+        await trio.sleep_forever()
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+        await trio.sleep_forever()
+
+    started = trio.current_time()
+    with trio.fail_after(100):
+        await app(_scope("GET", "/acme/bigbluebutton/api/getMeetings"), receive, send)
+    assert trio.current_time() - started == pytest.approx(3)
+    assert [m["type"] for m in sent] == ["http.response.start"]

@@ -46,7 +46,10 @@ request is never sent into a dead socket.
 
 from __future__ import annotations
 
+import math
 import re
+import select
+import socket
 import ssl
 import time
 from collections.abc import AsyncIterable, Callable
@@ -106,20 +109,30 @@ class Answer:
 
 @dataclass(slots=True)
 class _Connection:
-    stream: trio.abc.Stream
+    """One connection: a plain TCP one is a non-blocking socket used directly (trio's
+    stream layers cost more than the rest of a call's reading); TLS goes through trio."""
+
+    stream: trio.SSLStream[trio.SocketStream] | None  # TLS
+    sock: socket.socket | None  # plain TCP
     idle_since: float
     buffer: bytearray = field(default_factory=bytearray)  # received, not yet parsed
 
     def reusable(self, now: float) -> bool:
         if now - self.idle_since > IDLE_SECONDS:
             return False
-        socket_stream = self.stream
-        if isinstance(socket_stream, trio.SSLStream):
-            socket_stream = socket_stream.transport_stream
-        if isinstance(socket_stream, trio.SocketStream):
-            # Readable while idle means the server closed it (or sent junk): drop it.
-            return not socket_stream.socket.is_readable()
-        return True
+        # Readable while idle means the server closed it (or sent junk): drop it.
+        sock = self.sock if self.stream is None else self.stream.transport_stream.socket
+        assert sock is not None
+        probe = select.poll()
+        probe.register(sock, select.POLLIN)
+        return not probe.poll(0)
+
+    async def close(self) -> None:
+        if self.stream is not None:
+            await trio.aclose_forcefully(self.stream)
+        elif self.sock is not None:
+            trio.lowlevel.notify_closing(self.sock)
+            self.sock.close()
 
 
 class Pool:
@@ -184,7 +197,7 @@ class Pool:
     async def aclose(self) -> None:
         idle, self._idle = self._idle, []
         for connection in idle:
-            await trio.aclose_forcefully(connection.stream)
+            await connection.close()
 
     def _head(self, method: str, target: str, body: Body | None, content_type: str | None) -> bytes:
         """The request's head (with a whole body, the body too)."""
@@ -213,63 +226,71 @@ class Pool:
             connection = self._idle.pop()
             if connection.reusable(now):
                 return connection
-            await trio.aclose_forcefully(connection.stream)
+            await connection.close()
         with trio.move_on_after(self._timeouts.connect) as connecting:
             try:
-                stream = await self._open()
+                connection = await self._open(now)
             except (OSError, trio.BrokenResourceError, ssl.SSLError) as exc:
                 cause = exc.__cause__ or exc  # trio wraps TLS failures (certificate, handshake)
                 raise ConnectFailed(f"{type(cause).__name__}: {cause}") from None
         if connecting.cancelled_caught:
             raise ConnectFailed("connect timed out")
-        return _Connection(stream, now)
+        return connection
 
-    async def _open(self) -> trio.abc.Stream:
+    async def _open(self, now: float) -> _Connection:
         tcp = await trio.open_tcp_stream(self._host, self._port)
         if self._ssl is None:
-            return tcp
+            sock = socket.socket(fileno=tcp.socket.detach())  # ours now; TCP_NODELAY kept
+            sock.setblocking(False)
+            return _Connection(None, sock, now)
         stream = trio.SSLStream(tcp, self._ssl, server_hostname=self._host, https_compatible=True)
         try:
             await stream.do_handshake()
         except BaseException:
             await trio.aclose_forcefully(tcp)  # a refused certificate must not leak the socket
             raise
-        return stream
+        return _Connection(stream, None, now)
 
     async def _exchange(
         self, connection: _Connection, head: bytes, body: Body | None, sink: Sink | None
     ) -> Answer:
+        phase = "sending the request"
         try:
-            with trio.move_on_after(self._timeouts.write) as sending:
-                await _send(connection.stream, head)
-            if sending.cancelled_caught:
-                raise Timeout("timed out sending the request")
-            if body is not None and not isinstance(body, bytes):
-                await self._stream_body(connection, body)
-            with trio.move_on_after(self._timeouts.read) as reading:
+            # One scope for both phases of a whole request (its deadline moves on once
+            # the request is sent); a streamed body's chunks each have their own.
+            with trio.move_on_after(self._timeouts.write) as limit:
+                await _send(connection, head)
+                if body is not None and not isinstance(body, bytes):
+                    limit.deadline = math.inf
+                    await trio.lowlevel.checkpoint()
+                    await self._stream_body(connection, body)
+                phase = "waiting for the answer"
+                limit.deadline = trio.current_time() + self._timeouts.read
                 answer, keep = await _read_answer(connection, self._max_answer, sink)
-            if reading.cancelled_caught:
-                raise Timeout("timed out waiting for the answer")
+            if limit.cancelled_caught:
+                raise Timeout(f"timed out {phase}")
         except BaseException:
-            await trio.aclose_forcefully(connection.stream)
+            await connection.close()
             raise
         if keep and not connection.buffer:  # anything after the answer: not ours to guess
             connection.idle_since = time.monotonic()
             self._idle.append(connection)
         else:
-            await trio.aclose_forcefully(connection.stream)
+            await connection.close()
         return answer
 
     async def _stream_body(self, connection: _Connection, body: AsyncIterable[bytes]) -> None:
-        """Send ``body``'s chunks as they come, each within the write timeout, then its end."""
+        """Send ``body``'s chunks as they come, each within the write timeout, then its end;
+        after each, other tasks run (the server among them, when it is in this process)."""
         async for chunk in body:
             if chunk:
                 await self._send_in_time(connection, b"%x\r\n%b\r\n" % (len(chunk), chunk))
+                await trio.lowlevel.checkpoint()
         await self._send_in_time(connection, b"0\r\n\r\n")
 
     async def _send_in_time(self, connection: _Connection, data: bytes) -> None:
         with trio.move_on_after(self._timeouts.write) as sending:
-            await _send(connection.stream, data)
+            await _send(connection, data)
         if sending.cancelled_caught:
             raise Timeout("timed out sending the request")
 
@@ -402,7 +423,7 @@ async def _read_to_close(
                 raise ProtocolFailed(f"answer larger than {limit} bytes")
             into(bytes(buffer))
             buffer.clear()
-        data = await _receive(connection.stream, size)
+        data = await _receive(connection, size)
         if not data:
             return
         buffer += data
@@ -423,7 +444,7 @@ async def _read_line(connection: _Connection, size: int) -> bytes:
 
 async def _more(connection: _Connection, size: int) -> None:
     """More of the answer into the connection's buffer; its end here is a failure."""
-    data = await _receive(connection.stream, size)
+    data = await _receive(connection, size)
     if not data:
         raise ProtocolFailed("connection closed before the answer was complete")
     connection.buffer += data
@@ -444,15 +465,39 @@ def _tokens(value: bytes) -> list[bytes]:
     return [token.strip().lower() for token in value.split(b",")]
 
 
-async def _send(stream: trio.abc.Stream, data: bytes) -> None:
+async def _send(connection: _Connection, data: bytes) -> None:
+    sock = connection.sock
     try:
-        await stream.send_all(data)
+        if sock is None:
+            assert connection.stream is not None
+            await connection.stream.send_all(data)
+            return
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[sock.send(view) :]
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(sock)
     except (trio.BrokenResourceError, OSError, ssl.SSLError) as exc:
         raise ProtocolFailed(f"connection broke: {type(exc).__name__}") from None
 
 
-async def _receive(stream: trio.abc.Stream, size: int = READ) -> bytes:
+async def _receive(connection: _Connection, size: int = READ) -> bytes:
+    """The next bytes received (b"" at the connection's end).  A read that fills ``size``
+    (more is likely waiting: a large answer) lets other tasks run before the next."""
+    sock = connection.sock
     try:
-        return bytes(await stream.receive_some(size))
+        if sock is None:
+            assert connection.stream is not None
+            return bytes(await connection.stream.receive_some(size))
+        while True:
+            try:
+                data = sock.recv(size)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(sock)
+                continue
+            if len(data) == size:
+                await trio.lowlevel.checkpoint()
+            return data
     except (trio.BrokenResourceError, OSError, ssl.SSLError) as exc:
         raise ProtocolFailed(f"connection broke: {type(exc).__name__}") from None
