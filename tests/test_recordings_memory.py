@@ -6,7 +6,6 @@ from __future__ import annotations
 import sys
 
 import pytest
-import trio
 from hypothesis import given
 from hypothesis import strategies as st
 from lxml import etree
@@ -80,9 +79,9 @@ async def test_streamed_listings_read_small_pieces(
     sizes: list[int] = []
     original = http._receive
 
-    async def receive(stream: trio.abc.Stream, size: int = 65536) -> bytes:
+    async def receive(connection: http._Connection, size: int = 65536) -> bytes:
         sizes.append(size)
-        return await original(stream, size)
+        return await original(connection, size)
 
     monkeypatch.setattr(http, "_receive", receive)
     stack = await make_stack(backends=2)
