@@ -686,6 +686,23 @@ async def test_a_customer_added_on_one_instance_is_served_by_the_others(
     await until(lambda: a.gateway.customer("initech") is None)
 
 
+async def test_a_customer_added_on_one_instance_is_served_by_another_at_once(
+    nursery: trio.Nursery,
+    tmp_path: Path,
+    redis_server: RedisServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Read-your-writes for runtime customers: b, not following (its interval an hour),
+    catches up when a call names a customer it does not know."""
+    monkeypatch.setattr(shared, "FOLLOW_EVERY", 3600.0)
+    a, b = await gateways(nursery, tmp_path, redis_server, proxy={"admin_token": TOKEN})
+    await Admin(a)("POST", "customers", {**NEW_CUSTOMER, "secret": "initech-secret-1"}, expect=201)
+    b.secrets["initech"] = "initech-secret-1"
+    assert b.gateway.customer("initech") is None  # not followed yet
+    assert await created(b, "room-1", "initech") == "SUCCESS"
+    assert b.gateway.customer("initech") is not None
+
+
 # -- recording-ready callbacks: each once, across instances --------------------------------------
 
 

@@ -14,6 +14,7 @@ Error handling: :func:`handle` raises nothing a request can cause; every
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -30,6 +31,7 @@ from proxy.errors import (
     BackendError,
     ChecksumError,
     ProxyError,
+    StorageUnavailable,
     UnsupportedRequest,
     ValidationError,
 )
@@ -130,7 +132,7 @@ def result_of(answer: Answer) -> str:
 
 
 async def _verified(gw: Gateway, incoming: Incoming) -> ApiRequest:
-    customer = _customer(gw, incoming)
+    customer = await _customer(gw, incoming)
     if len(incoming.raw_query) > gw.config.proxy.max_query_bytes:
         raise ValidationError("The request is too large")
     upload = None
@@ -190,7 +192,20 @@ def _signed(
     return customer, params
 
 
-def _customer(gw: Gateway, incoming: Incoming) -> Customer | None:
+async def _customer(gw: Gateway, incoming: Incoming) -> Customer | None:
+    """The request's customer; with several instances (the runtime store on Redis), one
+    not known here is looked for again after catching up with the runtime changes of
+    the others (a customer just added through another instance's admin API)."""
+    found = _known(gw, incoming)
+    runtime = gw.runtime
+    if found is None and runtime is not None and runtime.replica.shared:
+        with contextlib.suppress(StorageUnavailable):  # Redis away: unknown, as before
+            await runtime.replica.refresh()  # concurrent calls share one catch-up
+        found = _known(gw, incoming)
+    return found
+
+
+def _known(gw: Gateway, incoming: Incoming) -> Customer | None:
     if incoming.customer_id is None:
         return gw.customer_for_host(incoming.host)
     return gw.customer(incoming.customer_id)
