@@ -465,6 +465,7 @@ async def test_a_second_gateway_on_the_same_redis_shares_the_ledger(
         assert text(await a.create("room-1"), "returncode") == "SUCCESS"
         info = await b.call("getMeetingInfo", [("meetingID", "room-1")])  # at once
         assert text(info, "returncode") == "SUCCESS", etree.tostring(info)
+        await b.gateway.ledger.refresh()  # b may have found the reserve, not yet the confirm
         assert b.gateway.ledger.get(("acme", "room-1")) == a.gateway.ledger.get(("acme", "room-1"))
         scraped = [(await s.http.get(f"{s.url}/metrics")).text for s in (a, b)]
         assert "bbb_proxy_ledger_commits_total 2.0" in scraped[0]  # reserve, confirm
