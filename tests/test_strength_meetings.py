@@ -13,6 +13,7 @@ from types import SimpleNamespace
 from typing import Any, cast
 
 import httpx
+import orjson
 import pytest
 from lxml import etree
 
@@ -21,7 +22,7 @@ from proxy.calls import meetings
 from proxy.errors import BackendRedirect, NotFound, ValidationError
 from proxy.gateway import Gateway
 from proxy.request import ApiRequest
-from tests.harness import Stack, StackFactory, text
+from tests.harness import Stack, StackFactory, query_of, text
 
 JOIN = [("meetingID", "room-1"), ("fullName", "Ada"), ("role", "VIEWER")]
 NO_REDIRECT = [*JOIN, ("redirect", "false")]
@@ -343,3 +344,20 @@ async def test_forwarded_calls_are_made_on_the_customers_account(
     )
     assert "<returncode>SUCCESS</returncode>" in inserted.text
     assert seen == [("getMeetingInfo", "acme"), ("insertDocument", "acme")]
+
+
+@pytest.mark.parametrize("name", [None, "", "  "])
+async def test_join_without_a_full_name_says_so(stack: Stack, name: str | None) -> None:
+    await stack.create("room-1")
+    params = [("meetingID", "room-1"), ("role", "VIEWER"), ("logoutURL", "https://lms.test/bye")]
+    if name is not None:
+        params.append(("fullName", name))
+    response = await stack.http.get(stack.signed("join", params))
+    assert response.status_code == 302
+    errors = orjson.loads(query_of(response.headers["location"])["errors"])
+    assert errors == [
+        {
+            "key": "missingParamFullName",
+            "message": "You must specify a name for the attendee who will be joining the meeting.",
+        }
+    ]
