@@ -7,9 +7,10 @@ h11's event objects and state machine were still most of what remained of a
 backend call (``bench/README.md``, "One process, leaner").  The calls are
 always the same shape: one GET or POST to one known server, no redirects, no
 cookies, no pipelining.  This client keeps a LIFO pool of keep-alive
-connections per server, writes each request in one piece, reads answers with
-the small parser below, and applies each phase's timeout exactly where the
-I/O happens:
+connections per server (a plain-TCP one is a non-blocking socket used
+directly; TLS goes through trio's ``SSLStream``), writes each request in one
+piece, reads answers with the small parser below, and applies each phase's
+timeout exactly where the I/O happens:
 
 - ``pool``: waiting for a free connection slot;
 - ``connect``: TCP connect and TLS handshake;
