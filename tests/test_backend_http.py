@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import socket
 import ssl
+import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
 
@@ -356,4 +358,28 @@ async def test_a_body_streamed_in_chunks(nursery: trio.Nursery) -> None:
     head, _, sent = seen[0].partition(b"\r\n\r\n")
     assert b"Transfer-Encoding: chunked" in head and b"Content-Length" not in head
     assert sent == b"3\r\nabc\r\ne\r\ndefghijklmnopq\r\n0\r\n\r\n"
+    await pool.aclose()
+
+
+async def test_a_request_the_server_does_not_read_times_out_sending(nursery: trio.Nursery) -> None:
+    async def handler(stream: trio.SocketStream) -> None:
+        await trio.sleep_forever()  # reads nothing: the request fills the socket's buffers
+
+    pool = Pool(await serve(nursery, handler), Timeouts(connect=1, read=5, write=0.2, pool=1), 1)
+    with pytest.raises(Timeout, match="sending the request"):
+        await pool.request("POST", "/api/insertDocument", b"x" * (32 * 1024 * 1024), "text/xml")
+    await pool.aclose()
+
+
+async def test_a_connection_reset_mid_answer_is_protocol_failed(nursery: trio.Nursery) -> None:
+    async def handler(stream: trio.SocketStream) -> None:
+        await read_request(stream)
+        await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+        # Closed with a reset (SO_LINGER 0), not a FIN.
+        stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        stream.socket.close()
+
+    pool = Pool(await serve(nursery, handler), FAST, 1)
+    with pytest.raises(ProtocolFailed, match="connection broke: ConnectionResetError"):
+        await pool.request("GET", "/")
     await pool.aclose()
