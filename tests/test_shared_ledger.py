@@ -30,6 +30,7 @@ from proxy.ledger.model import (
     Duplicate,
     LedgerState,
     Refuse,
+    Release,
     Reservation,
     Reserve,
 )
@@ -436,3 +437,50 @@ async def test_an_idle_instance_is_not_ready_within_moments_of_redis_going_away(
         with trio.fail_after(10):
             while a.journal.failed:  # noqa: ASYNC110
                 await trio.sleep(0.05)
+
+
+async def test_concurrent_changes_on_one_instance_share_commits(
+    instances: Instances, redis_server: RedisServer
+) -> None:
+    async with instances(2) as (a, b):
+        decisions: list[Decision] = []
+
+        async def create(ledger: SharedLedger, name: str) -> None:
+            decisions.append(await decide(ledger, request(name, size=1)))
+
+        async with trio.open_nursery() as nursery:
+            for n in range(40):
+                nursery.start_soon(create, a if n % 4 else b, f"m{n}")
+        assert all(isinstance(d, Admit) for d in decisions) and len(decisions) == 40
+        assert a.commits + b.commits == 40
+        assert a.batches + b.batches < 40  # several changes went in one compare-and-append
+        truth = await on_redis(redis_server)
+        for ledger in (a, b):
+            await ledger.refresh()
+            assert same_state(ledger.state, truth)
+
+
+def test_changes_applied_tentatively_are_taken_back_exactly() -> None:
+    state = LedgerState()
+    old = Reservation("acme", "old", "bbb-1", "acme~old", 4, 60, 60, 1.0, True, "71234")
+    held = Reservation("acme", "held", "bbb-2", "acme~held", 3, 60, 60, 2.0, False)
+    for r in (old, held):
+        state.apply(Reserve(r))
+    state.suspend("bbb-2")
+    before = ({r.key: r for r in state}, state.statistics(), state.bridge_taken("71234"))
+    undo = shared._Undo(state)
+    alias = Reservation("acme", "alias", "bbb-1", "acme~old", 5, 60, 60, 3.0, False, "75555")
+    for record in (
+        Confirm(("acme", "held")),
+        Release(("acme", "old"), "end"),
+        Reserve(alias),  # the same backend meeting as "old"
+        Reserve(Reservation("acme", "new", "bbb-2", "acme~new", 2, 60, 60, 4.0, False)),
+        Release(("acme", "held"), "preempted"),
+    ):
+        undo.apply(record)
+    assert {r.meeting_id for r in state} == {"alias", "new"}
+    undo.restore()
+    after = ({r.key: r for r in state}, state.statistics(), state.bridge_taken("71234"))
+    assert after == before
+    assert not state.bridge_taken("75555")
+    assert state.by_backend_meeting("bbb-1", "acme~old") == old
