@@ -15,7 +15,9 @@ applied.  A change is therefore:
    customer or backend another instance has just filled refuses it.  No interleaving of
    instances can overbook, and one meetingID makes one reservation.
 
-An instance's own changes are serialised by a lock, so races are only between instances.
+An instance's own changes are serialised by a lock, so races are only between instances;
+the changes waiting for the lock meanwhile are committed together (group commit, see
+:meth:`SharedLedger._commit`).
 Records are numbered by ``seq`` across instances (the position makes the numbers agree);
 a replica that meets a gap or a record it cannot apply reads the whole log again.
 
