@@ -340,12 +340,7 @@ async def _read_answer(
 async def _read_head(connection: _Connection, size: int) -> tuple[bytes, int, dict[bytes, bytes]]:
     """The next head's HTTP minor version, status and headers (names lower case)."""
     buffer = connection.buffer
-    searched = 0
-    while (end := buffer.find(b"\r\n\r\n", searched)) < 0:
-        if len(buffer) > MAX_HEAD_BYTES:
-            raise ProtocolFailed(f"not HTTP/1.1: a head larger than {MAX_HEAD_BYTES} bytes")
-        searched = max(0, len(buffer) - 3)
-        await _more(connection, size)
+    end = await _find(connection, size, b"\r\n\r\n", "a head larger")
     if end > MAX_HEAD_BYTES:
         raise ProtocolFailed(f"not HTTP/1.1: a head larger than {MAX_HEAD_BYTES} bytes")
     lines = bytes(buffer[:end]).split(b"\r\n")
@@ -432,15 +427,24 @@ async def _read_to_close(
 
 async def _read_line(connection: _Connection, size: int) -> bytes:
     buffer = connection.buffer
-    searched = 0
-    while (end := buffer.find(b"\r\n", searched)) < 0:
-        if len(buffer) > MAX_HEAD_BYTES:
-            raise ProtocolFailed(f"not HTTP/1.1: a line longer than {MAX_HEAD_BYTES} bytes")
-        searched = max(0, len(buffer) - 1)
-        await _more(connection, size)
+    end = await _find(connection, size, b"\r\n", "a line longer")
     line = bytes(buffer[:end])
     del buffer[: end + 2]
     return line
+
+
+async def _find(connection: _Connection, size: int, delimiter: bytes, what: str) -> int:
+    """Where ``delimiter`` starts in the connection's buffer, reading more until it is
+    there; a buffer past ``MAX_HEAD_BYTES`` without it is ``ProtocolFailed`` (``what``
+    than the bound)."""
+    buffer = connection.buffer
+    searched = 0
+    while (end := buffer.find(delimiter, searched)) < 0:
+        if len(buffer) > MAX_HEAD_BYTES:
+            raise ProtocolFailed(f"not HTTP/1.1: {what} than {MAX_HEAD_BYTES} bytes")
+        searched = max(0, len(buffer) - len(delimiter) + 1)
+        await _more(connection, size)
+    return end
 
 
 async def _more(connection: _Connection, size: int) -> None:
