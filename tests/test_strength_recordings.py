@@ -6,6 +6,8 @@ import orjson
 import pytest
 
 from proxy.bbb import recordings
+from tests.harness import StackFactory
+from tests.test_recordings import ids, seed
 
 
 def test_publish_needs_its_publish_parameter_only() -> None:
@@ -36,3 +38,49 @@ def test_text_tracks_answer_passes_bbbs_json_either_way(code: str) -> None:
 )
 def test_text_tracks_answer_refuses_other_shapes(content: bytes) -> None:
     assert recordings.text_tracks_answer(content) is None
+
+
+INT_MAX = 2**31 - 1  # Java's Integer.MAX_VALUE: bbb-web reads offset and limit with parseInt
+
+
+@pytest.mark.parametrize(
+    ("params", "page"),
+    [
+        ([("limit", "1000000000")], recordings.Page(0, 100)),  # 10 digits, an int: clamped
+        ([("limit", str(INT_MAX))], recordings.Page(0, 100)),
+        ([("limit", str(INT_MAX + 1))], recordings.Page()),  # NumberFormatException: no page
+        ([("limit", str(-INT_MAX - 1))], recordings.Page(0, 1)),
+        ([("limit", str(-INT_MAX - 2))], recordings.Page()),
+        ([("limit", "9" * 18)], recordings.Page()),
+        ([("limit", "9" * 19)], recordings.Page()),
+        ([("limit", "5"), ("offset", str(INT_MAX))], recordings.Page(INT_MAX, 5)),
+        ([("limit", "5"), ("offset", str(INT_MAX + 1))], recordings.Page(0, 5)),
+        ([("limit", "5"), ("offset", "1000000000")], recordings.Page(1_000_000_000, 5)),
+    ],
+)
+def test_offset_and_limit_are_read_as_javas_int(
+    params: list[tuple[str, str]], page: recordings.Page
+) -> None:
+    assert recordings.page_of(params) == page
+
+
+def test_java_int_reads_exactly_javas_range() -> None:
+    assert recordings.java_int(str(INT_MAX)) == INT_MAX
+    assert recordings.java_int(str(-INT_MAX - 1)) == -INT_MAX - 1
+    assert recordings.java_int(str(INT_MAX + 1)) is None
+    assert recordings.java_int(str(-INT_MAX - 2)) is None
+    assert recordings.java_int("-7") == -7
+    assert recordings.java_int("") is None
+
+
+async def test_a_ten_digit_limit_is_a_page_of_100_over_the_wire(make_stack: StackFactory) -> None:
+    stack = await make_stack(backends=2)
+    listed = seed(stack.sims[0], "acme", "room", 2) + seed(stack.sims[1], "acme", "room", 1)
+    every = [r.record_id for r in sorted(listed, key=lambda r: (r.start_time, r.record_id))]
+    paged = await stack.call("getRecordings", [("limit", "1000000000"), ("offset", "1")])
+    assert ids(paged) == every[1:] and paged.findtext("totalElements") == "3"
+    past = await stack.call("getRecordings", [("limit", "2"), ("offset", "1000000000")])
+    assert ids(past) == [] and past.findtext("messageKey") == "noRecordings"
+    assert past.findtext("totalElements") == "3"
+    unpaged = await stack.call("getRecordings", [("limit", str(INT_MAX + 1)), ("offset", "1")])
+    assert ids(unpaged) == every and unpaged.find("totalElements") is None

@@ -45,6 +45,7 @@ from proxy.bbb.uploads import UPLOAD_OVERHEAD as UPLOAD_OVERHEAD  # where the we
 from proxy.bbb.uploads import too_large_track as too_large_track
 
 MAX_LIMIT = 100
+INT_MIN, INT_MAX = -(2**31), 2**31 - 1  # Java's int: what Integer.parseInt reads
 HEAD = b"<response><returncode>SUCCESS</returncode><recordings>"
 NO_RECORDINGS = (
     "<messageKey>noRecordings</messageKey>"
@@ -75,11 +76,21 @@ def page_of(params: Sequence[tuple[str, str]]) -> Page:
     """bbb-web's reading: an unreadable or negative ``offset`` is 0; ``limit`` is clamped
     to 1..100, and without a readable ``limit`` nothing is paged (``offset`` ignored)."""
     values = rewrite.first_values(params)
-    offset = parse_int(values.get("offset", ""), max_digits=9, signed=True)
-    limit = parse_int(values.get("limit", ""), max_digits=9, signed=True)
+    offset = java_int(values.get("offset", ""))
+    limit = java_int(values.get("limit", ""))
     if limit is None:
         return Page()
     return Page(max(0, offset or 0), min(MAX_LIMIT, max(1, limit)))
+
+
+def java_int(text: str) -> int | None:
+    """``text`` read as bbb-web reads ``offset`` and ``limit`` (``Integer.parseInt``): a
+    signed run of ASCII digits within Java's ``int``, or None (so ``limit=1000000000`` is a
+    page of 100, and ``limit=9999999999`` no page at all, as on a BBB server)."""
+    value = parse_int(text, signed=True)  # up to 18 digits: then Java's range
+    if value is None or not INT_MIN <= value <= INT_MAX:
+        return None
+    return value
 
 
 def split_ids(value: str | None) -> list[str]:
