@@ -1,0 +1,118 @@
+"""Tests written to kill mutants of ``proxy.calls`` (the dispatcher, ``__init__``) and of
+``proxy.calls.hooks`` that survived (docs/mutation.md).
+
+On the module's functions where the difference lies in what no single request shows
+(the customer looked for again after another instance's changes, the bound of the body
+dropped after an answer), over real sockets where it is an answer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any, cast
+
+import pytest
+
+from proxy import calls
+from proxy.bbb import uploads as upload_rules
+from proxy.config import Customer
+from proxy.errors import StorageUnavailable
+from proxy.gateway import Gateway
+
+ACME = Customer("acme", ("s",), 10, 5, 30)
+
+
+@dataclass
+class Replica:
+    """A runtime store's replica: shared or not, its refresh counted (and made to fail)."""
+
+    shared: bool
+    fails: bool = False
+    refreshed: int = 0
+
+    async def refresh(self) -> None:
+        self.refreshed += 1
+        if self.fails:
+            raise StorageUnavailable("redis away")
+
+
+@dataclass
+class Directory:
+    """Customers by id and by host; ``later`` become known once the replica refreshed."""
+
+    replica: Replica | None
+    known: dict[str, Customer] = field(default_factory=dict)
+    later: dict[str, Customer] = field(default_factory=dict)
+    asked: list[tuple[str, str]] = field(default_factory=list)
+
+    def _now(self) -> dict[str, Customer]:
+        if self.replica is not None and self.replica.refreshed and not self.replica.fails:
+            return self.known | self.later
+        return self.known
+
+    def customer(self, customer_id: str) -> Customer | None:
+        self.asked.append(("id", customer_id))
+        return self._now().get(customer_id)
+
+    def customer_for_host(self, host: str) -> Customer | None:
+        self.asked.append(("host", host))
+        return self._now().get(host)
+
+
+def gateway(directory: Directory) -> Gateway:
+    runtime = None if directory.replica is None else SimpleNamespace(replica=directory.replica)
+    fake = SimpleNamespace(
+        runtime=runtime,
+        customer=directory.customer,
+        customer_for_host=directory.customer_for_host,
+    )
+    return cast(Gateway, fake)
+
+
+def incoming(customer_id: str | None, host: str = "bbb.example.test") -> calls.Incoming:
+    return calls.Incoming(customer_id, host, "getMeetings", "checksum=x")
+
+
+async def test_a_known_customer_is_found_without_a_catch_up() -> None:
+    directory = Directory(Replica(shared=True), known={"acme": ACME})
+    assert await calls._customer(gateway(directory), incoming("acme")) is ACME
+    assert directory.replica is not None and directory.replica.refreshed == 0
+    assert directory.asked == [("id", "acme")]
+
+
+async def test_an_unknown_customer_is_looked_for_again_after_a_shared_catch_up() -> None:
+    directory = Directory(Replica(shared=True), later={"acme": ACME})
+    assert await calls._customer(gateway(directory), incoming("acme")) is ACME
+    assert directory.replica is not None and directory.replica.refreshed == 1
+    assert directory.asked == [("id", "acme"), ("id", "acme")]
+
+
+async def test_a_host_bound_customer_is_looked_for_again_by_host() -> None:
+    directory = Directory(Replica(shared=True), later={"bbb.example.test": ACME})
+    assert await calls._customer(gateway(directory), incoming(None)) is ACME
+    assert directory.asked == [("host", "bbb.example.test"), ("host", "bbb.example.test")]
+
+
+@pytest.mark.parametrize("replica", [None, Replica(shared=False)])
+async def test_no_catch_up_without_a_shared_runtime_store(replica: Replica | None) -> None:
+    directory = Directory(replica, later={"acme": ACME})
+    assert await calls._customer(gateway(directory), incoming("acme")) is None
+    assert replica is None or replica.refreshed == 0
+    assert directory.asked == [("id", "acme")]
+
+
+async def test_a_catch_up_that_fails_leaves_the_customer_unknown() -> None:
+    replica = Replica(shared=True, fails=True)
+    directory = Directory(replica, later={"acme": ACME})
+    assert await calls._customer(gateway(directory), incoming("acme")) is None
+    assert replica.refreshed == 1
+    assert directory.asked == [("id", "acme"), ("id", "acme")]
+
+
+def test_the_body_dropped_after_an_answer_is_bounded_by_the_upload_limit() -> None:
+    fake: Any = SimpleNamespace(
+        config=SimpleNamespace(proxy=SimpleNamespace(max_text_track_bytes=1000))
+    )
+    assert calls._upload_limit(fake) == 1000 + upload_rules.UPLOAD_OVERHEAD
+    assert upload_rules.UPLOAD_OVERHEAD > 0
