@@ -1,0 +1,480 @@
+"""Tests written to kill mutants of ``proxy.calls.create`` that survived (docs/mutation.md).
+
+Over real sockets where the rule is about what a backend is sent or a client answered (the
+create's exact parameters, a refusal kept as the customer's, the number of backends tried),
+and on the module's own functions where the rule is a value no answer shows whole (the
+create request as resolved, the tag rule, the refusal's kind, ending preempted meetings).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, cast
+
+import pytest
+import trio
+from lxml import etree
+
+from proxy.backends.client import Reply
+from proxy.bbb import analytics, callbacks, recording_ready, rewrite
+from proxy.calls.create import (
+    _create_request,
+    _customers_fault,
+    _end_one,
+    _send,
+    _server_tag,
+    _server_tag_param,
+    _tagged,
+    tag_rule,
+)
+from proxy.calls.create import log as create_log
+from proxy.errors import (
+    BackendTimeout,
+    BackendUnavailable,
+    NoServerCapacity,
+    NoVoiceBridge,
+    ServerTagUnavailable,
+    SubscriptionExhausted,
+    ValidationError,
+)
+from proxy.gateway import Gateway
+from proxy.ledger.model import CreateRequest, Reservation
+from proxy.placement import TagRule
+from proxy.request import ApiRequest
+from proxy.texts import apply_default_texts
+from tests.harness import Stack, StackFactory, text
+from tests.voice_stack import VoiceFactory, voice_stacks
+
+CALLBACK = "http://127.0.0.1:9"
+
+
+@pytest.fixture
+async def make_voice(nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[VoiceFactory]:
+    async with voice_stacks(nursery, tmp_path) as make:
+        yield make
+
+
+def spy_creates(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    """Every create the gateway sends to any backend: its backend, params and options."""
+    seen: list[dict[str, Any]] = []
+    for backend in stack.config.backends:
+        client = stack.gateway.client(backend.id)
+
+        def spying(call: Any, backend_id: str) -> Any:
+            async def spy(name: str, params: Any, **kwargs: Any) -> Any:
+                if name == "create":
+                    seen.append(
+                        {"backend": backend_id, "call": name, "params": list(params), **kwargs}
+                    )
+                return await call(name, params, **kwargs)
+
+            return spy
+
+        monkeypatch.setattr(client, "call", spying(client.call, backend.id))
+    return seen
+
+
+def failure(root: etree._Element) -> tuple[str, str]:
+    assert text(root, "returncode") == "FAILED", etree.tostring(root)
+    return text(root, "messageKey"), text(root, "message")
+
+
+# -- what the backend is sent ------------------------------------------------------------------
+
+
+async def test_the_backend_is_sent_the_create_exactly(
+    make_voice: VoiceFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Namespaced id first, the customer's own parameters, the resolved size, duration 0,
+    the gateway's end URLs and tags, then the kept and the gateway's own callback URLs."""
+    voice = await make_voice(backends=1, voice={"dial_number": "+1 555 0100"})
+    stack = voice.stack
+    assert stack is not None
+    seen = spy_creates(stack, monkeypatch)
+    given = [
+        ("meetingID", "room-1"),
+        ("name", "Room 1"),
+        ("maxParticipants", "3"),
+        ("duration", "45"),
+        ("meta_server-tag", " eu "),
+        ("voiceBridge", "70757"),
+        ("meetingEndedURL", f"{CALLBACK}/ended"),
+        ("meta_endCallbackUrl", f"{CALLBACK}/callback"),
+        ("meta_bbb-recording-ready-url", f"{CALLBACK}/ready"),
+        ("meta_analytics-callback-url", f"{CALLBACK}/analytics"),
+        ("record", "true"),
+    ]
+    root = await stack.call("create", given)
+    assert text(root, "returncode") == "SUCCESS"
+    assert (text(root, "meetingID"), text(root, "voiceBridge")) == ("room-1", "70757")
+    assert text(root, "duration") == "45"
+    held = stack.gateway.ledger.get(("acme", "room-1"))
+    assert held is not None and held.confirmed
+    backend = stack.config.backends[0]
+    public = stack.config.proxy.public_url
+    _, urls, kept = callbacks.split_customer_urls(given)
+    ended, end_callback = callbacks.ended_urls(
+        public, backend, "acme~room-1", "room-1", urls, held.created_at
+    )
+    [sent] = seen
+    assert {k: v for k, v in sent.items() if k != "params"} == {
+        "backend": "bbb-1",
+        "call": "create",
+        "customer": "acme",
+    }
+    assert sent["params"] == [
+        ("meetingID", "acme~room-1"),
+        ("name", "Room 1"),
+        ("record", "true"),
+        ("meta_server-tag", "eu"),
+        ("voiceBridge", "70757"),
+        ("dialNumber", "+1 555 0100"),
+        *apply_default_texts([], stack.config.texts),  # the platform's welcome texts
+        ("maxParticipants", "3"),
+        ("duration", "0"),
+        ("meetingEndedURL", ended),
+        ("meta_endCallbackUrl", end_callback),
+        *rewrite.tags("acme", "room-1", 45, held.created_at),
+        *kept,
+        *recording_ready.backend_params(
+            public, backend, "acme", "room-1", ("bbb-recording-ready-url", f"{CALLBACK}/ready")
+        ),
+        *analytics.backend_params(public, backend, "acme", "room-1", f"{CALLBACK}/analytics"),
+    ]
+    assert len(kept) == 1 and len(apply_default_texts([], stack.config.texts)) == 2
+
+
+async def test_a_create_with_a_body_sends_it_and_its_type(
+    make_voice: VoiceFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    voice = await make_voice(backends=1)
+    stack = voice.stack
+    assert stack is not None
+    seen = spy_creates(stack, monkeypatch)
+    modules = b'<modules><module name="presentation"><document url="https://x.test/a.pdf"/></module></modules>'
+    response = await stack.http.post(
+        stack.signed("create", [("meetingID", "room-1"), ("name", "Room 1")]),
+        content=modules,
+        headers={"Content-Type": "application/xml"},
+    )
+    assert "<returncode>SUCCESS</returncode>" in response.text
+    [sent] = seen
+    assert (sent["call"], sent["customer"]) == ("create", "acme")
+    assert sent["content_type"] == "application/xml"
+    assert etree.tostring(etree.fromstring(sent["body"])) == modules
+
+
+async def test_the_dial_number_the_customer_gives_is_kept(
+    make_voice: VoiceFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    voice = await make_voice(backends=1, voice={"dial_number": "+1 555 0100"})
+    stack = voice.stack
+    assert stack is not None
+    seen = spy_creates(stack, monkeypatch)
+    await stack.create("room-1", dialNumber="+49 30 1")
+    await stack.create("room-2", dialNumber="  ")
+    dial = [[v for k, v in s["params"] if k == "dialNumber"] for s in seen]
+    assert dial == [["+49 30 1"], ["+1 555 0100"]]
+
+
+# -- refusals: the customer's or the server's ---------------------------------------------------
+
+
+async def test_a_backend_refusing_the_customers_own_bridge_is_the_customers_answer(
+    make_stack: StackFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A meeting the gateway does not know holds the bridge on the backend: BBB's refusal
+    is passed on, no other backend is tried, nothing stays reserved."""
+    stack = await make_stack(backends=2)
+    outside = [("meetingID", "outside"), ("name", "Outside"), ("voiceBridge", "70757")]
+    for backend in stack.config.backends:
+        assert (await stack.gateway.client(backend.id).call("create", outside)).ok
+    seen = spy_creates(stack, monkeypatch)
+    root = await stack.create("room-1", voiceBridge="70757")
+    assert failure(root) == ("nonUniqueVoiceBridge", "The selected voice bridge is already in use.")
+    assert len(seen) == 1
+    assert stack.gateway.ledger.get(("acme", "room-1")) is None
+
+
+async def test_no_more_than_three_backends_are_tried(
+    make_stack: StackFactory, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    stack = await make_stack(backends=4)
+    for sim in stack.sims:
+        sim.behaviour.mode = "refuse_create"
+    seen = spy_creates(stack, monkeypatch)
+    caplog.set_level(logging.WARNING, logger=create_log.name)
+    root = await stack.create("room-1")
+    assert text(root, "messageKey") == "serverUnavailable"
+    tried = [s["backend"] for s in seen]
+    assert len(tried) == 3 and len(set(tried)) == 3
+    warnings = [r.getMessage() for r in caplog.records if r.name == create_log.name]
+    assert warnings == [f"backend {b} refused a create: internalError" for b in tried]
+    assert stack.gateway.ledger.get(("acme", "room-1")) is None
+
+
+@pytest.mark.parametrize(
+    ("key", "own_bridge", "customers"),
+    [
+        ("validationError", None, True),
+        ("idNotUnique", None, True),
+        ("missingParamName", None, True),
+        ("missingParam", None, True),
+        ("nonUniqueVoiceBridge", "70757", True),
+        ("nonUniqueVoiceBridge", " ", False),
+        ("nonUniqueVoiceBridge", None, False),
+        ("sizeLimit", "70757", False),
+        ("xmissingParam", None, False),
+        ("", None, False),
+    ],
+)
+def test_customers_fault(key: str, own_bridge: str | None, customers: bool) -> None:
+    params = [("meetingID", "room-1")]
+    if own_bridge is not None:
+        params.append(("voiceBridge", own_bridge))
+    req = ApiRequest(cast(Any, SimpleNamespace(id="acme")), "create", params)
+    assert _customers_fault(key, req) is customers
+
+
+# -- the create request as resolved -------------------------------------------------------------
+
+
+def customer(**fields: Any) -> Any:
+    base = {
+        "id": "acme",
+        "default_max_participants": 10,
+        "default_duration": 60,
+        "default_tags": (),
+        "required_tags": (),
+    }
+    return SimpleNamespace(**(base | fields))
+
+
+def create_req(*params: tuple[str, str], **fields: Any) -> ApiRequest:
+    return ApiRequest(customer(**fields), "create", [("meetingID", " room-1 "), *params])
+
+
+@pytest.mark.parametrize(
+    ("given", "connections", "duration", "asked"),
+    [
+        ([], 10, 60, 0),
+        ([("maxParticipants", "3"), ("duration", "45")], 3, 45, 45),
+        ([("maxParticipants", "0"), ("duration", "0")], 10, 60, 0),
+        ([("maxParticipants", "-1"), ("duration", "-5")], 10, 60, 0),
+        ([("maxParticipants", "1"), ("duration", "1")], 1, 1, 1),
+    ],
+)
+def test_the_create_request_resolves_size_and_duration(
+    given: list[tuple[str, str]], connections: int, duration: int, asked: int
+) -> None:
+    req = create_req(("name", "Room"), *given)
+    assert _create_request(req, allocate=True) == CreateRequest(
+        customer="acme",
+        meeting_id="room-1",
+        backend_meeting_id="acme~room-1",
+        connections=connections,
+        duration=duration,
+        asked_duration=asked,
+        voice_bridge=None,
+    )
+
+
+@pytest.mark.parametrize("name", [None, "", "   "])
+def test_a_create_without_a_name_is_refused(name: str | None) -> None:
+    params = [] if name is None else [("name", name)]
+    with pytest.raises(ValidationError) as refused:
+        _create_request(create_req(*params), allocate=True)
+    assert str(refused.value) == "You must provide a meeting name"
+    assert refused.value.message_key == "validationError"
+
+
+def test_the_customers_bridge_is_read_only_when_the_gateway_allocates() -> None:
+    req = create_req(("name", "Room"), ("voiceBridge", " 70757 "))
+    assert _create_request(req, allocate=True).voice_bridge == "70757"
+    assert _create_request(req, allocate=False).voice_bridge is None
+    blank = create_req(("name", "Room"), ("voiceBridge", "  "))
+    assert _create_request(blank, allocate=True).voice_bridge is None
+    bad = create_req(("name", "Room"), ("voiceBridge", "12ab"))
+    with pytest.raises(ValidationError) as refused:
+        _create_request(bad, allocate=True)
+    assert str(refused.value) == "Voice bridge must be an integer."
+    assert _create_request(bad, allocate=False).voice_bridge is None
+
+
+# -- placement tags ------------------------------------------------------------------------------
+
+
+def test_the_tag_rule_of_a_create() -> None:
+    tagged = create_req(("META_Server-Tag", "eu;us!"), default_tags=("x",), required_tags=("r",))
+    assert tag_rule(tagged) == TagRule(frozenset({"eu", "us"}), True, frozenset({"r"}))
+    plain = create_req(default_tags=("x", "y"), required_tags=())
+    assert tag_rule(plain) == TagRule(frozenset({"x", "y"}), False, frozenset())
+    empty = create_req(("meta_server-tag", "!"), default_tags=("x",))
+    assert tag_rule(empty) == TagRule(frozenset({"x"}), False, frozenset())
+
+
+def test_the_first_server_tag_counts() -> None:
+    params = [("a", "1"), ("Meta_Server-Tag", "eu"), ("meta_server-tag", "us")]
+    assert _server_tag(params) == "eu"
+    assert _server_tag([("a", "1")]) is None
+
+
+@pytest.mark.parametrize(
+    ("given", "sent"),
+    [
+        ([("a", "1")], [("a", "1")]),
+        (
+            [("META_server-TAG", " eu;us ! "), ("a", "1")],
+            [("a", "1"), ("meta_server-tag", "eu;us")],
+        ),
+        ([("meta_server-tag", "!"), ("a", "1")], [("a", "1")]),
+        ([("meta_server-tag", " "), ("a", "1")], [("a", "1")]),
+        (
+            [("meta_server-tag", "eu"), ("a", "1"), ("meta_server-tag", "us")],
+            [("a", "1"), ("meta_server-tag", "eu")],
+        ),
+    ],
+)
+def test_the_server_tag_as_the_backend_is_told(
+    given: list[tuple[str, str]], sent: list[tuple[str, str]]
+) -> None:
+    assert _server_tag_param(given) == sent
+
+
+def test_no_room_where_the_tags_allow_is_server_tag_unavailable() -> None:
+    capacity = NoServerCapacity()
+    strict = TagRule(frozenset({"us", "eu"}), True, frozenset({"r"}))
+    tagged = _tagged(capacity, strict)
+    assert type(tagged) is ServerTagUnavailable
+    assert str(tagged) == "There is no available server with the required tag=eu;us."
+    required = TagRule(frozenset({"us"}), False, frozenset({"r2", "r1"}))
+    assert str(_tagged(capacity, required)) == (
+        "There is no available server with the required tag=r1;r2."
+    )
+    # Nothing ruled out by tags, no voice bridge free, or the subscription: unchanged.
+    assert _tagged(capacity, TagRule(frozenset({"us"}))) is capacity
+    no_bridge = NoVoiceBridge()
+    assert _tagged(no_bridge, strict) is no_bridge
+    exhausted = SubscriptionExhausted()
+    assert _tagged(exhausted, strict) is exhausted
+
+
+# -- the call to the backend and its latency ----------------------------------------------------
+
+
+def reservation(**fields: Any) -> Reservation:
+    base: dict[str, Any] = {
+        "customer": "acme",
+        "meeting_id": "room-1",
+        "backend_id": "b1",
+        "backend_meeting_id": "acme~room-1",
+        "connections": 2,
+        "duration": 60,
+        "asked_duration": 0,
+        "created_at": 1.0,
+    }
+    return Reservation(**(base | fields))
+
+
+class FakeClient:
+    """A backend client answering ``answer`` (or raising it) after ``delay`` seconds."""
+
+    def __init__(self, answer: Any, delay: float = 0.0) -> None:
+        self.answer = answer
+        self.delay = delay
+        self.calls: list[tuple[Any, ...]] = []
+
+    async def call(self, name: str, params: Any, **kwargs: Any) -> Any:
+        self.calls.append((name, list(params), kwargs))
+        await trio.sleep(self.delay)
+        if isinstance(self.answer, BaseException):
+            raise self.answer
+        return self.answer
+
+
+def reply(xml: bytes) -> Reply:
+    return Reply(etree.fromstring(xml))
+
+
+def fake_gateway(client: FakeClient) -> tuple[Gateway, SimpleNamespace]:
+    state = SimpleNamespace(latencies=[], tallies=[], clients=[])
+
+    def client_of(backend_id: str) -> FakeClient:
+        state.clients.append(backend_id)
+        return client
+
+    gw = SimpleNamespace(
+        client=client_of,
+        observe_latency=lambda b, s: state.latencies.append((b, s)),
+        tally=lambda family, label: state.tallies.append((family, label)),
+    )
+    return cast(Gateway, gw), state
+
+
+async def test_the_create_answer_time_feeds_the_latency_average(
+    autojump_clock: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ok = reply(b"<response><returncode>SUCCESS</returncode></response>")
+    client = FakeClient(ok, delay=2.5)
+    gw, state = fake_gateway(client)
+    params = [("meetingID", "acme~room-1")]
+    monkeypatch.setattr(
+        sys.modules["proxy.calls.create"], "backend_params", lambda gw, req, r: params
+    )
+    assert await _send(gw, create_req(), reservation()) is ok
+    assert state.latencies == [("b1", 2.5)]
+    client.answer = BackendTimeout("b1", "timed out")
+    with pytest.raises(BackendTimeout):
+        await _send(gw, create_req(), reservation())
+    assert state.latencies == [("b1", 2.5), ("b1", 2.5)]
+    client.answer = BackendUnavailable("b1", "refused")
+    with pytest.raises(BackendUnavailable):
+        await _send(gw, create_req(), reservation())
+    assert len(state.latencies) == 2  # a refused connection says nothing of latency
+    assert client.calls[0] == ("create", params, {"customer": "acme"})
+
+
+# -- ending preempted meetings ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("answer", "label"),
+    [
+        (b"<response><returncode>SUCCESS</returncode></response>", "ended"),
+        (b"<response><returncode>FAILED</returncode></response>", "end_failed"),
+    ],
+)
+async def test_a_preempted_meeting_is_ended_on_its_backend(
+    answer: bytes, label: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    client = FakeClient(reply(answer))
+    gw, state = fake_gateway(client)
+    caplog.set_level(logging.INFO, logger=create_log.name)
+    await _end_one(gw, reservation(backend_id="b2"))
+    assert client.calls == [("end", [("meetingID", "acme~room-1")], {})]
+    assert state.clients == ["b2"]
+    assert state.tallies == [("preemptions", label)]
+    ok = label == "ended"
+    assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
+        (logging.INFO, f"ended overtime meeting ('acme', 'room-1') on b2: {ok}")
+    ]
+
+
+async def test_a_preempted_meeting_that_cannot_be_ended_is_counted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    client = FakeClient(BackendUnavailable("b2", "refused"))
+    gw, state = fake_gateway(client)
+    caplog.set_level(logging.INFO, logger=create_log.name)
+    await _end_one(gw, reservation(backend_id="b2"))
+    assert state.tallies == [("preemptions", "end_failed")]
+    assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
+        (
+            logging.WARNING,
+            "could not end preempted meeting on b2: BackendUnavailable(b2): refused",
+        )
+    ]
