@@ -1,16 +1,22 @@
-"""Tests written to kill mutants of ``proxy.bbb.hooks`` that survived (docs/mutation.md).
+"""Tests written to kill mutants of ``proxy.bbb.hooks`` and ``proxy.calls.hooks`` that
+survived (docs/mutation.md).
 
 The hooks API's refusals are answered to the customer: each one's messageKey and
-message are checked whole, as a client sees them.
+message are checked whole, as a client sees them.  hooks/create's resolution of the
+callback host (``proxy.calls.hooks._check_reachable``) is checked on the function: what
+it asks the SSRF filter, and a host that does not resolve in time.
 """
 
 from __future__ import annotations
 
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
+import trio
 
 from proxy.bbb import hooks
+from proxy.calls import hooks as hooks_calls
 from proxy.errors import ValidationError
 
 URL = "https://lms.example.com/hook"
@@ -155,3 +161,74 @@ def test_fixed_refusals() -> None:
     for bad in ["\x00", "\x08", "\x0b", "\x0c", "\x0e", "\x1f", "\ufffe", "\uffff", "\ud800"]:
         with pytest.raises(ValidationError):
             hooks.checked_meeting_id(f"a{bad}b")
+
+
+# -- proxy.calls.hooks: the callback host resolved at create ----------------------------------
+
+UNREACHABLE = (
+    "createHookError",
+    "The callbackURL cannot be used: its host does not resolve to public addresses only"
+    + PUBLIC_NOTE,
+)
+
+
+def gateway(allow: bool, networks: tuple[str, ...]) -> Any:
+    return SimpleNamespace(
+        config=SimpleNamespace(
+            proxy=SimpleNamespace(allow_private_callbacks=allow),
+            webhooks=SimpleNamespace(allowed_callback_networks=networks),
+        )
+    )
+
+
+@pytest.mark.parametrize(
+    ("url", "host", "port"),
+    [
+        ("https://Bücher.Example:8443/hook?x=1", "xn--bcher-kva.example", 8443),
+        ("http://lms.example.com/hook", "lms.example.com", 80),
+        ("https://[2001:db8::1]/hook", "2001:db8::1", 443),
+    ],
+)
+async def test_create_asks_the_filter_about_the_callbacks_host_and_port(
+    monkeypatch: pytest.MonkeyPatch, url: str, host: str, port: int
+) -> None:
+    asked: list[tuple[Any, ...]] = []
+
+    async def checked(*args: Any) -> str:
+        asked.append(args)
+        return "192.0.2.1"
+
+    monkeypatch.setattr(hooks_calls, "checked_address", checked)
+    networks = ("10.0.0.0/8",)
+    await hooks_calls._check_reachable(gateway(True, networks), url)
+    assert asked == [(host, port, True, networks)]
+    asked.clear()
+    await hooks_calls._check_reachable(gateway(False, ()), url)
+    assert asked == [(host, port, False, ())]
+
+
+async def test_a_host_the_filter_refuses_is_create_hook_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async def refused(*args: Any) -> None:
+        return None
+
+    monkeypatch.setattr(hooks_calls, "checked_address", refused)
+    with pytest.raises(ValidationError) as caught:
+        await hooks_calls._check_reachable(gateway(False, ()), "https://lms.example/h")
+    assert (caught.value.message_key, caught.value.message) == UNREACHABLE
+
+
+async def test_a_host_that_does_not_resolve_in_time_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async def slow(*args: Any) -> str:
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    monkeypatch.setattr(hooks_calls, "checked_address", slow)
+    monkeypatch.setattr(hooks_calls, "RESOLVE_TIMEOUT", 0.05)
+    with trio.fail_after(5):
+        with pytest.raises(ValidationError) as caught:
+            await hooks_calls._check_reachable(gateway(True, ()), "https://lms.example/h")
+    assert (caught.value.message_key, caught.value.message) == UNREACHABLE
