@@ -84,3 +84,22 @@ async def test_a_ten_digit_limit_is_a_page_of_100_over_the_wire(make_stack: Stac
     assert past.findtext("totalElements") == "3"
     unpaged = await stack.call("getRecordings", [("limit", str(INT_MAX + 1)), ("offset", "1")])
     assert ids(unpaged) == every and unpaged.find("totalElements") is None
+
+
+def test_page_window_is_offset_to_offset_plus_limit() -> None:
+    """``Page.window`` (the listing itself windows with :func:`recordings.window`)."""
+    assert recordings.Page().window(0) and recordings.Page().window(10**6)
+    page = recordings.Page(2, 3)
+    assert [page.window(i) for i in range(7)] == [False, False, True, True, True, False, False]
+    assert page.end == 5 and recordings.Page().end is None
+
+
+def test_bodies_fill_the_budget_exactly() -> None:
+    """The budget is the bytes kept at most: bodies adding up to it exactly are all kept."""
+    bodies = recordings.Bodies(budget=10)
+    first, second, third = (recordings.Listed(i, f"r{i}", 0) for i in range(3))
+    bodies.keep(first, "1234")
+    bodies.keep(second, "123456")
+    assert not bodies.full and bodies.take(first) == "1234" and bodies.take(second) == "123456"
+    bodies.keep(third, "1")  # 11 bytes offered in all: over
+    assert bodies.full and not bodies.has(third)
