@@ -8,6 +8,7 @@ dropped after an answer), over real sockets where it is an answer.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any, cast
@@ -19,6 +20,9 @@ from proxy.bbb import uploads as upload_rules
 from proxy.config import Customer
 from proxy.errors import StorageUnavailable
 from proxy.gateway import Gateway
+from tests.harness import Stack
+from tests.test_recordings import seed
+from tests.test_recordings_upload import track_params
 
 ACME = Customer("acme", ("s",), 10, 5, 30)
 
@@ -116,3 +120,35 @@ def test_the_body_dropped_after_an_answer_is_bounded_by_the_upload_limit() -> No
     )
     assert calls._upload_limit(fake) == 1000 + upload_rules.UPLOAD_OVERHEAD
     assert upload_rules.UPLOAD_OVERHEAD > 0
+
+
+async def test_a_text_track_upload_without_a_body_is_an_empty_track(stack: Stack) -> None:
+    """A GET holds no file: its (empty) body is read whole, as other calls' bodies are."""
+    (recording,) = seed(stack.sims[0], "acme", "room", 1)
+    response = await stack.http.get(
+        stack.signed("putRecordingTextTrack", track_params(recording.record_id))
+    )
+    assert (response.status_code, response.headers["content-type"]) == (200, "application/json")
+    assert response.json() == {
+        "response": {
+            "returncode": "FAILED",
+            "messageKey": "empty_uploaded_text_track",
+            "message": "Empty uploaded text track.",
+        }
+    }
+    assert [sim.recordings.uploads for sim in stack.sims] == [[], []]
+
+
+async def test_the_chunks_are_the_stream_or_the_held_body_once() -> None:
+    async def stream() -> AsyncIterator[bytes]:
+        yield b"a"
+        yield b"b"
+
+    held = calls.Incoming("acme", "h", "putRecordingTextTrack", "", body=b"whole")
+    assert [chunk async for chunk in held.chunks()] == [b"whole"]
+    empty = calls.Incoming("acme", "h", "putRecordingTextTrack", "")
+    assert [chunk async for chunk in empty.chunks()] == []
+    given = stream()
+    streamed = calls.Incoming("acme", "h", "putRecordingTextTrack", "", stream=given)
+    assert streamed.chunks() is given
+    assert [chunk async for chunk in streamed.chunks()] == [b"a", b"b"]
