@@ -25,6 +25,7 @@ from proxy.calls.create import (
     _create_request,
     _customers_fault,
     _end_one,
+    _on_down_backend,
     _send,
     _server_tag,
     _server_tag_param,
@@ -478,3 +479,40 @@ async def test_a_preempted_meeting_that_cannot_be_ended_is_counted(
             "could not end preempted meeting on b2: BackendUnavailable(b2): refused",
         )
     ]
+
+
+async def test_a_repeated_create_the_backend_refuses_is_its_answer(stack: Stack) -> None:
+    """The meeting stays pinned and confirmed: BBB's FAILED answer is passed on whole."""
+    await stack.create("room-1")
+    sim, _ = stack.backend_meeting("acme", "room-1")
+    sim.behaviour.mode = "refuse_create"
+    response = await stack.http.get(
+        stack.signed("create", [("meetingID", "room-1"), ("name", "Room room-1")])
+    )
+    assert response.status_code == 200
+    assert response.text == (
+        "<response><returncode>FAILED</returncode><messageKey>internalError</messageKey>"
+        "<message>The meeting could not be created on this server.</message></response>"
+    )
+    held = stack.gateway.ledger.get(("acme", "room-1"))
+    assert held is not None and held.confirmed
+
+
+def test_a_refused_create_of_a_meeting_pinned_to_a_down_backend_blames_the_server() -> None:
+    """Only a pin on a DOWN backend makes the refusal the server's (else: the ledger's)."""
+    pins = {("acme", "room-1"): reservation(backend_id="b1"), ("acme", "room-2"): reservation()}
+    down = {"b1"}
+    gw = cast(
+        Gateway,
+        SimpleNamespace(
+            ledger=SimpleNamespace(get=pins.get), backend_down=lambda b: b in down or b is None
+        ),
+    )
+    request = _create_request(create_req(("name", "Room")), allocate=False)
+    error = _on_down_backend(gw, request)
+    assert type(error) is BackendUnavailable
+    assert str(error) == "BackendUnavailable(b1): down, and no other server can take the meeting"
+    down.clear()
+    assert _on_down_backend(gw, request) is None
+    unpinned = CreateRequest("acme", "room-9", "acme~room-9", 1, 1, 0)
+    assert _on_down_backend(gw, unpinned) is None
