@@ -390,3 +390,84 @@ async def test_text_tracks_of_a_down_holder_are_server_unavailable(
     body: Any = await tracks(stack, [("recordID", recording.record_id)])
     assert failure(body) == ("serverUnavailable", NOT_ASKED)
     assert asked(stack.sims[1]) == 0
+
+
+# -- every request to a backend is made for the customer (its fair share applies) ---------------
+
+RECORDING_CALLS = {
+    "getRecordings",
+    "publishRecordings",
+    "deleteRecordings",
+    "updateRecordings",
+    "getRecordingTextTracks",
+    "putRecordingTextTrack",
+}
+
+
+def customers_of_requests(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, Any]]:
+    """(call, customer) of every recording call the gateway's backend clients make."""
+    seen: list[tuple[str, Any]] = []
+    for backend in stack.gateway.backends():
+        client = stack.gateway.client(backend.id)
+        original = client.fetch
+
+        async def fetch(call: str, *args: Any, original: Any = original, **kwargs: Any) -> Any:
+            if call in RECORDING_CALLS:
+                seen.append((call, kwargs.get("customer")))
+            return await original(call, *args, **kwargs)
+
+        monkeypatch.setattr(client, "fetch", fetch)
+    return seen
+
+
+async def test_every_recording_request_is_made_for_the_customer(
+    make_stack: StackFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(recordings, "EARLY_BYTES", 0)  # the second pass too
+    stack = await make_stack(backends=2)
+    (a,) = seed(stack.sims[0], "acme", "room", 1)
+    (b,) = seed(stack.sims[1], "acme", "room", 1, start_ms=BASE + 1)
+    seen = customers_of_requests(stack, monkeypatch)
+    assert await listing_ids(stack) == [a.record_id, b.record_id]
+    assert (await tracks(stack, [("recordID", b.record_id)]))["returncode"] == "SUCCESS"
+    published = await stack.call(
+        "publishRecordings", [("recordID", a.record_id), ("publish", "false")]
+    )
+    assert answer(published) == ("SUCCESS", "")
+    calls = sorted({call for call, _ in seen})
+    assert calls == ["getRecordingTextTracks", "getRecordings", "publishRecordings"]
+    assert {customer for _, customer in seen} == {"acme"}
+    assert len(seen) == 2 + 2 + 2 + 1 + 2 + 1  # keys, bodies, lookup + tracks, lookup + change
+
+
+@pytest.mark.parametrize(
+    ("call", "params", "expected"),
+    [
+        ("deleteRecordings", [], ("missingParamRecordID", "You must specify a recordID.")),
+        (
+            "publishRecordings",
+            [("recordID", "x")],
+            ("missingParamPublish", "You must specify a publish value true or false."),
+        ),
+    ],
+)
+async def test_a_change_missing_a_parameter_has_bbbs_message(
+    stack: Stack, call: str, params: list[tuple[str, str]], expected: tuple[str, str]
+) -> None:
+    root = await stack.call(call, params)
+    assert (root.findtext("messageKey"), root.findtext("message")) == expected
+
+
+async def test_an_upload_without_a_file_is_never_sent(make_stack: StackFactory) -> None:
+    stack = await make_stack(backends=1)
+    (recording,) = seed(stack.sims[0], "acme", "room", 1)
+    params = [("recordID", recording.record_id), ("kind", "subtitles"), ("lang", "de")]
+    response = await stack.http.post(stack.signed("putRecordingTextTrack", params))
+    assert response.json() == {
+        "response": {
+            "returncode": "FAILED",
+            "messageKey": "empty_uploaded_text_track",
+            "message": "Empty uploaded text track.",
+        }
+    }
+    assert received(stack.sims[0], "putRecordingTextTrack") == []
