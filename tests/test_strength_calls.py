@@ -20,9 +20,9 @@ from proxy.bbb import uploads as upload_rules
 from proxy.config import Customer
 from proxy.errors import StorageUnavailable
 from proxy.gateway import Gateway
-from tests.harness import Stack
+from tests.harness import Stack, StackFactory
 from tests.test_recordings import seed
-from tests.test_recordings_upload import track_params
+from tests.test_recordings_upload import track_params, upload
 
 ACME = Customer("acme", ("s",), 10, 5, 30)
 
@@ -152,3 +152,18 @@ async def test_the_chunks_are_the_stream_or_the_held_body_once() -> None:
     streamed = calls.Incoming("acme", "h", "putRecordingTextTrack", "", stream=given)
     assert streamed.chunks() is given
     assert [chunk async for chunk in streamed.chunks()] == [b"a", b"b"]
+
+
+async def test_an_upload_is_answered_once_its_body_is_read(make_stack: StackFactory) -> None:
+    stack = await make_stack(backends=2)
+    (recording,) = seed(stack.sims[1], "acme", "room", 1)
+    body = await upload(stack, track_params(recording.record_id), b"WEBVTT\n\n")
+    assert (body["returncode"], body["messageKey"], body["recordId"]) == (
+        "SUCCESS",
+        "upload_text_track_success",
+        recording.record_id,
+    )
+    assert [sim.recordings.uploads for sim in stack.sims] == [
+        [],
+        [(recording.record_id, "subtitles", "de-DE", b"WEBVTT\n\n")],
+    ]
