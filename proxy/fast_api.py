@@ -27,6 +27,9 @@ held back, :func:`proxy.server.closing_unread`), the answer is given up when the
 task watching for the disconnect ends on the ``http.disconnect`` hypercorn reports as the
 answer's end is written (or after :data:`DISCONNECT_GRACE`, should it not come).
 
+Served by :mod:`proxy.front` (the scope's ``bbb_proxy.watched`` extension), the loop
+there watches the client and bounds the send itself: the answer is just made and sent.
+
 Error handling: nothing raised by the call escapes (see above); a failure to send
 propagates to hypercorn as with quart.
 """
@@ -45,6 +48,7 @@ from quart_trio import QuartTrio
 
 from proxy.app import api_answer, internal_error
 from proxy.calls import Incoming
+from proxy.front import WATCHED
 from proxy.gateway import Gateway
 from proxy.metrics import Metrics
 
@@ -71,6 +75,8 @@ def fast_api(gw: Gateway, metrics: Metrics, quart: QuartTrio) -> Any:
             return await quart(scope, receive, send)
         if (await receive())["type"] == "http.disconnect":  # else the (empty) body: read whole
             return None
+        if WATCHED in scope.get("extensions", ()):  # proxy.front cancels it and bounds the send
+            return await _send(send, await _answer(gw, metrics, incoming, scope["path"]))
         answered: list[bool] = []
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope, answered)

@@ -1,4 +1,5 @@
-"""Serving the gateway with hypercorn's trio worker, and stopping it cleanly.
+"""Serving the gateway (:mod:`proxy.front`: the API's GETs on its own connection loop,
+everything else by hypercorn's trio worker), and stopping it cleanly.
 
 ``serve_gateway`` never returns until cancelled or until SIGTERM/SIGINT asks it
 to stop; it reports the bound URLs through ``task_status`` (port 0 binds a
@@ -16,9 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 from hypercorn.config import Config as HypercornConfig
-from hypercorn.trio import serve
 
-from proxy import request_log, store
+from proxy import front, request_log, store
 from proxy.app import create_app
 from proxy.backends.client import Transport
 from proxy.backends.monitor import monitor_backends, reconcile_all
@@ -216,7 +216,9 @@ async def _serve_app(
     fast = fast_api(gw, metrics, quart)  # the API's GETs
     app = counted(gw, request_log.logged(closing_unread(fast), trusted))
     gw.spawn("metrics", metrics.mirror_forever)  # workers: this one's counts (proxy.metrics)
-    await serve(app, hyper, shutdown_trigger=trio.sleep_forever, task_status=task_status)
+    timeout = quart.config["RESPONSE_TIMEOUT"]
+    send_timeout = None if timeout is None else float(timeout)
+    await front.serve(app, hyper, send_timeout=send_timeout, task_status=task_status)
 
 
 def counted(gw: Gateway, app: Any) -> Any:
