@@ -23,6 +23,7 @@ from proxy.gateway import Gateway
 from tests.harness import Stack, StackFactory
 from tests.test_recordings import seed
 from tests.test_recordings_upload import track_params, upload
+from tests.test_text_track_stream import CONTENT_TYPE, multipart
 
 ACME = Customer("acme", ("s",), 10, 5, 30)
 
@@ -167,3 +168,46 @@ async def test_an_upload_is_answered_once_its_body_is_read(make_stack: StackFact
         [],
         [(recording.record_id, "subtitles", "de-DE", b"WEBVTT\n\n")],
     ]
+
+
+async def text_track_post(stack: Stack, url: str, body: bytes, content_type: str) -> Any:
+    response = await stack.http.post(url, content=body, headers={"Content-Type": content_type})
+    assert (response.status_code, response.headers["content-type"]) == (200, "application/json")
+    return response.json()["response"]
+
+
+async def test_a_big_body_field_beside_a_signed_query_is_refused_unread(stack: Stack) -> None:
+    """The query verified with its parameters: a body field is a checksumError as soon as it
+    shows, not read (a field over the fields' bound would otherwise be too large)."""
+    (recording,) = seed(stack.sims[0], "acme", "room", 1)
+    url = stack.signed("putRecordingTextTrack", track_params(recording.record_id))
+    big = "x" * (upload_rules.UPLOAD_OVERHEAD + 1)
+    body = multipart([("note", big)], b"WEBVTT\n")
+    assert await text_track_post(stack, url, body, CONTENT_TYPE) == {
+        "returncode": "FAILED",
+        "messageKey": "checksumError",
+        "message": "Checksums do not match",
+    }
+    assert [sim.recordings.uploads for sim in stack.sims] == [[], []]
+
+
+async def test_a_body_that_is_not_multipart_is_read_whole_as_other_calls(
+    make_stack: StackFactory,
+) -> None:
+    stack = await make_stack(proxy={"max_body_bytes": 100})
+    (recording,) = seed(stack.sims[0], "acme", "room", 1)
+    url = stack.signed("putRecordingTextTrack", track_params(recording.record_id))
+    form = "application/x-www-form-urlencoded"
+    # body parameters beside the signed query: refused, as for every call
+    assert (await text_track_post(stack, url, b"kind=captions", form))["messageKey"] == (
+        "checksumError"
+    )
+    # within max_body_bytes, read and then judged by its type
+    plain = await text_track_post(stack, url, b"x" * 100, "text/plain")
+    assert plain["messageKey"] == "unsupportedContentType"
+    # over max_body_bytes (not the upload's bound): refused as other calls' bodies are
+    assert await text_track_post(stack, url, b"x" * 101, "text/plain") == {
+        "returncode": "FAILED",
+        "messageKey": "validationError",
+        "message": "The request body is too large",
+    }
