@@ -382,3 +382,63 @@ async def test_a_streamed_answer_is_sent_chunked(stack: Stack, answered_here: li
     assert answered_here == [b"/acme/bigbluebutton/api/getRecordings"]
     assert re.search(rb"<recordings\s*/>|<recordings>", body) or b"noRecordings" in body
     await stream.aclose()
+
+
+# -- no input ends the process ------------------------------------------------------------------
+
+_JUNK = st.one_of(
+    st.binary(max_size=300),
+    st.tuples(_REQUEST_LINES, st.lists(_LINES, max_size=4), st.binary(max_size=40)).map(
+        lambda parts: b"\r\n".join([parts[0], *parts[1]]) + b"\r\n\r\n" + parts[2]
+    ),
+)
+
+
+async def _still_serving(stack: Stack) -> None:
+    root = await stack.call("getMeetings", [])
+    assert root.findtext("returncode") == "SUCCESS"
+
+
+async def test_arbitrary_bytes_never_end_the_gateway(
+    stack: Stack, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Whatever a client sends, each connection is answered or closed, and the next client
+    is served; nothing is logged as a failure of the loop."""
+    examples: list[bytes] = []
+
+    @settings(max_examples=60, deadline=None, database=None)
+    @given(_JUNK)
+    def collect(data: bytes) -> None:
+        examples.append(data)
+
+    collect()
+    for data in examples:
+        stream = await _connect(stack)
+        with trio.move_on_after(0.5):  # answered, closed, or waiting for more: all fine
+            try:
+                await stream.send_all(data)
+                while await stream.receive_some(65536):
+                    pass
+            except trio.BrokenResourceError:
+                pass
+        await stream.aclose()
+    await _still_serving(stack)
+    assert "a client connection failed" not in caplog.text
+    assert "unexpected error" not in caplog.text
+
+
+async def test_a_bug_in_the_loop_ends_one_connection_only(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(head: bytes) -> Head | None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(front, "parse_head", broken)
+    stream = await _connect(stack)
+    await stream.send_all(_get(_path(stack, "getMeetings", [])))
+    with trio.fail_after(5):
+        assert await stream.receive_some(100) == b""  # closed, not hung
+    await stream.aclose()
+    assert "a client connection failed" in caplog.text
+    monkeypatch.undo()
+    await _still_serving(stack)
