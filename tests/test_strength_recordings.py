@@ -5,9 +5,10 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from proxy.bbb import recordings
+from proxy.bbb import recordings, rewrite
 from tests.harness import StackFactory
 from tests.test_recordings import ids, seed
+from tests.test_recordings_rules import answer, read, recording
 
 
 def test_publish_needs_its_publish_parameter_only() -> None:
@@ -103,3 +104,28 @@ def test_bodies_fill_the_budget_exactly() -> None:
     assert not bodies.full and bodies.take(first) == "1234" and bodies.take(second) == "123456"
     bodies.keep(third, "1")  # 11 bytes offered in all: over
     assert bodies.full and not bodies.has(third)
+
+
+def test_lookup_filters_ask_every_state_of_the_customers_exact_ids() -> None:
+    """``any`` as bbb-web spells it (the simulator lower-cases state names; a server need not)."""
+    assert recordings.lookup_filters("acme", ["r1", "r2"]) == [
+        ("recordID", "r1,r2"),
+        ("state", "any"),
+        (f"meta_{rewrite.CUSTOMER_TAG}", "acme"),
+    ]
+
+
+def test_reader_lists_only_recordings_under_recordings() -> None:
+    stray = recording("r0", "5", "acme", "room", "acme~room")
+    data = answer(recording("r1", "20", "acme", "room", "acme~room"))
+    data = data.replace(b"<recordings>", stray.encode() + b"<recordings>")
+    found, state = read(data, bodies=False)
+    assert found == ["20/r1"] and state == (True, False, "SUCCESS")
+
+
+@pytest.mark.parametrize(
+    ("start", "read_as"), [("9" * 15, 10**15 - 1), ("9" * 16, 0), ("1" + "0" * 15, 0)]
+)
+def test_a_start_time_of_more_than_15_digits_is_read_as_0(start: str, read_as: int) -> None:
+    found, _ = read(answer(recording("r1", start, "acme", "room", "acme~room")), bodies=False)
+    assert found == [f"{read_as}/r1"]
