@@ -1,0 +1,308 @@
+"""Tests written to kill mutants of ``proxy.bbb.recording_ready`` and
+``proxy.calls.recording_ready`` that survived (docs/mutation.md).
+
+On the rules' functions directly: the gateway's signed URL and its check, the JWTs, the
+delivery outcomes and backoff, and the queue's records (``claim`` and ``node`` records only
+appear with several instances on one Redis, which the in-process selection does not run).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import warnings
+from urllib.parse import urlencode
+
+import jwt
+import orjson
+import pytest
+from jwt.warnings import InsecureKeyLengthWarning
+
+from proxy.bbb import recording_ready as rules
+from proxy.bbb.rewrite import backend_meeting_id
+from proxy.config import Backend
+from proxy.errors import StateError
+
+BACKEND = Backend(id="bbb-1", url="http://bbb-1.test/bigbluebutton", secret="s3cret", capacity=10)
+OTHER = Backend(id="bbb-2", url="http://bbb-2.test/bigbluebutton", secret="other", capacity=10)
+BACKENDS = {BACKEND.id: BACKEND, OTHER.id: OTHER}
+PUBLIC = "https://gw.test"
+TARGET = rules.Target("bbb-1", "acme", "room 1", "https://acme.test/ready?x=1")
+
+
+def delivery(n: int, body: str = "") -> rules.Delivery:
+    return rules.Delivery(
+        f"acme/rec-{n}/{n}", f"https://acme.test/{n}", "acme", f"m-{n}", f"rec-{n}", body
+    )
+
+
+def decoded(token: str, secret: str) -> dict[str, object]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", InsecureKeyLengthWarning)
+        return dict(jwt.decode(token, secret, algorithms=["HS256"]))
+
+
+def encoded(payload: dict[str, object], secret: str, algorithm: str = "HS256") -> str:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", InsecureKeyLengthWarning)
+        return jwt.encode(payload, secret, algorithm=algorithm)
+
+
+# -- create ----------------------------------------------------------------------------------
+
+
+def test_split_keeps_other_params_and_takes_the_first_key_in_bbbs_order() -> None:
+    params = [
+        ("name", "x"),
+        ("META_canvas-recording-ready-url", "https://c.test/"),
+        ("meta_bn-recording-ready-url", "https://bn.test/1"),
+        ("meta_BN-recording-ready-url", "https://bn.test/2"),
+        ("meta_bbb-recording-ready-url", ""),
+        ("bbb-recording-ready-url", "https://no-prefix.test/"),
+        ("meta_other", "y"),
+    ]
+    kept, given = rules.split(params)
+    assert kept == [
+        ("name", "x"),
+        ("bbb-recording-ready-url", "https://no-prefix.test/"),
+        ("meta_other", "y"),
+    ]
+    assert given == ("bn-recording-ready-url", "https://bn.test/1")  # first value, empty skipped
+    assert rules.split([("meta_bbb-recording-ready-url", "https://b.test/")]) == (
+        [],
+        ("bbb-recording-ready-url", "https://b.test/"),
+    )
+    assert rules.split([("a", "1")]) == ([("a", "1")], None)
+
+
+def test_split_drops_a_url_the_gateway_may_not_call(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, rules.log.name)
+    params = [
+        ("meta_bbb-recording-ready-url", "ftp://x.test/"),
+        ("meta_bn-recording-ready-url", "https://bn.test/"),
+    ]
+    assert rules.split(params) == ([], None)  # the first key's URL decides, not the next one
+    assert [r.getMessage() for r in caplog.records] == [
+        "create: the bbb-recording-ready-url is not a URL the gateway may call; dropped"
+    ]
+
+
+def test_backend_params_and_the_signature_construction() -> None:
+    assert rules.backend_params(PUBLIC, BACKEND, "acme", "room 1", None) == []
+    params = rules.backend_params(
+        PUBLIC, BACKEND, "acme", "room 1", ("bn-recording-ready-url", TARGET.url)
+    )
+    signed = [("b", "bbb-1"), ("c", "acme"), ("m", "room 1"), ("u", TARGET.url)]
+    key = hashlib.sha256(b"bbb-proxy recording-ready:s3cret").digest()
+    sig = hmac.new(key, urlencode(signed).encode(), hashlib.sha256).hexdigest()
+    own = f"{PUBLIC}/callbacks/v1/recording-ready?{urlencode(signed)}&sig={sig}"
+    assert params == [
+        ("meta_bbb-recording-ready-url", own),
+        ("meta_bbb-proxy-bn-recording-ready-url", TARGET.url),
+    ]
+    other = rules.signed_url(PUBLIC, "/p", BACKEND, ("acme", "room 1", TARGET.url), b"analytics")
+    akey = hashlib.sha256(b"bbb-proxy analytics:s3cret").digest()
+    asig = hmac.new(akey, urlencode(signed).encode(), hashlib.sha256).hexdigest()
+    assert other == f"{PUBLIC}/p?{urlencode(signed)}&sig={asig}"
+
+
+# -- the backend's notice --------------------------------------------------------------------
+
+
+def query_of(url: str) -> str:
+    return url.partition("?")[2]
+
+
+def test_verify_url_reads_back_only_what_the_gateway_signed() -> None:
+    own = rules.signed_url(
+        PUBLIC, rules.PATH, BACKEND, ("acme", "room 1", TARGET.url), b"recording-ready"
+    )
+    query = query_of(own)
+    assert rules.verify_url(query, BACKENDS) == TARGET
+    assert rules.verify_url(query + "&b=bbb-2&sig=0", BACKENDS) == TARGET  # first values
+    assert rules.verify_url(query, BACKENDS, b"analytics") is None  # another purpose's key
+    for name in ("b", "c", "m", "u", "sig"):
+        without = "&".join(p for p in query.split("&") if not p.startswith(name + "="))
+        assert rules.verify_url(without, BACKENDS) is None, name
+    assert rules.verify_url(query, {"bbb-1": OTHER}) is None  # another secret
+    assert rules.verify_url(query.replace("b=bbb-1", "b=bbb-9"), BACKENDS) is None
+    assert rules.verify_url(query.replace("m=room", "m=ro0m"), BACKENDS) is None
+    sig = query.rpartition("sig=")[2]
+    assert rules.verify_url(query.replace(sig, sig.upper()), BACKENDS) is None
+    assert rules.verify_url(query.replace(sig, "é" + sig[1:]), BACKENDS) is None
+    blank = rules.signed_url(PUBLIC, rules.PATH, BACKEND, ("acme", "", ""), b"recording-ready")
+    assert rules.verify_url(query_of(blank), BACKENDS) == rules.Target("bbb-1", "acme", "", "")
+
+
+def test_verify_url_of_a_query_that_does_not_parse() -> None:
+    many = "&".join(["a=1"] * 5) + "&x"  # a field without "=" is kept (blank), not an error
+    assert rules.verify_url(many, BACKENDS) is None
+    assert rules.verify_url("", BACKENDS) is None
+
+
+def test_form_token() -> None:
+    assert rules.form_token(b"signed_parameters=a.b.c&signed_parameters=d") == "a.b.c"
+    assert rules.form_token(b"signed_parameters=&x=1") == ""
+    assert rules.form_token(b"x=1") is None
+    assert rules.form_token(b"signed_parameters=\xff") is None
+    assert rules.form_token("signed_parameters=é".encode()) == "é"
+
+
+def test_backend_claims() -> None:
+    meeting = backend_meeting_id("acme", "room 1")
+    good = encoded({"meeting_id": meeting, "record_id": "r-1"}, "s3cret")
+    assert rules.backend_claims(good, BACKEND, TARGET) == "r-1"
+    assert rules.backend_claims(good, OTHER, TARGET) is None  # another secret
+    other_room = rules.Target("bbb-1", "acme", "room 2", TARGET.url)
+    assert rules.backend_claims(good, BACKEND, other_room) is None
+    payloads: list[dict[str, object]] = [
+        {"meeting_id": meeting, "record_id": ""},
+        {"meeting_id": meeting, "record_id": 7},
+        {"meeting_id": meeting},
+        {"record_id": "r-1"},
+        {"meeting_id": "room 1", "record_id": "r-1"},
+    ]
+    for payload in payloads:
+        assert rules.backend_claims(encoded(payload, "s3cret"), BACKEND, TARGET) is None, payload
+    hs512 = encoded({"meeting_id": meeting, "record_id": "r-1"}, "s3cret", "HS512")
+    assert rules.backend_claims(hs512, BACKEND, TARGET) is None
+    assert rules.backend_claims("not a jwt", BACKEND, TARGET) is None
+
+
+def test_jwts_are_hs256_with_the_secret_used_raw() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        token = rules.signed_jwt({"meeting_id": "m", "record_id": "r"}, "short")
+    assert jwt.get_unverified_header(token) == {"alg": "HS256", "typ": "JWT"}
+    assert decoded(token, "short") == {"meeting_id": "m", "record_id": "r"}
+    form = rules.customer_form(delivery(1), "cust")
+    assert list(form) == ["signed_parameters"]
+    assert decoded(form["signed_parameters"], "cust") == {"meeting_id": "m-1", "record_id": "rec-1"}
+
+
+# -- delivery --------------------------------------------------------------------------------
+
+
+def test_delivery_id() -> None:
+    assert rules.delivery_id(TARGET, "r-1", 42) == "acme/r-1/42"
+
+
+def test_outcome_of_each_answer() -> None:
+    assert rules.outcome(None) == "final"
+    for status in (401, 404, 410):
+        assert rules.outcome(status) == "final"
+    for status in (200, 201, 204, 299):
+        assert rules.outcome(status) == "done"
+    for status in (0, 199, 300, 302, 400, 403, 409, 500, 503):
+        assert rules.outcome(status) == "retry", status
+
+
+def test_backoff_doubles_up_to_twenty_minutes() -> None:
+    assert [rules.backoff(a) for a in range(1, 13)] == [
+        2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 1200.0, 1200.0
+    ]  # fmt: skip
+    assert type(rules.backoff(3)) is float
+    assert rules.MAX_ATTEMPTS == 12
+
+
+# -- the queue's records ---------------------------------------------------------------------
+
+
+FIELDS = {
+    "id": "acme/rec-1/1",
+    "url": "https://acme.test/1",
+    "customer": "acme",
+    "meeting_id": "m-1",
+    "record_id": "rec-1",
+}
+
+
+def test_the_records() -> None:
+    assert rules.queue_record(delivery(1)) == {"op": "queue", **FIELDS}
+    assert rules.queue_record(delivery(1), "node-a") == {"op": "queue", **FIELDS, "node": "node-a"}
+    assert rules.queue_record(delivery(1, "{}")) == {"op": "queue", **FIELDS, "body": "{}"}
+    assert rules.claim_record(("a", "b"), "node-b") == {
+        "op": "claim",
+        "ids": ["a", "b"],
+        "node": "node-b",
+    }
+    assert rules.done_record("acme/rec-1/1", "final") == {
+        "op": "done",
+        "id": "acme/rec-1/1",
+        "how": "final",
+    }
+
+
+def test_pending_replays_queue_done_and_claim_records() -> None:
+    pending = rules.Pending()
+    pending.apply(rules.queue_record(delivery(1), "node-a"))
+    pending.apply(rules.queue_record(delivery(2, "{}")))
+    pending.apply(rules.queue_record(delivery(3), "node-a"))
+    assert list(pending.deliveries.values()) == [delivery(1), delivery(2, "{}"), delivery(3)]
+    assert pending.owners == {"acme/rec-1/1": "node-a", "acme/rec-3/3": "node-a"}
+    pending.apply(rules.claim_record(["acme/rec-1/1", "acme/rec-2/2", "gone"], "node-b"))
+    assert pending.owners == {
+        "acme/rec-1/1": "node-b",
+        "acme/rec-3/3": "node-a",
+        "acme/rec-2/2": "node-b",
+    }
+    assert list(pending.records()) == [
+        rules.queue_record(delivery(1), "node-b"),
+        rules.queue_record(delivery(2, "{}"), "node-b"),
+        rules.queue_record(delivery(3), "node-a"),
+    ]
+    pending.apply(rules.done_record("acme/rec-1/1", "done"))
+    pending.apply(rules.done_record("never queued", "done"))
+    assert list(pending.deliveries) == ["acme/rec-2/2", "acme/rec-3/3"]
+    assert pending.owners == {"acme/rec-3/3": "node-a", "acme/rec-2/2": "node-b"}
+    pending.apply(rules.claim_record([], "node-c"))
+    pending.apply({"op": "queue", **FIELDS, "node": ""})
+    assert "acme/rec-1/1" not in pending.owners
+    assert pending.skipped == 0
+
+
+def test_records_the_queue_does_not_know_are_state_errors() -> None:
+    pending = rules.Pending()
+    pending.apply(rules.queue_record(delivery(1)))
+    bad: list[dict[str, object]] = [
+        {"op": "queue", **FIELDS, "record_id": 1},
+        {"op": "queue", **{k: v for k, v in FIELDS.items() if k != "record_id"}},
+        {"op": "queue", **{k: v for k, v in FIELDS.items() if k != "id"}},
+        {"op": "queue", **FIELDS, "body": 3},
+        {"op": "done", "id": 1},
+        {"op": "done"},
+        {"op": "claim", "ids": ["acme/rec-1/1"], "node": 1},
+        {"op": "claim", "ids": ["acme/rec-1/1"]},
+        {"op": "claim", "ids": "acme/rec-1/1", "node": "n"},
+        {"op": "claim", "node": "n"},
+        {"op": "claim", "ids": ["acme/rec-1/1", 2], "node": "n"},
+        {"op": "other", "id": "x"},
+        {"id": "x", "url": "https://secret.test/?token=t"},
+    ]
+    for record in bad:
+        with pytest.raises(StateError) as caught:
+            pending.apply(record)  # type: ignore[arg-type]
+        assert (
+            str(caught.value)
+            == f"not a recording-ready record: op {record.get('op')!r}, keys {sorted(record)}"
+        )
+    assert list(pending.deliveries.values()) == [delivery(1)]
+    assert pending.owners == {}
+
+
+def test_the_legacy_file_skips_and_counts_what_it_cannot_read() -> None:
+    lines = [
+        orjson.dumps(rules.queue_record(delivery(1))),
+        b"",
+        b"   ",
+        b"[1, 2]",
+        b'{"op": "queue"',
+        b'{"op": "nope"}',
+        orjson.dumps(rules.queue_record(delivery(2))),
+        orjson.dumps(rules.done_record("acme/rec-1/1", "done")),
+    ]
+    pending = rules.Pending.from_legacy(lines)
+    assert list(pending.deliveries.values()) == [delivery(2)]
+    assert pending.skipped == 3
+    assert rules.Pending.from_legacy([]) == rules.Pending()
