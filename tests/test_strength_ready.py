@@ -12,17 +12,24 @@ import hashlib
 import hmac
 import logging
 import warnings
+from collections.abc import Callable
+from pathlib import Path
 from urllib.parse import urlencode
 
 import jwt
 import orjson
 import pytest
+import trio
 from jwt.warnings import InsecureKeyLengthWarning
 
 from proxy.bbb import recording_ready as rules
 from proxy.bbb.rewrite import backend_meeting_id
+from proxy.calls import recording_ready as ready_calls
 from proxy.config import Backend
 from proxy.errors import StateError
+from proxy.store.local import read_records
+from tests.harness import BACKEND_SECRET, Stack
+from tests.test_recordings_ready import start_receiver, until
 
 BACKEND = Backend(id="bbb-1", url="http://bbb-1.test/bigbluebutton", secret="s3cret", capacity=10)
 OTHER = Backend(id="bbb-2", url="http://bbb-2.test/bigbluebutton", secret="other", capacity=10)
@@ -306,3 +313,55 @@ def test_the_legacy_file_skips_and_counts_what_it_cannot_read() -> None:
     assert list(pending.deliveries.values()) == [delivery(2)]
     assert pending.skipped == 3
     assert rules.Pending.from_legacy([]) == rules.Pending()
+
+
+# -- over real sockets (proxy.calls.recording_ready) -----------------------------------------
+
+
+async def genuine_notice(stack: Stack, url: str) -> tuple[str, str, Callable[..., dict[str, str]]]:
+    """A meeting whose recording-ready URL is ``url``: the gateway's URL the backend was
+    given, the backend's id, and a maker of the backend's form."""
+    created = await stack.create("room", record="true", **{"meta_bbb-recording-ready-url": url})
+    assert created.findtext("returncode") == "SUCCESS"
+    sim, backend_meeting = stack.backend_meeting("acme", "room")
+    reservation = stack.gateway.ledger.get(("acme", "room"))
+    assert reservation is not None
+
+    def form(secret: str = BACKEND_SECRET, record_id: str = "rec-1") -> dict[str, str]:
+        payload = {"meeting_id": backend_meeting, "record_id": record_id}
+        return {"signed_parameters": rules.signed_jwt(payload, secret)}
+
+    own = sim.meetings[backend_meeting].metadata["bbb-recording-ready-url"]
+    return own, reservation.backend_id, form
+
+
+async def test_a_refused_jwt_is_logged_with_its_backend(
+    stack: Stack, nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    receiver = await start_receiver(nursery)
+    own, backend_id, form = await genuine_notice(stack, receiver.url)
+    caplog.set_level(logging.WARNING, ready_calls.log.name)
+    assert (await stack.http.post(own, data=form("wrong secret"))).status_code == 401
+    warnings_ = [r.getMessage() for r in caplog.records if r.name == ready_calls.log.name]
+    assert warnings_ == [f"recording-ready from {backend_id}: JWT refused"]
+
+
+async def test_a_queued_notice_is_journaled_under_its_record_id(
+    stack: Stack, nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(rules, "backoff", lambda attempt: 3600.0)
+    receiver = await start_receiver(nursery, statuses=[503])
+    own, _, form = await genuine_notice(stack, receiver.url)
+    assert (await stack.http.post(own, data=form(record_id="rec-9"))).status_code == 200
+    await until(lambda: len(receiver.bodies) == 1)
+    records = read_records(Path(stack.config.proxy.state_dir), "recording-ready")
+    assert len(records) == 1
+    queued = dict(records[0])
+    assert str(queued.pop("id")).startswith("acme/rec-9/")
+    assert queued == {
+        "op": "queue",
+        "url": receiver.url,
+        "customer": "acme",
+        "meeting_id": "room",
+        "record_id": "rec-9",
+    }
