@@ -40,10 +40,20 @@ async def measure(target: Target, options: Options) -> Summary:
     """Warm up for ``options.warmup`` seconds (discarded), then measure."""
     if options.warmup > 0:
         await run_load(_load(target, options, options.warmup))
+    front = target.endpoint.pids[0]  # the gateway, where there is one
     server_before, own_before = _server_cpu(target), time.process_time()
+    front_before = cpu_seconds(front)
     tally, elapsed = await run_load(_load(target, options, options.seconds))
     server_cpu = _server_cpu(target) - server_before
+    front_cpu = cpu_seconds(front) - front_before
     own_cpu = time.process_time() - own_before
     return summarise(
-        target.name, tally.latencies, tally.errors, elapsed, server_cpu, own_cpu, tally.first_error
+        target.name,
+        tally.latencies,
+        tally.errors,
+        elapsed,
+        server_cpu,
+        own_cpu,
+        tally.first_error,
+        front_cpu_seconds=front_cpu,
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import platform
 import statistics
@@ -14,8 +15,18 @@ from typing import Any
 from bench.stats import Summary
 
 RESULTS_DIR = Path(__file__).parent / "results"
-COLUMNS = "{:<26} {:>9} {:>8} {:>8} {:>8} {:>7} {:>12} {:>9}"
-HEADER = ("target", "req/s", "p50 ms", "p99 ms", "max ms", "errors", "srv CPU µs/r", "loadgen%")
+COLUMNS = "{:<26} {:>9} {:>8} {:>8} {:>8} {:>7} {:>12} {:>13} {:>9}"
+HEADER = (
+    "target",
+    "req/s",
+    "p50 ms",
+    "p99 ms",
+    "max ms",
+    "errors",
+    "srv CPU µs/r",
+    "front CPU µs/r",
+    "loadgen%",
+)
 
 
 def machine() -> dict[str, Any]:
@@ -68,6 +79,7 @@ def print_row(r: Summary) -> None:
             f"{r.max_ms:.1f}",
             r.errors,
             f"{r.server_cpu_us_per_request:.0f}",
+            "-" if math.isnan(r.front_cpu_us_per_request) else f"{r.front_cpu_us_per_request:.0f}",
             f"{r.loadgen_cpu_percent:.0f}",
         ),
         flush=True,

@@ -38,6 +38,8 @@ class Summary:
     server_cpu_us_per_request: float  # CPU of the processes serving this target
     loadgen_cpu_percent: float  # of one core, over the measurement
     first_error: str = ""
+    # CPU of the first of those processes alone (the gateway, in front of its simulator)
+    front_cpu_us_per_request: float = math.nan
 
 
 def summarise(
@@ -48,6 +50,7 @@ def summarise(
     server_cpu_seconds: float,
     loadgen_cpu_seconds: float,
     first_error: str = "",
+    front_cpu_seconds: float = math.nan,
 ) -> Summary:
     """Summarise ``latencies`` (seconds, successful requests only)."""
     ordered = sorted(latencies)
@@ -65,4 +68,5 @@ def summarise(
         server_cpu_us_per_request=per_request,
         loadgen_cpu_percent=100.0 * loadgen_cpu_seconds / seconds if seconds > 0 else math.nan,
         first_error=first_error,
+        front_cpu_us_per_request=front_cpu_seconds / count * 1e6 if count else math.nan,
     )
