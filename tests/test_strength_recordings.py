@@ -129,3 +129,19 @@ def test_reader_lists_only_recordings_under_recordings() -> None:
 def test_a_start_time_of_more_than_15_digits_is_read_as_0(start: str, read_as: int) -> None:
     found, _ = read(answer(recording("r1", start, "acme", "room", "acme~room")), bodies=False)
     assert found == [f"{read_as}/r1"]
+
+
+def test_a_recording_without_record_id_is_keyed_by_the_empty_id() -> None:
+    listed = recording("r1", "20", "acme", "room", "acme~room").replace(
+        "<recordID>r1</recordID>", ""
+    )
+    found, _ = read(answer(listed), bodies=False)
+    assert found == ["20/"]  # sorts before every recordID of the same startTime
+
+
+def test_a_recording_without_the_meeting_tag_is_not_the_customers() -> None:
+    untagged = recording("r1", "20", "acme", "room", "acme~room").replace(
+        f"<{rewrite.MEETING_TAG}>room</{rewrite.MEETING_TAG}>", ""
+    )
+    assert rewrite.MEETING_TAG not in untagged
+    assert read(answer(untagged))[0] == []
