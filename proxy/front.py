@@ -64,6 +64,8 @@ from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ConnectionState, LifespanState
 from hypercorn.utils import parse_socket_addr, repr_socket_addr, wrap_app
 
+from proxy.backends.http import send_whole
+
 log = logging.getLogger(__name__)
 
 MAX_RECV = 2**16
@@ -399,24 +401,13 @@ class _Answer:
         self.complete = not more
         if data:
             with trio.fail_at(self.deadline):
-                await _send_all(self.sock, data)
+                await send_whole(self.sock, data)
 
     def _framed(self, body: bytes, more: bool) -> bytes:
         if not self.chunked:
             return body
         chunk = b"%x\r\n%s\r\n" % (len(body), body) if body else b""
         return chunk + (b"" if more else b"0\r\n\r\n")
-
-
-async def _send_all(sock: socket.socket, data: bytes) -> None:
-    """``data`` written whole: straight to the socket while it takes it (one system call
-    for a whole answer, without trio's stream layers), else as soon as it can."""
-    view = memoryview(data)
-    while view:
-        try:
-            view = view[sock.send(view) :]
-        except BlockingIOError:
-            await trio.lowlevel.wait_writable(sock)
 
 
 async def serve(

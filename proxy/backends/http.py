@@ -477,14 +477,23 @@ async def _send(connection: _Connection, data: bytes) -> None:
             assert connection.stream is not None
             await connection.stream.send_all(data)
             return
-        view = memoryview(data)
-        while view:
-            try:
-                view = view[sock.send(view) :]
-            except BlockingIOError:
-                await trio.lowlevel.wait_writable(sock)
+        await send_whole(sock, data)
     except (trio.BrokenResourceError, OSError, ssl.SSLError) as exc:
         raise ProtocolFailed(f"connection broke: {type(exc).__name__}") from None
+
+
+async def send_whole(sock: socket.socket, data: bytes) -> None:
+    """``data`` written whole on a non-blocking socket: straight to it while it takes it
+    (one system call for a whole request or answer, without trio's stream layers), else
+    as soon as it can (also :mod:`proxy.front`'s writes).
+
+    Error handling: ``OSError`` as the socket raises it (reset, broken pipe)."""
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[sock.send(view) :]
+        except BlockingIOError:
+            await trio.lowlevel.wait_writable(sock)
 
 
 async def _receive(connection: _Connection, size: int = READ) -> bytes:
