@@ -211,3 +211,16 @@ async def test_a_body_that_is_not_multipart_is_read_whole_as_other_calls(
         "messageKey": "validationError",
         "message": "The request body is too large",
     }
+
+
+async def test_a_body_beside_a_signed_query_is_not_read_before_the_checks(stack: Stack) -> None:
+    """The query verified with its parameters: nothing of the body is read before the
+    checks that need none (here: the customer's API is disabled), so a field in it is not
+    what the customer is answered."""
+    url = stack.signed("putRecordingTextTrack", track_params("rec-1"), "off")
+    body = multipart([("note", "x")], b"WEBVTT\n")
+    assert await text_track_post(stack, url, body, CONTENT_TYPE) == {
+        "returncode": "FAILED",
+        "messageKey": "apiNotEnabled",
+        "message": "The API is not enabled for this customer",
+    }
