@@ -12,8 +12,11 @@ whole answer with one ``send_all``.
 
 Every other request goes to hypercorn: at the first request this loop does not take,
 the connection, with every byte read so far, is handed to hypercorn's own connection
-handler (``hypercorn.trio.tcp_server.TCPServer``), which serves it from then on exactly
-as it would have from its start.  Not taken here (:func:`parse_head` answers None):
+handler (``hypercorn.trio.tcp_server.TCPServer``), which answers it exactly as it would
+have from the connection's start, with ``connection: close``: the client's next
+connection is this loop's again (a load balancer's long-lived connections would
+otherwise all end up on hypercorn's slower path, one POST at a time).  Not taken here
+(:func:`parse_head` answers None):
 
 - another method than ``GET``, another version than ``HTTP/1.1``, a path that is not
   ``/<customer>/bigbluebutton/api/<call>`` or has a ``%`` in it;
@@ -176,6 +179,7 @@ class _Replayed(trio.abc.HalfCloseableStream):
 class _Server:
     app: Any  # the ASGI app, called here
     wrapped: Any  # the same, as hypercorn calls it
+    closing: Any  # the same, each answer closing its connection (hypercorn calls it)
     config: HypercornConfig
     context: WorkerContext
     state: LifespanState
@@ -190,9 +194,12 @@ class _Server:
             self._second, self._headers = second, self.config.response_headers("h11")
         return self._headers
 
-    def handed_over(self, stream: trio.abc.Stream) -> TCPServer:
+    def handed_over(self, stream: trio.abc.Stream, *, once: bool = False) -> TCPServer:
+        """hypercorn's handler for ``stream``; ``once``: the connection closes after the
+        answer (``connection: close``), so that the client's next one is this loop's."""
         state = ConnectionState(self.state.copy())
-        return TCPServer(self.wrapped, self.config, self.context, state, stream)  # type: ignore[arg-type]
+        app = self.closing if once else self.wrapped
+        return TCPServer(app, self.config, self.context, state, stream)  # type: ignore[arg-type]
 
 
 class _Connection:
@@ -231,7 +238,7 @@ class _Connection:
                 nursery.cancel_scope.cancel()
             if handed:  # the reader has stopped: every byte read is in the buffer
                 stream = trio.SocketStream(trio.socket.from_stdlib_socket(self.sock))
-                await self.server.handed_over(_Replayed(stream, bytes(self.buffer)))
+                await self.server.handed_over(_Replayed(stream, bytes(self.buffer)), once=True)
         except Exception:  # a bug: this connection ends, the others go on
             log.exception("a client connection failed")
         finally:
@@ -423,9 +430,10 @@ async def serve(
 
     lifespan_state: LifespanState = {}
     wrapped = wrap_app(app, config.wsgi_max_body_size, None)
+    closing = wrap_app(_closing(app), config.wsgi_max_body_size, None)
     lifespan = Lifespan(wrapped, config, lifespan_state)
     context = WorkerContext(None)
-    server = _Server(app, wrapped, config, context, lifespan_state, send_timeout)
+    server = _Server(app, wrapped, closing, config, context, lifespan_state, send_timeout)
     async with trio.open_nursery() as lifespan_nursery:
         await lifespan_nursery.start(lifespan.handle_lifespan)
         await lifespan.wait_for_startup()
@@ -456,6 +464,25 @@ async def serve(
         finally:
             for sock in sockets.insecure_sockets:
                 sock.close()
+
+
+def _closing(app: Any) -> Any:
+    """The ASGI app, each HTTP answer with ``connection: close`` (h11 then closes)."""
+
+    async def asgi(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await app(scope, receive, send)  # type: ignore[no-any-return]
+
+        async def sending(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                headers = [*message.get("headers", ()), (b"connection", b"close")]
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await app(scope, receive, sending)
+        return None
+
+    return asgi
 
 
 # accept()'s errors that say the process or the system is out of something: wait, go on
