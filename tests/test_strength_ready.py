@@ -365,3 +365,13 @@ async def test_a_queued_notice_is_journaled_under_its_record_id(
         "meeting_id": "room",
         "record_id": "rec-9",
     }
+
+
+def test_compaction_names_no_instance_for_a_delivery_without_one() -> None:
+    pending = rules.Pending()
+    pending.apply(rules.queue_record(delivery(1)))
+    pending.apply(rules.queue_record(delivery(2), "node-a"))
+    assert list(pending.records()) == [
+        {"op": "queue", **FIELDS},
+        rules.queue_record(delivery(2), "node-a"),
+    ]
