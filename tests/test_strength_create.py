@@ -25,6 +25,7 @@ from proxy.calls.create import (
     _create_request,
     _customers_fault,
     _end_one,
+    _first_create,
     _on_down_backend,
     _send,
     _server_tag,
@@ -516,3 +517,50 @@ def test_a_refused_create_of_a_meeting_pinned_to_a_down_backend_blames_the_serve
     assert _on_down_backend(gw, request) is None
     unpinned = CreateRequest("acme", "room-9", "acme~room-9", 1, 1, 0)
     assert _on_down_backend(gw, unpinned) is None
+
+
+def spy_releases(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> list[tuple[Any, str]]:
+    """The (key, reason) of every release the gateway's ledger is asked for."""
+    seen: list[tuple[Any, str]] = []
+    ledger = stack.gateway.ledger
+    release = ledger.release
+
+    async def spy(key: Any, reason: str) -> Any:
+        seen.append((key, reason))
+        return await release(key, reason)
+
+    monkeypatch.setattr(ledger, "release", spy)
+    return seen
+
+
+@pytest.mark.parametrize("mode", ["refuse_create", "http500"])
+async def test_a_create_the_backend_refuses_or_breaks_is_released_as_failed(
+    make_stack: StackFactory, monkeypatch: pytest.MonkeyPatch, mode: str
+) -> None:
+    stack = await make_stack(backends=1)
+    stack.sims[0].behaviour.mode = mode
+    seen = spy_releases(stack, monkeypatch)
+    root = await stack.create("room-1")
+    assert text(root, "returncode") == "FAILED"
+    assert seen == [(("acme", "room-1"), "failed")]
+    assert stack.gateway.ledger.get(("acme", "room-1")) is None
+
+
+async def test_a_cancelled_create_still_releases_its_reservation(
+    autojump_clock: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The release is shielded: a create cancelled while the backend is asked (the client
+    went away) frees its connections all the same."""
+    released: list[tuple[Any, str]] = []
+
+    async def release(key: Any, reason: str) -> None:
+        await trio.lowlevel.checkpoint()  # where an unshielded release is cancelled
+        released.append((key, reason))
+
+    gw, _ = fake_gateway(FakeClient(None, delay=60))
+    cast(Any, gw).ledger = SimpleNamespace(release=release)
+    monkeypatch.setattr(sys.modules["proxy.calls.create"], "backend_params", lambda *a: [])
+    with trio.move_on_after(1) as cancelled:
+        await _first_create(gw, create_req(), reservation())
+    assert cancelled.cancelled_caught
+    assert released == [(("acme", "room-1"), "failed")]
