@@ -20,11 +20,13 @@ import trio
 from lxml import etree
 
 from proxy.backends.client import Reply
+from proxy.backends.monitor import poll_once
 from proxy.bbb import analytics, callbacks, recording_ready, rewrite
 from proxy.calls.create import (
     _create_request,
     _customers_fault,
     _end_one,
+    _end_victims,
     _first_create,
     _on_down_backend,
     _send,
@@ -564,3 +566,34 @@ async def test_a_cancelled_create_still_releases_its_reservation(
         await _first_create(gw, create_req(), reservation())
     assert cancelled.cancelled_caught
     assert released == [(("acme", "room-1"), "failed")]
+
+
+async def test_a_meeting_moved_off_a_down_backend_is_logged_and_counted(
+    stack: Stack, caplog: pytest.LogCaptureFixture
+) -> None:
+    await stack.create("room-1")
+    old = stack.gateway.ledger.get(("acme", "room-1"))
+    assert old is not None
+    stack.sim_for(old.backend_id).behaviour.mode = "http500"
+    for _ in range(stack.config.proxy.health.down_after):
+        await poll_once(stack.gateway, old.backend_id)
+    assert stack.gateway.backend_down(old.backend_id)
+    caplog.set_level(logging.WARNING, logger=create_log.name)
+    root = await stack.create("room-1")
+    assert text(root, "returncode") == "SUCCESS"
+    new = stack.gateway.ledger.get(("acme", "room-1"))
+    assert new is not None and new.backend_id != old.backend_id
+    assert [r.getMessage() for r in caplog.records if r.name == create_log.name] == [
+        f"meeting ('acme', 'room-1'): backend {old.backend_id} is down, "
+        f"re-creating it on {new.backend_id}"
+    ]
+    assert stack.gateway.failover.get("moved") == 1
+
+
+def test_each_preempted_meeting_is_ended_in_a_task_of_its_own() -> None:
+    """Under the kind ``end-preempted`` (its failures are counted under that name)."""
+    spawned: list[tuple[Any, ...]] = []
+    gw = cast(Gateway, SimpleNamespace(spawn=lambda *args: spawned.append(args)))
+    victims = (reservation(meeting_id="a"), reservation(meeting_id="b"))
+    _end_victims(gw, victims)
+    assert spawned == [("end-preempted", _end_one, gw, victim) for victim in victims]
