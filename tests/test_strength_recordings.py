@@ -145,3 +145,9 @@ def test_a_recording_without_the_meeting_tag_is_not_the_customers() -> None:
     )
     assert rewrite.MEETING_TAG not in untagged
     assert read(answer(untagged))[0] == []
+
+
+def test_an_empty_returncode_is_read_as_empty() -> None:
+    """What the listing logs for a backend left out: ``returncode ''``."""
+    assert read(answer(returncode=""))[1] == (False, False, "")
+    assert read(answer(returncode=" SUCCESS\n"))[1] == (True, False, "SUCCESS")
