@@ -175,14 +175,17 @@ async def test_a_create_with_a_body_sends_it_and_its_type(
 async def test_the_dial_number_the_customer_gives_is_kept(
     make_voice: VoiceFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    voice = await make_voice(backends=1, voice={"dial_number": "+1 555 0100"})
+    """Else the configured one: the customer's own under ``[voice.dial_numbers]``."""
+    numbers = {"dial_number": "+1 555 0100", "dial_numbers": {"globex": "+44 20 1"}}
+    voice = await make_voice(backends=1, voice=numbers)
     stack = voice.stack
     assert stack is not None
     seen = spy_creates(stack, monkeypatch)
     await stack.create("room-1", dialNumber="+49 30 1")
     await stack.create("room-2", dialNumber="  ")
+    await stack.create("room-3", "globex")
     dial = [[v for k, v in s["params"] if k == "dialNumber"] for s in seen]
-    assert dial == [["+49 30 1"], ["+1 555 0100"]]
+    assert dial == [["+49 30 1"], ["+1 555 0100"], ["+44 20 1"]]
 
 
 # -- refusals: the customer's or the server's ---------------------------------------------------
