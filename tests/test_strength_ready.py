@@ -14,6 +14,7 @@ import logging
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 from urllib.parse import urlencode
 
 import jwt
@@ -26,7 +27,9 @@ from proxy.bbb import recording_ready as rules
 from proxy.bbb.rewrite import backend_meeting_id
 from proxy.calls import recording_ready as ready_calls
 from proxy.config import Backend
-from proxy.errors import StateError
+from proxy.errors import StateError, StorageUnavailable
+from proxy.gateway import Gateway
+from proxy.store import Log
 from proxy.store.local import read_records
 from tests.harness import BACKEND_SECRET, Stack
 from tests.test_recordings_ready import start_receiver, until
@@ -374,4 +377,33 @@ def test_compaction_names_no_instance_for_a_delivery_without_one() -> None:
     assert list(pending.records()) == [
         {"op": "queue", **FIELDS},
         rules.queue_record(delivery(2), "node-a"),
+    ]
+
+
+class RefusingStore:
+    """A local log whose disk refuses every write (``flush`` raises as the store's does)."""
+
+    def __init__(self) -> None:
+        self.appended: list[object] = []
+
+    def append(self, record: object) -> None:
+        self.appended.append(record)
+
+    async def flush(self) -> None:
+        try:
+            raise OSError(28, "No space left on device")
+        except OSError as e:
+            raise StorageUnavailable("recording-ready: cannot write") from e
+
+
+async def test_a_notice_that_cannot_be_journaled_is_503_and_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    store = RefusingStore()
+    queue = ready_calls.ReadyQueue(cast(Gateway, None), cast(Log, store), rules.Pending())
+    caplog.set_level(logging.ERROR, ready_calls.log.name)
+    assert await queue._queued(delivery(1)) == 503
+    assert store.appended == [rules.queue_record(delivery(1))]
+    assert [r.getMessage() for r in caplog.records] == [
+        "recording-ready acme/rec-1/1 not durable yet: [Errno 28] No space left on device"
     ]
