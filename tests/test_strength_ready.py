@@ -14,6 +14,7 @@ import logging
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import cast
 from urllib.parse import urlencode
 
@@ -30,7 +31,7 @@ from proxy.config import Backend
 from proxy.errors import StateError, StorageUnavailable
 from proxy.gateway import Gateway
 from proxy.store import Log
-from proxy.store.local import read_records
+from proxy.store.local import create_log, log_path, read_records
 from tests.harness import BACKEND_SECRET, Stack
 from tests.test_recordings_ready import start_receiver, until
 
@@ -407,3 +408,81 @@ async def test_a_notice_that_cannot_be_journaled_is_503_and_logged(
     assert [r.getMessage() for r in caplog.records] == [
         "recording-ready acme/rec-1/1 not durable yet: [Errno 28] No space left on device"
     ]
+
+
+def gateway_stub(state_dir: Path) -> Gateway:
+    """What :meth:`ReadyQueue.open` reads of a gateway: its state_dir, journal timeout, stores."""
+    proxy = SimpleNamespace(state_dir=str(state_dir), journal_timeout=1.0)
+    return cast(Gateway, SimpleNamespace(config=SimpleNamespace(proxy=proxy), stores={}))
+
+
+def test_open_resumes_the_logs_deliveries_and_says_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    create_log(
+        tmp_path,
+        "recording-ready",
+        [rules.queue_record(delivery(1)), rules.queue_record(delivery(2))],
+    )
+    caplog.set_level(logging.INFO, ready_calls.log.name)
+    gw = gateway_stub(tmp_path)
+    queue = ready_calls.ReadyQueue.open(gw)
+    assert queue.pending == [delivery(1), delivery(2)]
+    assert queue.node == ""
+    assert list(gw.stores) == ["recording-ready"]
+    assert gw.stores["recording-ready"].failed is False
+    assert [r.getMessage() for r in caplog.records] == ["recording-ready: 2 deliveries to resume"]
+    caplog.clear()
+    empty = gateway_stub(tmp_path / "empty")
+    assert ready_calls.ReadyQueue.open(empty).pending == []
+    assert caplog.records == []
+
+
+LEGACY_LINES = b"".join(
+    orjson.dumps(r) + b"\n"
+    for r in (
+        rules.queue_record(delivery(1)),
+        rules.queue_record(delivery(2)),
+        rules.done_record("acme/rec-1/1", "done"),
+    )
+)
+
+
+def test_the_legacy_file_is_converted_with_its_count_of_unreadable_lines(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    legacy = tmp_path / "recording-ready.jsonl"
+    legacy.write_bytes(LEGACY_LINES + b'[1]\n{"op": "que')
+    caplog.set_level(logging.INFO, ready_calls.log.name)
+    ready_calls._convert_legacy(tmp_path)
+    assert not legacy.exists()
+    assert read_records(tmp_path, "recording-ready") == [rules.queue_record(delivery(2))]
+    assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
+        (logging.WARNING, f"{legacy}: 2 unreadable records skipped"),
+        (logging.INFO, f"{legacy} converted to {log_path(tmp_path, 'recording-ready')}"),
+    ]
+    caplog.clear()
+    ready_calls._convert_legacy(tmp_path)  # nothing to convert: nothing written, nothing said
+    assert caplog.records == []
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    (clean / "recording-ready.jsonl").write_bytes(LEGACY_LINES)
+    ready_calls._convert_legacy(clean)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{clean / 'recording-ready.jsonl'} converted to {log_path(clean, 'recording-ready')}"
+    ]
+
+
+def test_a_legacy_file_over_the_logs_bound_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    legacy = tmp_path / "recording-ready.jsonl"
+    legacy.write_bytes(LEGACY_LINES)
+    monkeypatch.setattr(ready_calls, "MAX_LOG_BYTES", len(LEGACY_LINES) - 1)
+    with pytest.raises(StateError) as caught:
+        ready_calls._convert_legacy(tmp_path)
+    assert str(caught.value) == f"{legacy}: over {len(LEGACY_LINES) - 1} bytes"
+    assert legacy.exists() and not log_path(tmp_path, "recording-ready").exists()
+    monkeypatch.setattr(ready_calls, "MAX_LOG_BYTES", len(LEGACY_LINES))  # the bound itself is fine
+    ready_calls._convert_legacy(tmp_path)
+    assert read_records(tmp_path, "recording-ready") == [rules.queue_record(delivery(2))]
