@@ -381,6 +381,9 @@ def test_compaction_names_no_instance_for_a_delivery_without_one() -> None:
     ]
 
 
+NO_SPACE = "[Errno 28] No space left on device"
+
+
 class RefusingStore:
     """A local log whose disk refuses every write (``flush`` raises as the store's does)."""
 
@@ -486,3 +489,112 @@ def test_a_legacy_file_over_the_logs_bound_is_refused(
     monkeypatch.setattr(ready_calls, "MAX_LOG_BYTES", len(LEGACY_LINES))  # the bound itself is fine
     ready_calls._convert_legacy(tmp_path)
     assert read_records(tmp_path, "recording-ready") == [rules.queue_record(delivery(2))]
+
+
+class MemoryStore(RefusingStore):
+    """A local log whose writes always succeed."""
+
+    async def flush(self) -> None:
+        return None
+
+
+class GatewayStub:
+    """What a delivery reads of the gateway: the customer's secret, and the tallies it adds."""
+
+    def __init__(self, customers: tuple[str, ...] = ("acme",)) -> None:
+        self.customers = customers
+        self.tallies: list[tuple[str, str]] = []
+
+    def customer(self, customer_id: str) -> object:
+        return (
+            SimpleNamespace(secrets=("cust-1", "cust-2")) if customer_id in self.customers else None
+        )
+
+    def tally(self, name: str, how: str) -> None:
+        self.tallies.append((name, how))
+
+
+def delivery_queue(
+    gw: GatewayStub, store: RefusingStore, answers: list[int | None]
+) -> tuple[ready_calls.ReadyQueue, list[str]]:
+    """A queue whose POSTs answer ``answers`` in turn; the secrets they were signed with."""
+    queue = ready_calls.ReadyQueue(cast(Gateway, gw), cast(Log, store), rules.Pending())
+    secrets: list[str] = []
+
+    async def post(delivery: rules.Delivery, secret: str) -> int | None:
+        secrets.append(secret)
+        return answers.pop(0)
+
+    queue._post = post  # type: ignore[method-assign]
+    return queue, secrets
+
+
+async def test_attempts_back_off_and_give_up_after_the_last(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    gw = GatewayStub()
+    queue, secrets = delivery_queue(gw, MemoryStore(), [500] * 12)
+    caplog.set_level(logging.WARNING, ready_calls.log.name)
+    d = delivery(1)
+    for n in range(1, 12):
+        before = trio.current_time()
+        assert await queue._attempt(d) == "retry"
+        assert queue._attempts == {d.id: n}
+        assert (
+            before + rules.backoff(n) <= queue._due[d.id] <= trio.current_time() + rules.backoff(n)
+        )
+    assert await queue._attempt(d) == "gave-up"
+    assert secrets == ["cust-1"] * 12  # the customer's first secret
+    assert gw.tallies == [("recording_ready_deliveries", "retry")] * 11
+    assert [r.getMessage() for r in caplog.records] == [
+        f"recording-ready {d.id}: giving up after 12 attempts"
+    ]
+
+
+async def test_an_attempts_outcome(caplog: pytest.LogCaptureFixture) -> None:
+    gw = GatewayStub()
+    queue, secrets = delivery_queue(gw, MemoryStore(), [204, 410, None])
+    assert [await queue._attempt(delivery(n)) for n in (1, 2, 3)] == ["done", "final", "final"]
+    assert queue._attempts == {} and queue._due == {} and gw.tallies == []
+    caplog.set_level(logging.WARNING, ready_calls.log.name)
+    gone = rules.Delivery("globex/r/1", "https://g.test/", "globex", "m", "r")
+    assert await queue._attempt(gone) == "final"
+    assert len(secrets) == 3  # not POSTed
+    assert [r.getMessage() for r in caplog.records] == [
+        "recording-ready globex/r/1: customer globex is gone"
+    ]
+
+
+async def test_the_end_of_a_delivery_is_recorded_tallied_and_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    gw, store = GatewayStub(), MemoryStore()
+    queue, _ = delivery_queue(gw, store, [])
+    await queue._queued(delivery(1))
+    queue._attempts[delivery(1).id] = 3
+    caplog.set_level(logging.INFO, ready_calls.log.name)
+    await queue._finish(delivery(1), "final")
+    assert store.appended == [
+        rules.queue_record(delivery(1)),
+        rules.done_record(delivery(1).id, "final"),
+    ]
+    assert queue.pending == [] and queue._due == {} and queue._attempts == {}
+    assert gw.tallies == [("recording_ready_deliveries", "final")]
+    assert [r.getMessage() for r in caplog.records] == [f"recording-ready {delivery(1).id}: final"]
+
+
+async def test_an_end_that_cannot_be_journaled_is_logged_and_still_ends(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    gw = GatewayStub()
+    queue, _ = delivery_queue(gw, RefusingStore(), [])
+    caplog.set_level(logging.INFO, ready_calls.log.name)
+    await queue._finish(delivery(1), "done")
+    assert gw.tallies == [("recording_ready_deliveries", "done")]
+    assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
+        (
+            logging.ERROR,
+            f"recording-ready {delivery(1).id}: end not durable yet: {NO_SPACE}",
+        ),
+        (logging.INFO, f"recording-ready {delivery(1).id}: done"),
+    ]
