@@ -598,3 +598,45 @@ async def test_an_end_that_cannot_be_journaled_is_logged_and_still_ends(
         ),
         (logging.INFO, f"recording-ready {delivery(1).id}: done"),
     ]
+
+
+async def test_a_delivery_that_fails_is_logged_and_tried_again_later(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    gw = GatewayStub()
+    queue, _ = delivery_queue(gw, MemoryStore(), [])
+    d = delivery(1)
+    await queue._queued(d)
+
+    def broken(customer_id: str) -> object:
+        raise RuntimeError("boom")
+
+    gw.customer = broken  # type: ignore[method-assign]
+    queue._busy.add(d.id)
+    queue._wake = trio.Event()
+    caplog.set_level(logging.INFO, ready_calls.log.name)
+    before = trio.current_time()
+    await queue._deliver(d)
+    assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
+        (logging.ERROR, f"recording-ready delivery {d.id} failed")
+    ]
+    assert before + 2 <= queue._due[d.id] <= trio.current_time() + 2  # backoff(1)
+    assert queue._busy == set() and queue._wake.is_set()
+    assert queue.pending == [d]
+
+
+async def test_a_delivery_is_finished_unless_it_is_retried() -> None:
+    gw = GatewayStub()
+    queue, _ = delivery_queue(gw, MemoryStore(), [503, 200])
+    d = delivery(1)
+    await queue._queued(d)
+    for expected in ([d], []):
+        queue._busy.add(d.id)
+        queue._wake = trio.Event()
+        await queue._deliver(d)
+        assert queue.pending == expected
+        assert queue._busy == set() and queue._wake.is_set()
+    assert gw.tallies == [
+        ("recording_ready_deliveries", "retry"),
+        ("recording_ready_deliveries", "done"),
+    ]
