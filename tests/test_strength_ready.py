@@ -640,3 +640,39 @@ async def test_a_delivery_is_finished_unless_it_is_retried() -> None:
         ("recording_ready_deliveries", "retry"),
         ("recording_ready_deliveries", "done"),
     ]
+
+
+async def test_receive_answers_each_notice() -> None:
+    gw = GatewayStub()
+    gw.backends = lambda: [BACKEND, OTHER]  # type: ignore[attr-defined]
+    store = MemoryStore()
+    queue, _ = delivery_queue(gw, store, [])
+    own = rules.signed_url(
+        PUBLIC, rules.PATH, BACKEND, ("acme", "room 1", TARGET.url), b"recording-ready"
+    )
+    query = query_of(own)
+    meeting = backend_meeting_id("acme", "room 1")
+
+    def body(secret: str = "s3cret", record_id: str = "r-1") -> bytes:
+        token = encoded({"meeting_id": meeting, "record_id": record_id}, secret)
+        return urlencode({"signed_parameters": token}).encode()
+
+    assert await queue.receive(query.replace("m=room", "m=rooom"), body()) == 403
+    assert await queue.receive(query, body("other")) == 401
+    assert await queue.receive(query, b"x=1") == 401
+    assert await queue.receive(query, b"\xff") == 401
+    assert store.appended == []
+    assert await queue.receive(query, body(record_id="r-7")) == 200
+    assert len(store.appended) == 1
+    record = dict(store.appended[0])  # type: ignore[call-overload]
+    customer, record_id, sequence = str(record.pop("id")).split("/")
+    assert (customer, record_id) == ("acme", "r-7") and sequence.isdigit()
+    assert record == {
+        "op": "queue",
+        "url": TARGET.url,
+        "customer": "acme",
+        "meeting_id": "room 1",
+        "record_id": "r-7",
+    }
+    assert [d.record_id for d in queue.pending] == ["r-7"]
+    assert queue._wake.is_set()
