@@ -30,7 +30,7 @@ from proxy.calls import recording_ready as ready_calls
 from proxy.config import Backend
 from proxy.errors import StateError, StorageUnavailable
 from proxy.gateway import Gateway
-from proxy.store import Log
+from proxy.store import Log, Record
 from proxy.store.local import create_log, log_path, read_records
 from tests.harness import BACKEND_SECRET, Stack
 from tests.test_recordings_ready import start_receiver, until
@@ -676,3 +676,66 @@ async def test_receive_answers_each_notice() -> None:
     }
     assert [d.record_id for d in queue.pending] == ["r-7"]
     assert queue._wake.is_set()
+
+
+class SharedLogStub:
+    """The shared log as :meth:`ReadyQueue._claim_gone` uses it: this instance is "b", the
+    instances in ``alive`` still run, and a claim goes in (and is applied) while ``still()``."""
+
+    node = "b"
+    shared = True
+
+    def __init__(self, pending: rules.Pending, alive: set[str]) -> None:
+        self.pending, self.alive_nodes = pending, alive
+        self.claims: list[object] = []
+
+    async def alive(self, node: str) -> bool:
+        return node in self.alive_nodes
+
+    async def claim(self, record: Record, still: Callable[[], bool]) -> bool:
+        if not still():
+            return False
+        self.pending.apply(record)
+        self.claims.append(record)
+        return True
+
+
+async def test_the_deliveries_of_gone_instances_are_claimed_in_chunks(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    pending = rules.Pending()
+    queue = ready_calls.ReadyQueue(cast(Gateway, GatewayStub()), cast(Log, MemoryStore()), pending)
+    shared = SharedLogStub(pending, alive={"c"})
+    queue._log = shared  # type: ignore[assignment]
+    for n in range(2):
+        pending.apply(rules.queue_record(delivery(1000 + n), "c"))  # alive: left alone
+    a_ids = [delivery(n).id for n in range(450)]
+    for n in range(450):
+        pending.apply(rules.queue_record(delivery(n), "a"))  # gone
+    pending.apply(rules.queue_record(delivery(2000), "b"))  # this instance's own
+    pending.apply(rules.queue_record(delivery(3000)))  # no instance named
+    caplog.set_level(logging.INFO, ready_calls.log.name)
+    queue._wake = trio.Event()
+    await queue._claim_gone()
+    assert shared.claims == [
+        rules.claim_record(a_ids[:200], "b"),
+        rules.claim_record(a_ids[200:400], "b"),
+        rules.claim_record(a_ids[400:], "b"),
+        rules.claim_record([delivery(3000).id], "b"),
+    ]
+    assert [r.getMessage() for r in caplog.records] == [
+        "recording-ready: 200 deliveries taken over",
+        "recording-ready: 200 deliveries taken over",
+        "recording-ready: 50 deliveries taken over",
+        "recording-ready: 1 deliveries taken over",
+    ]
+    assert queue._wake.is_set()
+    assert queue._owners_now() == {
+        **{delivery(1000 + n).id: "c" for n in range(2)},
+        **dict.fromkeys(a_ids, "b"),
+        delivery(2000).id: "b",
+        delivery(3000).id: "b",
+    }
+    caplog.clear()
+    await queue._claim_gone()  # nothing left to claim
+    assert len(shared.claims) == 4 and caplog.records == []
