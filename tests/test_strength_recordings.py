@@ -151,3 +151,18 @@ def test_an_empty_returncode_is_read_as_empty() -> None:
     """What the listing logs for a backend left out: ``returncode ''``."""
     assert read(answer(returncode=""))[1] == (False, False, "")
     assert read(answer(returncode=" SUCCESS\n"))[1] == (True, False, "SUCCESS")
+
+
+def test_an_answer_nested_past_libxml2s_default_depth_is_broken() -> None:
+    """No ``huge_tree``: libxml2's own bounds (256 levels) hold for a backend's answer."""
+    deep = "<x>" * 300 + "</x>" * 300
+    listed = recording("r1", "20", "acme", "room", "acme~room").replace(
+        "<startTime>", deep + "<startTime>"
+    )
+    found, state = read(answer(listed), chunk=4096)
+    assert state == (False, True, "") and found == []
+    shallow = "<x>" * 200 + "</x>" * 200
+    listed = recording("r1", "20", "acme", "room", "acme~room").replace(
+        "<startTime>", shallow + "<startTime>"
+    )
+    assert read(answer(listed), 4096, bodies=False) == (["20/r1"], (True, False, "SUCCESS"))
