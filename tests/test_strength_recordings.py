@@ -166,3 +166,16 @@ def test_an_answer_nested_past_libxml2s_default_depth_is_broken() -> None:
         "<startTime>", shallow + "<startTime>"
     )
     assert read(answer(listed), 4096, bodies=False) == (["20/r1"], (True, False, "SUCCESS"))
+
+
+def test_an_internal_entity_is_not_resolved_either() -> None:
+    """lxml's default would resolve an internal entity (``resolve_entities="internal"``)."""
+    doctype = b'<?xml version="1.0"?><!DOCTYPE r [<!ENTITY e "acme">]>'
+    found, _ = read(doctype + answer(recording("r1", "1", "&e;", "room", "acme~room")))
+    assert found == []
+
+
+def test_a_success_under_another_root_is_broken() -> None:
+    data = answer(recording("r1", "1", "acme", "room", "acme~room"))
+    other = data.replace(b"<response>", b"<html>").replace(b"</response>", b"</html>")
+    assert read(other, bodies=False)[1] == (False, True, "SUCCESS")
