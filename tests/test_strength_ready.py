@@ -522,6 +522,7 @@ def delivery_queue(
     secrets: list[str] = []
 
     async def post(delivery: rules.Delivery, secret: str) -> int | None:
+        assert isinstance(delivery, rules.Delivery)
         secrets.append(secret)
         return answers.pop(0)
 
