@@ -740,3 +740,13 @@ async def test_the_deliveries_of_gone_instances_are_claimed_in_chunks(
     caplog.clear()
     await queue._claim_gone()  # nothing left to claim
     assert len(shared.claims) == 4 and caplog.records == []
+
+
+async def test_another_instances_compaction_clears_then_replays_the_queue() -> None:
+    queue, _ = delivery_queue(GatewayStub(), MemoryStore(), [])
+    await queue._queued(delivery(1))
+    queue._clear()  # the shared log was compacted by another instance: its records follow
+    assert queue.pending == [] and queue._owners_now() == {}
+    queue._apply_other(rules.queue_record(delivery(2), "node-a"))
+    assert queue.pending == [delivery(2)]
+    assert queue._owners_now() == {delivery(2).id: "node-a"}
