@@ -750,3 +750,14 @@ async def test_another_instances_compaction_clears_then_replays_the_queue() -> N
     queue._apply_other(rules.queue_record(delivery(2), "node-a"))
     assert queue.pending == [delivery(2)]
     assert queue._owners_now() == {delivery(2).id: "node-a"}
+
+
+def test_open_names_the_log_and_the_record_it_cannot_replay(tmp_path: Path) -> None:
+    records: list[Record] = [rules.queue_record(delivery(1)), {"op": "requeue", "id": "x"}]
+    create_log(tmp_path, "recording-ready", records)
+    with pytest.raises(StateError) as caught:
+        ready_calls.ReadyQueue.open(gateway_stub(tmp_path))
+    path = log_path(tmp_path, "recording-ready")
+    assert str(caught.value) == (
+        f"{path}: record 2: not a recording-ready record: op 'requeue', keys ['id', 'op']"
+    )
