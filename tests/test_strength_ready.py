@@ -761,3 +761,11 @@ def test_open_names_the_log_and_the_record_it_cannot_replay(tmp_path: Path) -> N
     assert str(caught.value) == (
         f"{path}: record 2: not a recording-ready record: op 'requeue', keys ['id', 'op']"
     )
+
+
+def test_a_legacy_file_that_cannot_be_read_is_a_state_error_naming_it(tmp_path: Path) -> None:
+    legacy = tmp_path / "recording-ready.jsonl"
+    legacy.mkdir()  # exists, cannot be read as a file
+    with pytest.raises(StateError) as caught:
+        ready_calls._convert_legacy(tmp_path)
+    assert str(caught.value) == f"cannot read {legacy}: Is a directory"
