@@ -471,3 +471,18 @@ async def test_an_upload_without_a_file_is_never_sent(make_stack: StackFactory) 
         }
     }
     assert received(stack.sims[0], "putRecordingTextTrack") == []
+
+
+async def test_an_upload_holding_boundary_like_lines_reaches_the_holder_whole(
+    make_stack: StackFactory,
+) -> None:
+    """The forwarded body's boundary is random, so no line of the file can end its part."""
+    stack = await make_stack(backends=1)
+    (recording,) = seed(stack.sims[0], "acme", "room", 1)
+    data = b"WEBVTT\r\n\r\n--None\r\nnot a part\r\n--None--\r\n--\r\n"
+    params = [("recordID", recording.record_id), ("kind", "subtitles"), ("lang", "de-DE")]
+    response = await stack.http.post(
+        stack.signed("putRecordingTextTrack", params), files={"file": ("de.vtt", data, "text/vtt")}
+    )
+    assert response.json()["response"]["returncode"] == "SUCCESS"
+    assert stack.sims[0].recordings.uploads == [(recording.record_id, "subtitles", "de-DE", data)]
