@@ -358,6 +358,8 @@ async def test_a_queued_notice_is_journaled_under_its_record_id(
     own, _, form = await genuine_notice(stack, receiver.url)
     assert (await stack.http.post(own, data=form(record_id="rec-9"))).status_code == 200
     await until(lambda: len(receiver.bodies) == 1)
+    await trio.sleep(0.3)
+    assert len(receiver.bodies) == 1  # refused once: the next try is an hour away
     records = read_records(Path(stack.config.proxy.state_dir), "recording-ready")
     assert len(records) == 1
     queued = dict(records[0])
