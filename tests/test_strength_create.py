@@ -51,6 +51,7 @@ from proxy.placement import TagRule
 from proxy.request import ApiRequest
 from proxy.texts import apply_default_texts
 from tests.harness import Stack, StackFactory, text
+from tests.test_strength_meetings import spy_releases
 from tests.voice_stack import VoiceFactory, voice_stacks
 
 CALLBACK = "http://127.0.0.1:9"
@@ -522,20 +523,6 @@ def test_a_refused_create_of_a_meeting_pinned_to_a_down_backend_blames_the_serve
     assert _on_down_backend(gw, request) is None
     unpinned = CreateRequest("acme", "room-9", "acme~room-9", 1, 1, 0)
     assert _on_down_backend(gw, unpinned) is None
-
-
-def spy_releases(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> list[tuple[Any, str]]:
-    """The (key, reason) of every release the gateway's ledger is asked for."""
-    seen: list[tuple[Any, str]] = []
-    ledger = stack.gateway.ledger
-    release = ledger.release
-
-    async def spy(key: Any, reason: str) -> Any:
-        seen.append((key, reason))
-        return await release(key, reason)
-
-    monkeypatch.setattr(ledger, "release", spy)
-    return seen
 
 
 @pytest.mark.parametrize("mode", ["refuse_create", "http500"])
