@@ -25,6 +25,9 @@ async def test_a_json_body_is_posted_with_its_type_and_bearer_token() -> None:
     assert request.headers["content-type"] == "application/json"
     assert request.headers["authorization"] == "Bearer tok"
     assert request.headers["host"] == "localhost:8080"
+    async with httpx.AsyncClient(transport=httpx.MockTransport(seen)) as client:
+        assert await outbound.post_json(client, "https://localhost/a", body, "t", True) == 201
+    assert seen.requests[-1].extensions["sni_hostname"] == "localhost"
 
 
 def test_a_public_address_is_allowed_without_networks() -> None:
@@ -54,3 +57,109 @@ def test_a_backend_matches_a_meetings_tags() -> None:
     assert _has(frozenset(), frozenset({NO_TAG})) is True
     assert _has(frozenset(), frozenset({"a"})) is False
     assert _has(frozenset({"a"}), frozenset({NO_TAG})) is False
+
+
+def _restored(children: str) -> list[tuple[str, str]]:
+    metadata = etree.fromstring(f"<metadata>{children}</metadata>")
+    rewrite.restore_metadata(metadata)
+    return [(str(child.tag), child.text or "") for child in metadata]
+
+
+def test_the_gateways_own_ready_url_is_removed_and_the_customers_renamed() -> None:
+    own = f"https://gw.test{rewrite.READY_PATH}?t=1"
+    kept = rewrite.TAG_PREFIX + "bbb-recording-ready-url"
+    children = (
+        f"<bbb-recording-ready-url>{own}</bbb-recording-ready-url>"
+        f"<{kept}>https://lms.test/ready</{kept}>"
+        "<bbb-recording-ready-url></bbb-recording-ready-url>"
+        "<course>7</course>"
+    )
+    assert _restored(children) == [
+        ("bbb-recording-ready-url", "https://lms.test/ready"),
+        ("bbb-recording-ready-url", ""),
+        ("course", "7"),
+    ]
+
+
+class _Ledger:
+    """A shared ledger whose reservation appears only once it is refreshed."""
+
+    shared = True
+
+    def __init__(self, held: object) -> None:
+        self._held, self.refreshed = held, False
+        self.released: list[tuple[tuple[str, str], str]] = []
+        self.state = self
+
+    def by_backend_meeting(self, backend_id: str, backend_meeting_id: str) -> object:
+        found = (backend_id, backend_meeting_id) == ("b1", "acme~r")
+        return self._held if self.refreshed and found else None
+
+    async def refresh(self) -> None:
+        self.refreshed = True
+
+    async def release(self, key: tuple[str, str], reason: str) -> None:
+        self.released.append((key, reason))
+
+
+async def test_a_notice_of_a_meeting_made_on_another_instance_refreshes_and_releases() -> None:
+    from types import SimpleNamespace
+
+    from proxy.bbb import callbacks
+    from proxy.calls import ended
+
+    created = 1700000000.5
+    held = SimpleNamespace(key=("acme", "r"), backend_id="b1", created_at=created)
+    ledger = _Ledger(held)
+    expired: list[tuple[str, str]] = []
+
+    async def meeting_ended(customer: str, meeting_id: str) -> None:
+        expired.append((customer, meeting_id))
+
+    gw = SimpleNamespace(ledger=ledger, hooks=SimpleNamespace(meeting_ended=meeting_ended))
+    notice = callbacks.EndNotice(
+        "end",
+        "b1",
+        "acme~r",
+        "r",
+        callbacks.instance_of(created),
+        None,  # type: ignore[arg-type]
+        "",
+    )
+    await ended._release(gw, notice)  # type: ignore[arg-type]
+    assert ledger.released == [(("acme", "r"), "ended")]
+    assert expired == [("acme", "r")]
+
+
+async def test_a_notice_of_a_held_meeting_does_not_refresh_the_shared_ledger() -> None:
+    from types import SimpleNamespace
+
+    from proxy.bbb import callbacks
+    from proxy.calls import ended
+
+    held = SimpleNamespace(key=("acme", "r"), backend_id="b1", created_at=1700000000.5)
+    ledger = _Ledger(held)
+    ledger.refreshed = True  # already holds it
+    calls: list[str] = []
+
+    async def refresh() -> None:
+        calls.append("refresh")
+
+    ledger.refresh = refresh  # type: ignore[method-assign]
+
+    async def meeting_ended(customer: str, meeting_id: str) -> None:
+        pass
+
+    gw = SimpleNamespace(ledger=ledger, hooks=SimpleNamespace(meeting_ended=meeting_ended))
+    notice = callbacks.EndNotice(
+        "end",
+        "b1",
+        "acme~r",
+        "r",
+        callbacks.instance_of(1700000000.5),
+        None,  # type: ignore[arg-type]
+        "",
+    )
+    await ended._release(gw, notice)  # type: ignore[arg-type]
+    assert calls == []
+    assert ledger.released == [(("acme", "r"), "ended")]
