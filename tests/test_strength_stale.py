@@ -4,7 +4,10 @@ reaches these differences in the focused selection."""
 
 from __future__ import annotations
 
+import logging
+
 import httpx
+import pytest
 from lxml import etree
 
 from proxy.backends import outbound
@@ -163,3 +166,63 @@ async def test_a_notice_of_a_held_meeting_does_not_refresh_the_shared_ledger() -
     await ended._release(gw, notice)  # type: ignore[arg-type]
     assert calls == []
     assert ledger.released == [(("acme", "r"), "ended")]
+
+
+async def test_a_notice_of_another_instance_is_logged_and_ignored(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from types import SimpleNamespace
+
+    from proxy.bbb import callbacks
+    from proxy.calls import ended
+
+    held = SimpleNamespace(key=("acme", "r"), backend_id="b1", created_at=1700000000.5)
+    ledger = _Ledger(held)
+    ledger.refreshed = True
+    gw = SimpleNamespace(ledger=ledger, hooks=None)
+    notice = callbacks.EndNotice(
+        "end",
+        "b1",
+        "acme~r",
+        "r",
+        callbacks.instance_of(1600000000.0),
+        None,  # type: ignore[arg-type]
+        "",
+    )
+    with caplog.at_level(logging.INFO, logger=ended.__name__):
+        await ended._release(gw, notice)  # type: ignore[arg-type]
+    assert ledger.released == []
+    assert [r.getMessage() for r in caplog.records] == [
+        "end notice of another instance of ('acme', 'r') on b1: ignored"
+    ]
+
+
+async def test_a_release_that_is_not_durable_is_logged_and_the_notice_handled(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from types import SimpleNamespace
+    from urllib.parse import urlsplit
+
+    from proxy.bbb import callbacks
+    from proxy.calls import ended
+    from proxy.config import Backend
+    from proxy.errors import StateError
+
+    backend = Backend("b1", "http://b1.test/bigbluebutton/", "s" * 32, 10)
+    urls = callbacks.CustomerUrls((), ())
+    url, _ = callbacks.ended_urls("http://gw", backend, "acme~r", "r", urls, 1700000000.5)
+
+    async def refresh() -> None:
+        raise StateError("disk full")
+
+    ledger = SimpleNamespace(state=_Ledger(None), shared=True, refresh=refresh)
+    gw = SimpleNamespace(
+        backends=lambda: [backend],
+        ledger=ledger,
+        config=SimpleNamespace(proxy=SimpleNamespace(allow_private_callbacks=False)),
+    )
+    with caplog.at_level(logging.ERROR, logger=ended.__name__):
+        assert await ended.meeting_ended(gw, urlsplit(url).query) is True  # type: ignore[arg-type]
+    assert [r.getMessage() for r in caplog.records] == [
+        "meeting-ended notice for r: release not durable: disk full"
+    ]
