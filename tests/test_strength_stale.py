@@ -226,3 +226,11 @@ async def test_a_release_that_is_not_durable_is_logged_and_the_notice_handled(
     assert [r.getMessage() for r in caplog.records] == [
         "meeting-ended notice for r: release not durable: disk full"
     ]
+
+
+def test_the_algorithm_of_a_request_is_named_by_its_checksums_length() -> None:
+    from proxy.bbb import checksum
+
+    assert checksum.algorithm_of("meetingID=x&checksum=" + "a" * 64) == "sha256"
+    assert checksum.algorithm_of("meetingID=x", [("checksum", "b" * 128)]) == "sha512"
+    assert checksum.algorithm_of("meetingID=x") == "sha1"
