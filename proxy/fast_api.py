@@ -48,7 +48,7 @@ from quart_trio import QuartTrio
 
 from proxy.app import api_answer, internal_error
 from proxy.calls import Incoming
-from proxy.front import WATCHED
+from proxy.front import API_PATH, WATCHED
 from proxy.gateway import Gateway
 from proxy.metrics import Metrics
 
@@ -58,13 +58,12 @@ log = logging.getLogger("proxy.app")
 # stream is closed (an ``http.disconnect``, sent as the answer's end is written) before it
 # stops waiting (cancelled: a second Cancelled per request was most of the watcher's cost).
 DISCONNECT_GRACE = 1.0
-_API_PATH = re.compile(r"/([^/]+)/bigbluebutton/api/([A-Za-z]+(?:/[A-Za-z]+)*)")
+_API_PATH = re.compile(API_PATH)
 
 
 def fast_api(gw: Gateway, metrics: Metrics, quart: QuartTrio) -> Any:
     """The ASGI app: the API's body-less GETs answered here, the rest by ``quart``."""
-    timeout = quart.config["RESPONSE_TIMEOUT"]
-    timeout = None if timeout is None else float(timeout)
+    timeout = response_timeout(quart)
 
     async def asgi(scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http" or scope["method"] != "GET":
@@ -90,6 +89,12 @@ def fast_api(gw: Gateway, metrics: Metrics, quart: QuartTrio) -> Any:
         return None
 
     return asgi
+
+
+def response_timeout(quart: QuartTrio) -> float | None:
+    """The app's bound on sending an answer (``RESPONSE_TIMEOUT``), in seconds; None: none."""
+    timeout = quart.config["RESPONSE_TIMEOUT"]
+    return None if timeout is None else float(timeout)
 
 
 def _incoming(scope: Any, found: re.Match[str]) -> Incoming | None:

@@ -62,6 +62,7 @@ from typing import Any
 
 import trio
 from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio.lifespan import Lifespan
 from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ConnectionState, LifespanState
@@ -74,7 +75,9 @@ log = logging.getLogger(__name__)
 MAX_RECV = 2**16
 # The scope's extension saying this loop watches the client: the app need not (fast_api).
 WATCHED = "bbb_proxy.watched"
-_API_PATH = re.compile(rb"/[^/]+/bigbluebutton/api/[A-Za-z]+(?:/[A-Za-z]+)*")
+# The API's paths, /<customer>/bigbluebutton/api/<call> (also proxy.fast_api's, on the str path)
+API_PATH = r"/([^/]+)/bigbluebutton/api/([A-Za-z]+(?:/[A-Za-z]+)*)"
+_API_PATH = re.compile(API_PATH.encode())
 _TOKEN = re.compile(rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+")
 _BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _TARGET = re.compile(rb"/[\x21-\x7e]*")
@@ -333,7 +336,7 @@ class _Connection:
             "state": self.server.state.copy(),
             "extensions": {WATCHED: {}},
         }
-        answer = _Answer(self.sock, self.server, close, self.server.send_timeout)
+        answer = _Answer(self.sock, self.server, close)
         sent_body = False
 
         async def receive() -> dict[str, Any]:
@@ -372,17 +375,12 @@ def _close(sock: socket.socket) -> None:
 class _Answer:
     """The app's ``send``: the answer written as hypercorn would write it."""
 
-    def __init__(
-        self,
-        sock: socket.socket,
-        server: _Server,
-        close: bool,
-        send_timeout: float | None,
-    ) -> None:
+    def __init__(self, sock: socket.socket, server: _Server, close: bool) -> None:
         self.sock = sock
         self.server = server
         self.close = close
-        self.send_timeout = math.inf if send_timeout is None else send_timeout
+        timeout = server.send_timeout
+        self.send_timeout = math.inf if timeout is None else timeout
         self.deadline = math.inf  # from the answer's start
         self.head: bytes | None = None
         self.chunked = False
@@ -426,8 +424,6 @@ async def serve(
 ) -> None:
     """Serve ``app`` on ``config``'s binds until cancelled: the ASGI lifespan as hypercorn
     runs it, then every connection through :class:`_Connection`; reports the bound URLs."""
-    from hypercorn.trio.lifespan import Lifespan
-
     lifespan_state: LifespanState = {}
     wrapped = wrap_app(app, config.wsgi_max_body_size, None)
     closing = wrap_app(_closing(app), config.wsgi_max_body_size, None)

@@ -24,7 +24,7 @@ from proxy.backends.client import Transport
 from proxy.backends.monitor import monitor_backends, reconcile_all
 from proxy.config import Config, Timeouts, split_bind
 from proxy.errors import ConfigError, StateError
-from proxy.fast_api import fast_api
+from proxy.fast_api import fast_api, response_timeout
 from proxy.gateway import Gateway, open_gateway
 from proxy.ledger.journal import open_durable_ledger
 from proxy.ledger.service import Ledger
@@ -216,8 +216,7 @@ async def _serve_app(
     fast = fast_api(gw, metrics, quart)  # the API's GETs
     app = counted(gw, request_log.logged(closing_unread(fast), trusted))
     gw.spawn("metrics", metrics.mirror_forever)  # workers: this one's counts (proxy.metrics)
-    timeout = quart.config["RESPONSE_TIMEOUT"]
-    send_timeout = None if timeout is None else float(timeout)
+    send_timeout = response_timeout(quart)
     await front.serve(app, hyper, send_timeout=send_timeout, task_status=task_status)
 
 
