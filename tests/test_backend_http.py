@@ -71,6 +71,31 @@ async def test_idle_connection_closed_by_server_is_not_reused(nursery: trio.Nurs
     await pool.aclose()
 
 
+async def test_a_request_ending_after_aclose_closes_its_connection(nursery: trio.Nursery) -> None:
+    """A pool closed while a request is under way (a gateway stopping) does not keep that
+    request's connection: nothing would ever close it."""
+    answer_now = trio.Event()
+    server_saw: list[bytes] = []
+    seen = trio.Event()
+
+    async def handler(stream: trio.SocketStream) -> None:
+        await read_request(stream)
+        await answer_now.wait()
+        await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        server_saw.append(await stream.receive_some(100))  # b"" once the client closes
+        seen.set()
+
+    pool = Pool(await serve(nursery, handler), FAST, 4)
+    async with trio.open_nursery() as inner:
+        inner.start_soon(pool.request, "GET", "/")
+        await trio.sleep(0.05)
+        await pool.aclose()
+        answer_now.set()
+    with trio.fail_after(2):
+        await seen.wait()
+    assert server_saw == [b""]
+
+
 async def test_chunked_and_post(nursery: trio.Nursery) -> None:
     seen: list[bytes] = []
 

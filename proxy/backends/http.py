@@ -158,6 +158,7 @@ class Pool:
         self._max_answer = max_answer_bytes
         self._slots = trio.CapacityLimiter(size)
         self._idle: list[_Connection] = []
+        self._closed = False  # after aclose, a request still under way closes its connection
         self._ssl = (ssl_context or ssl.create_default_context()) if self._tls else None
 
     async def request(
@@ -196,6 +197,8 @@ class Pool:
         return answer
 
     async def aclose(self) -> None:
+        """Close the idle connections; one still in use is closed when its request ends."""
+        self._closed = True
         idle, self._idle = self._idle, []
         for connection in idle:
             await connection.close()
@@ -273,7 +276,7 @@ class Pool:
         except BaseException:
             await connection.close()
             raise
-        if keep and not connection.buffer:  # anything after the answer: not ours to guess
+        if keep and not connection.buffer and not self._closed:  # after the answer: not ours
             connection.idle_since = time.monotonic()
             self._idle.append(connection)
         else:
