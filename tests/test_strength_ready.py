@@ -30,7 +30,7 @@ from proxy.calls import recording_ready as ready_calls
 from proxy.config import Backend
 from proxy.errors import StateError, StorageUnavailable
 from proxy.gateway import Gateway
-from proxy.store import Log, Record
+from proxy.store import Log, MemoryLog, Record
 from proxy.store.local import create_log, log_path, read_records
 from tests.harness import BACKEND_SECRET, Stack
 from tests.test_recordings_ready import start_receiver, until
@@ -771,3 +771,85 @@ def test_a_legacy_file_that_cannot_be_read_is_a_state_error_naming_it(tmp_path: 
     with pytest.raises(StateError) as caught:
         ready_calls._convert_legacy(tmp_path)
     assert str(caught.value) == f"cannot read {legacy}: Is a directory"
+
+
+# -- the delivery loop (deliver_forever) on the local store ----------------------------------
+
+
+class CountingQueue(ready_calls.ReadyQueue):
+    """A queue whose delivery loop's rounds are counted (each round reads ``pending`` once)."""
+
+    rounds = 0
+
+    @property
+    def pending(self) -> list[rules.Delivery]:
+        self.rounds += 1
+        return super().pending
+
+
+def looping_queue(
+    store: Log, pending: rules.Pending, posted: list[str], status: int = 503
+) -> CountingQueue:
+    """A queue on ``store`` whose POSTs answer ``status``, the ids POSTed in ``posted``."""
+    queue = CountingQueue(cast(Gateway, GatewayStub()), store, pending)
+
+    async def post(delivery: rules.Delivery, secret: str) -> int | None:
+        posted.append(delivery.id)
+        return status
+
+    queue._post = post  # type: ignore[method-assign]
+    return queue
+
+
+def replayed(records: list[Record]) -> rules.Pending:
+    pending = rules.Pending()
+    for record in records:
+        pending.apply(record)
+    return pending
+
+
+async def test_at_start_up_the_local_log_is_compacted_and_its_maintenance_started(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(rules, "backoff", lambda attempt: 3600.0)
+    records = [
+        rules.queue_record(delivery(1)),
+        rules.done_record(delivery(1).id, "done"),
+        rules.queue_record(delivery(2)),
+    ]
+    store, posted, maintained = MemoryLog(records), list[str](), list[str]()
+    queue = looping_queue(cast(Log, store), replayed(records), posted)
+
+    async def maintain() -> None:
+        maintained.append("started")
+        await trio.sleep_forever()
+
+    queue._maintain = maintain
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(queue.deliver_forever)
+        await until(lambda: posted == [delivery(2).id])
+        assert store.compactions == 1  # before the first delivery: what is still to deliver
+        assert store.durable == [rules.queue_record(delivery(2))]
+        assert maintained == ["started"]
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_start_up_compaction_the_disk_refuses_does_not_end_the_loop() -> None:
+    store, posted = MemoryLog([rules.queue_record(delivery(1))]), list[str]()
+    store.failed = True  # compact and flush raise StorageUnavailable
+    queue = looping_queue(cast(Log, store), replayed(store.durable), posted, status=200)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(queue.deliver_forever)  # no maintenance task (None): none started
+        await until(lambda: queue._pending.deliveries == {})
+        assert posted == [delivery(1).id] and store.compactions == 0
+        await trio.sleep(0.05)
+        nursery.cancel_scope.cancel()
+
+
+async def test_with_nothing_due_the_loop_waits() -> None:
+    queue = looping_queue(cast(Log, MemoryLog()), rules.Pending(), [])
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(queue.deliver_forever)
+        await trio.sleep(0.3)
+        assert queue.rounds == 1  # one round, then asleep until a notice (or an hour)
+        nursery.cancel_scope.cancel()
