@@ -12,7 +12,8 @@ import hashlib
 import hmac
 import logging
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from types import SimpleNamespace
 from typing import cast
@@ -27,12 +28,14 @@ from jwt.warnings import InsecureKeyLengthWarning
 from proxy.bbb import recording_ready as rules
 from proxy.bbb.rewrite import backend_meeting_id
 from proxy.calls import recording_ready as ready_calls
-from proxy.config import Backend
+from proxy.config import Backend, StoreSettings
 from proxy.errors import StateError, StorageUnavailable
 from proxy.gateway import Gateway
-from proxy.store import Log, MemoryLog, Record
+from proxy.store import Log, MemoryLog, Record, shared
 from proxy.store.local import create_log, log_path, read_records
+from proxy.store.redis import RedisStore, open_redis_store
 from tests.harness import BACKEND_SECRET, Stack
+from tests.redis_server import RedisServer
 from tests.test_recordings_ready import start_receiver, until
 
 BACKEND = Backend(id="bbb-1", url="http://bbb-1.test/bigbluebutton", secret="s3cret", capacity=10)
@@ -853,3 +856,116 @@ async def test_with_nothing_due_the_loop_waits() -> None:
         await trio.sleep(0.3)
         assert queue.rounds == 1  # one round, then asleep until a notice (or an hour)
         nursery.cancel_scope.cancel()
+
+
+# -- several instances on one Redis (a real redis-server) -------------------------------------
+
+
+@pytest.fixture
+def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A private redis-server for the test (as ``tests.redis_server.redis_server``)."""
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def redis_at(server: RedisServer) -> AbstractAsyncContextManager[RedisStore]:
+    """A new connection to ``server``, as another gateway instance would open it."""
+    return open_redis_store(StoreSettings(kind="redis", url=server.url), timeout=2.0)
+
+
+def shared_queue(store: RedisStore, posted: list[str]) -> CountingQueue:
+    """An instance's queue on ``store``'s log, as :meth:`ReadyQueue.open` makes it there (its
+    maintenance: following, the heartbeat); its POSTs answer 503 (retried in an hour)."""
+    log_, records = store.open(ready_calls.LOG)
+    queue = looping_queue(log_, replayed(records), posted)
+    queue._maintain = queue._log.maintain
+    return queue
+
+
+@pytest.fixture
+def quick_shared(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Following and claims every 50 ms; a heartbeat every 50 ms lasting 5 s; no second try."""
+    monkeypatch.setattr(shared, "FOLLOW_EVERY", 0.05)
+    monkeypatch.setattr(shared, "HEARTBEAT_EVERY", 0.05)
+    monkeypatch.setattr(shared, "HEARTBEAT_TTL", 5.0)
+    monkeypatch.setattr(ready_calls, "CLAIM_EVERY", 0.05)
+    monkeypatch.setattr(rules, "backoff", lambda attempt: 3600.0)
+
+
+@pytest.mark.usefixtures("quick_shared")
+async def test_on_redis_each_instance_delivers_its_own_and_takes_over_a_gone_ones(
+    redis: RedisServer,
+) -> None:
+    d1, d2, d3 = (delivery(n).id for n in (1, 2, 3))
+    async with (
+        redis_at(redis) as g,
+        redis_at(redis) as a_store,
+        redis_at(redis) as b_store,
+    ):
+        a_posted: list[str] = []
+        b_posted: list[str] = []
+        gone, a = shared_queue(g, []), shared_queue(a_store, a_posted)
+        b = shared_queue(b_store, b_posted)
+        assert await gone._queued(delivery(1)) == 200  # its instance never runs
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(a.deliver_forever)
+            await until(lambda: a_posted == [d1])  # taken over, then delivered
+            assert await a._queued(delivery(2)) == 200
+            await until(lambda: a_posted == [d1, d2])
+            await b._log.refresh()  # b's queue: a's two deliveries, then its own
+            assert b._owners_now() == {d1: a.node, d2: a.node}
+            assert await b._queued(delivery(3)) == 200
+            nursery.start_soon(b.deliver_forever)
+            await until(lambda: b_posted == [d3])
+            await trio.sleep(0.6)  # a dozen looks for deliveries of gone instances
+            assert a_posted == [d1, d2] and b_posted == [d3]  # a runs: nothing taken
+            assert await b._log.alive(a.node) and await a._log.alive(b.node)
+            assert b._owners_now() == {d1: a.node, d2: a.node, d3: b.node}
+            nursery.cancel_scope.cancel()
+
+
+@pytest.mark.usefixtures("quick_shared")
+async def test_another_instances_record_wakes_the_delivery_loop(
+    redis: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ready_calls, "CLAIM_EVERY", 3600.0)  # no look for gone instances
+    async with redis_at(redis) as a_store, redis_at(redis) as b_store:
+        b_posted: list[str] = []
+        a, b = shared_queue(a_store, []), shared_queue(b_store, b_posted)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(b.deliver_forever)
+            await trio.sleep(0.3)
+            assert b.rounds == 1  # nothing due: asleep
+            assert await a._queued(delivery(1)) == 200
+            await until(lambda: b.rounds >= 2, seconds=3)  # followed within 50 ms: woken
+            await trio.sleep(0.1)
+            assert b.rounds == 2 and b_posted == []  # a's to deliver
+            assert b._owners_now() == {delivery(1).id: a.node}
+            nursery.cancel_scope.cancel()
+
+
+async def test_the_shared_log_is_compacted_to_the_queue_and_the_others_rebuild_from_it(
+    redis: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with redis_at(redis) as a_store, redis_at(redis) as b_store:
+        a, b = shared_queue(a_store, []), shared_queue(b_store, [])
+        for n in (1, 2):
+            assert await a._queued(delivery(n)) == 200
+        await a._finish(delivery(1), "done")
+        await b._log.refresh()
+        assert b._owners_now() == {delivery(2).id: a.node}
+        caplog.set_level(logging.INFO, shared.log.name)
+        await a._log.compact()  # as the shared log's maintenance does when due
+        raw = await a_store.read(ready_calls.LOG)
+        assert [record for _, record in raw.entries] == [rules.queue_record(delivery(2), a.node)]
+        b._pending.apply(rules.queue_record(delivery(9), "c"))  # gone from the log since
+        await b._log.refresh()
+        assert b._owners_now() == {delivery(2).id: a.node}
+        assert [r.getMessage() for r in caplog.records if r.name == shared.log.name] == [
+            "the recording-ready log compacted (shared)",
+            "the recording-ready log read again whole: state rebuilt",
+        ]
