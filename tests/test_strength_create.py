@@ -587,3 +587,77 @@ def test_each_preempted_meeting_is_ended_in_a_task_of_its_own() -> None:
     victims = (reservation(meeting_id="a"), reservation(meeting_id="b"))
     _end_victims(gw, victims)
     assert spawned == [("end-preempted", _end_one, gw, victim) for victim in victims]
+
+
+async def test_a_create_of_a_meeting_whose_first_create_is_in_flight_waits_for_it(
+    make_stack: StackFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The second create is not forwarded while the first is pending: it waits until the
+    first is settled (here: refused by the backend and released), then is admitted afresh
+    and creates the meeting, which the ledger then holds confirmed."""
+    stack = await make_stack(backends=1)
+    sim = stack.sims[0]
+    client = stack.gateway.client(stack.config.backends[0].id)
+    ledger = stack.gateway.ledger
+    call, decide = client.call, ledger.decide
+    events: list[str] = []
+    decisions: list[str] = []
+    first_sent, second_decided, gate = trio.Event(), trio.Event(), trio.Event()
+
+    async def spy_call(name: str, params: Any, **kwargs: Any) -> Any:
+        if name != "create":
+            return await call(name, params, **kwargs)
+        number = sum(e.endswith("sent") for e in events) + 1
+        events.append(f"create {number} sent")
+        if number == 1:
+            first_sent.set()
+            await gate.wait()
+            sim.behaviour.mode = "refuse_create"
+        try:
+            return await call(name, params, **kwargs)
+        finally:
+            sim.behaviour.mode = "ok"
+            events.append(f"create {number} answered")
+
+    async def spy_decide(*args: Any, **kwargs: Any) -> Any:
+        decision = await decide(*args, **kwargs)
+        decisions.append(type(decision).__name__)
+        if len(decisions) == 2:
+            second_decided.set()
+        return decision
+
+    monkeypatch.setattr(client, "call", spy_call)
+    monkeypatch.setattr(ledger, "decide", spy_decide)
+    answers: dict[str, tuple[str, str]] = {}
+
+    async def create(which: str) -> None:
+        root = await stack.create("room-1")
+        answers[which] = (text(root, "returncode"), root.findtext("messageKey") or "")
+
+    async with trio.open_nursery() as both:
+        both.start_soon(create, "first")
+        await first_sent.wait()
+        both.start_soon(create, "second")
+        await second_decided.wait()
+        await trio.sleep(0.2)  # a second create forwarded at once has reached the backend
+        assert (events, decisions) == (["create 1 sent"], ["Admit", "Duplicate"])
+        gate.set()
+    # Once the first is released, which of the two decides first is the scheduler's: the
+    # first (its backend excluded) is refused, or finds the second's meeting and repeats its
+    # create.
+    if answers["first"] == ("FAILED", "serverUnavailable"):
+        assert decisions == ["Admit", "Duplicate", "Refuse", "Admit"]
+        creates = 2
+    else:
+        assert answers["first"] == ("SUCCESS", "duplicateWarning")
+        # the first finds it pending (and waits) or already confirmed
+        assert decisions[:4] == ["Admit", "Duplicate", "Admit", "Duplicate"]
+        assert decisions[4:] in ([], ["Duplicate"])
+        creates = 3
+    assert answers["second"] == ("SUCCESS", "")
+    assert events == [
+        f"create {n} {e}" for n in range(1, creates + 1) for e in ("sent", "answered")
+    ]
+    held = ledger.get(("acme", "room-1"))
+    assert held is not None and held.confirmed
+    assert [m.meeting_id for m in sim.meetings.values()] == ["acme~room-1"]
