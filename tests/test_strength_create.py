@@ -46,7 +46,7 @@ from proxy.errors import (
     ValidationError,
 )
 from proxy.gateway import Gateway
-from proxy.ledger.model import CreateRequest, Reservation
+from proxy.ledger.model import CreateRequest, Reservation, Reserve
 from proxy.placement import TagRule
 from proxy.request import ApiRequest
 from proxy.texts import apply_default_texts
@@ -661,3 +661,59 @@ async def test_a_create_of_a_meeting_whose_first_create_is_in_flight_waits_for_i
     held = ledger.get(("acme", "room-1"))
     assert held is not None and held.confirmed
     assert [m.meeting_id for m in sim.meetings.values()] == ["acme~room-1"]
+
+
+def spy_confirms(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """The key of every confirm the gateway's ledger is asked for."""
+    seen: list[Any] = []
+    ledger = stack.gateway.ledger
+    confirm = ledger.confirm
+
+    async def spy(key: Any) -> None:
+        seen.append(key)
+        await confirm(key)
+
+    monkeypatch.setattr(ledger, "confirm", spy)
+    return seen
+
+
+async def test_a_repeated_create_answers_for_the_customers_meeting_and_confirms_nothing(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """BBB's duplicateWarning, with the customer's meetingID and duration, not the backend's."""
+    await stack.create("room-1", duration="45")
+    confirms = spy_confirms(stack, monkeypatch)
+    seen = spy_creates(stack, monkeypatch)
+    root = await stack.create("room-1", duration="45")
+    assert (text(root, "returncode"), text(root, "messageKey")) == ("SUCCESS", "duplicateWarning")
+    assert (text(root, "meetingID"), text(root, "duration")) == ("room-1", "45")
+    held = stack.gateway.ledger.get(("acme", "room-1"))
+    assert held is not None and held.confirmed
+    assert [s["backend"] for s in seen] == [held.backend_id]
+    assert confirms == []
+
+
+async def test_a_create_of_a_meeting_left_pending_is_forwarded_and_confirmed(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Reserve without its Confirm (a crash between them), no create of it in flight:
+    the create goes to the pinned backend, its answer confirms the reservation."""
+    ghost = reservation(
+        meeting_id="ghost",
+        backend_id="bbb-2",
+        backend_meeting_id="acme~ghost",
+        connections=4,
+        asked_duration=30,
+        created_at=stack.gateway.ledger.clock(),
+    )
+    await stack.gateway.ledger.record(Reserve(ghost))
+    assert not stack.gateway.ledger.settling(ghost.key)
+    confirms = spy_confirms(stack, monkeypatch)
+    seen = spy_creates(stack, monkeypatch)
+    root = await stack.create("ghost", maxParticipants="4", duration="30")
+    assert (text(root, "returncode"), root.findtext("messageKey")) == ("SUCCESS", "")
+    assert (text(root, "meetingID"), text(root, "duration")) == ("ghost", "30")
+    assert [s["backend"] for s in seen] == ["bbb-2"]
+    assert confirms == [("acme", "ghost")]
+    held = stack.gateway.ledger.get(("acme", "ghost"))
+    assert held is not None and held.confirmed and held.backend_id == "bbb-2"
