@@ -420,11 +420,23 @@ async def test_without_redis_every_instance_polls_for_health_and_shares_again_af
         await eventually(
             lambda: all(i.gateway.health["bbb-1"].state is State.UP for i in three.instances)
         )
-        sent = [i.sent("bbb-2") for i in three.instances]
-        before = three.polled("bbb-2")
-        await eventually(lambda: three.polled("bbb-2") >= before + 3)  # three polls later
-        grew = [i.sent("bbb-2") - n for i, n in zip(three.instances, sent, strict=True)]
-        assert sorted(grew)[:-1] == [0, 0], grew  # one instance polls it again
+        # One instance polls it again: a window of three polls made by one instance alone.
+        # Not necessarily the first window: an instance whose Redis call fails or overruns
+        # the store's bound (a loaded machine) polls for itself that turn, by design.
+        windows: list[list[int]] = []
+        for _ in range(5):
+            windows.append(await _polls_in_three(three, "bbb-2"))
+            if sorted(windows[-1])[:-1] == [0, 0]:
+                break
+        assert sorted(windows[-1])[:-1] == [0, 0], windows
+
+
+async def _polls_in_three(three: Cluster, backend_id: str) -> list[int]:
+    """The polls of ``backend_id`` each instance sent while its server answered three."""
+    sent = [i.sent(backend_id) for i in three.instances]
+    before = three.polled(backend_id)
+    await eventually(lambda: three.polled(backend_id) >= before + 3)
+    return [i.sent(backend_id) - n for i, n in zip(three.instances, sent, strict=True)]
 
 
 async def test_a_lease_taken_by_another_stops_the_polls_here_and_is_logged_once(
