@@ -499,3 +499,22 @@ async def test_an_upload_holding_boundary_like_lines_reaches_the_holder_whole(
     )
     assert response.json()["response"]["returncode"] == "SUCCESS"
     assert stack.sims[0].recordings.uploads == [(recording.record_id, "subtitles", "de-DE", data)]
+
+
+async def test_an_upload_of_an_unknown_kind_is_bbbs_error_and_never_sent(
+    make_stack: StackFactory,
+) -> None:
+    stack = await make_stack(backends=1)
+    (recording,) = seed(stack.sims[0], "acme", "room", 1)
+    params = [("recordID", recording.record_id), ("kind", "slides"), ("lang", "de")]
+    response = await stack.http.post(
+        stack.signed("putRecordingTextTrack", params), files={"file": ("de.vtt", b"WEBVTT\r\n")}
+    )
+    assert response.json() == {
+        "response": {
+            "returncode": "FAILED",
+            "messageKey": "invalidKind",
+            "message": "Invalid kind parameter, expected='subtitles|captions' actual=slides",
+        }
+    }
+    assert received(stack.sims[0], "putRecordingTextTrack") == []
