@@ -234,3 +234,75 @@ def test_the_algorithm_of_a_request_is_named_by_its_checksums_length() -> None:
     assert checksum.algorithm_of("meetingID=x&checksum=" + "a" * 64) == "sha256"
     assert checksum.algorithm_of("meetingID=x", [("checksum", "b" * 128)]) == "sha512"
     assert checksum.algorithm_of("meetingID=x") == "sha1"
+
+
+# -- the 22:35 UTC re-measure (checksum, rewrite, placement; unit-level selection) -----------
+
+
+def test_a_query_is_split_at_its_one_whole_checksum_component() -> None:
+    from proxy.bbb import checksum
+
+    split = checksum.split_checksum
+    assert split("x=1&checksum=a=b") == checksum.Split("a=b", "x=1")
+    assert split("checksum=abc&x=checksum=y") is None
+    assert split("x=checksum=y") is None
+    assert split("checksum=a&checksum=b") is None
+    assert checksum.algorithm_of("checksum=a&checksum=b") == "sha1"
+    assert checksum.algorithm_of("checksum=" + "a" * 64, [("checksum", "b" * 128)]) == "sha1"
+
+
+def test_a_lone_checksum_is_stripped_as_bbb_web_strips_it() -> None:
+    from proxy.bbb import checksum
+
+    assert checksum.strip_checksum("checksum=abc", "abc") == ""
+
+
+def test_the_canonical_form_sorts_by_name_only_and_keeps_the_order_of_values() -> None:
+    from proxy.bbb import checksum
+
+    params = [("b", "1"), ("a", "2 x"), ("a", "1")]
+    assert checksum.canonical_query(params) == "a=2+x&a=1&b=1"
+
+
+def test_a_blank_signed_parameter_is_kept() -> None:
+    from proxy.bbb import checksum
+
+    query = checksum.signed_query("create", [("name", ""), ("meetingID", "m")], "s" * 32)
+    assert checksum.signed_params("create", query, ["s" * 32]) == [("name", ""), ("meetingID", "m")]
+
+
+def test_a_long_or_marked_meeting_id_is_hashed_and_one_of_256_is_not() -> None:
+    import hashlib
+
+    fits = "m" * (rewrite.MAX_MEETING_ID - len("acme~"))
+    assert rewrite.backend_meeting_id("acme", fits) == "acme~" + fits
+    longer = fits + "é"
+    digest = hashlib.sha256(longer.encode()).hexdigest()
+    assert rewrite.backend_meeting_id("acme", longer) == "acme~sha256-" + digest
+
+
+def test_the_gateways_own_analytics_url_is_told_from_the_customers() -> None:
+    own = f"https://gw.test{rewrite.ANALYTICS_PATH}?t=1"
+    assert rewrite.own_url(rewrite.ANALYTICS_KEY, own) is True
+    assert rewrite.own_url(rewrite.ANALYTICS_KEY, "https://lms.test/analytics") is False
+    bare = f"https://gw.test{rewrite.ANALYTICS_PATH}"
+    assert rewrite.own_url(rewrite.ANALYTICS_KEY, bare) is False
+
+
+def test_a_backend_missing_from_the_tags_is_untagged() -> None:
+    from proxy.placement import BackendLoad, Ring, TagRule
+
+    ring = Ring(["a", "b"])
+    loads = {b: BackendLoad(b, 10, 0, True) for b in ("a", "b")}
+    tags = {"a": frozenset({"x"})}
+    rule = TagRule(wanted=frozenset({"y"}))
+    assert ring.choose("k", 1, loads, rule=rule, backend_tags=tags) == "b"
+    required = TagRule(wanted=frozenset({"y"}), required=frozenset({"x"}))
+    assert ring.choose("k", 1, loads, rule=required, backend_tags=tags) == "a"
+
+
+def test_the_bound_of_an_empty_or_one_connection_pool() -> None:
+    from proxy.placement import BackendLoad, _Bound
+
+    assert _Bound(0.25, 1, 0, 0).admits(BackendLoad("a", 0, -1, True)) is False
+    assert _Bound(0.25, 1, 0, 1).admits(BackendLoad("a", 1, 0, True)) is True
