@@ -306,3 +306,10 @@ def test_the_bound_of_an_empty_or_one_connection_pool() -> None:
 
     assert _Bound(0.25, 1, 0, 0).admits(BackendLoad("a", 0, -1, True)) is False
     assert _Bound(0.25, 1, 0, 1).admits(BackendLoad("a", 1, 0, True)) is True
+
+
+def test_a_ring_with_a_repeated_id_is_refused_with_its_exact_message() -> None:
+    from proxy.placement import Ring
+
+    with pytest.raises(ValueError, match=r"^backend ids must be unique$"):
+        Ring(["a", "b", "a"])
