@@ -211,6 +211,30 @@ async def test_past_the_budget_each_body_is_fetched_once_by_record_id(
     assert sorted(i for batch in second for i in batch) == sorted(shown)
 
 
+async def test_a_body_is_kept_only_from_the_request_that_asked_for_it(
+    make_stack: StackFactory, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One recordID per request. The shorter ID is gone by its request, so the backend answers
+    it as a prefix, with the longer one; the longer ID's own request fails: it is left out."""
+    monkeypatch.setattr(recordings, "EARLY_BYTES", 0)
+    monkeypatch.setattr(recordings, "BATCH", 1)
+    stack = await make_stack(backends=1)
+    sim = stack.sims[0]
+    short, long = prefixed_pair(sim)
+    answering(sim, "getRecordings", Reply(500, "<html>oops</html>"), long.record_id)
+    original = sim.handle
+
+    def handle(request: ApiRequest) -> Reply:
+        if request.call == "getRecordings" and short.record_id in request.raw_query:
+            sim.recordings.by_id.pop(short.record_id, None)
+        return original(request)
+
+    sim.handle = handle  # type: ignore[method-assign]
+    caplog.set_level(logging.WARNING)
+    assert await listing_ids(stack) == []
+    assert warnings_of(caplog)[-1] == "getRecordings: 1 recordings of bbb-1 left out"
+
+
 @pytest.mark.parametrize("count", [50, 100])
 async def test_a_multiple_of_the_write_chunk_is_not_no_recordings(
     make_stack: StackFactory, count: int
