@@ -251,14 +251,18 @@ async def test_a_multiple_of_the_write_chunk_is_not_no_recordings(
 async def test_the_count_of_what_was_written_spans_chunks_and_rounds(
     make_stack: StackFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Rounds of 3 written in chunks of 2: a chunk, a rest, then a round of 1 (4 shown)."""
-    monkeypatch.setattr(recordings, "ROUND", 3)
-    monkeypatch.setattr(recording_calls, "CHUNK", 2)
+    """Rounds of 4 written in chunks of 3: a chunk and a rest of 1, then a rest of 2 (6 shown),
+    the recordings back to back."""
+    monkeypatch.setattr(recordings, "ROUND", 4)
+    monkeypatch.setattr(recording_calls, "CHUNK", 3)
     stack = await make_stack(backends=1)
-    made = seed(stack.sims[0], "acme", "room", 4)
+    made = seed(stack.sims[0], "acme", "room", 6)
     root = await stack.call("getRecordings", [])
     assert ids(root) == pool_order(made)
     assert [str(c.tag) for c in root] == ["returncode", "recordings"]
+    listed = root.find("recordings")
+    assert listed is not None and listed.text is None
+    assert [r.tail for r in listed] == [None] * 6
 
 
 async def test_a_filter_on_the_gateways_metadata_asks_no_one(make_stack: StackFactory) -> None:
