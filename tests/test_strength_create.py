@@ -717,3 +717,19 @@ async def test_a_create_of_a_meeting_left_pending_is_forwarded_and_confirmed(
     assert confirms == [("acme", "ghost")]
     held = stack.gateway.ledger.get(("acme", "ghost"))
     assert held is not None and held.confirmed and held.backend_id == "bbb-2"
+
+
+async def test_a_refused_create_with_no_other_backend_to_try_is_server_unavailable(
+    make_stack: StackFactory,
+) -> None:
+    """The refusal is the answer, not the ledger's noServerCapacity once its backend is
+    excluded (the refusing backend is up: its pin was released)."""
+    stack = await make_stack(backends=1)
+    stack.sims[0].behaviour.mode = "refuse_create"
+    root = await stack.create("room-1")
+    assert failure(root) == (
+        "serverUnavailable",
+        "The server hosting this meeting cannot be reached",
+    )
+    assert not stack.gateway.backend_down("bbb-1")
+    assert len(stack.gateway.ledger.state) == 0
