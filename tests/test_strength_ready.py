@@ -437,6 +437,7 @@ def test_open_resumes_the_logs_deliveries_and_says_so(
     queue = ready_calls.ReadyQueue.open(gw)
     assert queue.pending == [delivery(1), delivery(2)]
     assert queue.node == ""
+    assert queue._maintain == queue._log.maintain  # the local log's recovery and compaction
     assert list(gw.stores) == ["recording-ready"]
     assert gw.stores["recording-ready"].failed is False
     assert [r.getMessage() for r in caplog.records] == ["recording-ready: 2 deliveries to resume"]
@@ -969,3 +970,40 @@ async def test_the_shared_log_is_compacted_to_the_queue_and_the_others_rebuild_f
             "the recording-ready log compacted (shared)",
             "the recording-ready log read again whole: state rebuilt",
         ]
+
+
+async def test_a_retry_is_made_when_its_backoff_is_over(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(rules, "backoff", lambda attempt: 0.1)
+    posted: list[str] = []
+    answers = [503, 200]
+    queue = looping_queue(cast(Log, MemoryLog()), replayed([rules.queue_record(delivery(1))]), [])
+
+    async def post(delivery: rules.Delivery, secret: str) -> int | None:
+        posted.append(delivery.id)
+        return answers.pop(0)
+
+    queue._post = post  # type: ignore[method-assign]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(queue.deliver_forever)
+        await until(lambda: queue._pending.deliveries == {}, seconds=3)  # not in an hour
+        assert posted == [delivery(1).id] * 2
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("allow", [True, False])
+async def test_a_delivery_is_posted_as_bbb_would_with_the_customers_secret(
+    monkeypatch: pytest.MonkeyPatch, allow: bool
+) -> None:
+    calls: list[tuple[object, ...]] = []
+
+    async def post_customer_url(*args: object) -> int | None:
+        calls.append(args)
+        return 204
+
+    monkeypatch.setattr(ready_calls, "post_customer_url", post_customer_url)
+    outbound = object()
+    proxy = SimpleNamespace(allow_private_callbacks=allow)
+    gw = SimpleNamespace(outbound=outbound, config=SimpleNamespace(proxy=proxy))
+    queue = ready_calls.ReadyQueue(cast(Gateway, gw), cast(Log, MemoryLog()), rules.Pending())
+    assert await queue._post(delivery(1), "cust-1") == 204
+    assert calls == [(outbound, delivery(1).url, rules.customer_form(delivery(1), "cust-1"), allow)]
