@@ -12,7 +12,7 @@ import hashlib
 import hmac
 import logging
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from types import SimpleNamespace
@@ -35,8 +35,10 @@ from proxy.store import Log, MemoryLog, Record, shared
 from proxy.store.local import create_log, log_path, read_records
 from proxy.store.redis import RedisStore, open_redis_store
 from tests.harness import BACKEND_SECRET, Stack
-from tests.redis_server import RedisServer
+from tests.redis_server import RedisServer, redis_server
 from tests.test_recordings_ready import start_receiver, until
+
+__all__ = ["redis_server"]  # the fixture, used by name below
 
 BACKEND = Backend(id="bbb-1", url="http://bbb-1.test/bigbluebutton", secret="s3cret", capacity=10)
 OTHER = Backend(id="bbb-2", url="http://bbb-2.test/bigbluebutton", secret="other", capacity=10)
@@ -862,17 +864,6 @@ async def test_with_nothing_due_the_loop_waits() -> None:
 # -- several instances on one Redis (a real redis-server) -------------------------------------
 
 
-@pytest.fixture
-def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    """A private redis-server for the test (as ``tests.redis_server.redis_server``)."""
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 def redis_at(server: RedisServer) -> AbstractAsyncContextManager[RedisStore]:
     """A new connection to ``server``, as another gateway instance would open it."""
     return open_redis_store(StoreSettings(kind="redis", url=server.url), timeout=2.0)
@@ -899,13 +890,13 @@ def quick_shared(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.usefixtures("quick_shared")
 async def test_on_redis_each_instance_delivers_its_own_and_takes_over_a_gone_ones(
-    redis: RedisServer,
+    redis_server: RedisServer,
 ) -> None:
     d1, d2, d3 = (delivery(n).id for n in (1, 2, 3))
     async with (
-        redis_at(redis) as g,
-        redis_at(redis) as a_store,
-        redis_at(redis) as b_store,
+        redis_at(redis_server) as g,
+        redis_at(redis_server) as a_store,
+        redis_at(redis_server) as b_store,
     ):
         a_posted: list[str] = []
         b_posted: list[str] = []
@@ -931,10 +922,10 @@ async def test_on_redis_each_instance_delivers_its_own_and_takes_over_a_gone_one
 
 @pytest.mark.usefixtures("quick_shared")
 async def test_another_instances_record_wakes_the_delivery_loop(
-    redis: RedisServer, monkeypatch: pytest.MonkeyPatch
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(ready_calls, "CLAIM_EVERY", 3600.0)  # no look for gone instances
-    async with redis_at(redis) as a_store, redis_at(redis) as b_store:
+    async with redis_at(redis_server) as a_store, redis_at(redis_server) as b_store:
         b_posted: list[str] = []
         a, b = shared_queue(a_store, []), shared_queue(b_store, b_posted)
         async with trio.open_nursery() as nursery:
@@ -950,9 +941,9 @@ async def test_another_instances_record_wakes_the_delivery_loop(
 
 
 async def test_the_shared_log_is_compacted_to_the_queue_and_the_others_rebuild_from_it(
-    redis: RedisServer, caplog: pytest.LogCaptureFixture
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:
-    async with redis_at(redis) as a_store, redis_at(redis) as b_store:
+    async with redis_at(redis_server) as a_store, redis_at(redis_server) as b_store:
         a, b = shared_queue(a_store, []), shared_queue(b_store, [])
         for n in (1, 2):
             assert await a._queued(delivery(n)) == 200
