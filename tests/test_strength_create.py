@@ -47,10 +47,11 @@ from proxy.errors import (
 )
 from proxy.gateway import Gateway
 from proxy.ledger.model import CreateRequest, Reservation, Reserve
+from proxy.ledger.service import Ledger
 from proxy.placement import TagRule
 from proxy.request import ApiRequest
 from proxy.texts import apply_default_texts
-from tests.harness import Stack, StackFactory, text
+from tests.harness import Stack, StackFactory, text, wait_until
 from tests.test_strength_meetings import spy_releases
 from tests.voice_stack import VoiceFactory, voice_stacks
 
@@ -433,6 +434,7 @@ async def test_the_create_answer_time_feeds_the_latency_average(
     monkeypatch.setattr(
         sys.modules["proxy.calls.create"], "backend_params", lambda gw, req, r: params
     )
+    await trio.sleep(100)  # the clock is not at 0 when the create is sent
     assert await _send(gw, create_req(), reservation()) is ok
     assert state.latencies == [("b1", 2.5)]
     client.answer = BackendTimeout("b1", "timed out")
@@ -720,16 +722,38 @@ async def test_a_create_of_a_meeting_left_pending_is_forwarded_and_confirmed(
 
 
 async def test_a_refused_create_with_no_other_backend_to_try_is_server_unavailable(
-    make_stack: StackFactory,
+    make_stack: StackFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The refusal is the answer, not the ledger's noServerCapacity once its backend is
-    excluded (the refusing backend is up: its pin was released)."""
+    excluded (the refusing backend is up: its pin was released); the gateway's log names
+    the backend and what it answered."""
     stack = await make_stack(backends=1)
     stack.sims[0].behaviour.mode = "refuse_create"
+    caplog.set_level(logging.WARNING, logger="proxy.calls")
     root = await stack.create("room-1")
+    assert [r.getMessage() for r in caplog.records if r.name == "proxy.calls"] == [
+        "create failed: BackendUnavailable(bbb-1): refused: internalError"
+    ]
     assert failure(root) == (
         "serverUnavailable",
         "The server hosting this meeting cannot be reached",
     )
     assert not stack.gateway.backend_down("bbb-1")
     assert len(stack.gateway.ledger.state) == 0
+
+
+async def test_an_overtime_meeting_preempted_by_a_create_is_ended_on_its_backend(
+    make_stack: StackFactory,
+) -> None:
+    """The create that needs an overtime meeting's connections is created, and the
+    overtime meeting is ended on its backend in a task of its own, and counted."""
+    now = [1_700_000_000.0]
+    stack = await make_stack(ledger=Ledger(clock=lambda: now[0]))
+    await stack.create("old", maxParticipants="15", duration="1")
+    sim, backend_old = stack.backend_meeting("acme", "old")
+    now[0] += 120  # two minutes into a one-minute meeting
+    root = await stack.create("new", maxParticipants="10")
+    assert text(root, "returncode") == "SUCCESS"
+    assert stack.gateway.ledger.get(("acme", "old")) is None
+    await wait_until(lambda: stack.gateway.tallies.get(("preemptions", "ended")) == 1)
+    assert backend_old not in sim.meetings or sim.meetings[backend_old].ended
