@@ -147,6 +147,11 @@ def redacting_handler(stream: TextIO | None = None, log_format: str = "text") ->
     return handler
 
 
+# Libraries whose INFO lines say what the gateway's own WARNING lines say better: coredis logs
+# a traceback at INFO for every connection Redis drops, and a line per retry.
+NOISY = ("httpx", "httpcore", "coredis")
+
+
 def setup_logging(
     level: str = "INFO", log_format: str = "auto", stream: TextIO | None = None
 ) -> None:
@@ -154,5 +159,5 @@ def setup_logging(
     root = logging.getLogger()
     root.handlers[:] = [redacting_handler(stream or sys.stderr, log_format)]
     root.setLevel(level)
-    for noisy in ("httpx", "httpcore"):
+    for noisy in NOISY:
         logging.getLogger(noisy).setLevel(logging.WARNING)

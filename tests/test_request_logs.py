@@ -15,7 +15,7 @@ import pytest
 
 from proxy.bbb import rewrite
 from proxy.health import Health, State
-from proxy.logs import redact, setup_logging
+from proxy.logs import NOISY, redact, setup_logging
 from proxy.request_log import client_address, networks
 from proxy.simulator import Simulator
 from tests.harness import BACKEND_SECRET, CUSTOMERS, Stack, StackFactory, wait_until
@@ -51,7 +51,7 @@ def captured() -> Iterator[Captured]:
     """The gateway's own handler (redacting, JSON) on the root logger at DEBUG."""
     root = logging.getLogger()
     saved = root.handlers[:], root.level
-    noisy = {name: logging.getLogger(name).level for name in ("httpx", "httpcore")}
+    noisy = {name: logging.getLogger(name).level for name in NOISY}
     stream = io.StringIO()
     setup_logging("DEBUG", "json", stream)
     try:
@@ -177,6 +177,17 @@ async def test_text_format_on_a_terminal(stack: Stack) -> None:
     assert re.search(
         r"GET getMeetings acme/- -> -: success \(HTTP 200\) [\d.]+ ms from 127\.0\.0\.1$", line
     )
+
+
+def test_libraries_log_warnings_only_even_at_debug(captured: Captured) -> None:
+    """coredis' INFO lines (a traceback for each connection Redis drops) stay out."""
+    logging.getLogger("coredis.connection").info("Connection closed unexpectedly!")
+    logging.getLogger("coredis.connection").warning("kept")
+    logging.getLogger("proxy.store.redis").debug("ours")
+    assert [(line["logger"], line["message"]) for line in captured.lines()] == [
+        ("coredis.connection", "kept"),
+        ("proxy.store.redis", "ours"),
+    ]
 
 
 # -- the client's address -----------------------------------------------------------------------
