@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
@@ -810,6 +811,78 @@ async def test_portal_administrators_and_sessions_are_the_same_on_every_instance
         assert portal.current(opened(portal.key, cookie, portal.clock())) == session
     await portals[0].logout(session)
     await until(lambda: all(p.current(session) is None for p in portals))
+
+
+async def test_failed_logins_are_counted_for_every_instance(
+    nursery: trio.Nursery, tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """Behind a load balancer a guesser gets ``max_login_failures`` tries in all, not per
+    instance; a success on one instance clears the count on all; Redis keeps no e-mail
+    or address, only their digests."""
+    a, b, c = await gateways(nursery, tmp_path, redis_server, count=3)
+    portals = [portal_of(s) for s in (a, b, c)]
+    email, password = "admin@acme.example", "a long enough password"
+    invited = await portals[0].invite("acme", email)
+    await portals[0].accept(invited.token, password, password)
+    limit = portals[0].settings.max_login_failures
+
+    async def refused(portal: PortalService, secret: str, address: str) -> str:
+        with pytest.raises(Refusal) as refusal:
+            await portal.login(email, secret, address)
+        return refusal.value.key
+
+    for n in range(limit - 1):  # spread over the instances and addresses
+        assert await refused(portals[n % 3], "wrong", f"10.0.0.{n}") == "login"
+    await portals[1].login(email, password, "10.0.1.1")  # clears the account's count, for all
+    for n in range(limit):
+        assert await refused(portals[n % 3], "wrong", f"10.0.2.{n}") == "login"
+    for portal in portals:  # locked everywhere, even for the right password
+        assert await refused(portal, password, "10.0.3.1") == "throttled"
+    for n in range(limit):  # one address guessing many accounts, over the instances
+        with pytest.raises(Refusal):
+            await portals[n % 3].login(f"guess-{n}@acme.example", "wrong", "10.0.4.4")
+    assert await refused(portals[2], password, "10.0.4.4") == "throttled"
+    shared = portals[0].shared_failures
+    assert shared is not None
+    stored = " ".join(str(k) for k in await shared.store.client.keys("*"))
+    assert "login-failures" in stored
+    assert "acme.example" not in stored and "10.0." not in stored
+
+
+async def test_without_redis_failed_logins_are_counted_on_the_instance(
+    nursery: trio.Nursery,
+    tmp_path: Path,
+    redis_server: RedisServer,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Redis gone: the instance's own count still locks (a login is never let through for
+    want of Redis), said once in the log; counted for all again once Redis answers."""
+    (a,) = await gateways(nursery, tmp_path, redis_server, count=1)
+    portal = portal_of(a)
+    email, password = "admin@acme.example", "a long enough password"
+    invited = await portal.invite("acme", email)
+    await portal.accept(invited.token, password, password)
+    redis_server.kill()
+    caplog.set_level(logging.WARNING, "proxy.portal.failures")
+    for _ in range(portal.settings.max_login_failures):
+        with pytest.raises(Refusal) as refusal:
+            await portal.login(email, "wrong", "10.0.0.1")
+        assert refusal.value.key == "login"
+    with pytest.raises(Refusal) as refusal:
+        await portal.login(email, password, "10.0.0.1")
+    assert refusal.value.key == "throttled"
+    said = [r.getMessage() for r in caplog.records if r.name == "proxy.portal.failures"]
+    assert len(said) == 1 and "counted on this instance alone" in said[0], said
+    redis_server.start()
+    shared = portal.shared_failures
+    assert shared is not None
+    for _ in range(100):  # the store's client reconnects by itself
+        await shared.failed("other@acme.example", "10.0.9.9")
+        if any("answers again" in r.getMessage() for r in caplog.records):
+            break
+        await trio.sleep(0.1)
+    said = [r.getMessage() for r in caplog.records if r.name == "proxy.portal.failures"]
+    assert len(said) == 2 and "counted for all" in said[1], said
 
 
 async def test_analytics_callbacks_of_meetings_on_two_instances_are_each_delivered_once(

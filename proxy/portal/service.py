@@ -14,7 +14,9 @@ changes are followed, so administrators, invitations and logouts are the same on
 instance.  A session cookie opens on every instance when they share the cookie key: the
 configured ``cookie_secret``, else one key committed once to the log (a ``key`` record;
 until an instance has read it, it uses a key of its own, so a login in its first moments
-may have to be made again).  Failed-login counts stay per instance.
+may have to be made again).  Failed logins are counted in Redis too, for every instance
+(:class:`~proxy.portal.failures.SharedFailures`), so a load balancer's instances do not each
+allow ``max_login_failures`` tries.
 
 Error handling: :meth:`PortalService.invite`, :meth:`~PortalService.accept` and
 :meth:`~PortalService.logout` raise ``StorageUnavailable`` when the change cannot be made
@@ -34,7 +36,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import trio
 from argon2 import PasswordHasher
@@ -50,6 +52,8 @@ from proxy.store.shared import Replica
 
 if TYPE_CHECKING:
     from proxy.gateway import Gateway
+    from proxy.portal.failures import SharedFailures
+    from proxy.store.redis import RedisLog
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +116,12 @@ class PortalService:
             changed=self._use_shared_key,
             compact_when_due=False,  # every COMPACT_AFTER changes, below
         )
+        self.shared_failures: SharedFailures | None = None
+        if self.replica.shared:
+            from proxy.portal.failures import SharedFailures  # coredis only on Redis
+
+            redis = cast("RedisLog", store).store
+            self.shared_failures = SharedFailures(redis, limit, lockout)
 
     # -- changes -------------------------------------------------------------------------
 
@@ -188,7 +198,7 @@ class PortalService:
         password (the same for both).
         """
         now = self.clock()
-        if self.by_account.locked(email, now) or self.by_address.locked(address, now):
+        if await self._throttled(email, address, now):
             log.warning("portal: login for %s from %s refused: throttled", email, address)
             raise Refusal("throttled")
         admin = self.state.admins.get(email)
@@ -199,13 +209,25 @@ class PortalService:
         if admin is None or not ok:
             self.by_account.failed(email, now)
             self.by_address.failed(address, now)
+            if self.shared_failures is not None:
+                await self.shared_failures.failed(email, address)
             log.info("portal: failed login for %s from %s", email, address)
             raise Refusal("login")
         self.by_account.succeeded(email)
         self.by_address.succeeded(address)
+        if self.shared_failures is not None:
+            await self.shared_failures.succeeded(email, address)
         log.info("portal: %s logged in (customer %s)", email, admin.customer)
         until = now + self.settings.session_lifetime
         return new_session(email, admin.customer, admin.password_hash, until)
+
+    async def _throttled(self, email: str, address: str, now: float) -> bool:
+        """The account or the address is locked: on this instance's count, or (on Redis)
+        on every instance's."""
+        if self.by_account.locked(email, now) or self.by_address.locked(address, now):
+            return True
+        shared = self.shared_failures
+        return shared is not None and await shared.locked(email, address)
 
     def current(self, session: Session | None) -> Session | None:
         """``session`` if it is still open: not logged out, its administrator still there
