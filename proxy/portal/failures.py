@@ -10,7 +10,7 @@ the account or address (no personal data in Redis), and they expire by themselve
 
 The local throttle is always kept too, and decides alone while Redis does not answer:
 a login is then refused on this instance's count, never let through for want of
-Redis, and never made to wait longer than the store's bound.
+Redis; each Redis call is bounded by the store's timeout.
 
 Error handling: nothing raises; a Redis failure is logged once until Redis answers again.
 """
