@@ -499,13 +499,6 @@ def test_a_legacy_file_over_the_logs_bound_is_refused(
     assert read_records(tmp_path, "recording-ready") == [rules.queue_record(delivery(2))]
 
 
-class MemoryStore(RefusingStore):
-    """A local log whose writes always succeed."""
-
-    async def flush(self) -> None:
-        return None
-
-
 class GatewayStub:
     """What a delivery reads of the gateway: the customer's secret, and the tallies it adds."""
 
@@ -523,7 +516,7 @@ class GatewayStub:
 
 
 def delivery_queue(
-    gw: GatewayStub, store: RefusingStore, answers: list[int | None]
+    gw: GatewayStub, store: RefusingStore | MemoryLog, answers: list[int | None]
 ) -> tuple[ready_calls.ReadyQueue, list[str]]:
     """A queue whose POSTs answer ``answers`` in turn; the secrets they were signed with."""
     queue = ready_calls.ReadyQueue(cast(Gateway, gw), cast(Log, store), rules.Pending())
@@ -542,7 +535,7 @@ async def test_attempts_back_off_and_give_up_after_the_last(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     gw = GatewayStub()
-    queue, secrets = delivery_queue(gw, MemoryStore(), [500] * 12)
+    queue, secrets = delivery_queue(gw, MemoryLog(), [500] * 12)
     caplog.set_level(logging.WARNING, ready_calls.log.name)
     d = delivery(1)
     for n in range(1, 12):
@@ -562,7 +555,7 @@ async def test_attempts_back_off_and_give_up_after_the_last(
 
 async def test_an_attempts_outcome(caplog: pytest.LogCaptureFixture) -> None:
     gw = GatewayStub()
-    queue, secrets = delivery_queue(gw, MemoryStore(), [204, 410, None])
+    queue, secrets = delivery_queue(gw, MemoryLog(), [204, 410, None])
     assert [await queue._attempt(delivery(n)) for n in (1, 2, 3)] == ["done", "final", "final"]
     assert queue._attempts == {} and queue._due == {} and gw.tallies == []
     caplog.set_level(logging.WARNING, ready_calls.log.name)
@@ -577,13 +570,13 @@ async def test_an_attempts_outcome(caplog: pytest.LogCaptureFixture) -> None:
 async def test_the_end_of_a_delivery_is_recorded_tallied_and_logged(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    gw, store = GatewayStub(), MemoryStore()
+    gw, store = GatewayStub(), MemoryLog()
     queue, _ = delivery_queue(gw, store, [])
     await queue._queued(delivery(1))
     queue._attempts[delivery(1).id] = 3
     caplog.set_level(logging.INFO, ready_calls.log.name)
     await queue._finish(delivery(1), "final")
-    assert store.appended == [
+    assert store.durable == [
         rules.queue_record(delivery(1)),
         rules.done_record(delivery(1).id, "final"),
     ]
@@ -613,7 +606,7 @@ async def test_a_delivery_that_fails_is_logged_and_tried_again_later(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     gw = GatewayStub()
-    queue, _ = delivery_queue(gw, MemoryStore(), [])
+    queue, _ = delivery_queue(gw, MemoryLog(), [])
     d = delivery(1)
     await queue._queued(d)
 
@@ -636,7 +629,7 @@ async def test_a_delivery_that_fails_is_logged_and_tried_again_later(
 
 async def test_a_delivery_is_finished_unless_it_is_retried() -> None:
     gw = GatewayStub()
-    queue, _ = delivery_queue(gw, MemoryStore(), [503, 200])
+    queue, _ = delivery_queue(gw, MemoryLog(), [503, 200])
     d = delivery(1)
     await queue._queued(d)
     for expected in ([d], []):
@@ -654,7 +647,7 @@ async def test_a_delivery_is_finished_unless_it_is_retried() -> None:
 async def test_receive_answers_each_notice() -> None:
     gw = GatewayStub()
     gw.backends = lambda: [BACKEND, OTHER]  # type: ignore[attr-defined]
-    store = MemoryStore()
+    store = MemoryLog()
     queue, _ = delivery_queue(gw, store, [])
     own = rules.signed_url(
         PUBLIC, rules.PATH, BACKEND, ("acme", "room 1", TARGET.url), b"recording-ready"
@@ -670,10 +663,10 @@ async def test_receive_answers_each_notice() -> None:
     assert await queue.receive(query, body("other")) == 401
     assert await queue.receive(query, b"x=1") == 401
     assert await queue.receive(query, b"\xff") == 401
-    assert store.appended == []
+    assert store.durable == [] and store.pending == []
     assert await queue.receive(query, body(record_id="r-7")) == 200
-    assert len(store.appended) == 1
-    record = dict(store.appended[0])  # type: ignore[call-overload]
+    assert len(store.durable) == 1 and store.pending == []
+    record = dict(store.durable[0])
     customer, record_id, sequence = str(record.pop("id")).split("/")
     assert (customer, record_id) == ("acme", "r-7") and sequence.isdigit()
     assert record == {
@@ -713,7 +706,7 @@ async def test_the_deliveries_of_gone_instances_are_claimed_in_chunks(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     pending = rules.Pending()
-    queue = ready_calls.ReadyQueue(cast(Gateway, GatewayStub()), cast(Log, MemoryStore()), pending)
+    queue = ready_calls.ReadyQueue(cast(Gateway, GatewayStub()), cast(Log, MemoryLog()), pending)
     shared = SharedLogStub(pending, alive={"c"})
     queue._log = shared  # type: ignore[assignment]
     for n in range(2):
@@ -751,7 +744,7 @@ async def test_the_deliveries_of_gone_instances_are_claimed_in_chunks(
 
 
 async def test_another_instances_compaction_clears_then_replays_the_queue() -> None:
-    queue, _ = delivery_queue(GatewayStub(), MemoryStore(), [])
+    queue, _ = delivery_queue(GatewayStub(), MemoryLog(), [])
     await queue._queued(delivery(1))
     queue._clear()  # the shared log was compacted by another instance: its records follow
     assert queue.pending == [] and queue._owners_now() == {}

@@ -4,15 +4,21 @@ reaches these differences in the focused selection."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
+from types import SimpleNamespace
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
 from lxml import etree
 
 from proxy.backends import outbound
-from proxy.bbb import rewrite
-from proxy.placement import NO_TAG, _has
+from proxy.bbb import callbacks, checksum, rewrite
+from proxy.calls import ended
+from proxy.config import Backend
+from proxy.errors import StateError
+from proxy.placement import NO_TAG, BackendLoad, Ring, TagRule, _Bound, _has
 from tests.test_strength import Recorded
 
 
@@ -105,12 +111,20 @@ class _Ledger:
         self.released.append((key, reason))
 
 
+def _end_notice(created: float) -> callbacks.EndNotice:
+    """A verified "end" notice from b1 for acme's meeting r, of the instance ``created``."""
+    return callbacks.EndNotice(
+        "end",
+        "b1",
+        "acme~r",
+        "r",
+        callbacks.instance_of(created),
+        callbacks.CustomerUrls((), ()),  # never read by _release
+        "",
+    )
+
+
 async def test_a_notice_of_a_meeting_made_on_another_instance_refreshes_and_releases() -> None:
-    from types import SimpleNamespace
-
-    from proxy.bbb import callbacks
-    from proxy.calls import ended
-
     created = 1700000000.5
     held = SimpleNamespace(key=("acme", "r"), backend_id="b1", created_at=created)
     ledger = _Ledger(held)
@@ -120,26 +134,13 @@ async def test_a_notice_of_a_meeting_made_on_another_instance_refreshes_and_rele
         expired.append((customer, meeting_id))
 
     gw = SimpleNamespace(ledger=ledger, hooks=SimpleNamespace(meeting_ended=meeting_ended))
-    notice = callbacks.EndNotice(
-        "end",
-        "b1",
-        "acme~r",
-        "r",
-        callbacks.instance_of(created),
-        None,  # type: ignore[arg-type]
-        "",
-    )
+    notice = _end_notice(created)
     await ended._release(gw, notice)  # type: ignore[arg-type]
     assert ledger.released == [(("acme", "r"), "ended")]
     assert expired == [("acme", "r")]
 
 
 async def test_a_notice_of_a_held_meeting_does_not_refresh_the_shared_ledger() -> None:
-    from types import SimpleNamespace
-
-    from proxy.bbb import callbacks
-    from proxy.calls import ended
-
     held = SimpleNamespace(key=("acme", "r"), backend_id="b1", created_at=1700000000.5)
     ledger = _Ledger(held)
     ledger.refreshed = True  # already holds it
@@ -154,15 +155,7 @@ async def test_a_notice_of_a_held_meeting_does_not_refresh_the_shared_ledger() -
         pass
 
     gw = SimpleNamespace(ledger=ledger, hooks=SimpleNamespace(meeting_ended=meeting_ended))
-    notice = callbacks.EndNotice(
-        "end",
-        "b1",
-        "acme~r",
-        "r",
-        callbacks.instance_of(1700000000.5),
-        None,  # type: ignore[arg-type]
-        "",
-    )
+    notice = _end_notice(1700000000.5)
     await ended._release(gw, notice)  # type: ignore[arg-type]
     assert calls == []
     assert ledger.released == [(("acme", "r"), "ended")]
@@ -171,24 +164,11 @@ async def test_a_notice_of_a_held_meeting_does_not_refresh_the_shared_ledger() -
 async def test_a_notice_of_another_instance_is_logged_and_ignored(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    from types import SimpleNamespace
-
-    from proxy.bbb import callbacks
-    from proxy.calls import ended
-
     held = SimpleNamespace(key=("acme", "r"), backend_id="b1", created_at=1700000000.5)
     ledger = _Ledger(held)
     ledger.refreshed = True
     gw = SimpleNamespace(ledger=ledger, hooks=None)
-    notice = callbacks.EndNotice(
-        "end",
-        "b1",
-        "acme~r",
-        "r",
-        callbacks.instance_of(1600000000.0),
-        None,  # type: ignore[arg-type]
-        "",
-    )
+    notice = _end_notice(1600000000.0)
     with caplog.at_level(logging.INFO, logger=ended.__name__):
         await ended._release(gw, notice)  # type: ignore[arg-type]
     assert ledger.released == []
@@ -200,14 +180,6 @@ async def test_a_notice_of_another_instance_is_logged_and_ignored(
 async def test_a_release_that_is_not_durable_is_logged_and_the_notice_handled(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    from types import SimpleNamespace
-    from urllib.parse import urlsplit
-
-    from proxy.bbb import callbacks
-    from proxy.calls import ended
-    from proxy.config import Backend
-    from proxy.errors import StateError
-
     backend = Backend("b1", "http://b1.test/bigbluebutton/", "s" * 32, 10)
     urls = callbacks.CustomerUrls((), ())
     url, _ = callbacks.ended_urls("http://gw", backend, "acme~r", "r", urls, 1700000000.5)
@@ -229,8 +201,6 @@ async def test_a_release_that_is_not_durable_is_logged_and_the_notice_handled(
 
 
 def test_the_algorithm_of_a_request_is_named_by_its_checksums_length() -> None:
-    from proxy.bbb import checksum
-
     assert checksum.algorithm_of("meetingID=x&checksum=" + "a" * 64) == "sha256"
     assert checksum.algorithm_of("meetingID=x", [("checksum", "b" * 128)]) == "sha512"
     assert checksum.algorithm_of("meetingID=x") == "sha1"
@@ -240,8 +210,6 @@ def test_the_algorithm_of_a_request_is_named_by_its_checksums_length() -> None:
 
 
 def test_a_query_is_split_at_its_one_whole_checksum_component() -> None:
-    from proxy.bbb import checksum
-
     split = checksum.split_checksum
     assert split("x=1&checksum=a=b") == checksum.Split("a=b", "x=1")
     assert split("checksum=abc&x=checksum=y") is None
@@ -252,28 +220,20 @@ def test_a_query_is_split_at_its_one_whole_checksum_component() -> None:
 
 
 def test_a_lone_checksum_is_stripped_as_bbb_web_strips_it() -> None:
-    from proxy.bbb import checksum
-
     assert checksum.strip_checksum("checksum=abc", "abc") == ""
 
 
 def test_the_canonical_form_sorts_by_name_only_and_keeps_the_order_of_values() -> None:
-    from proxy.bbb import checksum
-
     params = [("b", "1"), ("a", "2 x"), ("a", "1")]
     assert checksum.canonical_query(params) == "a=2+x&a=1&b=1"
 
 
 def test_a_blank_signed_parameter_is_kept() -> None:
-    from proxy.bbb import checksum
-
     query = checksum.signed_query("create", [("name", ""), ("meetingID", "m")], "s" * 32)
     assert checksum.signed_params("create", query, ["s" * 32]) == [("name", ""), ("meetingID", "m")]
 
 
 def test_a_long_or_marked_meeting_id_is_hashed_and_one_of_256_is_not() -> None:
-    import hashlib
-
     fits = "m" * (rewrite.MAX_MEETING_ID - len("acme~"))
     assert rewrite.backend_meeting_id("acme", fits) == "acme~" + fits
     longer = fits + "é"
@@ -290,8 +250,6 @@ def test_the_gateways_own_analytics_url_is_told_from_the_customers() -> None:
 
 
 def test_a_backend_missing_from_the_tags_is_untagged() -> None:
-    from proxy.placement import BackendLoad, Ring, TagRule
-
     ring = Ring(["a", "b"])
     loads = {b: BackendLoad(b, 10, 0, True) for b in ("a", "b")}
     tags = {"a": frozenset({"x"})}
@@ -302,14 +260,10 @@ def test_a_backend_missing_from_the_tags_is_untagged() -> None:
 
 
 def test_the_bound_of_an_empty_or_one_connection_pool() -> None:
-    from proxy.placement import BackendLoad, _Bound
-
     assert _Bound(0.25, 1, 0, 0).admits(BackendLoad("a", 0, -1, True)) is False
     assert _Bound(0.25, 1, 0, 1).admits(BackendLoad("a", 1, 0, True)) is True
 
 
 def test_a_ring_with_a_repeated_id_is_refused_with_its_exact_message() -> None:
-    from proxy.placement import Ring
-
     with pytest.raises(ValueError, match=r"^backend ids must be unique$"):
         Ring(["a", "b", "a"])
