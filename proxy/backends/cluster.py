@@ -46,7 +46,7 @@ import trio
 
 from proxy.errors import StorageUnavailable
 from proxy.health import Health, from_shared, shared_fields
-from proxy.store.leases import Lease, Members, script
+from proxy.store.leases import Lease, Members, Outage, script
 from proxy.store.redis import RedisLog, RedisStore
 
 if TYPE_CHECKING:
@@ -109,7 +109,12 @@ class SharedPolls:
         self.holder = self.members.member
         self.view: Sequence[str] = [self.holder]  # the live members, as last read
         self.leases: dict[str, Lease] = {}
-        self._down = False
+        self._outage = Outage(
+            log,
+            "polls",
+            "this instance polls every backend for health, reconciling none, until it does",
+            "this instance polls its share",
+        )
 
     def lease(self, backend_id: str) -> Lease:
         lease = self.leases.get(backend_id)
@@ -199,18 +204,10 @@ class SharedPolls:
                 pass
 
     def unreachable(self, error: StorageUnavailable) -> None:
-        if not self._down:
-            self._down = True
-            log.warning(
-                "polls: Redis does not answer (%s): this instance polls every backend for "
-                "health, reconciling none, until it does",
-                error.__cause__,
-            )
+        self._outage.failed(error)
 
     def reachable(self) -> None:
-        if self._down:
-            self._down = False
-            log.warning("polls: Redis answers again: this instance polls its share")
+        self._outage.answered()
 
 
 def _text(value: object) -> str:

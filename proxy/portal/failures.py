@@ -21,7 +21,7 @@ import hashlib
 import logging
 
 from proxy.errors import StorageUnavailable
-from proxy.store.leases import script
+from proxy.store.leases import Outage, script
 from proxy.store.redis import RedisStore
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,12 @@ class SharedFailures:
 
     def __init__(self, store: RedisStore, limit: int, lockout: float) -> None:
         self.store, self.limit, self.lockout = store, limit, lockout
-        self._down = False
+        self._outage = Outage(
+            log,
+            "portal",
+            "failed logins are counted on this instance alone until it does",
+            "failed logins are counted for all",
+        )
 
     def keys(self, account: str, address: str) -> list[str]:
         return [self._key("account", account), self._key("address", address)]
@@ -76,15 +81,7 @@ class SharedFailures:
         try:
             answer = await script(self.store, source, keys, args)
         except StorageUnavailable as e:
-            if not self._down:
-                self._down = True
-                log.warning(
-                    "portal: Redis does not answer (%s): failed logins are counted on this "
-                    "instance alone until it does",
-                    e.__cause__,
-                )
+            self._outage.failed(e)
             return None
-        if self._down:
-            self._down = False
-            log.warning("portal: Redis answers again: failed logins are counted for all")
+        self._outage.answered()
         return answer

@@ -24,7 +24,9 @@ dropped at each refresh.  Server time, not each instance's clock, so clocks that
 apart do not matter.
 
 :meth:`Lease.keep` holds a lease in a background task (every third of its length),
-logging once when it is lost and once when it is held again.
+logging once when it is lost and once when it is held again.  :class:`Outage` does the
+same for any user of Redis that goes on without it: once when Redis stops answering,
+once when it answers again.
 
 Error handling: every command runs under the store's timeout; a Redis failure or an
 overrun is :class:`~proxy.errors.StorageUnavailable` (from :meth:`RedisStore.run`);
@@ -207,6 +209,27 @@ class Members:
     async def leave(self) -> None:
         """No longer a member (a clean stop).  Error handling: ``StorageUnavailable``."""
         await script(self.store, _LEAVE, [self.key], [self.member])
+
+
+class Outage:
+    """Whether Redis answers, for one of its users (``who``): said once when it stops
+    answering, with what the user does meanwhile, and once when it answers again."""
+
+    def __init__(self, logger: logging.Logger, who: str, meanwhile: str, again: str) -> None:
+        self._log, self._who, self._meanwhile, self._again = logger, who, meanwhile, again
+        self.down = False
+
+    def failed(self, error: StorageUnavailable) -> None:
+        if not self.down:
+            self.down = True
+            self._log.warning(
+                "%s: Redis does not answer (%s): %s", self._who, error.__cause__, self._meanwhile
+            )
+
+    def answered(self) -> None:
+        if self.down:
+            self.down = False
+            self._log.warning("%s: Redis answers again: %s", self._who, self._again)
 
 
 async def script(store: RedisStore, source: str, keys: list[str], args: Sequence[object]) -> Any:
