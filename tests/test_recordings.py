@@ -212,7 +212,7 @@ async def test_the_answer_starts_before_a_slow_backend_answers(make_stack: Stack
     stack = await make_stack(backends=2)
     seed(stack.sims[0], "acme", "room", 2)
     slow = seed(stack.sims[1], "acme", "room", 2, start_ms=BASE + 1)
-    stack.sims[1].behaviour.latency = 1.0
+    stack.sims[1].behaviour.latency = 2.0
     started = time.perf_counter()
     chunks: list[tuple[float, bytes]] = []
     async with stack.http.stream("GET", stack.signed("getRecordings", [])) as response:
@@ -220,9 +220,9 @@ async def test_the_answer_starts_before_a_slow_backend_answers(make_stack: Stack
         async for chunk in response.aiter_raw():
             chunks.append((time.perf_counter() - started, chunk))
     first_at = chunks[0][0]
-    assert first_at < 0.5, chunks
+    assert first_at < 1.0, chunks  # half the slow backend's latency: slack for a loaded machine
     assert chunks[0][1].startswith(b"<response><returncode>SUCCESS</returncode>")
-    assert chunks[-1][0] >= 1.0
+    assert chunks[-1][0] >= 2.0
     body = b"".join(c for _, c in chunks)
     assert slow[0].record_id.encode() in body
     assert etree.fromstring(body).findtext("returncode") == "SUCCESS"

@@ -170,18 +170,18 @@ async def test_recovery_waits_for_a_disk_that_takes_snapshots(
 async def test_a_frozen_write_answers_within_the_timeout_and_resumes_after(
     tmp_path: Path,
 ) -> None:
-    ledger, journal = faulty_journal(tmp_path, timeout=0.5)
+    ledger, journal = faulty_journal(tmp_path, timeout=1.5)
     await ledger.record(Reserve(reservation("m1")))
     segments(journal).thawed.clear()
 
     started = time.monotonic()
     await ledger.record(Reserve(reservation("m2")))  # waits at most the timeout
-    assert 0.45 < time.monotonic() - started < 3
+    assert 1.45 < time.monotonic() - started < 6
     assert journal.failed
     started = time.monotonic()
     with pytest.raises(StorageUnavailable):
-        await ledger.durable()  # failed: at once
-    assert time.monotonic() - started < 0.2
+        await ledger.durable()  # failed: at once, not after another timeout
+    assert time.monotonic() - started < 0.75
     assert not await journal.recover(ledger.state)  # the abandoned write still runs
 
     segments(journal).thawed.set()
