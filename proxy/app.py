@@ -40,6 +40,9 @@ HOME = "This is a BigBlueButton API gateway; the API is at /<customer>/bigbluebu
 def create_app(gw: Gateway) -> QuartTrio:
     app = QuartTrio(__name__)
     app.request_class = GatewayRequest  # upload bodies read as they arrive (request_body.py)
+    # A path with "//" is not redirected (an HTML 308 BBB never sends): it matches no route,
+    # and under /bigbluebutton/ that is BBB's unsupportedRequest.
+    app.url_map.merge_slashes = False
     # The largest body any call may have; each call's own bound is checked in _incoming.
     app.config["MAX_CONTENT_LENGTH"] = max(gw.config.proxy.max_body_bytes, _upload_limit(gw))
     metrics = Metrics(gw)

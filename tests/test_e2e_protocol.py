@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from lxml import etree
 
 from proxy.bbb.checksum import compute
 from tests.harness import Stack, StackFactory, text
@@ -89,6 +90,25 @@ async def test_unsupported_calls(stack: Stack, call: str) -> None:
     root = await stack.call(call, [])
     assert text(root, "returncode") == "FAILED"
     assert text(root, "messageKey") == "unsupportedRequest"
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/acme/bigbluebutton/api//",
+        "/acme/bigbluebutton/api/%2F",
+        "/acme/bigbluebutton/api//create",
+        "/acme/bigbluebutton//api/create",
+        "/acme//bigbluebutton/api",
+        "/bigbluebutton/api//getMeetings",
+    ],
+)
+async def test_doubled_slashes_answer_bbb_xml_not_a_redirect(stack: Stack, path: str) -> None:
+    """A path with ``//`` is no call of BBB's: its error, not the web framework's HTML 308."""
+    response = await stack.http.get(f"{stack.url}{path}", follow_redirects=False)
+    assert response.status_code == 200, (response.status_code, response.text)
+    assert response.headers["content-type"].startswith("text/xml")
+    assert text(etree.fromstring(response.content), "messageKey") == "unsupportedRequest"
 
 
 async def test_disabled_calls(make_stack: StackFactory) -> None:

@@ -484,6 +484,7 @@ def test_the_callback_endpoint_answers_a_clean_4xx(running: Running, raw: bytes)
     ),
     post=st.booleans(),
 )
+@example(call="%2F", raw=b"", body=b"", content_type=None, post=False)  # once an HTML 308
 def test_the_api_answers_bbb_xml_over_http(
     running: Running, call: str, raw: bytes, body: bytes, content_type: str | None, post: bool
 ) -> None:
