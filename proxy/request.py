@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 
@@ -12,6 +13,18 @@ from proxy.errors import ValidationError
 from proxy.uploads import Upload
 
 MEETING_ID_MIN, MEETING_ID_MAX = 2, 256
+# bbb-web takes create's name and join's fullName without their control characters, and
+# every other value as it came.
+STRIPPED = {"create": "name", "join": "fullName"}
+# Join's error targets are checked where they are used (proxy.bbb.redirects): one that cannot
+# be put in a Location header answers BBB's XML there.
+UNCHECKED = {"join": frozenset({"logoutURL", "errorRedirectUrl"})}
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")  # Java's \p{Cc}
+
+
+def strip_control_chars(text: str) -> str:
+    """bbb-web's ``ParamsUtil.stripControlChars``."""
+    return _CONTROL.sub("", text)
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,6 +36,24 @@ class ApiRequest:
     content_type: str | None = None  # the XML body's media type, e.g. "text/xml"
     upload: Upload | None = None  # putRecordingTextTrack's body, its file not yet read
     algorithm: str = "sha1"  # of the checksum the request was signed with (hooks/create keeps it)
+
+    def __post_init__(self) -> None:
+        """Parameters a backend can write back in its XML answers, or ``validationError``.
+
+        The name and fullName lose their control characters as bbb-web's do. Any other value
+        with a character XML cannot carry (a meetingID, a ``meta_`` value, a userID) is
+        refused: bbb-web would take it and write it raw into getMeetings, getMeetingInfo
+        and getRecordings, whose answers would then not parse for any meeting of that
+        server, which the gateway's health polls would see as a broken server.
+        """
+        stripped, unchecked = STRIPPED.get(self.call), UNCHECKED.get(self.call, frozenset())
+        params = [(k, strip_control_chars(v) if k == stripped else v) for k, v in self.params]
+        for name, value in params:
+            if envelope.NOT_XML.search(name) or (
+                name not in unchecked and envelope.NOT_XML.search(value)
+            ):
+                raise ValidationError(f"Parameter {_shown(name)} cannot contain control characters")
+        object.__setattr__(self, "params", params)
 
     def first(self, name: str) -> str | None:
         """The first value of ``name``, as bbb-web reads it."""
@@ -55,6 +86,11 @@ class ApiRequest:
         if number is None:
             raise ValidationError(f"Parameter {name} must be an integer")
         return number
+
+
+def _shown(name: str) -> str:
+    """A parameter name for an error message: what XML cannot carry left out."""
+    return envelope.NOT_XML.sub("", name)[:64] or "?"
 
 
 @dataclass(frozen=True, slots=True)

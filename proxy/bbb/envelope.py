@@ -11,6 +11,7 @@ Join is the exception: its errors are a 302 to the logout URL with
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from urllib.parse import quote, urlsplit, urlunsplit
 from xml.sax.saxutils import escape
@@ -21,6 +22,9 @@ from proxy.errors import ProxyError
 
 CONTENT_TYPE = "text/xml;charset=utf-8"
 HEADERS = {"Content-Type": CONTENT_TYPE, "Cache-Control": "no-cache"}
+# The characters XML 1.0 cannot carry, escaped or not: bbb-web writes a value holding one as
+# it is, and its answer no longer parses.
+NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
 
 
 def element(name: str, value: object) -> str:

@@ -41,7 +41,7 @@ type Params = Sequence[tuple[str, str]]
 EVENT_ID = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")  # user-joined, rap-publish-ended, ...
 MAX_EVENT_IDS = 64  # bbb-webhooks maps about 50 event types
 CREATE_FAILED = "createHookError"
-_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+_NOT_XML = envelope.NOT_XML
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,7 +16,7 @@ from proxy.errors import ApiError, NotFound
 
 from . import render
 from .model import ApiRequest, Attendee, Meeting, Reply, random_token
-from .params import Params
+from .params import Params, strip_control_chars
 
 if TYPE_CHECKING:
     from .core import Simulator
@@ -82,7 +82,9 @@ def _redirects(params: Params) -> bool:
 
 def _admit(sim: Simulator, params: Params) -> tuple[Meeting, Attendee]:
     meeting_id = params.meeting_id()
-    full_name = params.required("fullName", "missingParamFullName", "You must provide your name")
+    full_name = strip_control_chars(
+        params.required("fullName", "missingParamFullName", "You must provide your name")
+    )
     meeting = sim.meetings.get(meeting_id)
     if meeting is None:
         raise NotFound()

@@ -25,7 +25,7 @@ from .model import (
     random_password,
     random_voice_bridge,
 )
-from .params import Params
+from .params import Params, strip_control_chars
 
 if TYPE_CHECKING:
     from .core import Simulator
@@ -85,7 +85,7 @@ def _meeting_name(params: Params) -> str:
     name = params.required("name", "validationError", "You must provide a meeting name")
     if not 2 <= len(name) <= 256:
         raise ApiError("Name must be between 2 and 256 characters", message_key="validationError")
-    return name
+    return strip_control_chars(name)
 
 
 def _duplicate_create(existing: Meeting, params: Params) -> Reply:
