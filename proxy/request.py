@@ -16,9 +16,14 @@ MEETING_ID_MIN, MEETING_ID_MAX = 2, 256
 # bbb-web takes create's name and join's fullName without their control characters, and
 # every other value as it came.
 STRIPPED = {"create": "name", "join": "fullName"}
-# Join's error targets are checked where they are used (proxy.bbb.redirects): one that cannot
-# be put in a Location header answers BBB's XML there.
-UNCHECKED = {"join": frozenset({"logoutURL", "errorRedirectUrl"})}
+# Checked where they are used, never forwarded as they came (names lower-cased): create's end
+# URLs (proxy.bbb.callbacks: one the gateway cannot call is dropped, and the create goes on as
+# BBB's would) and join's error targets (proxy.bbb.redirects: one that cannot be put in a
+# Location header answers BBB's XML).
+UNCHECKED = {
+    "create": frozenset({"meetingendedurl", "meta_endcallbackurl"}),
+    "join": frozenset({"logouturl", "errorredirecturl"}),
+}
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")  # Java's \p{Cc}
 
 
@@ -50,7 +55,7 @@ class ApiRequest:
         params = [(k, strip_control_chars(v) if k == stripped else v) for k, v in self.params]
         for name, value in params:
             if envelope.NOT_XML.search(name) or (
-                name not in unchecked and envelope.NOT_XML.search(value)
+                name.lower() not in unchecked and envelope.NOT_XML.search(value)
             ):
                 raise ValidationError(f"Parameter {_shown(name)} cannot contain control characters")
         object.__setattr__(self, "params", params)

@@ -6,7 +6,8 @@ into getMeetings, getMeetingInfo and getRecordings. One meetingID or ``meta_`` v
 U+000E made each of those answers unparseable for every meeting on that server, and three
 health polls later the gateway counted the server DOWN. The gateway now strips those two
 values as bbb-web does and refuses any other value with such a character (``validationError``),
-before a backend is asked.
+before a backend is asked. Create's end URLs are dropped instead (``test_supervision.py``) and
+join's error targets answer XML (``test_join.py``).
 """
 
 from __future__ import annotations
