@@ -13,10 +13,11 @@ from typing import TYPE_CHECKING
 
 from proxy.bbb.envelope import failure, join_error_location
 from proxy.errors import ApiError, NotFound
+from proxy.request import strip_control_chars
 
 from . import render
 from .model import ApiRequest, Attendee, Meeting, Reply, random_token
-from .params import Params, strip_control_chars
+from .params import Params
 
 if TYPE_CHECKING:
     from .core import Simulator

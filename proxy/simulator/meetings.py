@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from lxml import etree
 
 from proxy.errors import ApiError, NotFound
+from proxy.request import strip_control_chars
 
 from . import render
 from .model import (
@@ -25,7 +26,7 @@ from .model import (
     random_password,
     random_voice_bridge,
 )
-from .params import Params, strip_control_chars
+from .params import Params
 
 if TYPE_CHECKING:
     from .core import Simulator

@@ -9,9 +9,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from proxy.errors import ApiError
-from proxy.request import strip_control_chars
-
-__all__ = ["MISSING_MEETING_ID", "Params", "strip_control_chars"]
 
 MISSING_MEETING_ID = ("missingParamMeetingID", "You must provide a meeting ID")
 
